@@ -1,0 +1,500 @@
+"""Typed run configuration: frozen dataclasses, YAML presets, dotted overrides.
+
+Design decisions:
+- One run = one `RunConfig`, a tree of small frozen dataclasses. Every field has a
+  one-line comment; `docs_table()` turns those comments into the README's
+  configuration reference so it cannot drift.
+- YAML files are thin: a preset may name `base: other.yaml` (relative path) and
+  only override what differs. Overrides from the command line use dotted keys
+  (`loss.name=sent`, `model.dtype=bfloat16`) and are parsed with YAML scalar
+  rules (`1e-6` -> float, `true` -> bool, `[1, 2]` -> list).
+- Errors are explicit: unknown keys name the closest valid key, values of the
+  wrong type name the expected type, invalid values say what is allowed. All of
+  this happens before anything touches a device.
+- Loss hyperparameters are a free-form mapping (`loss.params`) because each loss
+  has its own; they are validated against that loss's preset table in
+  `entrl.rl.losses` when the config is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that says what to change."""
+
+
+# ---------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str = "demo"  # HF checkpoint dir, hub id, entrl run dir, or "demo" (built-in tiny Qwen2 model)
+    tokenizer: str = ""  # tokenizer dir / hub id; empty = same as `path` ("char" = built-in character tokenizer)
+    dtype: str = "float32"  # compute/param dtype: float32 | bfloat16
+    remat: bool = False  # rematerialise each decoder layer in the backward pass (saves activation memory)
+    demo_hidden: int = 128  # demo model only: hidden size
+    demo_layers: int = 2  # demo model only: decoder layers
+    demo_heads: int = 4  # demo model only: attention heads (2 KV heads)
+
+    def __post_init__(self):
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _positive("model.demo_hidden", self.demo_hidden)
+        _positive("model.demo_layers", self.demo_layers)
+        _positive("model.demo_heads", self.demo_heads)
+
+
+@dataclass(frozen=True)
+class MeshSection:
+    data: int = -1  # data-parallel axis size; -1 = all devices not used by the other axes
+    fsdp: int = 1  # fully-sharded data-parallel axis size (params sharded, batch split)
+    tensor: int = 1  # tensor-parallel axis size (heads / MLP columns)
+
+    def __post_init__(self):
+        for name in ("data", "fsdp", "tensor"):
+            v = getattr(self, name)
+            if v == 0 or v < -1:
+                raise ConfigError(f"mesh.{name}={v}: must be a positive size or -1 (fill)")
+        if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+            raise ConfigError("mesh: at most one of data/fsdp/tensor may be -1")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    task: str = "math"  # math (text problems with reference answers) | arithmetic (built-in synthetic task)
+    train: str = ""  # JSONL/Parquet path or hub id of the training prompts
+    split: str = "train"  # split name for hub datasets
+    id_key: str = "id"  # column holding a row id ("" = row index)
+    problem_key: str = "problem"  # column holding the problem text
+    answer_key: str = "answer"  # column holding the reference answer
+    prompt_suffix: str = "Please reason step by step, and put your final answer within \\boxed{}."  # appended to each problem
+    chat_template: bool = True  # wrap prompts with the tokenizer's chat template
+    max_prompt_len: int = 1024  # prompts longer than this (tokens) are dropped or rejected
+    on_long_prompt: str = "drop"  # drop (counted, logged) | error
+    on_bad_row: str = "error"  # error | skip (counted, logged) for rows with a missing/empty problem or answer
+    max_rows: int = 0  # use only the first N rows (0 = all)
+    arithmetic_train_size: int = 4000  # arithmetic task: number of training problems
+    arithmetic_heldout_size: int = 1000  # arithmetic task: number of held-out problems
+
+    def __post_init__(self):
+        _choice("data.task", self.task, ("math", "arithmetic"))
+        _choice("data.on_long_prompt", self.on_long_prompt, ("drop", "error"))
+        _choice("data.on_bad_row", self.on_bad_row, ("error", "skip"))
+        _positive("data.max_prompt_len", self.max_prompt_len)
+        _non_negative("data.max_rows", self.max_rows)
+
+
+@dataclass(frozen=True)
+class CurriculumSection:
+    enabled: bool = True  # order prompts by semantic entropy (False = plain shuffled epochs)
+    se_column: str = "se"  # column with the per-prompt semantic entropy
+    annotate: bool = True  # compute SE with the current policy before training when the column is missing
+    samples: int = 8  # N responses per prompt for the SE annotation
+    stages: int = 2  # number of equal-count SE quantile stages
+    thresholds: list[float] = field(default_factory=list)  # explicit SE stage boundaries (overrides `stages`)
+    epochs_per_stage: int = 5  # epochs over each stage before moving to the next
+    mode: str = "staged"  # staged | continuous (one low-to-high pass, no stages)
+    drop_trivial: bool = False  # drop prompts whose SE samples were all correct or all wrong (pass_rate 0 or 1)
+    seed: int = 0  # seed of the tie-break and per-epoch within-stage shuffles
+
+    def __post_init__(self):
+        _choice("curriculum.mode", self.mode, ("staged", "continuous"))
+        _positive("curriculum.stages", self.stages)
+        _positive("curriculum.epochs_per_stage", self.epochs_per_stage)
+        _positive("curriculum.samples", self.samples)
+        if list(self.thresholds) != sorted(self.thresholds):
+            raise ConfigError(f"curriculum.thresholds={self.thresholds}: must be ascending")
+
+
+@dataclass(frozen=True)
+class RolloutSection:
+    n: int = 8  # responses sampled per prompt (the GRPO group size)
+    temperature: float = 1.0  # sampling temperature (0 = greedy); also the temperature of all log-probs
+    top_p: float = 1.0  # nucleus sampling mass in (0, 1]
+    top_k: int = 0  # top-k sampling (0 = off)
+    max_new_tokens: int = 2048  # maximum response length
+    prompt_buckets: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])  # left-pad prompts to the smallest fitting bucket
+    cache_dtype: str = "float32"  # KV-cache dtype: float32 | bfloat16
+    reuse_sampler_logprobs: bool = False  # use the sampler's log-probs as old log-probs instead of a recompute
+
+    def __post_init__(self):
+        _positive("rollout.n", self.n)
+        if self.temperature < 0:
+            raise ConfigError(f"rollout.temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"rollout.top_p={self.top_p}: must be in (0, 1]")
+        _non_negative("rollout.top_k", self.top_k)
+        _positive("rollout.max_new_tokens", self.max_new_tokens)
+        _choice("rollout.cache_dtype", self.cache_dtype, ("float32", "bfloat16"))
+        if not self.prompt_buckets or list(self.prompt_buckets) != sorted(self.prompt_buckets):
+            raise ConfigError(f"rollout.prompt_buckets={self.prompt_buckets}: must be a non-empty ascending list")
+
+
+@dataclass(frozen=True)
+class LossSection:
+    name: str = "sent"  # policy loss: grpo | sent | sent_released | kl_cov | clip_cov | entropy_bonus | entropy_adv | high_entropy_mask | high_en
+    params: dict[str, Any] = field(default_factory=dict)  # overrides of that loss's preset hyperparameters (see SENT.md)
+    agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    scope: str = "global"  # token-selection scope: global (whole mini-batch) | microbatch
+    advantage: str = "grpo"  # grpo (group mean/std) | drgrpo (no std division)
+    kl_coef: float = 0.001  # reference-KL coefficient (0 skips the reference forward)
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (low_var_kl)
+
+    def __post_init__(self):
+        _choice("loss.agg", self.agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"))
+        _choice("loss.scope", self.scope, ("global", "microbatch"))
+        _choice("loss.advantage", self.advantage, ("grpo", "drgrpo"))
+        _choice("loss.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        if self.kl_coef < 0:
+            raise ConfigError(f"loss.kl_coef={self.kl_coef}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 1e-6  # peak learning rate (AdamW)
+    b1: float = 0.9  # AdamW beta1
+    b2: float = 0.999  # AdamW beta2
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
+    schedule: str = "constant"  # constant | cosine | linear (decay to 0 over train.steps)
+    warmup_steps: int = 0  # linear warm-up optimizer steps
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr}: must be > 0")
+        _choice("optim.schedule", self.schedule, ("constant", "cosine", "linear"))
+        _non_negative("optim.warmup_steps", self.warmup_steps)
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip={self.grad_clip}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class RewardSection:
+    correct: float = 1.0  # reward of a verified answer
+    incorrect: float = 0.0  # reward of a wrong, missing or unverifiable answer
+    timeout_s: float = 5.0  # per-item verification timeout
+    workers: int = 0  # verification processes (0 = number of CPUs, capped at 8)
+
+    def __post_init__(self):
+        if self.timeout_s <= 0:
+            raise ConfigError(f"reward.timeout_s={self.timeout_s}: must be > 0")
+        _non_negative("reward.workers", self.workers)
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    out_dir: str = "runs/default"  # run directory (metrics, checkpoints, plots)
+    seed: int = 0  # global seed (params init of the demo model, sampling, shuffles)
+    steps: int = 0  # RL steps to run (0 = until the curriculum is exhausted)
+    prompts_per_step: int = 256  # prompts per RL step (each sampled `rollout.n` times)
+    minibatch_prompts: int = 128  # prompts per optimizer step
+    microbatch_seqs: int = 32  # sequences per forward/backward (gradient accumulation)
+    ppo_epochs: int = 1  # passes over the rollout batch
+    only_mixed_groups: bool = False  # update only on groups whose rewards are not all equal
+    checkpoint_every: int = 50  # RL steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 3  # checkpoints kept on disk
+    max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite steps
+    reset_optimizer_between_stages: bool = False  # new optimizer state at each curriculum stage
+    eval_every: int = 0  # RL steps between held-out evaluations (0 = off)
+    log_every: int = 1  # RL steps between console lines
+    tensorboard: bool = True  # write TensorBoard events
+    wandb: bool = False  # log to Weights & Biases when installed
+
+    def __post_init__(self):
+        _non_negative("train.steps", self.steps)
+        _positive("train.prompts_per_step", self.prompts_per_step)
+        _positive("train.minibatch_prompts", self.minibatch_prompts)
+        _positive("train.microbatch_seqs", self.microbatch_seqs)
+        _positive("train.ppo_epochs", self.ppo_epochs)
+        _positive("train.keep_checkpoints", self.keep_checkpoints)
+        _positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
+        if self.prompts_per_step % self.minibatch_prompts:
+            raise ConfigError(
+                f"train.prompts_per_step={self.prompts_per_step} is not a multiple of "
+                f"train.minibatch_prompts={self.minibatch_prompts}")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    benchmarks: list[str] = field(default_factory=lambda: ["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"])  # names or paths
+    data_dir: str = ""  # directory holding <name>.jsonl files (empty = hub datasets)
+    n: int = 32  # samples per problem
+    k: list[int] = field(default_factory=lambda: [1, 8, 16, 32])  # k values of pass@k / avg@k / maj@k
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus mass
+    max_new_tokens: int = 8000  # response budget
+    max_problems: int = 0  # evaluate only the first N problems per benchmark (0 = all)
+
+    def __post_init__(self):
+        _positive("eval.n", self.n)
+        if any(k < 1 or k > self.n for k in self.k):
+            raise ConfigError(f"eval.k={self.k}: every k must be in [1, eval.n={self.n}]")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)  # policy model
+    mesh: MeshSection = field(default_factory=MeshSection)  # device mesh
+    data: DataSection = field(default_factory=DataSection)  # training prompts
+    curriculum: CurriculumSection = field(default_factory=CurriculumSection)  # semantic-entropy curriculum
+    rollout: RolloutSection = field(default_factory=RolloutSection)  # sampling
+    loss: LossSection = field(default_factory=LossSection)  # policy loss and reference KL
+    optim: OptimSection = field(default_factory=OptimSection)  # optimizer
+    reward: RewardSection = field(default_factory=RewardSection)  # verifiable reward
+    train: TrainSection = field(default_factory=TrainSection)  # RL loop
+    eval: EvalSection = field(default_factory=EvalSection)  # evaluation
+
+    def __post_init__(self):
+        if self.train.minibatch_prompts * self.rollout.n % self.train.microbatch_seqs:
+            raise ConfigError(
+                f"train.microbatch_seqs={self.train.microbatch_seqs} must divide one mini-batch of "
+                f"train.minibatch_prompts * rollout.n = {self.train.minibatch_prompts * self.rollout.n} sequences")
+        validator = _LOSS_VALIDATOR
+        if validator is not None:
+            validator(self.loss.name, dict(self.loss.params))
+
+
+# Set by entrl.rl.losses at import time: (name, params) -> None, raising ConfigError.
+_LOSS_VALIDATOR: typing.Callable[[str, dict], None] | None = None
+
+
+def register_loss_validator(fn: typing.Callable[[str, dict], None]) -> None:
+    global _LOSS_VALIDATOR
+    _LOSS_VALIDATOR = fn
+
+
+# ---------------------------------------------------------------------------
+# Validation helpers
+# ---------------------------------------------------------------------------
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{name}={value!r}: must be one of {', '.join(map(str, allowed))}{hint}")
+
+
+def _positive(name: str, value: int | float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name}={value}: must be > 0")
+
+
+def _non_negative(name: str, value: int | float) -> None:
+    if value < 0:
+        raise ConfigError(f"{name}={value}: must be >= 0")
+
+
+# ---------------------------------------------------------------------------
+# Building from dicts, YAML files and dotted overrides
+# ---------------------------------------------------------------------------
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; allow int -> float. Raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(path, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}={value!r}: expected {tp}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}={value!r}: expected a list")
+        (arg,) = typing.get_args(tp) or (Any,)
+        return [_coerce(f"{path}[{i}]", v, arg) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}={value!r}: expected a mapping")
+        return dict(value)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{path}={value!r}: expected null")
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}={value!r}: expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}={value!r}: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r}: expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r}: expected a string")
+        return str(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    raise ConfigError(f"{path}: unsupported field type {tp}")
+
+
+def _build(cls: type, data: Any, prefix: str = ""):
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {path!r}{hint} (valid: {', '.join(names)})")
+        kwargs[key] = _coerce(path, value, hints[key])
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def from_dict(data: dict) -> RunConfig:
+    """Build and validate a RunConfig from a nested dict."""
+    return _build(RunConfig, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts/lists (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "params":
+            out[k] = _deep_merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):  # loss.params merge too
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
+    """Read a YAML preset, resolving `base:` chains (paths relative to the file)."""
+    path = Path(path)
+    if not path.exists():
+        builtin = Path(__file__).parent / "configs" / path.name
+        repo = Path(__file__).parent.parent / "configs" / path.name
+        for cand in (repo, builtin):
+            if cand.exists():
+                path = cand
+                break
+        else:
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file {path}: circular `base:` chain")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    base = data.pop("base", None)
+    if base:
+        parent = read_yaml(path.parent / base, _seen + (path.resolve(),))
+        data = _deep_merge(parent, data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value parsed with YAML scalar rules)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. loss.beta=0.2")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = _deep_merge({}, data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Load a YAML preset (or the defaults when `path` is None) and apply dotted overrides."""
+    data = read_yaml(path) if path else {}
+    return from_dict(apply_overrides(data, list(overrides)))
+
+
+def replace(cfg: Any, **changes) -> Any:
+    """dataclasses.replace that accepts dotted keys: replace(cfg, **{"train.steps": 3})."""
+    nested: dict[str, dict] = {}
+    flat = {}
+    for k, v in changes.items():
+        if "." in k:
+            head, rest = k.split(".", 1)
+            nested.setdefault(head, {})[rest] = v
+        else:
+            flat[k] = v
+    for head, sub in nested.items():
+        flat[head] = replace(getattr(cfg, head), **sub)
+    return dataclasses.replace(cfg, **flat)
+
+
+def docs_table(cls: type = RunConfig) -> str:
+    """Markdown reference of every config field, generated from the dataclasses' comments."""
+    import inspect
+
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        sect = typing.get_type_hints(cls)[f.name]
+        comments = _field_comments(sect)
+        for sf in dataclasses.fields(sect):
+            default = sf.default if sf.default is not dataclasses.MISSING else sf.default_factory()
+            lines.append(f"| `{f.name}.{sf.name}` | `{default!r}` | {comments.get(sf.name, '')} |")
+    del inspect
+    return "\n".join(lines)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    import inspect
+
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        s = line.strip()
+        if ":" in s and "#" in s and not s.startswith(("#", "def", "raise", "if", "_")):
+            name = s.split(":", 1)[0].strip()
+            if name.isidentifier():
+                out[name] = s.split("#", 1)[1].strip().replace("|", "\\|")
+    return out

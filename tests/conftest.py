@@ -1,0 +1,35 @@
+"""Test-wide setup: 8 fake CPU devices (for sharding tests) and a persistent compile cache.
+
+Both must be configured before anything touches a JAX device, so they live here.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+_CACHE = Path(os.environ.get("ENTRL_TEST_COMPILE_CACHE", Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"))
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("ENTRL_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data: the real benchmark and training sets (never copied into the repo)."""
+    if not (SHARED_DATA / "aime24.jsonl").exists():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+sys.path.insert(0, str(REPO))

@@ -1,0 +1,54 @@
+import pytest
+
+from entrl import config as C
+
+
+def test_defaults_build_and_roundtrip():
+    cfg = C.load_config()
+    assert cfg.loss.name == "sent"
+    again = C.from_dict(C.to_dict(cfg))
+    assert again == cfg
+
+
+def test_dotted_overrides_parse_yaml_scalars():
+    cfg = C.load_config(None, ["model.dtype=bfloat16", "optim.lr=3e-5", "train.steps=7",
+                               "rollout.prompt_buckets=[16, 32]", "train.tensorboard=false"])
+    assert cfg.model.dtype == "bfloat16"
+    assert cfg.optim.lr == pytest.approx(3e-5)
+    assert cfg.train.steps == 7
+    assert cfg.rollout.prompt_buckets == [16, 32]
+    assert cfg.train.tensorboard is False
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(C.ConfigError, match="did you mean 'optim.lr'"):
+        C.load_config(None, ["optim.lrr=1e-5"])
+    with pytest.raises(C.ConfigError, match="did you mean 'rollout'"):
+        C.load_config(None, ["rollot.n=4"])
+
+
+def test_wrong_type_and_invalid_value():
+    with pytest.raises(C.ConfigError, match="expected an integer"):
+        C.load_config(None, ["train.steps=abc"])
+    with pytest.raises(C.ConfigError, match="top_p"):
+        C.load_config(None, ["rollout.top_p=1.5"])
+    with pytest.raises(C.ConfigError, match="did you mean 'bfloat16'"):
+        C.load_config(None, ["model.dtype=bfloat"])
+    with pytest.raises(C.ConfigError, match="multiple"):
+        C.load_config(None, ["train.prompts_per_step=10", "train.minibatch_prompts=4"])
+
+
+def test_yaml_base_chain(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  steps: 3\n  seed: 1\nloss:\n  name: grpo\n  params: {clip_high: 0.28}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  steps: 5\nloss:\n  params: {dual_clip: 3.0}\n")
+    data = C.read_yaml(tmp_path / "child.yaml")
+    assert data["train"] == {"steps": 5, "seed": 1}
+    assert data["loss"]["params"] == {"clip_high": 0.28, "dual_clip": 3.0}
+    with pytest.raises(C.ConfigError, match="does not exist"):
+        C.load_config(tmp_path / "nope.yaml")
+
+
+def test_docs_table_covers_every_field():
+    table = C.docs_table()
+    assert "`optim.lr`" in table and "peak learning rate" in table
+    assert "`loss.name`" in table
