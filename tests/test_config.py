@@ -52,3 +52,16 @@ def test_docs_table_covers_every_field():
     table = C.docs_table()
     assert "`optim.lr`" in table and "peak learning rate" in table
     assert "`loss.name`" in table
+
+
+def test_every_paper_preset_loads():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "configs" / "paper"
+    files = sorted(p for p in root.rglob("*.yaml") if not p.name.startswith("_"))
+    assert len(files) == 27
+    for f in files:
+        cfg = C.load_config(f)
+        assert cfg.loss.name == f.stem
+        assert cfg.train.prompts_per_step == 256 and cfg.train.minibatch_prompts == 128
+        assert cfg.optim.lr == pytest.approx(1e-6) and cfg.loss.kl_coef == pytest.approx(0.001)

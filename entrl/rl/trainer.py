@@ -1,0 +1,371 @@
+"""The host loop of RL training: batch -> rollout -> reward -> advantage -> update.
+
+Design decisions:
+- The loop is short and delegates: sampling (`entrl.sampling`), rewards
+  (`entrl.rewards`), advantages and losses (`entrl.rl`), the jitted update
+  (`entrl.rl.step`), checkpoints (`entrl.checkpoint`), metrics (`entrl.metrics`).
+  `setup()` builds everything from a `RunConfig`; `run()` iterates.
+- Reproducibility: the RNG of step k is `fold_in(key(seed), k)`, so a resumed
+  run draws the same samples as an uninterrupted one; the data iterator's state,
+  params, optimizer state and step are restored from the checkpoint.
+- The reference policy is the initial policy (the model at `model.path`, or the
+  seeded random init of the built-in demo model); it is rebuilt, not stored,
+  on resume. It is skipped entirely when `loss.kl_coef == 0`.
+- Multi-host: every process runs this same loop. Prompt batches are
+  process-local and assembled into global arrays; rollouts are gathered to every
+  host for decoding and verification (each host verifies the whole batch: simple,
+  and cheap next to sampling; noted as a shortcut).
+- Non-finite steps are skipped inside the jitted update; the host counts them
+  and stops the run after `train.max_nonfinite_steps` in a row. A checkpoint is
+  never written from a step that was skipped (the state is the previous one,
+  which was finite) and the checkpoint writer re-checks finiteness.
+- SIGTERM (preemption) sets a flag; the loop writes a checkpoint after the
+  current step and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from entrl import config as C
+from entrl.rl import advantages as A
+from entrl.rl import step as S
+
+log = logging.getLogger("entrl.train")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class Components:
+    """Everything `run()` needs, built by `setup()` (tests may pass their own pieces)."""
+
+    cfg: C.RunConfig
+    mesh: Any
+    graphdef: Any
+    params: Any
+    ref_params: Any
+    tokenizer: Any
+    records: list  # entrl.data.sources.Record, indexed by PromptBatch.indices
+    prompt_tokens: list  # token ids of each record's prompt
+    curriculum: Any
+    pipeline: Any
+    sampler: Any
+    verifier: Any
+    heldout: tuple | None = None  # (prompt_tokens, records) for periodic evaluation
+
+
+# ---------------------------------------------------------------------------
+# Pure-ish helpers of one RL step (host side)
+# ---------------------------------------------------------------------------
+
+
+def decode_responses(tokenizer, tokens_NxL: np.ndarray, mask_NxL: np.ndarray) -> list[str]:
+    out = []
+    for toks, m in zip(tokens_NxL, mask_NxL):
+        out.append(tokenizer.decode([int(t) for t in toks[: int(m.sum())]], skip_special_tokens=True))
+    return out
+
+
+def group_stats(rewards: np.ndarray, n: int) -> dict:
+    groups = rewards.reshape(-1, n)
+    zero_var = (groups.max(1) == groups.min(1)).mean()
+    return {"zero_var_group_frac": float(zero_var)}
+
+
+def batch_semantic_entropy(answers: list, n: int) -> float:
+    """Mean semantic entropy of the batch's prompts, from their own n rollouts (SENT.md sec. 11)."""
+    from entrl.semantic_entropy import semantic_entropy
+
+    ses = [semantic_entropy(answers[i:i + n]) for i in range(0, len(answers), n)]
+    return float(np.mean(ses)) if ses else 0.0
+
+
+def step_settings(cfg: C.RunConfig) -> S.StepSettings:
+    rows = cfg.train.minibatch_prompts * cfg.rollout.n
+    return S.StepSettings(
+        loss_name=cfg.loss.name,
+        loss_params=tuple(sorted(cfg.loss.params.items())),
+        agg=cfg.loss.agg,
+        scope=cfg.loss.scope,
+        kl_coef=cfg.loss.kl_coef,
+        kl_estimator=cfg.loss.kl_estimator,
+        temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
+        num_micro=rows // cfg.train.microbatch_seqs,
+    )
+
+
+# ---------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs `cfg` to completion (or `max_steps`), checkpointing and logging as it goes."""
+
+    def __init__(self, comps: Components):
+        from entrl.checkpoint import CheckpointManager
+        from entrl.metrics import MetricsLogger
+
+        self.c = comps
+        cfg = comps.cfg
+        self.cfg = cfg
+        self.out = Path(cfg.train.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.settings = step_settings(cfg)
+        total_opt_steps = max(cfg.train.steps, 1) * cfg.train.ppo_epochs * (
+            cfg.train.prompts_per_step // cfg.train.minibatch_prompts)
+        o = cfg.optim
+        self.optimizer = S.make_optimizer(lr=o.lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                                          grad_clip=o.grad_clip, schedule=o.schedule,
+                                          warmup_steps=o.warmup_steps, total_steps=total_opt_steps)
+        self.params = comps.params
+        self.opt_state = self._init_opt(self.params)
+        shardings = None
+        if comps.mesh is not None:
+            shardings = (jax.tree.map(lambda x: x.sharding, self.params),
+                         jax.tree.map(lambda x: x.sharding, self.opt_state))
+        self.update = S.make_update_fn(comps.graphdef, self.optimizer, self.settings, state_shardings=shardings)
+        self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.train.keep_checkpoints)
+        self.logger = MetricsLogger(self.out, console=jax.process_index() == 0,
+                                    tensorboard=cfg.train.tensorboard and jax.process_index() == 0,
+                                    wandb=cfg.train.wandb and jax.process_index() == 0,
+                                    config=C.to_dict(cfg), total_steps=cfg.train.steps or None)
+        self.step = 0
+        self.stage = 0
+        self.consecutive_nonfinite = 0
+        self.key = jax.random.key(cfg.train.seed)
+        self._stop = False
+        self.history: list[dict] = []
+
+    # -- state ---------------------------------------------------------------
+
+    def _init_opt(self, params):
+        init = jax.jit(self.optimizer.init)
+        return init(params)
+
+    def restore(self) -> bool:
+        """Resume from the latest good checkpoint, if any. Returns True when resumed."""
+        abstract = lambda tree: jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+        restored = self.ckpt.restore_latest(params_target=abstract(self.params),
+                                            opt_state_target=abstract(self.opt_state))
+        if restored is None:
+            return False
+        self.params, self.opt_state = restored.params, restored.opt_state
+        self.step = int(restored.meta["step"])
+        self.stage = int(restored.meta.get("stage", 0))
+        self.c.pipeline.set_state(restored.data_state)
+        self.logger.truncate_after(self.step)
+        log.info("resumed from step %d (stage %d)", self.step, self.stage)
+        return True
+
+    def save(self, force: bool = False):
+        meta = {"step": self.step, "stage": self.stage, "config": C.to_dict(self.cfg)}
+        self.ckpt.save(self.step, params=self.params, opt_state=self.opt_state, rng=self.key, meta=meta,
+                       data_state=self.c.pipeline.get_state(), force=force)
+
+    # -- one RL step ---------------------------------------------------------
+
+    def rl_step(self, batch) -> dict:
+        cfg, c = self.cfg, self.c
+        n = cfg.rollout.n
+        t0 = time.perf_counter()
+        rng = jax.random.fold_in(self.key, self.step)
+        rng_sample, rng_loss = jax.random.split(rng)
+
+        # Rollout ------------------------------------------------------------
+        roll = c.sampler.sample(c.graphdef, self.params, batch.input_ids, batch.attention_mask, rng_sample)
+        tokens = np.asarray(_gather(roll.tokens))
+        resp_mask = np.asarray(_gather(roll.mask))
+        t_roll = time.perf_counter()
+
+        # Reward -------------------------------------------------------------
+        indices = np.repeat(np.asarray(_gather(jnp.asarray(batch.indices))), n)
+        texts = decode_responses(c.tokenizer, tokens, resp_mask)
+        refs = [c.records[int(i)].answer for i in indices]
+        res = c.verifier.score(texts, refs)
+        rewards = np.asarray(res.rewards, np.float32)
+        adv = np.asarray(A.grpo_advantages(jnp.asarray(rewards), n, normalize_std=cfg.loss.advantage == "grpo"))
+        update_mask = resp_mask.astype(np.float32)
+        if cfg.train.only_mixed_groups:
+            mixed = np.repeat(rewards.reshape(-1, n).std(1) > 0, n)
+            update_mask = update_mask * mixed[:, None]
+        t_rew = time.perf_counter()
+
+        # Old / reference log-probs -------------------------------------------
+        full = {
+            "prompt_ids": jnp.asarray(roll.prompt_ids),
+            "prompt_mask": jnp.asarray(roll.prompt_mask),
+            "resp_ids": jnp.asarray(roll.tokens),
+            "resp_mask": jnp.asarray(update_mask),
+            "advantages": jnp.asarray(adv),
+        }
+        num_micro_all = tokens.shape[0] // cfg.train.microbatch_seqs
+        stats = dict(temperature=self.settings.temperature, num_micro=num_micro_all,
+                     chunk_size=self.settings.chunk_size)
+        if cfg.rollout.reuse_sampler_logprobs:
+            old_logp = jnp.asarray(roll.logprobs)
+            _, entropy = S.compute_logprobs(c.graphdef, self.params, full, **stats)
+        else:
+            old_logp, entropy = S.compute_logprobs(c.graphdef, self.params, full, **stats)
+        full["old_logp"] = old_logp
+        if cfg.loss.kl_coef > 0:
+            full["ref_logp"], _ = S.compute_logprobs(c.graphdef, c.ref_params, full, **stats)
+        else:
+            full["ref_logp"] = jnp.zeros_like(old_logp)
+        entropy_np = np.asarray(_gather(entropy))
+        old_np = np.asarray(_gather(old_logp))
+        samp_np = np.asarray(_gather(roll.logprobs))
+        t_lp = time.perf_counter()
+
+        # Updates ------------------------------------------------------------
+        rows = cfg.train.minibatch_prompts * n
+        upd_metrics = []
+        for _ in range(cfg.train.ppo_epochs):
+            for start in range(0, tokens.shape[0], rows):
+                mb = {k: v[start:start + rows] for k, v in full.items()}
+                self.params, self.opt_state, m = self.update(self.params, self.opt_state, mb,
+                                                             jax.random.fold_in(rng_loss, start))
+                upd_metrics.append(m)
+        upd = {k: float(np.mean([float(m[k]) for m in upd_metrics])) for k in upd_metrics[0]}
+        skipped = max(float(m["skipped_nonfinite"]) for m in upd_metrics)
+        t_upd = time.perf_counter()
+
+        # Metrics ------------------------------------------------------------
+        valid = resp_mask.astype(bool)
+        n_tok = int(valid.sum())
+        finish = np.asarray(roll.finish_reason)
+        metrics = {
+            "reward": float(rewards.mean()),
+            "accuracy": float(np.mean(res.correct)),
+            "entropy": float(entropy_np[valid].mean()) if n_tok else 0.0,
+            "response_length": float(resp_mask.sum(1).mean()),
+            "truncation_rate": float(np.mean(finish == _LENGTH)),
+            "sampler_logprob_gap": float(np.abs(old_np - samp_np)[valid].max()) if n_tok else 0.0,
+            "batch_semantic_entropy": batch_semantic_entropy(res.answers, n),
+            "stage": float(batch.stage),
+            "epoch": float(batch.epoch),
+            "no_answer_frac": res.counts.get("no_answer", 0) / max(len(texts), 1),
+            "verify_timeouts": float(res.counts.get("timeout", 0)),
+            **group_stats(rewards, n),
+            **{k if k in _PASS_THROUGH else f"update/{k}": v for k, v in upd.items()},
+            "skipped_nonfinite": skipped,
+            "time/rollout": t_roll - t0,
+            "time/reward": t_rew - t_roll,
+            "time/logprob": t_lp - t_rew,
+            "time/update": t_upd - t_lp,
+            "time/step": t_upd - t0,
+            "tokens_per_s": n_tok / max(t_roll - t0, 1e-9),
+        }
+        return metrics
+
+    # -- the loop ------------------------------------------------------------
+
+    def run(self, *, max_steps: int | None = None, resume: bool = True) -> list[dict]:
+        cfg = self.cfg
+        if resume:
+            self.restore()
+        prev = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        try:
+            it = iter(self.c.pipeline)
+            ran = 0
+            while not self._stop:
+                if cfg.train.steps and self.step >= cfg.train.steps:
+                    break
+                if max_steps is not None and ran >= max_steps:
+                    break
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    log.info("curriculum exhausted after %d steps", self.step)
+                    break
+                if batch.stage != self.stage:
+                    self._enter_stage(batch.stage)
+                metrics = self.rl_step(batch)
+                self.step += 1
+                ran += 1
+                if metrics["skipped_nonfinite"] > 0:
+                    self.consecutive_nonfinite += 1
+                    log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)",
+                                self.step, self.consecutive_nonfinite)
+                    if self.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
+                        raise NonFiniteError(
+                            f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient; "
+                            "lower optim.lr, check the data, or raise train.max_nonfinite_steps")
+                else:
+                    self.consecutive_nonfinite = 0
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.c.heldout:
+                    metrics.update(self.evaluate())
+                self.logger.log(self.step, metrics)
+                self.history.append({"step": self.step, **metrics})
+                if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                    self.save()
+            self.save(force=True)
+            self.ckpt.wait()
+        finally:
+            if prev is not None:
+                signal.signal(signal.SIGTERM, prev)
+            self.logger.flush() if hasattr(self.logger, "flush") else None
+        return self.history
+
+    def close(self):
+        self.ckpt.wait()
+        self.ckpt.close()
+        self.logger.close()
+
+    def evaluate(self) -> dict:
+        from entrl.evaluation import evaluate_prompts
+
+        prompts, records = self.c.heldout
+        res = evaluate_prompts(self.c.sampler, self.c.graphdef, self.params, self.c.tokenizer, prompts,
+                               [r.answer for r in records], verifier=self.c.verifier, n=1, ks=(1,),
+                               seed=self.cfg.train.seed + 10_000 + self.step)
+        return {"eval/pass@1": res["pass@1"]}
+
+    def _enter_stage(self, stage: int):
+        log.info("entering curriculum stage %d at step %d", stage, self.step)
+        self.stage = stage
+        if self.cfg.train.reset_optimizer_between_stages:
+            self.opt_state = self._init_opt(self.params)
+
+    def _on_sigterm(self, signum, frame):
+        log.warning("SIGTERM: finishing the current step, writing a checkpoint and exiting")
+        self._stop = True
+
+
+_PASS_THROUGH = {"loss", "grad_norm", "clip_frac", "penalized_frac", "abs_logratio_mean", "cov_mean", "cov_max",
+                 "ref_kl", "pg_loss", "policy_entropy"}
+_LENGTH = 1  # finish-reason code of a response cut at max_new_tokens
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _gather(x):
+    """Full value of a (possibly multi-host sharded) array on every host."""
+    if jax.process_count() == 1 or not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return x
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(x, tiled=True)
+
+
+def save_json(path: Path, obj: Any):
+    path.write_text(json.dumps(obj, indent=2, default=float))
