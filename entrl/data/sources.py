@@ -1,0 +1,295 @@
+"""Problem/answer records from JSONL, JSON, Parquet files or Hugging Face hub datasets.
+
+Design decisions:
+- A `Record` is (id, problem, answer, extra): the three fields every task needs
+  plus every other column untouched in `extra` (e.g. `se`, `pass_rate`,
+  `level`), so a dataset annotated with semantic entropy round-trips through
+  `load_records` / `write_records`.
+- Local files are read directly (JSON lines with `json`, Parquet with
+  `pyarrow`), not through `datasets.load_dataset`: errors can then name the
+  file and line, mixed-type columns do not break schema inference, and no
+  Arrow cache is written. Hub ids go through `datasets.load_dataset(id,
+  split=...)`. A directory means all its `.jsonl`/`.json`/`.parquet` files,
+  sorted by name, concatenated.
+- A required column that does not exist (in the Parquet/hub schema, or in the
+  first JSON row) is a ValueError naming it and the available columns. A
+  single row with a missing/empty problem or answer is either a ValueError
+  naming the row (id, file and line or index) or, with `on_bad_row="skip"`, a
+  counted, logged skip.
+- Answers may be numbers: ints become `"27"`, integral floats `27.0` become
+  `"27"` (several benchmark dumps store integers as floats), other floats use
+  `repr`. Lists, dicts and bools are bad rows: there is no safe string form.
+- `id_key=""` uses the global row index as the id. Duplicate ids are an error:
+  the semantic-entropy annotation resumes by id.
+- `write_records` writes JSONL or Parquet by suffix through a temporary file
+  and an atomic rename, so an interrupted annotation never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_JSON_SUFFIXES = (".jsonl", ".json")
+_PARQUET_SUFFIXES = (".parquet",)
+_SUFFIXES = _JSON_SUFFIXES + _PARQUET_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Record:
+    """One problem with its reference answer; `extra` holds every other column."""
+
+    id: str
+    problem: str
+    answer: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_row(self) -> dict[str, Any]:
+        """The flat row written by `write_records` (`id`, `problem`, `answer`, then the extras)."""
+        return {"id": self.id, "problem": self.problem, "answer": self.answer, **self.extra}
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    records: list[Record]
+    skipped: int  # rows dropped by on_bad_row="skip"
+    skipped_ids: list[str]  # their ids (or "<file>:<line>" when the id itself is missing)
+
+
+@dataclass(frozen=True)
+class _RawRow:
+    row: dict[str, Any]
+    where: str  # "file.jsonl line 12" / "hub:name[train] index 3"
+
+
+class _BadRow(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------
+
+
+def _files_of(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _SUFFIXES)
+        if not files:
+            raise ValueError(f"{path}: directory has no {'/'.join(_SUFFIXES)} files")
+        return files
+    if path.suffix not in _SUFFIXES:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(_SUFFIXES)}")
+    return [path]
+
+
+def _json_rows(path: Path) -> tuple[list[str] | None, Iterator[_RawRow]]:
+    """Columns (keys of the first row) and the rows of a JSON-lines file or a JSON array file."""
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if path.suffix == ".json" and stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON: {e}") from e
+        items = [(_RawRow(r, f"{path.name} item {i}") if isinstance(r, dict) else r) for i, r in enumerate(data)]
+    else:
+        items = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg})") from e
+            items.append(_RawRow(obj, f"{path.name} line {lineno}") if isinstance(obj, dict) else obj)
+    for i, item in enumerate(items):
+        if not isinstance(item, _RawRow):
+            raise ValueError(f"{path}: row {i} is a {type(item).__name__}, expected a JSON object")
+    columns = list(items[0].row) if items else None
+    return columns, iter(items)
+
+
+def _parquet_rows(path: Path, max_rows: int) -> tuple[list[str], Iterator[_RawRow]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    columns = list(pf.schema_arrow.names)
+
+    def rows() -> Iterator[_RawRow]:
+        index = 0
+        for batch in pf.iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                yield _RawRow(row, f"{path.name} index {index}")
+                index += 1
+                if max_rows and index >= max_rows:
+                    return
+
+    return columns, rows()
+
+
+def _hub_rows(name: str, split: str) -> tuple[list[str], Iterator[_RawRow]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # datasets raises many types (FileNotFound, ConnectionError, DatasetNotFound...)
+        raise ValueError(f"could not load {name!r} (split {split!r}) as a local file or hub dataset: {e}") from e
+    return list(ds.column_names), (_RawRow(r, f"hub:{name}[{split}] index {i}") for i, r in enumerate(ds))
+
+
+def _check_columns(columns: list[str] | None, required: dict[str, str], origin: str) -> None:
+    if columns is None:
+        return
+    for what, key in required.items():
+        if key and key not in columns:
+            hint = " (set data.id_key=\"\" to use the row index)" if what == "id_key" else ""
+            raise ValueError(
+                f"{origin}: column {key!r} ({what}) not found; available columns: {columns}{hint}"
+            )
+
+
+def _as_text(value: Any, what: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise _BadRow(f"{what} is missing")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, np.integer, np.floating)):
+        raise _BadRow(f"{what} is a {type(value).__name__} ({value!r:.60}), expected a string or a number")
+    if isinstance(value, (float, np.floating)):
+        value = int(value) if float(value).is_integer() else repr(float(value))
+    text = str(value)
+    if not text.strip():
+        raise _BadRow(f"{what} is empty")
+    return text
+
+
+def load_records(
+    source: str | Path,
+    *,
+    split: str = "train",
+    id_key: str = "id",
+    problem_key: str = "problem",
+    answer_key: str = "answer",
+    on_bad_row: str = "error",
+    max_rows: int = 0,
+) -> LoadResult:
+    """Read records from a file, a directory of files, or a hub id (see the module docstring)."""
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row={on_bad_row!r}: must be 'error' or 'skip'")
+    if max_rows < 0:
+        raise ValueError(f"max_rows={max_rows}: must be >= 0 (0 = all rows)")
+    required = {"id_key": id_key, "problem_key": problem_key, "answer_key": answer_key}
+    path = Path(source)
+    sources: list[tuple[str, list[str] | None, Iterator[_RawRow]]] = []
+    if path.exists():
+        for f in _files_of(path):
+            columns, rows = _parquet_rows(f, max_rows) if f.suffix in _PARQUET_SUFFIXES else _json_rows(f)
+            sources.append((str(f), columns, rows))
+    elif str(source).endswith(_SUFFIXES) or str(source).startswith((".", "/", "~")):
+        raise ValueError(f"{source}: file not found (and it does not look like a hub id)")
+    else:
+        split_spec = f"{split}[:{max_rows}]" if max_rows else split
+        columns, rows = _hub_rows(str(source), split_spec)
+        sources.append((f"hub:{source}", columns, rows))
+
+    records: list[Record] = []
+    skipped_ids: list[str] = []
+    seen: dict[str, str] = {}
+    index = 0
+    for origin, columns, rows in sources:
+        _check_columns(columns, required, origin)
+        for raw in rows:
+            if max_rows and index >= max_rows:
+                break
+            row = raw.row
+            rid = str(row.get(id_key)) if id_key and row.get(id_key) not in (None, "") else None
+            if rid is None and not id_key:
+                rid = str(index)
+            index += 1
+            try:
+                if rid is None:
+                    raise _BadRow(f"id column {id_key!r} is missing/empty")
+                problem = row.get(problem_key)
+                if not isinstance(problem, str) and problem is not None:
+                    raise _BadRow(f"problem column {problem_key!r} is a {type(problem).__name__}, expected a string")
+                problem = _as_text(problem, f"problem column {problem_key!r}")
+                answer = _as_text(row.get(answer_key), f"answer column {answer_key!r}")
+            except _BadRow as e:
+                label = f"row id={rid!r} ({raw.where})" if rid is not None else f"row {raw.where}"
+                if on_bad_row == "error":
+                    raise ValueError(f"{label}: {e}; fix the row or set data.on_bad_row=skip") from None
+                skipped_ids.append(rid if rid is not None else raw.where)
+                continue
+            if rid in seen:
+                raise ValueError(f"duplicate id {rid!r}: {seen[rid]} and {raw.where}; ids must be unique")
+            seen[rid] = raw.where
+            extra = {k: v for k, v in row.items() if k not in (id_key, problem_key, answer_key)}
+            records.append(Record(rid, problem, answer, extra))
+        if max_rows and index >= max_rows:
+            break
+
+    if skipped_ids:
+        log.warning(
+            "%s: skipped %d bad row(s) with a missing/empty problem or answer (first: %s)",
+            source, len(skipped_ids), skipped_ids[:5],
+        )
+    if not records:
+        raise ValueError(f"{source}: no usable rows (read {index}, skipped {len(skipped_ids)})")
+    return LoadResult(records, len(skipped_ids), skipped_ids)
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars/arrays -> Python values, recursively (JSON and Arrow both accept the result)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def write_records(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Write rows (e.g. `Record.to_row()` plus annotation columns) as JSONL or Parquet, chosen by suffix."""
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"{path}: write_records supports .jsonl and .parquet, got {path.suffix!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = [_plain(r) for r in rows]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        if path.suffix == ".jsonl":
+            with tmp.open("w", encoding="utf-8") as f:
+                for r in plain:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            columns = list(dict.fromkeys(k for r in plain for k in r))
+            arrays = []
+            for col in columns:
+                try:
+                    arrays.append(pa.array([r.get(col) for r in plain]))
+                except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                    raise ValueError(f"{path}: column {col!r} mixes value types ({e}); make it one type") from e
+            pq.write_table(pa.table(arrays, names=columns), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,121 @@
+"""entrl.data.sources: real shared files, Parquet, bad rows, missing columns, round trips."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from entrl.data.sources import Record, load_records, write_records
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_math500_keeps_level_extra(shared_data):
+    res = load_records(shared_data / "math500.jsonl")
+    assert len(res.records) == 500 and res.skipped == 0
+    r = res.records[0]
+    assert r.id == "test/precalculus/807.json"
+    assert r.answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert r.extra["level"] == 2 and r.extra["subject"] == "Precalculus" and r.extra["source"] == "math500"
+    assert "id" not in r.extra and "problem" not in r.extra
+
+
+def test_dapo_first_rows(shared_data):
+    res = load_records(shared_data / "train_dapo17k.jsonl", max_rows=50)
+    assert len(res.records) == 50
+    assert res.records[0].id == "dapo17k-0"
+    assert all(r.problem and r.answer for r in res.records)
+    assert {r.extra["lang"] for r in res.records} <= {"en", "zh"}
+
+
+def test_parquet_numeric_answers_and_round_trip(tmp_path):
+    rows = [
+        {"id": "a", "problem": "1+1?", "answer": "2", "se": np.float32(0.5), "pass_rate": 0.25},
+        {"id": "b", "problem": "half?", "answer": "\\frac{1}{2}", "se": 0.0, "pass_rate": 1.0},
+    ]
+    path = write_records(tmp_path / "d.parquet", rows)
+    res = load_records(path)
+    assert [r.answer for r in res.records] == ["2", "\\frac{1}{2}"]
+    assert res.records[0].extra == {"se": 0.5, "pass_rate": 0.25}
+    # Record -> row -> JSONL -> Record is the identity.
+    out = write_records(tmp_path / "d.jsonl", [r.to_row() for r in res.records])
+    assert load_records(out).records == res.records
+
+
+def test_float_answers_become_strings(tmp_path):
+    p = _write_jsonl(tmp_path / "x.jsonl", [
+        {"id": "1", "problem": "p", "answer": 27.0},
+        {"id": "2", "problem": "p", "answer": 2.5},
+        {"id": "3", "problem": "p", "answer": -4},
+    ])
+    assert [r.answer for r in load_records(p).records] == ["27", "2.5", "-4"]
+
+
+def test_custom_columns_and_row_index_ids(tmp_path):
+    p = _write_jsonl(tmp_path / "x.jsonl", [{"question": "q0", "final": "0"}, {"question": "q1", "final": "1"}])
+    res = load_records(p, id_key="", problem_key="question", answer_key="final")
+    assert [(r.id, r.problem, r.answer) for r in res.records] == [("0", "q0", "0"), ("1", "q1", "1")]
+
+
+def test_missing_answer_column_names_it(tmp_path):
+    p = _write_jsonl(tmp_path / "x.jsonl", [{"id": "1", "problem": "p", "solution": "s"}])
+    with pytest.raises(ValueError, match=r"column 'answer'.*available columns: \['id', 'problem', 'solution'\]"):
+        load_records(p)
+    q = write_records(tmp_path / "x.parquet", [{"id": "1", "problem": "p"}])
+    with pytest.raises(ValueError, match="column 'answer'"):
+        load_records(q)
+    with pytest.raises(ValueError, match="column 'uid'.*id_key"):
+        load_records(p, id_key="uid")
+
+
+def test_bad_rows_error_or_skip(tmp_path, caplog):
+    rows = [
+        {"id": "ok1", "problem": "p", "answer": "1"},
+        {"id": "empty", "problem": "p", "answer": "  "},
+        {"id": "noanswer", "problem": "p"},
+        {"id": "noproblem", "problem": "", "answer": "3"},
+        {"id": "list", "problem": "p", "answer": ["1", "2"]},
+        {"id": "ok2", "problem": "p", "answer": "2"},
+    ]
+    p = _write_jsonl(tmp_path / "x.jsonl", rows)
+    with pytest.raises(ValueError, match=r"row id='empty' \(x.jsonl line 2\): answer column 'answer' is empty"):
+        load_records(p)
+    with caplog.at_level(logging.WARNING):
+        res = load_records(p, on_bad_row="skip")
+    assert [r.id for r in res.records] == ["ok1", "ok2"]
+    assert res.skipped == 4 and res.skipped_ids == ["empty", "noanswer", "noproblem", "list"]
+    assert "skipped 4 bad row(s)" in caplog.text
+
+
+def test_duplicate_ids_and_bad_json(tmp_path):
+    p = _write_jsonl(tmp_path / "x.jsonl", [{"id": "a", "problem": "p", "answer": "1"}] * 2)
+    with pytest.raises(ValueError, match="duplicate id 'a'"):
+        load_records(p)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "problem": "p", "answer": "1"}\n{oops\n')
+    with pytest.raises(ValueError, match="line 2: invalid JSON"):
+        load_records(bad)
+
+
+def test_directory_json_array_and_missing_file(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    _write_jsonl(d / "a.jsonl", [{"id": "a", "problem": "p", "answer": "1"}])
+    (d / "b.json").write_text(json.dumps([{"id": "b", "problem": "q", "answer": "2"}]))
+    (d / "notes.txt").write_text("ignored")
+    assert [r.id for r in load_records(d).records] == ["a", "b"]
+    assert [r.id for r in load_records(d, max_rows=1).records] == ["a"]
+    with pytest.raises(ValueError, match="file not found"):
+        load_records(tmp_path / "nope.jsonl")
+
+
+def test_write_records_rejects_unknown_suffix_and_mixed_columns(tmp_path):
+    with pytest.raises(ValueError, match=".csv"):
+        write_records(tmp_path / "x.csv", [Record("a", "p", "1").to_row()])
+    with pytest.raises(ValueError, match="column 'answer' mixes value types"):
+        write_records(tmp_path / "x.parquet", [{"answer": 2}, {"answer": "x"}])
+    assert not list(tmp_path.glob(".x.parquet.tmp*"))
