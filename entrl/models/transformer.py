@@ -1,0 +1,315 @@
+"""The decoder: Qwen2/Qwen2.5, Qwen3 and Llama-3 in one Flax NNX module.
+
+Per layer (pre-norm, as in all three families):
+    x = x + Attn(RMSNorm(x)),  x = x + W_down(silu(W_gate h) * W_up h) with h = RMSNorm(x)
+    RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)           (statistics in float32)
+Attention is grouped-query: H query heads share K key/value heads (G = H / K),
+    A = softmax(q k^T / sqrt(Dh) + mask) v,  with RoPE applied to q and k.
+Qwen2 adds a bias to q/k/v; Qwen3 RMS-normalises each q/k head (over Dh) before
+RoPE and has an explicit head_dim; Llama-3 rescales the RoPE frequencies
+(`rope_inv_freq`).
+
+Design decisions:
+- Kernels keep the head axes ([D, H, Dh], [H, Dh, D]) so every param carries a
+  logical axis name per dimension (`out_sharding` metadata, never applied here:
+  `entrl.sharding` maps names to mesh axes in one table). Eager sharding is
+  off so the model builds the same with or without a mesh in context.
+- Masked logits get the most negative finite float, not -inf: a fully masked
+  row (a left-padding query) becomes a uniform average, finite, never NaN.
+- Positions default to `cumsum(mask) - 1` (clipped at 0), so a left-padded
+  prompt gets the same RoPE phases as the unpadded one.
+- The KV cache is one [L, B, S, K, Dh] array per k and v, updated in place
+  with `lax.dynamic_update_slice` at a traced `write_index`; the caller owns the
+  slot mask. The cached forward shares every line of the layer with the full
+  forward, so the two cannot drift apart.
+- Softmax and logits are float32 whatever the compute dtype; hidden states are
+  returned in the compute dtype so token statistics can chunk the unembedding.
+- Layers are a Python loop (not `scan`): per-layer params map one-to-one to
+  checkpoint tensors, which keeps loading declarative and sliced per device.
+Left out on purpose: sliding-window attention, MoE, dropout, bias in the MLP.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from jax import lax
+
+from entrl.models.config import ModelConfig
+
+# Logical axes of the KV cache arrays (for `entrl.sharding.logical_to_spec`).
+KV_CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+_NEG = float(np.finfo(np.float32).min)
+_init_normal = nnx.initializers.normal(0.02)
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer: `k`, `v` of shape [L, B, S, K, Dh]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def _param(value: jax.Array, names: tuple[str, ...]) -> nnx.Param:
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Pins an activation's sharding when a mesh is in context (no-op otherwise)."""
+    from entrl.sharding import logical_to_spec  # sharding does not import models
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return lax.with_sharding_constraint(x, logical_to_spec(names, shape=x.shape, mesh=mesh))
+
+
+# ---------------------------------------------------------------------------
+# RoPE
+# ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple[tuple[str, float], ...] | None) -> np.ndarray:
+    """Inverse frequencies [Dh/2]: theta^(-2i/Dh), optionally with llama3 scaling.
+
+    Llama-3 scaling (Meta's `apply_scaling`): with wavelength w = 2 pi / f and
+    original context C, low/high wavelength bounds C/low_freq_factor and
+    C/high_freq_factor: w > C/low -> f / factor; w < C/high -> f; in between
+    a linear blend (1 - s) f / factor + s f with s = (C/w - low) / (high - low).
+    """
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    s = dict(scaling)
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    context = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def apply_rope(x_BxTxNxDh: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates the two halves of each head (HF `rotate_half` layout) by angle pos * f."""
+    angle_BxTxF = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    cos, sin = jnp.cos(angle_BxTxF)[:, :, None, :], jnp.sin(angle_BxTxF)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxTxNxDh.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxDh.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
+        self.scale = _param(jnp.ones((dim,), param_dtype), ("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_kernel = _param(_init_normal(rngs.params(), (D, H, Dh), param_dtype), ("embed", "q_heads", "head_dim"))
+        self.k_kernel = _param(_init_normal(rngs.params(), (D, K, Dh), param_dtype), ("embed", "kv_heads", "head_dim"))
+        self.v_kernel = _param(_init_normal(rngs.params(), (D, K, Dh), param_dtype), ("embed", "kv_heads", "head_dim"))
+        self.o_kernel = _param(_init_normal(rngs.params(), (H, Dh, D), param_dtype), ("q_heads", "head_dim", "embed"))
+        if cfg.qkv_bias:
+            self.q_bias = _param(jnp.zeros((H, Dh), param_dtype), ("q_heads", "head_dim"))
+            self.k_bias = _param(jnp.zeros((K, Dh), param_dtype), ("kv_heads", "head_dim"))
+            self.v_bias = _param(jnp.zeros((K, Dh), param_dtype), ("kv_heads", "head_dim"))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.cfg = cfg
+        self.dtype = dtype
+
+    def qkv(self, x_BxTxD: jax.Array, positions_BxT: jax.Array):
+        """Projects to q [B,T,H,Dh], k and v [B,T,K,Dh]; q/k norm (Qwen3) then RoPE."""
+        cfg, dt = self.cfg, self.dtype
+        q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.q_kernel[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.k_kernel[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.v_kernel[...].astype(dt))
+        if cfg.qkv_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        return apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq), v
+
+    def attend(self, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS) -> jax.Array:
+        """softmax(q k^T / sqrt(Dh), masked) v, then the output projection -> [B,T,D]."""
+        B, T, H, Dh = q_BxTxHxDh.shape
+        K = k_BxSxKxDh.shape[2]
+        dt = self.dtype
+        q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
+        logits = jnp.einsum(
+            "btkgd,bskd->bkgts", q_BxTxKxGxDh, k_BxSxKxDh.astype(dt), preferred_element_type=jnp.float32
+        ) * (Dh**-0.5)
+        logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits, _NEG)
+        probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
+        out_BxTxKxGxDh = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxDh.astype(dt))
+        return jnp.einsum("bthk,hkd->btd", out_BxTxKxGxDh.reshape(B, T, H, Dh), self.o_kernel[...].astype(dt))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        self.gate_kernel = _param(_init_normal(rngs.params(), (D, F), param_dtype), ("embed", "mlp"))
+        self.up_kernel = _param(_init_normal(rngs.params(), (D, F), param_dtype), ("embed", "mlp"))
+        self.down_kernel = _param(_init_normal(rngs.params(), (F, D), param_dtype), ("mlp", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        dt = self.dtype
+        gate_BxTxF = x_BxTxD @ self.gate_kernel[...].astype(dt)
+        up_BxTxF = x_BxTxD @ self.up_kernel[...].astype(dt)
+        return (jax.nn.silu(gate_BxTxF) * up_BxTxF) @ self.down_kernel[...].astype(dt)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, *, layer_index=0, write_index=None):
+        """One block. Full forward: cache=None. Cached: cache=(k, v) [L,B,S,K,Dh], returned updated."""
+        q, k_new, v_new = self.attn.qkv(self.input_norm(x_BxTxD), positions_BxT)
+        if cache is None:
+            k_BxSxKxDh, v_BxSxKxDh = k_new, v_new
+        else:
+            cache_k, cache_v = cache
+            start = (layer_index, 0, write_index, 0, 0)
+            cache_k = lax.dynamic_update_slice(cache_k, k_new[None].astype(cache_k.dtype), start)
+            cache_v = lax.dynamic_update_slice(cache_v, v_new[None].astype(cache_v.dtype), start)
+            k_BxSxKxDh, v_BxSxKxDh, cache = cache_k[layer_index], cache_v[layer_index], (cache_k, cache_v)
+        x = x_BxTxD + self.attn.attend(q, k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS)
+        x = x + self.mlp(self.post_attn_norm(x))
+        return _constrain(x, ("batch", "seq", "act_embed")), cache
+
+
+def _layer_forward(layer: DecoderLayer, x, positions, mask):
+    return layer(x, positions, mask)[0]
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `model(ids, mask) -> logits [B,T,V]` (float32)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False):
+        dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+        V, D = cfg.vocab_size, cfg.hidden_size
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat = remat  # rematerialise each layer in the backward pass (training memory)
+        self.embedding = _param(_init_normal(rngs.params(), (V, D), param_dtype), ("vocab", "embed"))
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(cfg.num_layers)]
+        )
+        self.final_norm = RMSNorm(D, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(_init_normal(rngs.params(), (D, V), param_dtype), ("embed", "vocab"))
+
+    # -- full forward --------------------------------------------------------
+
+    def _embed(self, input_ids_BxT: jax.Array) -> jax.Array:
+        x = jnp.take(self.embedding[...], input_ids_BxT, axis=0).astype(self.dtype)
+        return _constrain(x, ("batch", "seq", "act_embed"))
+
+    def hidden(self, input_ids_BxT, attention_mask=None, positions=None) -> jax.Array:
+        """Final-RMSNorm'ed hidden states h [B,T,D] (compute dtype); `logits = h @ unembedding()`."""
+        B, T = input_ids_BxT.shape
+        mask_BxT = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+        causal_TxT = jnp.tril(jnp.ones((T, T), bool))
+        mask_BxTxS = causal_TxT[None] & mask_BxT[:, None, :]
+        x = self._embed(input_ids_BxT)
+        layer_fn = nnx.remat(_layer_forward) if self.remat else _layer_forward
+        for layer in self.layers:
+            x = layer_fn(layer, x, positions, mask_BxTxS)
+        return self.final_norm(x)
+
+    def unembedding(self) -> jax.Array:
+        """W [D,V] with logits = h @ W: the embedding transposed when tied, else the lm_head kernel."""
+        w = self.embedding[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+        return w.astype(self.dtype)
+
+    def logits(self, h_BxTxD: jax.Array) -> jax.Array:
+        """h @ W in float32 accumulation -> [B,T,V] float32."""
+        return jnp.einsum("btd,dv->btv", h_BxTxD, self.unembedding(), preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids_BxT, attention_mask=None, positions=None) -> jax.Array:
+        """Logits [B,T,V] float32. attention_mask: 1 = real token (left padding = 0)."""
+        return self.logits(self.hidden(input_ids_BxT, attention_mask, positions))
+
+    # -- KV cache ------------------------------------------------------------
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        """Zeroed cache with k, v of shape [L, batch, max_len, K, Dh]."""
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    def forward_cached(self, input_ids_BxT, positions_BxT, cache: KVCache, *, write_index, kv_mask_BxS):
+        """Writes the T new tokens at cache slots [write_index, write_index + T) and attends.
+
+        Query t (slot write_index + t) sees slots s <= write_index + t with
+        kv_mask_BxS[b, s] == 1 (the caller zeroes left padding, sets written
+        slots to 1). Returns (final-normed h [B,T,D], updated cache).
+        """
+        T = input_ids_BxT.shape[1]
+        S = cache.k.shape[2]
+        write_index = jnp.asarray(write_index, jnp.int32)
+        query_slot_T = write_index + jnp.arange(T, dtype=jnp.int32)
+        visible_TxS = jnp.arange(S, dtype=jnp.int32)[None, :] <= query_slot_T[:, None]
+        mask_BxTxS = visible_TxS[None] & (kv_mask_BxS[:, None, :] != 0)
+        x = self._embed(input_ids_BxT)
+        kv = (cache.k, cache.v)
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, positions_BxT, mask_BxTxS, kv, layer_index=i, write_index=write_index)
+        return self.final_norm(x), KVCache(k=kv[0], v=kv[1])
+
+
+def create_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", mesh=None, remat: bool = False) -> Transformer:
+    """A randomly initialised Transformer (params and compute in `dtype`).
+
+    With a mesh, the constructor runs under `jax.jit` with the params' output
+    shardings, so each device only ever holds its own shard.
+    """
+    dtype = jnp.dtype(dtype)
+
+    def init() -> Transformer:
+        return Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype, remat=remat)
+
+    if mesh is None:
+        return init()
+    from entrl.sharding import param_shardings
+
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(init))
+    shardings = param_shardings(abstract_state, mesh)
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda: nnx.state(init()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
