@@ -1,0 +1,506 @@
+"""Rollout engine: a jitted KV-cache sampler that produces the RL training batch.
+
+One call turns B tokenized prompts into B*n fixed-shape responses with the
+per-token log-prob of every sampled token. Design decisions:
+
+* Two jitted pure functions. `_prefill` runs the left-padded prompt batch
+  through the model once (write index 0) and samples the first response token;
+  `_decode` is a `lax.while_loop` over a pytree `_DecodeState` that feeds one
+  token per row per iteration and exits as soon as every row has stopped. The
+  state (KV cache included) is donated to `_decode`, so the cache is
+  preallocated once and updated in place.
+* The NNX model crosses the jit boundary split: the `GraphDef` is a static
+  argument and the parameter `State` a normal one, merged inside. No weights
+  are copied, and parameters sharded on the trainer's mesh are used where they
+  are.
+* Static settings live in `SamplingConfig`, a frozen hashable dataclass passed
+  as a static argument: the same settings and shapes never recompile. Prompts
+  are left-padded to a length bucket, so a whole run compiles a handful of
+  shapes.
+* n samples per prompt: the B prompts are prefilled once and the KV cache is
+  repeated n times along the batch (prefill costs B, not B*n, rows). Rows of one
+  prompt are contiguous: row r belongs to prompt r // n, groups are [B, n].
+* Log-probs: the reported log-prob of a sampled token y is
+  log softmax(logits / T)[y] over the FULL vocabulary, before top-k / top-p
+  truncation and before the PAD/BOS ban. That is the policy's probability at
+  temperature T, the quantity the RL loss compares against, and exactly what
+  `entrl.token_stats.token_logprobs_and_entropy(h, W, y, temperature=T)`
+  recomputes from a full forward (same float32 math: (h @ W) / T). Greedy
+  decoding (T = 0) reports log-probs at T = 1.
+* Banned tokens: PAD and BOS (`SamplingConfig.banned_ids`) get logit -inf
+  before sampling so a response never contains them mid-sequence, except an id
+  that is also an EOS id (Qwen's PAD is its EOS). The sampling distribution is
+  therefore the policy's renormalised over the allowed tokens; the reported
+  log-prob stays the unrenormalised policy log-prob (previous point), so
+  sampler and trainer agree token for token. The difference is the probability
+  mass on banned ids, which is tiny for a trained model.
+* Order of truncations (as in `transformers`): temperature, then top-k, then
+  top-p on the top-k-renormalised distribution. Ties at the cut-off are kept.
+  Top-k works on `lax.top_k` values only; top-p without top-k needs one full
+  sort of the vocabulary per step.
+* Stop handling: a row stops at its first EOS id. The EOS token is part of the
+  response (mask 1); every later slot holds PAD with mask 0 and log-prob 0.
+  `finish_reason` is "stop" for such rows and "length" for rows that hit
+  `max_new_tokens`.
+* Sharding: with a mesh, the batch axis of every per-row array (KV cache
+  included) is constrained to the mesh's ("data", "fsdp") axes; everything else
+  is left to the compiler, driven by the parameters' own shardings
+  (Auto axis types), so heads follow the tensor axis as in training.
+* Left out on purpose: streaming, stop strings (host-side, needs the
+  tokenizer), speculative decoding, paged attention, and per-row settings
+  (temperature etc. are per call).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "FINISH_REASONS",
+    "Rollout",
+    "Sampler",
+    "SamplingConfig",
+    "choose_bucket",
+    "filter_logits",
+    "generate",
+    "pad_prompts",
+    "sample_next_token",
+]
+
+_F32 = jnp.float32
+#: Prompt-length buckets: prompts are left-padded to the smallest one that fits.
+DEFAULT_BUCKETS: tuple[int, ...] = tuple(2**k for k in range(6, 16))  # 64 ... 32768
+#: `Rollout.finish_code` values index this tuple.
+FINISH_REASONS: tuple[str, ...] = ("length", "stop")
+#: Mesh axes the batch is split over (those the mesh has).
+BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ----------------------------------------------------------------------------
+# Static settings
+# ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Static sampling settings (hashable: a jit static argument).
+
+    Validated here, before anything is traced; a bad value is a `ValueError`.
+    """
+
+    n: int = 1  # samples per prompt (rows of one prompt are contiguous)
+    temperature: float = 1.0  # softmax temperature; 0 = greedy (log-probs then at T = 1)
+    top_p: float = 1.0  # nucleus mass in (0, 1]; 1 = off
+    top_k: int = 0  # keep the k largest logits; 0 = off
+    max_new_tokens: int = 256  # response length L (rows that do not stop are cut here)
+    eos_ids: tuple[int, ...] = ()  # a row stops after emitting any of these (empty = never)
+    pad_id: int = 0  # filler after the stop token and in the prompt's left padding
+    banned_ids: tuple[int, ...] = ()  # never sampled (PAD/BOS); ids that are also EOS are dropped
+    cache_dtype: str = "float32"  # KV-cache dtype: float32 | bfloat16
+
+    def __post_init__(self):
+        def is_int(x):
+            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+        if not is_int(self.n) or self.n < 1:
+            raise ValueError(f"n={self.n!r}: the number of samples per prompt must be an int >= 1")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature!r}: must be a finite number >= 0 (0 = greedy)")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1] (1 = off)")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r}: must be an int >= 0 (0 = off)")
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an int >= 1")
+        for name in ("eos_ids", "banned_ids"):
+            ids = getattr(self, name)
+            if not isinstance(ids, tuple) or not all(is_int(i) and i >= 0 for i in ids):
+                raise ValueError(f"{name}={ids!r}: must be a tuple of non-negative token ids")
+        if not is_int(self.pad_id) or self.pad_id < 0:
+            raise ValueError(f"pad_id={self.pad_id!r}: must be a non-negative token id")
+        if self.cache_dtype not in _DTYPES:
+            raise ValueError(f"cache_dtype={self.cache_dtype!r}: must be one of {sorted(_DTYPES)}")
+        # Normalise so equal settings hash equally (one compilation).
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+        object.__setattr__(self, "eos_ids", tuple(sorted({int(i) for i in self.eos_ids})))
+        banned = {int(i) for i in self.banned_ids} - set(self.eos_ids)
+        object.__setattr__(self, "banned_ids", tuple(sorted(banned)))
+
+    @property
+    def greedy(self) -> bool:
+        """Argmax decoding: temperature 0, or top-k = 1 (the same tokens)."""
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def logprob_temperature(self) -> float:
+        """Temperature of the reported log-probs: T, or 1 for greedy T = 0."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """ValueError if a token id in the settings lies outside [0, vocab_size)."""
+        for name, ids in (("eos_ids", self.eos_ids), ("banned_ids", self.banned_ids), ("pad_id", (self.pad_id,))):
+            bad = [i for i in ids if i >= vocab_size]
+            if bad:
+                raise ValueError(f"{name} {bad} outside the vocabulary [0, {vocab_size})")
+        if len(self.banned_ids) >= vocab_size:
+            raise ValueError(f"banned_ids {self.banned_ids} leave no token to sample")
+
+
+# ----------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------
+@flax.struct.dataclass
+class Rollout:
+    """Fixed-shape result of sampling n responses for each of B prompts (R = B*n rows).
+
+    Row r answers prompt `prompt_index[r]` = r // n. Numeric fields are JAX arrays
+    (sharded over the batch axes when a mesh was used).
+    """
+
+    tokens: jax.Array  # [R, L] int32 response tokens; PAD after the stop token
+    mask: jax.Array  # [R, L] int32; 1 for response tokens up to and including the stop token
+    logprobs: jax.Array  # [R, L] float32 log softmax(logits / T)[token] (full vocabulary); 0 where masked
+    lengths: jax.Array  # [R] int32 response length (= mask.sum(-1))
+    finish_code: jax.Array  # [R] int32 index into FINISH_REASONS (0 = length, 1 = stop)
+    prompt_index: jax.Array  # [R] int32 which prompt the row answers
+    prompt_ids: jax.Array  # [R, P] int32 prompt tokens, left-padded with PAD
+    prompt_mask: jax.Array  # [R, P] int32; 1 on real prompt tokens
+
+    @property
+    def finish_reason(self) -> np.ndarray:
+        """[R] numpy array of "stop" / "length" strings (copies `finish_code` to the host)."""
+        return np.asarray(FINISH_REASONS)[np.asarray(self.finish_code)]
+
+
+# ----------------------------------------------------------------------------
+# Sampling strategies on logits (pure)
+# ----------------------------------------------------------------------------
+def filter_logits(z_BxV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Set logits outside the top-k / top-p set to -inf (ties at a cut-off are kept).
+
+    top-k keeps the k largest; top-p then keeps the smallest prefix of the
+    remaining tokens, by decreasing probability, whose probability mass (under
+    the softmax renormalised over what top-k kept) reaches `top_p`. The token
+    that crosses the threshold is kept, so at least one token always survives.
+    With top-k on, top-p works on the k sorted `lax.top_k` values; without it,
+    on one full sort.
+    """
+    vocab = z_BxV.shape[-1]
+    k = min(top_k, vocab) if top_k > 0 else 0
+    if k == 0 and top_p >= 1.0:
+        return z_BxV
+    if k > 0:
+        sorted_BxK = lax.top_k(z_BxV, k)[0]  # descending
+    else:
+        sorted_BxK = -jnp.sort(-z_BxV, axis=-1)
+    cutoff_B = sorted_BxK[:, -1]
+    if top_p < 1.0:
+        p_BxK = jax.nn.softmax(sorted_BxK.astype(_F32), axis=-1)
+        mass_before_BxK = jnp.cumsum(p_BxK, axis=-1) - p_BxK
+        n_keep_B = jnp.sum(mass_before_BxK < top_p, axis=-1)  # >= 1 since top_p > 0
+        cutoff_B = jnp.take_along_axis(sorted_BxK, (n_keep_B - 1)[:, None], axis=-1)[:, 0]
+    return jnp.where(z_BxV >= cutoff_B[:, None], z_BxV, -jnp.inf)
+
+
+def sample_next_token(logits_BxV: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """Draw one token per row and return (tokens_B int32, logp_B float32).
+
+    logp_B = log softmax(logits / T)[token] over the full vocabulary (T = 1 for
+    greedy), computed before the ban and the truncations; see the module
+    docstring. Sampling: banned ids -> -inf, then argmax (greedy) or
+    top-k/top-p truncation and a categorical draw (Gumbel-max) from
+    softmax(z / T).
+    """
+    z_BxV = logits_BxV.astype(_F32) / cfg.logprob_temperature
+    if cfg.banned_ids:
+        z_allowed_BxV = z_BxV.at[:, jnp.asarray(cfg.banned_ids)].set(-jnp.inf)
+    else:
+        z_allowed_BxV = z_BxV
+    if cfg.greedy:
+        tokens_B = jnp.argmax(z_allowed_BxV, axis=-1)
+    else:
+        z_allowed_BxV = filter_logits(z_allowed_BxV, top_k=cfg.top_k, top_p=cfg.top_p)
+        tokens_B = jax.random.categorical(rng, z_allowed_BxV, axis=-1)
+    tokens_B = tokens_B.astype(jnp.int32)
+    lse_B = jax.nn.logsumexp(z_BxV, axis=-1)
+    logp_B = jnp.take_along_axis(z_BxV, tokens_B[:, None], axis=-1)[:, 0] - lse_B
+    return tokens_B, logp_B
+
+
+# ----------------------------------------------------------------------------
+# Decode loop (pure, jitted)
+# ----------------------------------------------------------------------------
+@flax.struct.dataclass
+class _DecodeState:
+    """Carry of the decode `while_loop` (R = B*n rows, S = P + L cache slots)."""
+
+    step: jax.Array  # [] int32 response tokens produced so far (the next one goes to column `step`)
+    tokens: jax.Array  # [R, L] int32 response buffer, PAD-initialised
+    logprobs: jax.Array  # [R, L] float32, 0-initialised
+    done: jax.Array  # [R] bool: the row has emitted an EOS id
+    length: jax.Array  # [R] int32 response tokens that count (mask = arange(L) < length)
+    prompt_len: jax.Array  # [R] int32 real prompt tokens (RoPE position of response token i is prompt_len + i)
+    kv_mask: jax.Array  # [R, S] int32: 1 on slots a query may attend
+    cache: Any  # the model's KV cache pytree, batch R
+    rng: jax.Array  # base key; step i draws with fold_in(rng, i)
+
+
+def _record(state: _DecodeState, tokens_R, logp_R, cfg: SamplingConfig) -> _DecodeState:
+    """Write the tokens drawn for column `state.step`; rows already stopped get PAD / 0."""
+    live_R = ~state.done
+    tokens_R = jnp.where(live_R, tokens_R, cfg.pad_id)
+    logp_R = jnp.where(live_R, logp_R, 0.0)
+    col = state.step
+    stop_R = jnp.isin(tokens_R, jnp.asarray(cfg.eos_ids, jnp.int32)) if cfg.eos_ids else jnp.zeros_like(live_R)
+    return state.replace(
+        step=col + 1,
+        tokens=lax.dynamic_update_slice(state.tokens, tokens_R[:, None], (0, col)),
+        logprobs=lax.dynamic_update_slice(state.logprobs, logp_R[:, None], (0, col)),
+        done=state.done | (live_R & stop_R),
+        length=state.length + live_R.astype(jnp.int32),
+    )
+
+
+def _batch_constraint(x, mesh: Mesh | None, axis: int):
+    """Constrain dimension `axis` of x to the mesh's batch axes (others: compiler's choice)."""
+    if mesh is None:
+        return x
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    spec = [P.UNCONSTRAINED] * x.ndim
+    spec[axis] = axes if axes else None
+    return lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+
+
+def _logits(h_BxD, w_DxV):
+    """Float32 logits h @ W (same contraction as `entrl.token_stats`)."""
+    return lax.dot_general(h_BxD, w_DxV, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"))
+def _prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: SamplingConfig, mesh):
+    """Run the prompts once, repeat the cache n times, draw response token 0."""
+    model = nnx.merge(graphdef, params)
+    batch, plen = prompt_ids_BxP.shape
+    rows, slots = batch * cfg.n, plen + cfg.max_new_tokens
+    mask_BxP = prompt_mask_BxP.astype(jnp.int32)
+    positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=-1) - 1, 0)
+    kv_mask_BxS = jnp.pad(mask_BxP, ((0, 0), (0, slots - plen)))
+    cache = model.init_cache(batch, slots, dtype=_DTYPES[cfg.cache_dtype])
+    h_BxPxD, cache = model.forward_cached(
+        prompt_ids_BxP, positions_BxP, cache, write_index=jnp.int32(0), kv_mask_BxS=kv_mask_BxS
+    )
+
+    def rep(x):  # [B, ...] -> [B*n, ...], rows of one prompt contiguous
+        return _batch_constraint(jnp.repeat(x, cfg.n, axis=0), mesh, 0)
+
+    cache = jax.tree.map(lambda x: _batch_constraint(jnp.repeat(x, cfg.n, axis=1), mesh, 1), cache)
+    state = _DecodeState(
+        step=jnp.int32(0),
+        tokens=_batch_constraint(jnp.full((rows, cfg.max_new_tokens), cfg.pad_id, jnp.int32), mesh, 0),
+        logprobs=_batch_constraint(jnp.zeros((rows, cfg.max_new_tokens), _F32), mesh, 0),
+        done=_batch_constraint(jnp.zeros((rows,), bool), mesh, 0),
+        length=_batch_constraint(jnp.zeros((rows,), jnp.int32), mesh, 0),
+        prompt_len=rep(jnp.sum(mask_BxP, axis=-1)),
+        kv_mask=rep(kv_mask_BxS),
+        cache=cache,
+        rng=rng,
+    )
+    logits_RxV = _logits(rep(h_BxPxD[:, -1]), model.unembedding())
+    tokens_R, logp_R = sample_next_token(logits_RxV, jax.random.fold_in(rng, 0), cfg)
+    return _record(state, tokens_R, logp_R, cfg)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"), donate_argnames=("state",))
+def _decode(graphdef, params, state: _DecodeState, *, cfg: SamplingConfig, mesh):
+    """Feed the last token and draw the next until every row stopped or L tokens exist."""
+    model = nnx.merge(graphdef, params)
+    w_DxV = model.unembedding()  # loop-invariant: built once, outside the loop
+    plen = state.kv_mask.shape[1] - cfg.max_new_tokens
+
+    def cond(s: _DecodeState):
+        return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: _DecodeState):
+        last_R = lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)  # [R, 1]
+        slot = plen + s.step - 1
+        kv_mask = lax.dynamic_update_slice(s.kv_mask, jnp.ones((s.kv_mask.shape[0], 1), jnp.int32), (0, slot))
+        positions_Rx1 = (s.prompt_len + s.step - 1)[:, None]
+        h_Rx1xD, cache = model.forward_cached(last_R, positions_Rx1, s.cache, write_index=slot, kv_mask_BxS=kv_mask)
+        tokens_R, logp_R = sample_next_token(_logits(h_Rx1xD[:, 0], w_DxV), jax.random.fold_in(s.rng, s.step), cfg)
+        return _record(s.replace(kv_mask=kv_mask, cache=cache), tokens_R, logp_R, cfg)
+
+    state = lax.while_loop(cond, body, state)
+    return state.tokens, state.logprobs, state.length, state.done
+
+
+# ----------------------------------------------------------------------------
+# Host side: prompt packing and the public API
+# ----------------------------------------------------------------------------
+def choose_bucket(length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """The smallest bucket >= length; ValueError if the prompt is longer than the largest."""
+    for b in buckets:
+        if length <= b:
+            return int(b)
+    raise ValueError(f"prompt of {length} tokens is longer than the largest bucket ({max(buckets)})")
+
+
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], *, pad_id: int, buckets: Sequence[int] = DEFAULT_BUCKETS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token-id lists to one bucket length: (ids_BxP int32, mask_BxP int32).
+
+    ValueError on an empty batch, an empty prompt, a non-integer id or a prompt
+    longer than the largest bucket.
+    """
+    buckets = tuple(int(b) for b in buckets)
+    if not buckets or any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+        raise ValueError(f"buckets={buckets}: must be a non-empty strictly ascending tuple of positive lengths")
+    if isinstance(prompts, (str, bytes)) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    rows = []
+    for i, p in enumerate(prompts):
+        arr = np.asarray(p)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(f"prompt {i} is empty or not a flat list of token ids (shape {arr.shape})")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"prompt {i} holds non-integer token ids (dtype {arr.dtype})")
+        rows.append(arr.astype(np.int64))
+    plen = choose_bucket(max(len(r) for r in rows), buckets)
+    ids = np.full((len(rows), plen), pad_id, np.int32)
+    mask = np.zeros((len(rows), plen), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, plen - len(r):] = r
+        mask[i, plen - len(r):] = 1
+    return ids, mask
+
+
+def _split_model(model) -> tuple[Any, Any]:
+    if isinstance(model, nnx.Module):
+        return nnx.split(model)
+    if isinstance(model, tuple) and len(model) == 2:
+        return model
+    raise ValueError(f"model must be an nnx.Module or a (graphdef, state) pair, got {type(model).__name__}")
+
+
+class Sampler:
+    """The jitted sampler for fixed settings; the trainer's lower-level entry point.
+
+    Holds only static things (config, mesh); the jitted functions are module
+    level, so two Samplers with equal settings share compilations.
+    """
+
+    def __init__(self, config: SamplingConfig, *, mesh: Mesh | None = None):
+        self.config = config
+        self.mesh = mesh
+
+    def sample(self, model, prompt_ids_BxP, prompt_mask_BxP, rng) -> Rollout:
+        """Sample `config.n` responses for each left-padded prompt row.
+
+        Args:
+          model: an `nnx.Module` (split here) or a `(graphdef, params)` pair.
+          prompt_ids_BxP: int token ids, left-padded (the last column is each
+            prompt's last token).
+          prompt_mask_BxP: 1 on real tokens, 0 on the left padding.
+          rng: a JAX PRNG key; same key, same inputs -> same samples.
+        """
+        cfg = self.config
+        graphdef, params = _split_model(model)
+        ids = jnp.asarray(prompt_ids_BxP, jnp.int32)
+        mask = jnp.asarray(prompt_mask_BxP, jnp.int32)
+        if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise ValueError(f"prompt ids {ids.shape} and mask {mask.shape} must have the same non-empty [B, P] shape")
+        rows = ids.shape[0] * cfg.n
+        if self.mesh is not None:
+            shards = math.prod(self.mesh.shape[a] for a in BATCH_AXES if a in self.mesh.axis_names)
+            if rows % shards:
+                raise ValueError(f"B * n = {rows} rows do not split over the mesh's {shards} batch shards")
+        state = _prefill(graphdef, params, ids, mask, rng, cfg=cfg, mesh=self.mesh)
+        tokens, logprobs, length, done = _decode(graphdef, params, state, cfg=cfg, mesh=self.mesh)
+        steps = jnp.arange(cfg.max_new_tokens, dtype=jnp.int32)
+        resp_mask = (steps[None, :] < length[:, None]).astype(jnp.int32)
+        return Rollout(
+            tokens=tokens,
+            mask=resp_mask,
+            logprobs=logprobs,
+            lengths=length,
+            finish_code=done.astype(jnp.int32),
+            prompt_index=jnp.arange(rows, dtype=jnp.int32) // cfg.n,
+            prompt_ids=jnp.repeat(ids, cfg.n, axis=0),
+            prompt_mask=jnp.repeat(mask, cfg.n, axis=0),
+        )
+
+
+def _as_id_tuple(ids) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    if isinstance(ids, (int, np.integer)):
+        return (int(ids),)
+    return tuple(int(i) for i in ids)
+
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    n: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int,
+    eos_ids: Sequence[int] | int | None = None,
+    seed: int = 0,
+    pad_id: int | None = None,
+    buckets: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    cache_dtype: str = "float32",
+) -> Rollout:
+    """Sample n responses for each prompt (a list of token-id lists).
+
+    `eos_ids` defaults to the model config's `eos_token_id`, `pad_id` to its
+    `pad_token_id` (else the first EOS id, else 0). PAD and BOS are banned from
+    the responses unless they are EOS ids. Returns a `Rollout` with
+    [len(prompts) * n, max_new_tokens] arrays.
+
+    Raises:
+      ValueError: an empty prompt list or prompt, a prompt longer than the
+        largest bucket, token ids outside the vocabulary, n < 1, top_p outside
+        (0, 1], top_k < 0, a negative temperature, max_new_tokens < 1.
+    """
+    mcfg = getattr(model, "config", None)
+    if eos_ids is None and mcfg is not None:
+        eos_ids = getattr(mcfg, "eos_token_id", None)
+    eos = _as_id_tuple(eos_ids)
+    if pad_id is None:
+        pad_id = getattr(mcfg, "pad_token_id", None)
+        if pad_id is None:
+            pad_id = eos[0] if eos else 0
+    banned = {pad_id} | set(_as_id_tuple(getattr(mcfg, "bos_token_id", None)))
+    cfg = SamplingConfig(
+        n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+        eos_ids=eos, pad_id=int(pad_id), banned_ids=tuple(sorted(banned)), cache_dtype=cache_dtype,
+    )  # fmt: skip
+    ids, mask = pad_prompts(prompts, pad_id=cfg.pad_id, buckets=DEFAULT_BUCKETS if buckets is None else buckets)
+    vocab = getattr(mcfg, "vocab_size", None)
+    if vocab is not None:
+        cfg.check_vocab(vocab)
+        bad = (ids >= vocab) | (ids < 0)
+        if np.any(bad & (mask == 1)):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab}) (the vocabulary)")
+    if mesh is not None:
+        ids, mask = (jax.device_put(x, NamedSharding(mesh, P())) for x in (ids, mask))
+    return Sampler(cfg, mesh=mesh).sample(model, ids, mask, jax.random.key(seed))
