@@ -1,0 +1,218 @@
+"""Checkpoint round trips, retention, corruption fallback, the finite invariant, resharding."""
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from entrl.checkpoint import COMMIT_MARKER, CheckpointManager, nonfinite_leaves
+
+
+def _model_and_opt(seed=0):
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(seed))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tx = optax.adamw(1e-2)
+    opt_state = tx.init(params)
+    # One real update so Adam's moments and count are non-trivial.
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def _save(mgr, step, params, opt_state, **kw):
+    return mgr.save(step, params=params, opt_state=opt_state, rng=jax.random.key(step),
+                    meta={"step": step, "stage": 1, "metrics": {"reward": np.float32(0.25)}},
+                    data_state={"epoch": 0, "position": 7 * step}, **kw)
+
+
+def _targets(params, opt_state):
+    return jax.eval_shape(lambda: params), jax.eval_shape(lambda: opt_state)
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _data_files(step_dir):
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d")
+
+
+def test_round_trip_pure_dict(tmp_path):
+    params, opt_state = _model_and_opt()
+    mgr = CheckpointManager(tmp_path, keep=2, async_save=False)
+    assert mgr.restore_latest(params_target=params) is None  # empty dir: fresh start, no error
+    assert _save(mgr, 3, params, opt_state)
+    assert mgr.all_steps() == [3] and mgr.latest_step() == 3
+
+    pt, ot = _targets(params, opt_state)
+    got = mgr.restore_latest(params_target=pt, opt_state_target=ot)
+    assert got.step == 3
+    _assert_trees_equal(got.params, params)
+    _assert_trees_equal(got.opt_state, opt_state)  # namedtuple Adam state comes back as such
+    assert int(got.opt_state[0].count) == 1
+    assert jax.random.key_impl(got.rng) == jax.random.key_impl(jax.random.key(3))
+    np.testing.assert_array_equal(jax.random.key_data(got.rng), jax.random.key_data(jax.random.key(3)))
+    assert got.meta == {"step": 3, "stage": 1, "metrics": {"reward": 0.25}}
+    assert got.data_state == {"epoch": 0, "position": 21}
+
+    params_only = mgr.restore_latest(params_target=pt)  # export path: no optimizer needed
+    assert params_only.opt_state is None
+    _assert_trees_equal(params_only.params, params)
+    mgr.close()
+
+
+def test_round_trip_nnx_state_and_raw_key(tmp_path):
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(1))
+    state = nnx.state(model)
+    opt_state = optax.adamw(1e-2).init(state)  # Adam moments are nnx.States too
+    mgr = CheckpointManager(tmp_path, async_save=False)
+    raw_key = jax.random.PRNGKey(5)
+    mgr.save(1, params=state, opt_state=opt_state, rng=raw_key, meta={}, data_state={})
+
+    abstract = nnx.state(nnx.eval_shape(lambda: nnx.Linear(4, 3, rngs=nnx.Rngs(0))))
+    got = mgr.restore_latest(params_target=abstract, opt_state_target=jax.eval_shape(lambda: opt_state))
+    assert isinstance(got.params, nnx.State) and isinstance(got.params["kernel"], nnx.Param)
+    np.testing.assert_array_equal(got.params["kernel"][...], model.kernel[...])
+    assert isinstance(got.opt_state[0].mu, nnx.State)
+    assert got.rng.dtype == jnp.uint32
+    np.testing.assert_array_equal(got.rng, raw_key)
+    nnx.update(model, got.params)  # the restored state plugs straight into a module
+    mgr.close()
+
+
+def test_keep_last_k_and_async(tmp_path):
+    params, opt_state = _model_and_opt()
+    mgr = CheckpointManager(tmp_path, keep=2, async_save=True)
+    for step in (10, 20, 30):
+        assert _save(mgr, step, params, opt_state)
+    mgr.wait()
+    assert mgr.all_steps() == [20, 30]
+    assert not (tmp_path / "10").exists()
+    assert not _save(mgr, 30, params, opt_state, force=True)  # already saved: skipped
+    got = mgr.restore_latest(params_target=params, opt_state_target=opt_state)
+    assert got.step == 30 and got.data_state["position"] == 210
+    mgr.close()
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "uncommitted", "meta"])
+def test_corrupt_latest_falls_back(tmp_path, caplog, damage):
+    params, opt_state = _model_and_opt()
+    mgr = CheckpointManager(tmp_path, keep=3, async_save=False)
+    for step in (1, 2):
+        _save(mgr, step, jax.tree.map(lambda p: p + step, params), opt_state)
+    latest = tmp_path / "2"
+    if damage == "delete":
+        for f in _data_files(latest / "params"):
+            f.unlink()
+    elif damage == "truncate":
+        for f in _data_files(latest / "opt_state"):
+            with open(f, "r+b") as fh:
+                fh.truncate(8)
+    elif damage == "uncommitted":
+        (latest / COMMIT_MARKER).unlink()
+        assert mgr.all_steps() == [1]  # never listed as a checkpoint
+    else:
+        (latest / "meta" / "metadata").write_text('{"step": ')
+
+    with caplog.at_level(logging.WARNING, logger="entrl.checkpoint"):
+        got = mgr.restore_latest(params_target=params, opt_state_target=opt_state)
+    assert got.step == 1
+    _assert_trees_equal(got.params, jax.tree.map(lambda p: p + 1, params))
+    assert any("step 2" in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records)
+    assert not latest.exists() and any(p.name.startswith("2.corrupt-") for p in tmp_path.iterdir())
+
+    # The resumed run can write step 2 again, and that is what the next restore sees.
+    assert _save(mgr, 2, params, opt_state)
+    assert mgr.all_steps() == [1, 2]
+    assert mgr.restore_latest(params_target=params, opt_state_target=opt_state).step == 2
+    mgr.close()
+
+
+def test_nothing_restorable(tmp_path, caplog):
+    params, opt_state = _model_and_opt()
+    mgr = CheckpointManager(tmp_path, async_save=False)
+    _save(mgr, 1, params, opt_state)
+    for f in _data_files(tmp_path / "1" / "params"):
+        f.unlink()
+    with caplog.at_level(logging.WARNING, logger="entrl.checkpoint"):
+        assert mgr.restore_latest(params_target=params, opt_state_target=opt_state) is None
+    assert any("could be restored" in r.getMessage() for r in caplog.records)
+    _save(mgr, 1, params, opt_state)
+    (tmp_path / "1" / COMMIT_MARKER).unlink()
+    with pytest.raises(RuntimeError, match="could be restored"):
+        mgr.restore_latest(params_target=params, opt_state_target=opt_state, strict=True)
+    mgr.close()
+
+
+def test_target_mismatch_is_a_config_error(tmp_path):
+    params, opt_state = _model_and_opt()
+    mgr = CheckpointManager(tmp_path, async_save=False)
+    _save(mgr, 1, params, opt_state)
+    wrong = {"kernel": jax.ShapeDtypeStruct((5, 3), jnp.float32), "bias": params["bias"]}
+    with pytest.raises(ValueError, match="kernel stored"):
+        mgr.restore_latest(params_target=wrong)
+    assert mgr.all_steps() == [1]  # nothing was moved aside
+    mgr.close()
+
+
+def test_nonfinite_refused(tmp_path):
+    params, opt_state = _model_and_opt()
+    mgr = CheckpointManager(tmp_path, async_save=False)
+    bad = dict(params, bias=params["bias"].at[1].set(jnp.nan))
+    with pytest.raises(ValueError, match=r"non-finite.*bias"):
+        _save(mgr, 1, bad, opt_state)
+    bad_opt = jax.tree.map(lambda x: x * jnp.inf if x.dtype == jnp.float32 else x, opt_state)
+    with pytest.raises(ValueError, match="opt_state"):
+        _save(mgr, 1, params, bad_opt)
+    assert mgr.all_steps() == [] and not (tmp_path / "1").exists()
+    assert nonfinite_leaves({"a": jnp.ones(2), "n": jnp.arange(3)}) == []
+    with pytest.raises(ValueError, match="JSON"):
+        mgr.save(1, params=params, opt_state=opt_state, rng=jax.random.key(0), meta={"x": object()},
+                 data_state={})
+    mgr.close()
+
+
+def test_restore_onto_different_mesh(tmp_path):
+    devices = np.array(jax.devices()[:8])
+    mesh_a = jax.sharding.Mesh(devices.reshape(2, 4), ("x", "y"))
+    mesh_b = jax.sharding.Mesh(devices.reshape(4, 2), ("x", "y"))
+    value = np.arange(64 * 16, dtype=np.float32).reshape(64, 16)
+    params = {"w": jax.device_put(value, NamedSharding(mesh_a, P("x", "y")))}
+    opt_state = optax.adamw(1e-3).init(params)
+    mgr = CheckpointManager(tmp_path, async_save=True)
+    mgr.save(4, params=params, opt_state=opt_state, rng=jax.random.key(0), meta={}, data_state={})
+    mgr.wait()
+
+    sharding_b = NamedSharding(mesh_b, P("x", "y"))
+    target = {"w": jax.ShapeDtypeStruct((64, 16), jnp.float32, sharding=sharding_b)}
+    opt_target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=sharding_b if x.ndim == 2 else NamedSharding(mesh_b, P())),
+        opt_state)
+    got = mgr.restore_latest(params_target=target, opt_state_target=opt_target)
+    assert got.params["w"].sharding == sharding_b
+    assert got.opt_state[0].mu["w"].sharding == sharding_b
+    np.testing.assert_array_equal(np.asarray(got.params["w"]), value)
+    assert len({s.data.shape for s in got.params["w"].addressable_shards}) == 1
+    assert got.params["w"].addressable_shards[0].data.shape == (16, 8)
+    mgr.close()
+
+
+def test_leftover_temp_dir_is_not_a_checkpoint(tmp_path):
+    params, opt_state = _model_and_opt()
+    mgr = CheckpointManager(tmp_path, async_save=False)
+    _save(mgr, 1, params, opt_state)
+    mgr.close()
+    os.makedirs(tmp_path / "5.orbax-checkpoint-tmp-123" / "params")
+    mgr = CheckpointManager(tmp_path, async_save=False)
+    assert mgr.all_steps() == [1]
+    assert mgr.restore_latest(params_target=params, opt_state_target=opt_state).step == 1
+    mgr.close()
