@@ -1,0 +1,85 @@
+"""entrl.data.curriculum: SE ordering, stages, per-epoch shuffles, options."""
+
+import numpy as np
+import pytest
+
+from entrl.data.curriculum import Curriculum
+
+
+def test_ascending_order_and_equal_count_stages():
+    se = np.array([0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8])
+    c = Curriculum(se, stages=2, epochs_per_stage=3)
+    assert c.num_stages == 2
+    s0, s1 = c.stage_indices(0), c.stage_indices(1)
+    assert s0.tolist() == [1, 5, 3, 2] and s1.tolist() == [4, 6, 0]
+    assert se[s0].max() <= se[s1].min()
+    assert c.schedule() == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert c.num_prompts == 7
+    assert [d["size"] for d in c.summary()] == [4, 3]
+
+
+def test_seeded_tie_break():
+    se = np.zeros(50)
+    se[25:] = 1.0
+    a, b = Curriculum(se, seed=0), Curriculum(se, seed=1)
+    assert sorted(a.stage_indices(0).tolist()) == list(range(25))  # ties never cross SE levels
+    assert a.stage_indices(0).tolist() != list(range(25))  # ... but are not left in file order
+    assert a.stage_indices(0).tolist() != b.stage_indices(0).tolist()
+    assert a.stage_indices(0).tolist() == Curriculum(se, seed=0).stage_indices(0).tolist()
+
+
+def test_epoch_shuffles_deterministic_and_distinct():
+    se = np.random.default_rng(0).random(200)
+    a, b = Curriculum(se, stages=2, seed=3), Curriculum(se, stages=2, seed=4)
+    for stage in range(2):
+        orders = [a.epoch_order(stage, e) for e in range(a.epochs_per_stage)]
+        for o in orders:
+            assert sorted(o.tolist()) == sorted(a.stage_indices(stage).tolist())  # a permutation of the stage
+        assert len({tuple(o) for o in orders}) == a.epochs_per_stage  # differs across epochs
+        assert np.array_equal(orders[1], Curriculum(se, stages=2, seed=3).epoch_order(stage, 1))
+        assert not np.array_equal(orders[1], b.epoch_order(stage, 1))  # differs across seeds
+    assert a.fingerprint() == Curriculum(se, stages=2, seed=3).fingerprint() != b.fingerprint()
+
+
+def test_thresholds():
+    se = np.array([0.0, 0.5, 1.0, 1.5, 2.0])
+    c = Curriculum(se, thresholds=[0.5, 1.6])
+    assert [c.stage_indices(s).tolist() for s in range(3)] == [[0], [1, 2, 3], [4]]
+    with pytest.raises(ValueError, match=r"stage 1 \(SE in \[0.1, 0.2\)\) is empty"):
+        Curriculum(se, thresholds=[0.1, 0.2])
+    with pytest.raises(ValueError, match="ascending"):
+        Curriculum(se, thresholds=[1.0, 0.5])
+
+
+def test_continuous_single_unshuffled_pass():
+    se = np.random.default_rng(1).random(30)
+    c = Curriculum(se, stages=3, mode="continuous", epochs_per_stage=2)
+    assert c.num_stages == 1
+    expected = np.argsort(se, kind="stable")
+    assert np.array_equal(c.epoch_order(0, 0), expected) and np.array_equal(c.epoch_order(0, 1), expected)
+
+
+def test_drop_trivial():
+    se = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    pr = np.array([0.0, 0.5, 1.0, 0.25, 1.0])
+    c = Curriculum(se, stages=1, pass_rate=pr, drop_trivial=True)
+    assert c.dropped_trivial == 3 and c.stage_indices(0).tolist() == [1, 3]
+    assert Curriculum(se, stages=1, pass_rate=pr).dropped_trivial == 0
+    with pytest.raises(ValueError, match="needs pass_rate"):
+        Curriculum(se, drop_trivial=True)
+    with pytest.raises(ValueError, match="removed all"):
+        Curriculum(se, pass_rate=np.ones(5), drop_trivial=True)
+
+
+def test_uniform_and_validation():
+    u = Curriculum.uniform(10, epochs=3, seed=0)
+    assert u.num_stages == 1 and sorted(u.stage_indices(0).tolist()) == list(range(10))
+    assert len({tuple(u.epoch_order(0, e)) for e in range(3)}) == 3
+    with pytest.raises(ValueError, match="row 2"):
+        Curriculum([0.1, 0.2, np.nan])
+    with pytest.raises(ValueError, match="stages=5 > number of prompts"):
+        Curriculum([0.1, 0.2], stages=5)
+    with pytest.raises(ValueError, match="epoch 3 out of range"):
+        u.epoch_order(0, 3)
+    with pytest.raises(ValueError, match="stage 1 out of range"):
+        u.stage_indices(1)
