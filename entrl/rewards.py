@@ -1,0 +1,557 @@
+"""Verifiable rewards: final-answer extraction and math-verify grading in a process pool.
+
+Design decisions:
+- Extraction takes the content of the LAST complete `\\boxed{...}` / `\\fbox{...}`
+  (also `\\boxed {..}` and the brace-less `\\boxed 5`), nested braces matched; when
+  there is none, the rest of the line after the last `Answer:`. It is linear in
+  the response length (one vectorised prefix-depth pass, no recursion, no
+  backtracking regex), so a 1 MB response or 10,000 nested braces cost
+  milliseconds. A truncated response whose last box never closes falls back to
+  the last box that did close.
+- `answers_equivalent(pred, gold)` is one implementation shared by training,
+  evaluation and semantic-entropy clustering: a normalised-string fast path, an
+  exact-rational fast path (integers, decimals, `a/b`, `\\frac{a}{b}`, `4.4e7`,
+  `4.4\\times10^{7}`), then math-verify `verify(parse(gold), parse(pred))`.
+  The only negative fast path is integer vs different integer (math-verify's
+  float rounding could otherwise call `1/3` and `0.333333` equal, which we keep).
+- math-verify's own timeouts use `signal.alarm` (main thread only), so they are
+  disabled and the pool enforces them: `Verifier` runs math-verify in worker
+  processes, one job at a time each, with a per-item deadline. A worker past its
+  deadline is SIGKILLed and replaced; a crashed worker is replaced. The job
+  counts as incorrect (`timeout` / `error`) and the caller never blocks longer
+  than the timeout per wave.
+- Workers are plain `python -c` subprocesses talking length-prefixed pickles over
+  pipes, not `multiprocessing`: spawn/forkserver children re-import the parent's
+  `__main__` (for the `entrl` console script that means the trainer and JAX),
+  and fork is unsafe under JAX's threads. A worker imports only this module,
+  numpy and math-verify. It lives in its own session so Ctrl-C reaches only the
+  parent, and exits when its stdin closes (parent gone).
+- Answers longer than `MAX_ANSWER_CHARS` or nested deeper than
+  `MAX_BRACE_DEPTH` braces are rejected before parsing: math-verify needs ~10 s
+  for 10 bare nested braces and minutes for more. The longest reference answer
+  in the six benchmarks is 210 characters with depth 3.
+- Identical (answer, reference) pairs in one call are verified once.
+
+Left out on purpose: relative-tolerance grading of rounded physics answers
+(Minerva) and LLM judges; both plug in through `Verifier(equivalent=...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import re
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from multiprocessing.connection import wait as wait_readable
+
+import numpy as np
+
+MAX_ANSWER_CHARS = 1000
+MAX_BRACE_DEPTH = 8
+
+Equivalent = Callable[[str, str], bool]
+
+# ---------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])[ \t]*")
+_BARE_TOKEN_RE = re.compile(r"[^\s$]+")
+_ANSWER_RE = re.compile(r"answer[ \t*]*[:：][ \t]*([^\n]*)", re.IGNORECASE)
+
+
+def _prefix_depth(text: str) -> np.ndarray:
+    """Brace depth after each character of `text` (int32, same length)."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    step = (codes == ord("{")).astype(np.int32) - (codes == ord("}")).astype(np.int32)
+    return np.cumsum(step, dtype=np.int32)
+
+
+def extract_answer(text: str) -> str | None:
+    """Final answer of a response: last complete `\\boxed{}`/`\\fbox{}`, else last `Answer:` line.
+
+    Returns the stripped content (possibly with LaTeX), or None when there is
+    no answer (no box, an empty box, no `Answer:` line).
+    """
+    boxes = list(_BOX_RE.finditer(text))
+    if boxes:
+        start = boxes[0].start()
+        depth = None  # computed lazily: most boxes close, so the scan below is short
+        for m in reversed(boxes):
+            p = m.end()
+            if p >= len(text):
+                continue
+            if text[p] != "{":
+                tok = _BARE_TOKEN_RE.match(text, p)
+                if tok and tok.group(0)[0] != "}":
+                    return tok.group(0).rstrip(".,;")
+                continue
+            if depth is None:
+                depth = _prefix_depth(text[start:])
+                # suffix minimum of the depth: the box opened at p closes iff the
+                # depth later drops below its depth right after `{`.
+                suffix_min = np.minimum.accumulate(depth[::-1])[::-1]
+            q = p - start
+            d = depth[q]
+            if q + 1 >= len(depth) or suffix_min[q + 1] >= d:
+                continue  # unclosed (truncated response)
+            close = q + 1 + int(np.argmax(depth[q + 1 :] < d))
+            content = text[p + 1 : close + start].strip()
+            return content or None
+    found = None
+    for found in _ANSWER_RE.finditer(text):
+        pass
+    if found is None:
+        return None
+    content = found.group(1).strip().strip("*").strip()
+    content = content.strip("$").strip().rstrip(".").strip()
+    return content or None
+
+
+# ---------------------------------------------------------------------------
+# Normalisation and fast paths
+# ---------------------------------------------------------------------------
+
+_NORMALIZE_SUBS = [
+    (re.compile(r"\\[dt]frac(?![A-Za-z])"), r"\\frac"),
+    (re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![A-Za-z])"), ""),
+    (re.compile(r"\^\s*\{?\s*\\circ\s*\}?"), ""),
+    (re.compile(r"\\[,;:! ]|~"), ""),
+    (re.compile(r"\\displaystyle(?![A-Za-z])"), ""),
+    (re.compile(r"\s+"), ""),
+]
+_WRAPPER_RE = re.compile(r"^\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}$")
+
+
+def normalize_answer(s: str) -> str:
+    """Conservative canonical form for exact-match comparison (never for display).
+
+    Strips `$`, whitespace and spacing commands, `\\left`/`\\right`, `^\\circ`, a
+    trailing period, and one `\\text{...}`-style wrapper spanning the whole
+    answer; maps `\\dfrac`/`\\tfrac` to `\\frac`. Units and anything that could
+    change the value are left to math-verify.
+    """
+    s = s.strip().strip("$").strip()
+    for pattern, repl in _NORMALIZE_SUBS:
+        s = pattern.sub(repl, s)
+    s = s.rstrip(".")
+    m = _WRAPPER_RE.match(s)
+    return m.group(1) if m else s
+
+
+_INT_RE = re.compile(r"[+-]?\d+")
+_DEC_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,3})?")
+_TIMES10_RE = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))(?:\\times|\\cdot|\*)10\^\{?([+-]?\d{1,3})\}?")
+_SLASH_RE = re.compile(r"([+-]?\d+)/(\d+)")
+_FRAC_RE = re.compile(r"(-?)\\frac(?:\{([+-]?\d+)\}|(\d))(?:\{(\d+)\}|(\d))")
+
+
+def _as_rational(norm: str) -> Fraction | None:
+    """Exact value of a normalised plain number, or None when it is not one."""
+    try:
+        if _DEC_RE.fullmatch(norm):
+            return Fraction(norm)
+        if m := _TIMES10_RE.fullmatch(norm):
+            return Fraction(m.group(1)) * Fraction(10) ** int(m.group(2))
+        if m := _SLASH_RE.fullmatch(norm):
+            return Fraction(int(m.group(1)), int(m.group(2)))
+        if m := _FRAC_RE.fullmatch(norm):
+            num = int(m.group(2) or m.group(3))
+            den = int(m.group(4) or m.group(5))
+            return Fraction(-num if m.group(1) else num, den)
+    except (ZeroDivisionError, ValueError, OverflowError):
+        return None
+    return None
+
+
+def fast_equivalence(pred: str, gold: str) -> bool | None:
+    """Decide cheaply when possible: True/False, or None = ask math-verify. Symmetric."""
+    a, b = normalize_answer(pred), normalize_answer(gold)
+    if a == b:
+        return True
+    if len(a) > 64 or len(b) > 64:  # keeps Fraction on huge digit strings out of the hot path
+        return None
+    ra, rb = _as_rational(a), _as_rational(b)
+    if ra is not None and rb is not None:
+        if ra == rb:
+            return True
+        if _INT_RE.fullmatch(a) and _INT_RE.fullmatch(b):
+            return False
+    return None
+
+
+def is_pathological(answer: str) -> bool:
+    """True for answers math-verify must not see (too long or too deeply nested)."""
+    if len(answer) > MAX_ANSWER_CHARS:
+        return True
+    depth = deepest = 0
+    for ch in answer:
+        if ch == "{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == "}":
+            depth -= 1
+    return deepest > MAX_BRACE_DEPTH
+
+
+# ---------------------------------------------------------------------------
+# math-verify
+# ---------------------------------------------------------------------------
+
+_MV = None
+
+
+def _math_verify():
+    """Import math-verify once, with its signal-based timeouts (and their warnings) off."""
+    global _MV
+    if _MV is None:
+        import math_verify
+        import math_verify.grader
+        import math_verify.parser
+
+        # We pass timeout=None on purpose (see module docstring); silence its one-time warning.
+        math_verify.parser.TIMEOUT_WARNING_SHOWN = True
+        math_verify.grader.TIMEOUT_WARNING_SHOWN = True
+        _MV = math_verify
+    return _MV
+
+
+def _parse(s: str):
+    return _math_verify().parse(f"${s}$", parsing_timeout=None, raise_on_error=True)
+
+
+def math_verify_equivalent(pred: str, gold: str, *, both_directions: bool = False) -> bool:
+    """math-verify's `verify(parse(gold), parse(pred))` (and the reverse when asked). May raise."""
+    mv = _math_verify()
+    g, p = _parse(gold), _parse(pred)
+    if not g or not p:
+        return False
+    ok = mv.verify(g, p, timeout_seconds=None, raise_on_error=True)
+    if ok and both_directions:
+        ok = mv.verify(p, g, timeout_seconds=None, raise_on_error=True)
+    return bool(ok)
+
+
+def answers_equivalent(pred: str, gold: str, *, both_directions: bool = False) -> bool:
+    """Is the extracted answer `pred` equivalent to the reference `gold`? Never raises.
+
+    Fast paths first (`fast_equivalence`), then math-verify in this process with
+    no timeout; pathological answers are False without parsing. `verify` is
+    asymmetric (`(1,2)` vs `1<x<2`), so clustering passes `both_directions=True`.
+    """
+    try:
+        decided = fast_equivalence(pred, gold)
+        if decided is not None:
+            return decided
+        if is_pathological(pred) or is_pathological(gold):
+            return False
+        return math_verify_equivalent(pred, gold, both_directions=both_directions)
+    except Exception:
+        return False
+
+
+def answers_equivalent_both(a: str, b: str) -> bool:
+    """Symmetric equivalence (both directions verify): the relation used for clustering."""
+    return answers_equivalent(a, b, both_directions=True)
+
+
+# ---------------------------------------------------------------------------
+# Worker processes
+# ---------------------------------------------------------------------------
+
+_HEADER = struct.Struct(">I")
+_BOOT = "from entrl.rewards import _worker_main; _worker_main()"
+
+
+def _write_frame(fd: int, obj) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(_HEADER.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_frame(fd: int):
+    head = _read_exact(fd, _HEADER.size)
+    if head is None:
+        return None
+    body = _read_exact(fd, _HEADER.unpack(head)[0])
+    return None if body is None else pickle.loads(body)
+
+
+def _worker_main() -> None:
+    """Loop of a verification worker: read (job, pred, gold, both) frames, answer (job, status)."""
+    out_fd = os.dup(1)
+    os.dup2(2, 1)  # stray prints from parsers must not corrupt the result pipe
+    in_fd = sys.stdin.fileno()
+    equivalent = _read_frame(in_fd)
+    if equivalent is None:
+        return
+    if equivalent is math_verify_equivalent:
+        math_verify_equivalent("\\frac{1}{2}", "0.5")  # pay sympy's first-call cost before "ready"
+    _write_frame(out_fd, "ready")
+    while (job := _read_frame(in_fd)) is not None:
+        job_id, pred, gold, both = job
+        try:
+            if both and equivalent is math_verify_equivalent:
+                ok = math_verify_equivalent(pred, gold, both_directions=True)
+            else:
+                ok = bool(equivalent(pred, gold)) and (not both or bool(equivalent(gold, pred)))
+            status = "correct" if ok else "incorrect"
+        except BaseException:  # noqa: BLE001 - any failure of the grader is an "error" result
+            status = "error"
+        _write_frame(out_fd, (job_id, status))
+
+
+@dataclasses.dataclass
+class _Worker:
+    proc: subprocess.Popen
+    ready: bool = False
+    job: int | None = None
+    deadline: float = 0.0
+
+    @property
+    def out_fd(self) -> int:
+        return self.proc.stdout.fileno()
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------------
+# Verifier
+# ---------------------------------------------------------------------------
+
+STATUSES = ("correct", "incorrect", "no_answer", "rejected", "timeout", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardResult:
+    """Rewards of one batch. `status[i]` is one of STATUSES; `counts` tallies them plus `total`."""
+
+    rewards: np.ndarray  # float32 [N]
+    correct: np.ndarray  # bool [N]
+    answers: list[str | None]  # extracted final answers
+    status: list[str]
+    counts: dict[str, int]
+
+
+class Verifier:
+    """Grades responses against reference answers with per-item timeouts in worker processes.
+
+    workers: 0 = min(cpu count, 8) processes; k > 0 = k processes; None = serial in
+    this process (no timeouts: for benchmarks and trusted inputs).
+    equivalent: picklable top-level `(pred, gold) -> bool` run in the workers;
+    None = `answers_equivalent` (fast paths in the parent, math-verify in workers).
+    Workers start on first use and stay alive across calls; use as a context
+    manager or call `close()`.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = 0,
+        timeout_s: float = 5.0,
+        correct: float = 1.0,
+        incorrect: float = 0.0,
+        *,
+        equivalent: Equivalent | None = None,
+        start_timeout_s: float = 120.0,
+    ):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s={timeout_s}: must be > 0")
+        if workers is not None and workers < 0:
+            raise ValueError(f"workers={workers}: must be >= 0 or None (serial)")
+        self.n_workers = None if workers is None else (workers or min(os.cpu_count() or 1, 8))
+        self.timeout_s = float(timeout_s)
+        self.correct_reward = float(correct)
+        self.incorrect_reward = float(incorrect)
+        self._custom = equivalent
+        self._equivalent = equivalent or math_verify_equivalent
+        self.start_timeout_s = start_timeout_s
+        self._workers: list[_Worker] = []
+        self._next_job = 0
+        self.restarts = 0  # workers replaced after a timeout or crash (for metrics)
+
+    @classmethod
+    def from_config(cls, section) -> Verifier:
+        """Build from a `config.RewardSection`."""
+        return cls(section.workers, section.timeout_s, section.correct, section.incorrect)
+
+    # -- public -----------------------------------------------------------------
+
+    def score(self, responses: Sequence[str], references: Sequence[str]) -> RewardResult:
+        """Extract each response's final answer and grade it against its reference."""
+        if len(responses) != len(references):
+            raise ValueError(f"{len(responses)} responses vs {len(references)} references")
+        answers = [extract_answer(r) for r in responses]
+        jobs = [(a, ref, False) for a, ref in zip(answers, references) if a is not None]
+        graded = iter(self._grade(jobs))
+        status = ["no_answer" if a is None else next(graded) for a in answers]
+        correct = np.array([s == "correct" for s in status], dtype=bool)
+        rewards = np.where(correct, self.correct_reward, self.incorrect_reward).astype(np.float32)
+        counts = {s: status.count(s) for s in STATUSES}
+        counts["total"] = len(status)
+        return RewardResult(rewards, correct, answers, status, counts)
+
+    def check(self, preds: Sequence[str], golds: Sequence[str], *, both_directions: bool = False) -> list[str]:
+        """Status of each (extracted answer, reference) pair; see STATUSES."""
+        return self._grade([(p, g, both_directions) for p, g in zip(preds, golds, strict=True)])
+
+    def equivalent_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        """Symmetric equivalence of answer pairs, in parallel; a timeout or error is False.
+
+        Plugs into `semantic_entropy.cluster_answer_groups(pairs_equivalent=...)`.
+        """
+        return [s == "correct" for s in self._grade([(a, b, True) for a, b in pairs])]
+
+    def close(self) -> None:
+        for w in self._workers:
+            w.kill()
+        self._workers = []
+
+    def __enter__(self) -> Verifier:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- internals --------------------------------------------------------------
+
+    def _grade(self, jobs: list[tuple[str, str, bool]]) -> list[str]:
+        unique: dict[tuple[str, str, bool], str | None] = dict.fromkeys(jobs)
+        todo = []
+        for key in unique:
+            pred, gold, _ = key
+            decided = None if self._custom else fast_equivalence(pred, gold)
+            if decided is not None:
+                unique[key] = "correct" if decided else "incorrect"
+            elif is_pathological(pred):
+                unique[key] = "rejected"
+            else:
+                todo.append(key)
+        if todo:
+            results = self._run_serial(todo) if self.n_workers is None else self._run_pool(todo)
+            unique.update(zip(todo, results))
+        return [unique[j] for j in jobs]
+
+    def _run_serial(self, todo: list[tuple[str, str, bool]]) -> list[str]:
+        out = []
+        for pred, gold, both in todo:
+            try:
+                if both and self._equivalent is math_verify_equivalent:
+                    ok = math_verify_equivalent(pred, gold, both_directions=True)
+                else:
+                    ok = self._equivalent(pred, gold) and (not both or self._equivalent(gold, pred))
+                out.append("correct" if ok else "incorrect")
+            except Exception:
+                out.append("error")
+        return out
+
+    def _spawn(self) -> _Worker:
+        env = dict(os.environ)
+        # the child sees the parent's import path (editable installs, test dirs)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _BOOT],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+            env=env,
+            start_new_session=True,
+        )
+        worker = _Worker(proc, deadline=time.monotonic() + self.start_timeout_s)
+        try:
+            _write_frame(proc.stdin.fileno(), self._equivalent)
+        except OSError:
+            pass  # died at once: noticed as EOF by the loop
+        return worker
+
+    def _run_pool(self, todo: list[tuple[str, str, bool]]) -> list[str]:
+        while len(self._workers) < self.n_workers:
+            self._workers.append(self._spawn())
+        results: list[str | None] = [None] * len(todo)
+        pending = list(range(len(todo)))[::-1]  # stack; pop() takes the lowest index first
+        ids: dict[int, int] = {}  # job id -> index in todo
+        start_failures = 0
+        while pending or any(w.job is not None for w in self._workers):
+            now = time.monotonic()
+            for w in self._workers:  # dispatch
+                if w.ready and w.job is None and pending:
+                    i = pending.pop()
+                    job_id, self._next_job = self._next_job, self._next_job + 1
+                    ids[job_id] = i
+                    try:
+                        _write_frame(w.proc.stdin.fileno(), (job_id, *todo[i]))
+                        w.job, w.deadline = job_id, now + self.timeout_s
+                    except OSError:
+                        pending.append(i)
+                        w.ready, w.deadline = False, now  # replaced below as a failed start
+            waiting = [w for w in self._workers if w.job is not None or not w.ready]
+            wait_s = max(0.0, min(w.deadline for w in waiting) - time.monotonic()) if waiting else 0.0
+            readable = wait_readable([w.out_fd for w in waiting], wait_s)
+            now = time.monotonic()
+            for k, w in enumerate(self._workers):
+                if w.out_fd in readable:
+                    msg = _read_frame(w.out_fd)
+                    if msg == "ready":
+                        w.ready, start_failures = True, 0
+                        continue
+                    if msg is not None and msg[0] == w.job:
+                        results[ids.pop(w.job)] = msg[1]
+                        w.job = None
+                        continue
+                    # EOF or garbage: the worker crashed
+                    if w.job is not None:
+                        results[ids.pop(w.job)] = "error"
+                    elif not w.ready:
+                        start_failures += 1
+                    self._replace(k)
+                elif now >= w.deadline and (w.job is not None or not w.ready):
+                    if w.job is not None:
+                        results[ids.pop(w.job)] = "timeout"
+                    else:
+                        start_failures += 1
+                    self._replace(k)
+            if start_failures > 2 * self.n_workers:
+                self.close()
+                raise RuntimeError(
+                    f"verification workers failed to start {start_failures} times "
+                    f"(`{sys.executable} -c '{_BOOT}'`); see their stderr above"
+                )
+        return results  # type: ignore[return-value]
+
+    def _replace(self, k: int) -> None:
+        self._workers[k].kill()
+        self._workers[k] = self._spawn()
+        self.restarts += 1
