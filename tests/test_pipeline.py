@@ -4,6 +4,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from entrl.data.curriculum import Curriculum
 from entrl.data.pipeline import PromptPipeline
@@ -207,3 +209,32 @@ def test_real_math500_prompts(shared_data):
     b = batches[0]
     text = bytes(int(t) - 1 for t in b.input_ids[0][b.attention_mask[0] == 1]).decode()
     assert text.startswith("User: " + kept[b.indices[0]].problem) and text.endswith("\\boxed{}.\nAssistant:")
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(8, 60), batch=st.integers(1, 4), procs=st.integers(1, 3), stages=st.integers(1, 3),
+       epochs=st.integers(1, 3), seed=st.integers(0, 5), data=st.data())
+def test_property_cover_and_resume(n, batch, procs, stages, epochs, seed, data):
+    """Any shape: per epoch the processes' batches are disjoint and cover G*steps prompts of the stage;
+    resuming every process from a random cut reproduces its uninterrupted stream."""
+    tokens = _prompts(n, seed)
+    se = np.random.default_rng(seed).random(n)
+    cur = Curriculum(se, stages=stages, epochs_per_stage=epochs, seed=seed)
+    g = batch * procs
+    assume(all(cur.stage_indices(s).size >= g for s in range(cur.num_stages)))
+    pipes = [_pipe(tokens, cur, batch_size=batch, process_index=p, process_count=procs) for p in range(procs)]
+    streams = [[_key(b) for b in p] for p in pipes]
+    per_epoch = {}
+    for stream in streams:
+        for stage, epoch, _, idx, _ in stream:
+            per_epoch.setdefault((stage, epoch), []).extend(idx)
+    for (stage, epoch), idx in per_epoch.items():
+        assert len(idx) == len(set(idx)) == pipes[0].steps_per_epoch(stage) * g
+        assert set(idx) <= set(cur.stage_indices(stage).tolist())
+    cut = data.draw(st.integers(0, len(streams[0])))
+    for p in range(procs):
+        it = _pipe(tokens, cur, batch_size=batch, process_index=p, process_count=procs)
+        head = [_key(next(it)) for _ in range(cut)]
+        resumed = _pipe(tokens, cur, batch_size=batch, process_index=p, process_count=procs)
+        resumed.set_state(json.loads(json.dumps(it.get_state())))
+        assert head + [_key(b) for b in resumed] == streams[p]

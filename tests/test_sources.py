@@ -119,3 +119,30 @@ def test_write_records_rejects_unknown_suffix_and_mixed_columns(tmp_path):
     with pytest.raises(ValueError, match="column 'answer' mixes value types"):
         write_records(tmp_path / "x.parquet", [{"answer": 2}, {"answer": "x"}])
     assert not list(tmp_path.glob(".x.parquet.tmp*"))
+
+
+def test_hub_path_through_datasets(monkeypatch):
+    """Hub ids go through datasets.load_dataset (patched here: tests never touch the network)."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_list([
+            {"question": "1+1?", "final": 2, "level": 1},
+            {"question": "", "final": 3, "level": 2},
+            {"question": "2+2?", "final": 4, "level": 3},
+        ])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    res = load_records("org/set", id_key="", problem_key="question", answer_key="final", on_bad_row="skip")
+    assert calls == [("org/set", "train")]
+    assert [(r.id, r.answer, r.extra) for r in res.records] == [("0", "2", {"level": 1}), ("2", "4", {"level": 3})]
+    assert res.skipped_ids == ["1"]
+    with pytest.raises(ValueError, match=r"row id='1' \(hub:org/set\[train\] index 1\)"):
+        load_records("org/set", id_key="", problem_key="question", answer_key="final")
+    with pytest.raises(ValueError, match="column 'answer'.*available columns"):
+        load_records("org/set", id_key="", problem_key="question")
+    load_records("org/set", split="test", id_key="", problem_key="question", answer_key="final", max_rows=1)
+    assert calls[-1] == ("org/set", "test[:1]")
