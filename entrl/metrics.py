@@ -1,0 +1,397 @@
+"""Run metrics: one logger fanning out to JSONL, TensorBoard, W&B and the console; plots.
+
+Agreed metric names (per RL step unless noted; SENT.md section 11):
+  reward                  mean verifier reward of the step's rollouts
+  accuracy                share of rollouts whose answer verified correct
+  entropy                 mean token entropy of the rollouts (the policy-entropy curve)
+  response_length         mean response length in tokens
+  truncation_rate         share of responses cut at the length limit
+  abs_logratio_mean       mean |logp - logp_old| over response tokens
+  ref_kl                  KL estimate to the reference policy
+  clip_frac               share of tokens whose ratio was clipped
+  penalized_frac          share of tokens penalised by the SENT / Cov terms
+  cov_mean, cov_max       mean / max token covariance(logp, advantage)
+  zero_var_group_frac     share of prompt groups whose rewards are all equal
+  batch_semantic_entropy  semantic entropy of the batch, from its own rollouts
+  stage                   current curriculum stage
+  loss, grad_norm, lr     optimisation
+  time/rollout, time/reward, time/logprob, time/update, time/step   seconds per phase
+  tokens_per_s            generated tokens per second
+  skipped_nonfinite       1 when the step's update was skipped for NaN/inf, else 0
+Evaluation metrics use the `eval/` prefix (`eval/pass@1`, `eval/avg@k`, ...).
+
+Design decisions:
+- `metrics.jsonl` is the record of truth (one JSON object per `log` call:
+  `{"step": .., "time": .., **metrics}`); TensorBoard, W&B and the console
+  are views. Non-finite values are written as `null` so the file stays strict
+  JSON for jq/pandas. Several calls may share a step (train metrics, then
+  eval metrics); `read_metrics` merges them, later keys winning.
+- Resume: the trainer calls `truncate_after(checkpoint_step)` before logging,
+  which drops the JSONL lines of the steps the resumed run will redo and
+  makes TensorBoard purge its events from the next step on, so no step
+  appears twice.
+- Only the primary process logs (`primary=None` asks `jax.process_index()`).
+- W&B is imported lazily and keeps one run id per run directory
+  (`wandb_run_id`), so a resumed run continues the same W&B run; enabling it
+  without the package installed warns once and carries on.
+- The console gets one line every `log_every` steps (step/total with a small
+  bar, steps/s, ETA, reward, entropy, resp_len, loss) rather than a
+  carriage-return bar: it stays readable in redirected logs and CI.
+- Plots draw on matplotlib's Agg canvas directly (no `matplotlib.use`), so
+  importing this module never changes a notebook's backend.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+JSONL_NAME = "metrics.jsonl"
+_WANDB_ID_FILE = "wandb_run_id"
+# (metric key, console label) shown on the progress line when present.
+_CONSOLE_KEYS = (("reward", "reward"), ("accuracy", "acc"), ("entropy", "entropy"),
+                 ("response_length", "resp_len"), ("loss", "loss"))
+
+log = logging.getLogger(__name__)
+_warned_no_wandb = False
+
+
+class MetricsLogger:
+    """Write each step's scalar metrics to every enabled sink."""
+
+    def __init__(self, run_dir: str | Path, *, console: bool = True, tensorboard: bool = True,
+                 wandb: bool = False, wandb_project: str = "entrl", config: dict | None = None,
+                 total_steps: int | None = None, log_every: int = 1, primary: bool | None = None):
+        if primary is None:
+            import jax  # only here: plotting and reading need no JAX
+            primary = jax.process_index() == 0
+        self.run_dir = Path(run_dir)
+        self.primary = primary
+        self.console = console
+        self.total_steps = total_steps
+        self.log_every = max(1, log_every)
+        self._tensorboard = tensorboard
+        self._config = config
+        self._tb = None  # opened on the first log, after any truncate_after
+        self._purge_step: int | None = None
+        self._wandb = None
+        self._start: tuple[float, int] | None = None  # (time, step) of this session's first log
+        self._file = None
+        if not primary:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if wandb:
+            self._wandb = _start_wandb(self.run_dir, wandb_project, config)
+
+    @property
+    def jsonl_path(self) -> Path:
+        return self.run_dir / JSONL_NAME
+
+    def truncate_after(self, step: int) -> None:
+        """Forget every logged step after `step` (call with the checkpoint step when resuming).
+
+        A fresh run reusing an old directory passes a step below its first one.
+        """
+        if not self.primary:
+            return
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        path = self.jsonl_path
+        if path.exists():
+            kept = [line for line, rec in _parse_lines(path) if rec["step"] <= step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self._purge_step = step + 1
+        if self._tb is not None:  # already open: reopen so the purge applies
+            self._tb.close()
+            self._tb = None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record `metrics` for `step` (ints, floats, bools, 0-d arrays; strings go to JSONL only)."""
+        if not self.primary:
+            return
+        step = int(step)
+        values = {key: _scalar(key, value) for key, value in metrics.items()}
+        record = {"step": step, "time": round(time.time(), 3)}
+        record.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                       for k, v in values.items()})
+        if self._file is None:
+            self._file = open(self.jsonl_path, "a", encoding="utf-8")
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+        numeric = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._tensorboard:
+            self._tensorboard_writer().add_scalars_flat(numeric, step)
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+        if self.console:
+            self._print(step, numeric)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- sinks -------------------------------------------------------------
+
+    def _tensorboard_writer(self) -> "_TensorBoard":
+        if self._tb is None:
+            self._tb = _TensorBoard(self.run_dir / "tb", self._purge_step, self._config)
+        return self._tb
+
+    def _print(self, step: int, numeric: dict[str, float]) -> None:
+        now = time.time()
+        if self._start is None:
+            self._start = (now, step)
+        evals = {k: v for k, v in numeric.items() if k.startswith("eval/")}
+        if evals and len(evals) == len(numeric):
+            print(f"step {step} eval | " + " | ".join(f"{k[5:]} {_short(v)}" for k, v in evals.items()),
+                  flush=True)
+            return
+        if step % self.log_every and step != self.total_steps:
+            return
+        parts = [_progress(step, self.total_steps)]
+        t0, s0 = self._start
+        if step > s0 and now > t0:
+            rate = (step - s0) / (now - t0)
+            parts.append(f"{rate:.3g} step/s" if rate >= 1 else f"{1 / rate:.3g} s/step")
+            if self.total_steps is not None and step < self.total_steps:
+                parts.append(f"ETA {_clock((self.total_steps - step) / rate)}")
+        parts += [f"{label} {_short(numeric[key])}" for key, label in _CONSOLE_KEYS if key in numeric]
+        if numeric.get("skipped_nonfinite"):
+            parts.append("SKIPPED (non-finite)")
+        print(" | ".join(parts), flush=True)
+
+
+class _TensorBoard:
+    """tensorboardX writer that flushes every step (RL steps are seconds apart)."""
+
+    def __init__(self, logdir: Path, purge_step: int | None, config: dict | None):
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step)
+        if config is not None:
+            self._writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
+
+    def add_scalars_flat(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            if math.isfinite(value):
+                self._writer.add_scalar(key, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _start_wandb(run_dir: Path, project: str, config: dict | None) -> Any:
+    global _warned_no_wandb
+    try:
+        import wandb
+    except ImportError:
+        if not _warned_no_wandb:
+            log.warning("W&B logging is enabled but wandb is not installed (pip install wandb); "
+                        "continuing without it")
+            _warned_no_wandb = True
+        return None
+    id_file = run_dir / _WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return wandb.init(project=project, id=run_id, resume="allow", name=run_dir.name,
+                      dir=str(run_dir), config=config)
+
+
+# ---------------------------------------------------------------------------
+# Values and formatting
+# ---------------------------------------------------------------------------
+
+
+def _scalar(key: str, value: Any) -> int | float | bool | str:
+    if isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if getattr(value, "size", None) == 1 and hasattr(value, "item"):  # numpy / JAX scalars
+        return _scalar(key, value.item())
+    raise TypeError(f"metric {key!r} must be a scalar, got {type(value).__name__}")
+
+
+def _short(v: float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _progress(step: int, total: int | None, width: int = 20) -> str:
+    if not total:
+        return f"step {step}"
+    filled = min(width, int(width * step / total))
+    return f"step {step}/{total} [{'#' * filled}{'.' * (width - filled)}]"
+
+
+# ---------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------
+
+
+def _parse_lines(path: Path) -> Iterable[tuple[str, dict]]:
+    """(line, record) for every well-formed line; a torn last line (a crash mid-write) is skipped."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s:%d is not a metrics record; skipped", path, number)
+                continue
+            yield line, record
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Records of a run (its directory or its metrics.jsonl), one per step in step order.
+
+    Records sharing a step are merged, later keys winning (train + eval lines of one step).
+    """
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / JSONL_NAME
+    by_step: dict[int, dict] = {}
+    for _, record in _parse_lines(path):
+        by_step.setdefault(int(record["step"]), {}).update(record)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+# ---------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------
+
+# (file name, title, y label, metric keys drawn in it)
+_FIGURES = (
+    ("entropy.png", "Policy entropy", "mean token entropy (nats)", ("entropy",)),
+    ("reward.png", "Reward and accuracy", "value", ("reward", "accuracy", "eval/pass@1")),
+    ("response_length.png", "Response length", "tokens", ("response_length",)),
+)
+_LINESTYLES = ("-", "--", ":")
+
+
+def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, *, labels: list[str] | None = None) -> list[Path]:
+    """Draw entropy, reward/accuracy and response-length curves of one or more runs; return the PNGs.
+
+    One colour per run, one line style per metric; x is the RL step. A figure
+    none of whose metrics any run logged is not written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    run_dirs = [Path(d) for d in run_dirs]
+    if labels is None:
+        labels = [d.name for d in run_dirs]
+        if len(set(labels)) < len(labels):
+            labels = [str(d) for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    runs = [read_metrics(d) for d in run_dirs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    written = []
+    for filename, title, ylabel, keys in _FIGURES:
+        fig = Figure(figsize=(7, 4.2), dpi=120)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        drawn = 0
+        for run_index, (label, records) in enumerate(zip(labels, runs)):
+            color = f"C{run_index % 10}"
+            for key, style in zip(keys, _LINESTYLES):
+                points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+                if not points:
+                    continue
+                xs, ys = zip(*points)
+                name = label if len(keys) == 1 else f"{label}: {key}"
+                sparse = key.startswith("eval/")
+                ax.plot(xs, ys, style, color=color, label=name, marker="o" if sparse else None,
+                        markersize=3, linewidth=1.4)
+                drawn += 1
+        if not drawn:
+            continue
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / filename
+        fig.savefig(path)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """A GitHub markdown table of `rows` restricted to `columns`.
+
+    Floats get 4 significant digits (whole numbers from 10,000 up), missing
+    values are blank, and columns holding only numbers are right-aligned.
+    """
+    cells = [[_cell(row.get(col)) for col in columns] for row in rows]
+    numeric = [all(isinstance(row.get(col), numbers.Number) or row.get(col) is None for row in rows)
+               and any(row.get(col) is not None for row in rows) for col in columns]
+    widths = [max([len(col), 3] + [len(r[i]) for r in cells]) for i, col in enumerate(columns)]
+
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(v.rjust(w) if num else v.ljust(w)
+                                 for v, w, num in zip(values, widths, numeric)) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2))
+                          for w, num in zip(widths, numeric)) + "|"
+    return "\n".join([line([_escape(c) for c in columns]), rule] + [line(r) for r in cells])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return _escape(str(value))
+    if isinstance(value, numbers.Integral):
+        return str(value)
+    value = float(value)
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")

@@ -1,0 +1,156 @@
+"""Metrics sinks (JSONL, TensorBoard, console), resume truncation, plots, markdown tables."""
+
+import json
+import logging
+import struct
+
+import numpy as np
+import pytest
+
+import entrl.metrics as metrics_mod
+from entrl.metrics import MetricsLogger, markdown_table, plot_runs, read_metrics
+
+
+def _logger(run_dir, **kw):
+    kw.setdefault("console", False)
+    kw.setdefault("tensorboard", False)
+    return MetricsLogger(run_dir, primary=True, **kw)
+
+
+def _tb_scalars(tb_dir):
+    """{(tag, step): value} from tensorboardX event files (TFRecord framing, no tensorboard needed)."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    out[(value.tag, event.step)] = value.simple_value
+    return out
+
+
+def test_jsonl_round_trip_and_value_types(tmp_path):
+    with _logger(tmp_path) as logger:
+        logger.log(1, {"reward": np.float32(0.5), "stage": np.int64(2), "loss": float("nan"),
+                       "skipped_nonfinite": np.bool_(False), "note": "warmup"})
+        logger.log(2, {"reward": 0.75, "entropy": 1.25})
+        logger.log(2, {"eval/pass@1": 0.4})  # eval metrics of the same step merge in
+        with pytest.raises(TypeError, match="'bad' must be a scalar"):
+            logger.log(3, {"bad": np.ones(3)})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["loss"] is None  # strict JSON: NaN -> null
+    recs = read_metrics(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2]
+    assert recs[0]["reward"] == 0.5 and recs[0]["stage"] == 2 and recs[0]["skipped_nonfinite"] is False
+    assert recs[0]["note"] == "warmup"
+    assert recs[1]["reward"] == 0.75 and recs[1]["eval/pass@1"] == 0.4 and "time" in recs[1]
+
+
+def test_truncate_on_resume(tmp_path, caplog):
+    with _logger(tmp_path) as logger:
+        for step in range(1, 7):
+            logger.log(step, {"reward": step / 10})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "rew')  # the crash tore the last line
+    # Resume from the checkpoint of step 4: steps 5.. are redone and must not appear twice.
+    with _logger(tmp_path) as logger, caplog.at_level(logging.WARNING):
+        logger.truncate_after(4)
+        for step in range(5, 8):
+            logger.log(step, {"reward": step})
+    recs = read_metrics(tmp_path)
+    assert [r["step"] for r in recs] == list(range(1, 8))
+    assert [r["reward"] for r in recs] == [0.1, 0.2, 0.3, 0.4, 5, 6, 7]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 7
+
+
+def test_tensorboard_events(tmp_path):
+    config = {"loss": {"name": "sent"}}
+    with _logger(tmp_path, tensorboard=True, config=config) as logger:
+        logger.log(1, {"reward": 0.25, "time/step": 1.5, "note": "text is skipped"})
+        logger.log(2, {"reward": 0.5, "loss": float("inf")})
+    scalars = _tb_scalars(tmp_path / "tb")
+    assert scalars[("reward", 1)] == 0.25 and scalars[("reward", 2)] == 0.5
+    assert scalars[("time/step", 1)] == 1.5
+    assert ("loss", 2) not in scalars and not any(tag == "note" for tag, _ in scalars)
+
+
+def test_console_line(tmp_path, capsys):
+    with _logger(tmp_path, console=True, total_steps=10, log_every=2) as logger:
+        logger.log(1, {"reward": 0.5})
+        logger.log(2, {"reward": 0.5, "entropy": 0.3, "response_length": 41.0, "loss": 0.01, "lr": 1e-6})
+        logger.log(2, {"eval/pass@1": 0.4})
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2  # step 1 is not a multiple of log_every
+    assert out[0].startswith("step 2/10 [####")
+    for part in ("reward 0.5", "entropy 0.3", "resp_len 41", "loss 0.01", "ETA"):
+        assert part in out[0]
+    assert "lr" not in out[0]
+    assert out[1] == "step 2 eval | pass@1 0.4"
+
+
+def test_secondary_process_writes_nothing(tmp_path):
+    logger = MetricsLogger(tmp_path / "run", primary=False, tensorboard=True)
+    logger.log(1, {"reward": 1.0})
+    logger.close()
+    assert not (tmp_path / "run").exists()
+
+
+def test_wandb_missing_warns_once(tmp_path, caplog, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kw):
+        if name == "wandb":
+            raise ImportError(name)
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    monkeypatch.setattr(metrics_mod, "_warned_no_wandb", False)
+    with caplog.at_level(logging.WARNING, logger="entrl.metrics"):
+        for _ in range(2):
+            with _logger(tmp_path, wandb=True) as logger:
+                logger.log(1, {"reward": 1.0})
+    assert sum("wandb is not installed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_plot_two_runs(tmp_path):
+    for name, slope in (("grpo", -0.02), ("sent", -0.005)):
+        with _logger(tmp_path / name) as logger:
+            for step in range(1, 21):
+                logger.log(step, {"entropy": 1.0 + slope * step, "reward": 0.3 + 0.01 * step,
+                                  "response_length": 40.0 + step})
+                if step % 10 == 0:
+                    logger.log(step, {"eval/pass@1": 0.2 + 0.01 * step})
+    with _logger(tmp_path / "no_len") as logger:  # a run missing keys is drawn where it can be
+        logger.log(1, {"entropy": 0.9})
+
+    out = plot_runs([tmp_path / "grpo", tmp_path / "sent", tmp_path / "no_len"], tmp_path / "plots")
+    assert sorted(p.name for p in out) == ["entropy.png", "response_length.png", "reward.png"]
+    for path in out:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+    only_entropy = plot_runs([tmp_path / "no_len"], tmp_path / "plots2", labels=["tiny"])
+    assert [p.name for p in only_entropy] == ["entropy.png"]
+    with pytest.raises(ValueError, match="labels"):
+        plot_runs([tmp_path / "grpo"], tmp_path / "plots3", labels=["a", "b"])
+
+
+def test_markdown_table():
+    rows = [
+        {"loss": "grpo", "pass@1": 0.41234, "entropy": 0.05, "steps": 100, "wall_s": 12345.6},
+        {"loss": "sent|v2", "pass@1": 0.5, "steps": 100, "wall_s": 98.76},
+    ]
+    table = markdown_table(rows, ["loss", "pass@1", "entropy", "steps", "wall_s"])
+    assert table.splitlines() == [
+        "| loss     | pass@1 | entropy | steps | wall_s |",
+        "|----------|-------:|--------:|------:|-------:|",
+        "| grpo     | 0.4123 |    0.05 |   100 |  12346 |",
+        "| sent\\|v2 |    0.5 |         |   100 |  98.76 |",
+    ]
