@@ -137,7 +137,7 @@ def normalize_answer(s: str) -> str:
     answer; maps `\\dfrac`/`\\tfrac` to `\\frac`. Units and anything that could
     change the value are left to math-verify.
     """
-    s = s.strip().strip("$").strip()
+    s = s.strip().rstrip(".").strip().strip("$")
     for pattern, repl in _NORMALIZE_SUBS:
         s = pattern.sub(repl, s)
     s = s.rstrip(".")

@@ -1,0 +1,271 @@
+"""Rewards: extraction, equivalence on real answer formats, and the verifier pool's failure handling.
+
+The hooks below (`_sleepy_equivalent`, ...) are top-level so the pool's worker
+processes can import them from this module by reference.
+"""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from entrl import rewards
+from entrl.rewards import (
+    Verifier,
+    answers_equivalent,
+    extract_answer,
+    fast_equivalence,
+    normalize_answer,
+)
+
+
+def _sleepy_equivalent(pred: str, gold: str) -> bool:
+    if pred == "hang":
+        time.sleep(600)
+    if pred == "crash":
+        os._exit(3)
+    if pred == "raise":
+        raise RuntimeError("grader bug")
+    return pred == gold
+
+
+def _jax_loaded(pred: str, gold: str) -> bool:
+    return "jax" in sys.modules or "flax" in sys.modules
+
+
+def _respond(answer: str | None) -> str:
+    """A realistic response: some reasoning, then the boxed answer (or none)."""
+    body = "Let us set up the equation. Expanding gives $x^2 - 5x + 6 = 0$, so {x : x = 2 or 3}.\n" * 3
+    return body + ("I could not finish." if answer is None else f"Therefore the answer is $\\boxed{{{answer}}}$.")
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with Verifier(workers=2, timeout_s=20.0) as v:
+        yield v
+
+
+# -- extraction ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("first \\boxed{1}, finally \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+        ("\\boxed{\\left(\\frac{3}{5},\\frac{8}{3}\\right]}", "\\left(\\frac{3}{5},\\frac{8}{3}\\right]"),
+        ("nested \\boxed{a{b{c}}d} tail", "a{b{c}}d"),
+        ("\\fbox{7}", "7"),
+        ("\\boxed {12}.", "12"),
+        ("so $\\boxed 5$.", "5"),
+        ("\\boxed{1} then a truncated \\boxed{2", "1"),
+        ("\\boxed{}", None),
+        ("no final answer here", None),
+        ("Answer: 42.", "42"),
+        ("Answer: 1\nwait, **Final Answer:** $x = 3$\nmore text", "x = 3"),
+        ("\\boxed{3}\nAnswer: 4", "3"),
+        ("\\boxedfoo{3}", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def _naive_last_box(text: str) -> str | None:
+    """Quadratic reference: last `\\boxed{` whose braces close, scanned char by char."""
+    i = text.rfind("\\boxed{")
+    while i >= 0:
+        depth, j = 0, i + len("\\boxed")
+        for j in range(i + len("\\boxed"), len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                content = text[i + len("\\boxed{") : j].strip()
+                return content or None
+        i = text.rfind("\\boxed{", 0, i)
+    return None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["\\boxed{", "{", "}", "x", "1", " "]), max_size=30))
+def test_extract_matches_naive_reference(parts):
+    text = "".join(parts)
+    assert extract_answer(text) == _naive_last_box(text)
+
+
+def test_extract_is_linear_on_pathological_text():
+    cases = [
+        "word " * 200_000 + "\\boxed{5}",  # 1 MB response
+        "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",  # 10,000 nested braces
+        "\\boxed" + "{" * 1_000_000,  # never closes
+        "\\boxed{" * 100_000,  # 100k unclosed boxes
+    ]
+    for text in cases:
+        t0 = time.perf_counter()
+        extract_answer(text)
+        assert time.perf_counter() - t0 < 2.0
+
+
+# -- normalisation and fast paths ---------------------------------------------------------
+
+
+def test_normalize_answer():
+    assert normalize_answer("$\\dfrac{1}{2}$.") == "\\frac{1}{2}"
+    assert normalize_answer("\\left( 3, \\frac{\\pi}{2} \\right)") == "(3,\\frac{\\pi}{2})"
+    assert normalize_answer("90^\\circ") == normalize_answer("90^{\\circ}") == "90"
+    assert normalize_answer("\\text{Evelyn}") == "Evelyn"
+    assert normalize_answer("x \\rightarrow y") == "x\\rightarrowy"  # \right inside \rightarrow kept
+
+
+@pytest.mark.parametrize(
+    "a, b, expected",
+    [
+        ("1/2", "0.5", True),
+        ("\\frac12", "\\dfrac{1}{2}", True),
+        ("-\\frac{3}{4}", "-0.75", True),
+        ("4.4e7", "4.4\\times10^{7}", True),
+        ("25", "025", True),
+        ("3", "4", False),  # the only negative fast path: two different integers
+        ("1/3", "0.333333", None),  # left to math-verify (its rounding says equal)
+        ("(1,2)", "1<x<2", None),
+    ],
+)
+def test_fast_equivalence(a, b, expected):
+    assert fast_equivalence(a, b) is expected
+    assert fast_equivalence(b, a) is expected
+
+
+# -- real answer formats -------------------------------------------------------------------
+
+# id -> (an equivalent answer in another form, a wrong answer)
+REAL_CASES = {
+    "test/intermediate_algebra/558.json": ("(3, 4]", "(3,4)"),  # interval
+    "test/algebra/2486.json": ("(3/5, 8/3]", "[\\frac{3}{5},\\frac{8}{3}]"),  # interval, fractions
+    "test/intermediate_algebra/183.json": ("(2, \\infty)", "[2,\\infty)"),
+    "test/intermediate_algebra/956.json": ("(6, 31, -1)", "(6,-31,1)"),  # tuple
+    "test/algebra/1349.json": ("\\text{Evelyn}", "\\text{Bob}"),  # text
+    "test/algebra/2036.json": ("\\sqrt{117}", "3\\sqrt{31}"),  # radical
+    "test/prealgebra/1458.json": ("0.125", "\\frac{1}{6}"),  # fraction
+    "test/precalculus/927.json": ("90", "45^\\circ"),  # degrees
+    "olympiadbench-1929": ("(3,2), (1,1)", "(1,1)"),  # set of tuples, any order
+    "olympiadbench-2391": ("15, 5", "5, 16"),  # multiple answers
+    "olympiadbench-2410": ("\\left[\\frac12, 8\\right]", "(\\frac{1}{2}, 8)"),
+    "olympiadbench-1970": ("(-\\infty,0)\\cup\\{1\\}", "(-\\infty,0)"),  # union
+    "olympiadbench-2706": ("\\frac{9\\sqrt{3}}{20}", "\\frac{9\\sqrt{2}}{20}"),
+    "minerva-60": ("4.4 \\times 10^{7}", "4.5e7"),  # scientific notation
+    "minerva-67": ("1 + i\\sqrt{3}", "1-\\sqrt{3} i"),  # complex
+    "minerva-249": ("\\frac{-1+K}{L}", "\\frac{K+1}{L}"),  # symbolic
+    "minerva-14": ("0.003", "0.03"),
+}
+
+
+@pytest.fixture(scope="module")
+def real_answers(shared_data):
+    out = {}
+    for name in ("math500", "olympiadbench", "minerva"):
+        for line in (shared_data / f"{name}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if row["id"] in REAL_CASES:
+                out[row["id"]] = row["answer"]
+    assert set(out) == set(REAL_CASES)
+    return out
+
+
+def test_real_formats_through_pool(pool, real_answers):
+    ids = list(REAL_CASES)
+    responses, references, expected = [], [], []
+    for id_ in ids:
+        good, bad = REAL_CASES[id_]
+        for answer, ok in ((real_answers[id_], True), (good, True), (bad, False)):
+            responses.append(_respond(answer))
+            references.append(real_answers[id_])
+            expected.append(ok)
+    result = pool.score(responses, references)
+    wrong = [(references[i], result.answers[i]) for i in range(len(expected)) if result.correct[i] != expected[i]]
+    assert not wrong
+    assert result.counts["timeout"] == result.counts["error"] == 0
+
+
+def test_answers_equivalent_never_raises():
+    assert answers_equivalent("\\frac{1}{", "1") is False
+    assert answers_equivalent("{" * 20 + "1" + "}" * 20, "1") is False  # rejected, not parsed
+
+
+# -- scoring -------------------------------------------------------------------------------
+
+
+def test_score_result_and_reward_values(pool):
+    responses = [_respond("\\frac{1}{2}"), _respond("3"), _respond(None), "Answer: 0.5"]
+    result = pool.score(responses, ["0.5", "4", "1", "1/2"])
+    assert result.status == ["correct", "incorrect", "no_answer", "correct"]
+    assert result.rewards.dtype == np.float32 and result.correct.dtype == bool
+    assert result.rewards.tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert result.answers[2] is None
+    assert result.counts == {"correct": 2, "incorrect": 1, "no_answer": 1, "rejected": 0, "timeout": 0,
+                             "error": 0, "total": 4}
+    signed = Verifier(workers=None, correct=1.0, incorrect=-1.0)
+    assert signed.score(responses, ["0.5", "4", "1", "1/2"]).rewards.tolist() == [1.0, -1.0, -1.0, 1.0]
+
+
+def test_serial_mode_matches_pool(pool, real_answers):
+    golds = [real_answers[i] for i in ("test/algebra/2036.json", "olympiadbench-2410")]
+    preds = ["\\sqrt{117}", "(\\frac{1}{2}, 8)"]
+    assert Verifier(workers=None).check(preds, golds) == pool.check(preds, golds) == ["correct", "incorrect"]
+
+
+def test_equivalent_pairs_is_symmetric(pool):
+    # verify((1,2), 1<x<2) holds one way only; clustering needs both
+    assert pool.equivalent_pairs([("1/2", "0.5"), ("x+1", "1+x"), ("(1,2)", "1<x<2")]) == [True, True, False]
+
+
+def test_pathological_inputs_are_incorrect_and_fast(pool, monkeypatch):
+    responses = [
+        "word " * 200_000 + "\\boxed{" + "1+" * 300_000 + "1}",  # 1 MB response with a huge answer
+        "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",  # 10,000 nested braces
+        "\\boxed{\\frac{1}{}^^_\\sqrt}",  # invalid LaTeX
+        _respond("2"),
+    ]
+    t0 = time.perf_counter()
+    result = pool.score(responses, ["1", "1", "1", "2"])
+    assert time.perf_counter() - t0 < pool.timeout_s
+    assert result.correct.tolist() == [False, False, False, True]
+    assert result.status[:2] == ["rejected", "rejected"]
+
+    # Without the guard, math-verify itself hangs on nested braces: the deadline kills it.
+    monkeypatch.setattr(rewards, "MAX_BRACE_DEPTH", 10**9)
+    monkeypatch.setattr(pool, "timeout_s", 1.0)
+    restarts = pool.restarts
+    t0 = time.perf_counter()
+    result = pool.score(["\\boxed{" + "{" * 40 + "1" + "}" * 40 + "}", _respond("7")], ["1", "7"])
+    assert time.perf_counter() - t0 < 10.0
+    assert result.status == ["timeout", "correct"]
+    assert result.counts["timeout"] == 1 and pool.restarts == restarts + 1
+
+
+def test_hung_and_crashed_workers_are_replaced():
+    with Verifier(workers=1, timeout_s=1.0, equivalent=_sleepy_equivalent) as v:
+        t0 = time.perf_counter()
+        status = v.check(["hang", "a", "crash", "b", "raise", "c"], ["x", "a", "x", "x", "x", "c"])
+        elapsed = time.perf_counter() - t0
+        assert status == ["timeout", "correct", "error", "incorrect", "error", "correct"]
+        assert v.restarts == 2  # the hung one and the crashed one; a raised exception keeps the worker
+        assert elapsed < 15.0
+        assert v.check(["d"], ["d"]) == ["correct"]  # still serving
+
+
+def test_workers_do_not_import_jax():
+    assert "jax" in sys.modules  # the parent (conftest) has JAX loaded
+    with Verifier(workers=1, equivalent=_jax_loaded) as v:
+        assert v.check(["a"], ["a"]) == ["incorrect"]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        Verifier(timeout_s=0)
+    with pytest.raises(ValueError):
+        Verifier(workers=-1)
+    with pytest.raises(ValueError):
+        Verifier(workers=None).score(["a"], [])
