@@ -12,8 +12,9 @@ Design decisions:
   evaluation and semantic-entropy clustering: a normalised-string fast path, an
   exact-rational fast path (integers, decimals, `a/b`, `\\frac{a}{b}`, `4.4e7`,
   `4.4\\times10^{7}`), then math-verify `verify(parse(gold), parse(pred))`.
-  The only negative fast path is integer vs different integer (math-verify's
-  float rounding could otherwise call `1/3` and `0.333333` equal, which we keep).
+  Negative fast path: two different integers, or two rationals that differ by
+  more than 1e-5 relative (math-verify rounds to 6 decimals and calls `1/3`
+  and `0.333333` equal; such near misses are left to it).
 - math-verify's own timeouts use `signal.alarm` (main thread only), so they are
   disabled and the pool enforces them: `Verifier` runs math-verify in worker
   processes, one job at a time each, with a per-item deadline. A worker past its
@@ -145,6 +146,7 @@ def normalize_answer(s: str) -> str:
     return m.group(1) if m else s
 
 
+_REL_GAP = Fraction(1, 10**5)
 _INT_RE = re.compile(r"[+-]?\d+")
 _DEC_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,3})?")
 _TIMES10_RE = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))(?:\\times|\\cdot|\*)10\^\{?([+-]?\d{1,3})\}?")
@@ -183,6 +185,8 @@ def fast_equivalence(pred: str, gold: str) -> bool | None:
             return True
         if _INT_RE.fullmatch(a) and _INT_RE.fullmatch(b):
             return False
+        if abs(ra - rb) > _REL_GAP * max(1, abs(ra), abs(rb)):
+            return False  # too far apart for math-verify's 6-decimal rounding to call equal
     return None
 
 

@@ -128,8 +128,10 @@ def test_normalize_answer():
         ("-\\frac{3}{4}", "-0.75", True),
         ("4.4e7", "4.4\\times10^{7}", True),
         ("25", "025", True),
-        ("3", "4", False),  # the only negative fast path: two different integers
-        ("1/3", "0.333333", None),  # left to math-verify (its rounding says equal)
+        ("3", "4", False),
+        ("0.5", "-\\frac{1}{2}", False),
+        ("12.0001", "12", False),
+        ("1/3", "0.333333", None),  # near miss: left to math-verify (its rounding says equal)
         ("(1,2)", "1<x<2", None),
     ],
 )
