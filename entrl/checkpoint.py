@@ -25,7 +25,7 @@ Design decisions:
   needs the same process count unless all states are equal.
 - Non-finite floats never reach a checkpoint: `save` raises `ValueError`
   naming the offending leaves, found with one jitted reduction over all
-  floating leaves (compiled once per tree structure).
+  floating leaves (compiled once per tree structure and device set).
 - A checkpoint counts only once orbax committed it (its `commit_success.txt`
   exists; orbax lists step directories without one on local disks, and never
   temp directories). `restore_latest` walks committed steps newest first; a
@@ -257,15 +257,26 @@ def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
 
 
 def nonfinite_leaves(tree: Any) -> list[str]:
-    """Paths of the floating leaves of `tree` holding a NaN or inf (one jitted reduction)."""
+    """Paths of the floating leaves of `tree` holding a NaN or inf.
+
+    One jitted reduction per set of devices the leaves are committed to
+    (normally one: everything lives on the mesh; jit refuses to mix arrays
+    committed to different devices, e.g. a scalar pinned to device 0).
+    """
     named = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)
              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
-    if not named:
-        return []
-    flags = _finite_flags([x for _, x in named])
-    # The result is replicated; read the local copy so this also works when it spans processes.
-    flags = np.asarray(flags.addressable_data(0))
-    return [name for (name, _), ok in zip(named, flags) if not ok]
+    groups: dict[Any, list[int]] = {}
+    for i, (_, x) in enumerate(named):
+        committed = isinstance(x, jax.Array) and x.committed
+        key = frozenset(d.id for d in x.sharding.device_set) if committed else None
+        groups.setdefault(key, []).append(i)
+    bad = set()
+    for indices in groups.values():
+        flags = _finite_flags([named[i][1] for i in indices])
+        # The result is replicated; read the local copy so this also works when it spans processes.
+        flags = np.asarray(flags.addressable_data(0))
+        bad.update(i for i, ok in zip(indices, flags) if not ok)
+    return [named[i][0] for i in sorted(bad)]
 
 
 # ---------------------------------------------------------------------------

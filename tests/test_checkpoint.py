@@ -174,6 +174,11 @@ def test_nonfinite_refused(tmp_path):
         _save(mgr, 1, params, bad_opt)
     assert mgr.all_steps() == [] and not (tmp_path / "1").exists()
     assert nonfinite_leaves({"a": jnp.ones(2), "n": jnp.arange(3)}) == []
+    mesh = jax.make_mesh((2, 4), ("x", "y"))
+    mixed = {"mesh": jax.device_put(jnp.ones((8, 8)), NamedSharding(mesh, P("x", "y"))),
+             "pinned": jax.device_put(jnp.array([1.0, jnp.inf]), jax.devices()[3]),
+             "loose": jnp.asarray(jnp.nan), "host": np.ones(2)}
+    assert nonfinite_leaves(mixed) == ["['loose']", "['pinned']"]
     with pytest.raises(ValueError, match="JSON"):
         mgr.save(1, params=params, opt_state=opt_state, rng=jax.random.key(0), meta={"x": object()},
                  data_state={})
