@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from entrl.data.sources import Record
-from entrl.data.tasks import SENT_SUFFIX, ArithmeticTask, build_prompt, tokenize_prompts
+from entrl.data.tasks import SENT_SUFFIX, ArithmeticTask, build_prompt, encode_prompt, tokenize_prompts
 from entrl.tokenizer import CharTokenizer, load_tokenizer
 
 CHATML = (
@@ -64,12 +64,25 @@ def test_tokenize_prompts_drop_and_error(hf_tok, caplog):
         tokenize_prompts(recs, hf_tok, max_prompt_len=20, suffix="", on_long_prompt="error")
 
 
-def test_tokenize_prompts_char_adds_bos_once():
+def test_tokenize_prompts_char_bos_option():
     tok = CharTokenizer()
-    tokens, kept, dropped = tokenize_prompts([Record("a", "3+4*2", "11")], tok, max_prompt_len=16, suffix="")
-    assert tokens == [[tok.bos_token_id] + tok.encode("3+4*2=")] and dropped == 0
-    tokens, _, _ = tokenize_prompts([Record("a", "3+4*2", "11")], tok, max_prompt_len=16, suffix="", add_bos=False)
-    assert tokens == [tok.encode("3+4*2=")]
+    rec = [Record("a", "3+4*2", "11")]
+    tokens, kept, dropped = tokenize_prompts(rec, tok, max_prompt_len=16, suffix="")
+    assert tokens == [tok.encode("3+4*2=")] == [encode_prompt("3+4*2", tok, suffix="")] and dropped == 0
+    tokens, _, _ = tokenize_prompts(rec, tok, max_prompt_len=16, suffix="", add_bos=True)
+    assert tokens == [[tok.bos_token_id] + tok.encode("3+4*2=")]
+    # Never twice: a prompt that already starts with BOS is left alone.
+    assert encode_prompt("3", _BosFirst(), suffix="", add_bos=True) == [1] + tok.encode("3=")
+
+
+class _BosFirst(CharTokenizer):
+    """A template that renders BOS itself (like Llama 3 / DeepSeek templates)."""
+
+    def encode(self, text):
+        return [1] + super().encode(text.replace("<bos>", ""))
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "<bos>" + super().apply_chat_template(messages, tokenize, add_generation_prompt)
 
 
 # -- arithmetic task ---------------------------------------------------------

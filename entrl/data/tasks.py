@@ -7,17 +7,18 @@ Design decisions:
   suffix adds nothing, so the demo's prompt for `3+4*2` with the character
   tokenizer is exactly `3+4*2=` (its chat template appends `=`).
 - Token ids come from rendering the text and encoding it without adding
-  special tokens (templates write their own BOS/role tokens as text). When
-  the tokenizer has a BOS token and the encoded prompt does not already start
-  with it, BOS is prepended (`add_bos=True`): raw prompts of BOS-trained base
-  models, and the character tokenizer, then start with BOS, templates that
-  render BOS are not doubled, and tokenizers without BOS (Qwen) are untouched.
+  special tokens (`encode_prompt`): chat templates write their own BOS/role
+  tokens as text. No BOS is prepended by default, so `encode_prompt` and
+  `tokenizer.encode(build_prompt(...))` give the same ids (the demo's SFT
+  warm-start encodes its prompts the second way). `add_bos=True` prepends the
+  tokenizer's BOS when it has one and the prompt does not already start with
+  it (for raw prompts of BOS-trained base models); never twice.
 - Prompts longer than `max_prompt_len` tokens are dropped with a logged count
   or rejected with a ValueError naming the row; kept records stay aligned
   with their token lists (index i of both is the same prompt).
 
 The arithmetic task:
-- Problems are integer expressions like `3+4*2` with 2..3 operands in
+- Problems are integer expressions like `3+4*2` with min..max_operands (default 2..3) operands in
   1..max_number and operators from `ops` (`*` binds tighter than `+`/`-`,
   which are left-associative). The reference answer is the exact value.
 - Splits are disjoint by construction: a problem's split is a fixed hash of
@@ -70,6 +71,16 @@ def build_prompt(problem: str, tokenizer, *, suffix: str = SENT_SUFFIX, chat_tem
     return text
 
 
+def encode_prompt(problem: str, tokenizer, *, suffix: str = SENT_SUFFIX, chat_template: bool = True,
+                  add_bos: bool = False) -> list[int]:
+    """Token ids of `build_prompt(...)`, with the tokenizer's BOS prepended (once) when `add_bos`."""
+    ids = tokenizer.encode(build_prompt(problem, tokenizer, suffix=suffix, chat_template=chat_template))
+    bos = tokenizer.bos_token_id
+    if add_bos and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return ids
+
+
 class TokenizedPrompts(NamedTuple):
     tokens: list[list[int]]  # one id list per kept record
     records: list[Record]  # the kept records, aligned with `tokens`
@@ -84,21 +95,18 @@ def tokenize_prompts(
     on_long_prompt: str = "drop",
     suffix: str = SENT_SUFFIX,
     chat_template: bool = True,
-    add_bos: bool = True,
+    add_bos: bool = False,
 ) -> TokenizedPrompts:
     """Token ids of every record's prompt; too-long prompts dropped (counted, logged) or a ValueError."""
     if on_long_prompt not in ("drop", "error"):
         raise ValueError(f"on_long_prompt={on_long_prompt!r}: must be 'drop' or 'error'")
     if max_prompt_len <= 0:
         raise ValueError(f"max_prompt_len={max_prompt_len}: must be positive")
-    bos = tokenizer.bos_token_id if add_bos else None
     tokens: list[list[int]] = []
     kept: list[Record] = []
     dropped: list[str] = []
     for i, rec in enumerate(records):
-        ids = tokenizer.encode(build_prompt(rec.problem, tokenizer, suffix=suffix, chat_template=chat_template))
-        if bos is not None and (not ids or ids[0] != bos):
-            ids = [bos] + ids
+        ids = encode_prompt(rec.problem, tokenizer, suffix=suffix, chat_template=chat_template, add_bos=add_bos)
         if len(ids) > max_prompt_len:
             if on_long_prompt == "error":
                 raise ValueError(
