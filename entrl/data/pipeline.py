@@ -9,8 +9,9 @@ Design decisions:
   order, batched and collated, iterated with grain's own iterator whose state
   is stored alongside.
 - One global step consumes a contiguous chunk of `G = batch_size *
-  process_count` prompts of the epoch order; process p takes
-  `chunk[p::process_count]`. So in an epoch the processes' batches are
+  process_count` prompts of the epoch order; process p takes the contiguous
+  slice `chunk[p*batch_size:(p+1)*batch_size]`, so the global batch assembled
+  in process order equals a single-process run's batch row for row. So in an epoch the processes' batches are
   disjoint and together cover the used part of the stage, and step k's
   prompts do not depend on how G is split across processes: a state saved
   with 4 processes x 8 prompts restores under 2 x 16. The state is checked
@@ -169,7 +170,11 @@ class PromptPipeline:
         valid = np.arange(steps * g) < order.size
         longest = self._lengths[used].reshape(steps, g).max(axis=1)
         widths = self.buckets[np.searchsorted(self.buckets, longest, side="left")]
-        local_valid = valid[p::self.process_count]
+        # Process p's rows of step k: the contiguous slice [p*b, (p+1)*b) of the step's chunk, so the
+        # global array assembled in process order (sharding.shard_batch) is the chunk itself, identical
+        # to a single-process run's batch (same rows, same row order, hence the same samples).
+        local_slice = lambda x: x.reshape(steps, g)[:, p * b:(p + 1) * b].reshape(-1)
+        local_valid = local_slice(valid)
         step0 = self._offsets[pos]
 
         def collate(k: int, rows: np.ndarray) -> PromptBatch:
@@ -187,7 +192,7 @@ class PromptPipeline:
                 last_in_stage=epoch == self.curriculum.epochs_per_stage - 1 and k == steps - 1,
             )
 
-        local = used[p::self.process_count]
+        local = local_slice(used)
         return grain.MapDataset.source(local).batch(b, drop_remainder=True).map_with_index(collate)
 
     # -- iteration -----------------------------------------------------------

@@ -189,14 +189,18 @@ def build_curriculum(cfg: C.RunConfig, records, se_values=None):
                       pass_rate=pass_rate, drop_trivial=cur.drop_trivial)
 
 
-def build_sampler(cfg: C.RunConfig, tokenizer, mesh, buckets=None):
+def build_sampler(cfg: C.RunConfig, tokenizer, mesh, *, n: int | None = None, max_new_tokens: int | None = None,
+                  temperature: float | None = None, top_p: float | None = None):
+    """The rollout sampler (PAD and BOS banned from responses; stop on EOS / end-of-turn ids)."""
     from entrl.sampling import Sampler, SamplingConfig
 
     r = cfg.rollout
-    sc = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                        max_new_tokens=r.max_new_tokens, eos_ids=tuple(tokenizer.stop_token_ids),
-                        pad_id=tokenizer.pad_token_id, cache_dtype=r.cache_dtype)
-    return Sampler(sc, buckets=tuple(buckets or r.prompt_buckets), mesh=mesh)
+    banned = {tokenizer.pad_token_id} | ({tokenizer.bos_token_id} if tokenizer.bos_token_id is not None else set())
+    sc = SamplingConfig(n=n or r.n, temperature=r.temperature if temperature is None else temperature,
+                        top_p=top_p or r.top_p, top_k=r.top_k, max_new_tokens=max_new_tokens or r.max_new_tokens,
+                        eos_ids=tuple(tokenizer.stop_token_ids), pad_id=tokenizer.pad_token_id,
+                        banned_ids=tuple(sorted(banned)), cache_dtype=r.cache_dtype)
+    return Sampler(sc, mesh=mesh)
 
 
 def build_verifier(cfg: C.RunConfig):

@@ -86,12 +86,14 @@ def group_stats(rewards: np.ndarray, n: int) -> dict:
     return {"zero_var_group_frac": float(zero_var)}
 
 
-def batch_semantic_entropy(answers: list, n: int) -> float:
+def batch_semantic_entropy(answers: list, n: int, verifier=None) -> float:
     """Mean semantic entropy of the batch's prompts, from their own n rollouts (SENT.md sec. 11)."""
-    from entrl.semantic_entropy import semantic_entropy
+    from entrl.semantic_entropy import batch_prompt_stats
 
-    ses = [semantic_entropy(answers[i:i + n]) for i in range(0, len(answers), n)]
-    return float(np.mean(ses)) if ses else 0.0
+    groups = [answers[i:i + n] for i in range(0, len(answers), n)]
+    hook = verifier.equivalent_pairs if verifier is not None else None
+    stats = batch_prompt_stats(groups, pairs_equivalent=hook)
+    return float(np.mean([s["se"] for s in stats])) if stats else 0.0
 
 
 def step_settings(cfg: C.RunConfig) -> S.StepSettings:
@@ -188,7 +190,12 @@ class Trainer:
         rng_sample, rng_loss = jax.random.split(rng)
 
         # Rollout ------------------------------------------------------------
-        roll = c.sampler.sample(c.graphdef, self.params, batch.input_ids, batch.attention_mask, rng_sample)
+        ids, pmask = batch.input_ids, batch.attention_mask
+        if c.mesh is not None:
+            from entrl.sharding import shard_batch
+
+            ids, pmask = shard_batch(ids, c.mesh), shard_batch(pmask, c.mesh)
+        roll = c.sampler.sample((c.graphdef, self.params), ids, pmask, rng_sample)
         tokens = np.asarray(_gather(roll.tokens))
         resp_mask = np.asarray(_gather(roll.mask))
         t_roll = time.perf_counter()
@@ -248,7 +255,7 @@ class Trainer:
         # Metrics ------------------------------------------------------------
         valid = resp_mask.astype(bool)
         n_tok = int(valid.sum())
-        finish = np.asarray(roll.finish_reason)
+        finish = np.asarray(_gather(roll.finish_code))
         metrics = {
             "reward": float(rewards.mean()),
             "accuracy": float(np.mean(res.correct)),
@@ -256,7 +263,7 @@ class Trainer:
             "response_length": float(resp_mask.sum(1).mean()),
             "truncation_rate": float(np.mean(finish == _LENGTH)),
             "sampler_logprob_gap": float(np.abs(old_np - samp_np)[valid].max()) if n_tok else 0.0,
-            "batch_semantic_entropy": batch_semantic_entropy(res.answers, n),
+            "batch_semantic_entropy": batch_semantic_entropy(res.answers, n, c.verifier),
             "stage": float(batch.stage),
             "epoch": float(batch.epoch),
             "no_answer_frac": res.counts.get("no_answer", 0) / max(len(texts), 1),
@@ -349,7 +356,7 @@ class Trainer:
 
 _PASS_THROUGH = {"loss", "grad_norm", "clip_frac", "penalized_frac", "abs_logratio_mean", "cov_mean", "cov_max",
                  "ref_kl", "pg_loss", "policy_entropy"}
-_LENGTH = 1  # finish-reason code of a response cut at max_new_tokens
+_LENGTH = 0  # finish code of a response cut at max_new_tokens (entrl.sampling.FINISH_REASONS)
 
 
 def _main_thread() -> bool:
