@@ -53,7 +53,7 @@ per-token log-prob of every sampled token. Design decisions:
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +68,8 @@ from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from entrl.models import KV_CACHE_AXES, Transformer
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -87,8 +89,6 @@ _F32 = jnp.float32
 DEFAULT_BUCKETS: tuple[int, ...] = tuple(2**k for k in range(6, 16))  # 64 ... 32768
 #: `Rollout.finish_code` values index this tuple.
 FINISH_REASONS: tuple[str, ...] = ("length", "stop")
-#: Mesh axes the batch is split over (those the mesh has).
-BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -276,14 +276,23 @@ def _record(state: _DecodeState, tokens_R, logp_R, cfg: SamplingConfig) -> _Deco
     )
 
 
-def _batch_constraint(x, mesh: Mesh | None, axis: int):
-    """Constrain dimension `axis` of x to the mesh's batch axes (others: compiler's choice)."""
+def _constrain(x, mesh: Mesh | None, names: tuple[str | None, ...]):
+    """Pin x to the mesh axes of its logical names (`entrl.sharding` table); no-op without a mesh.
+
+    A mesh axis that does not divide its dimension is dropped (replicated), so
+    any batch size runs; a batch that splits evenly over ("data", "fsdp") is
+    what makes the sampler data-parallel.
+    """
     if mesh is None:
         return x
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    spec = [P.UNCONSTRAINED] * x.ndim
-    spec[axis] = axes if axes else None
-    return lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+    from entrl.sharding import logical_to_spec
+
+    return lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, shape=x.shape, mesh=mesh)))
+
+
+def _rows(x, mesh):
+    """Constrain a per-row array (leading batch dimension)."""
+    return _constrain(x, mesh, ("batch",) + (None,) * (x.ndim - 1))
 
 
 def _logits(h_BxD, w_DxV):
@@ -306,15 +315,15 @@ def _prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: Sam
     )
 
     def rep(x):  # [B, ...] -> [B*n, ...], rows of one prompt contiguous
-        return _batch_constraint(jnp.repeat(x, cfg.n, axis=0), mesh, 0)
+        return _rows(jnp.repeat(x, cfg.n, axis=0), mesh)
 
-    cache = jax.tree.map(lambda x: _batch_constraint(jnp.repeat(x, cfg.n, axis=1), mesh, 1), cache)
+    cache = jax.tree.map(lambda x: _constrain(jnp.repeat(x, cfg.n, axis=1), mesh, KV_CACHE_AXES), cache)
     state = _DecodeState(
         step=jnp.int32(0),
-        tokens=_batch_constraint(jnp.full((rows, cfg.max_new_tokens), cfg.pad_id, jnp.int32), mesh, 0),
-        logprobs=_batch_constraint(jnp.zeros((rows, cfg.max_new_tokens), _F32), mesh, 0),
-        done=_batch_constraint(jnp.zeros((rows,), bool), mesh, 0),
-        length=_batch_constraint(jnp.zeros((rows,), jnp.int32), mesh, 0),
+        tokens=_rows(jnp.full((rows, cfg.max_new_tokens), cfg.pad_id, jnp.int32), mesh),
+        logprobs=_rows(jnp.zeros((rows, cfg.max_new_tokens), _F32), mesh),
+        done=_rows(jnp.zeros((rows,), bool), mesh),
+        length=_rows(jnp.zeros((rows,), jnp.int32), mesh),
         prompt_len=rep(jnp.sum(mask_BxP, axis=-1)),
         kv_mask=rep(kv_mask_BxS),
         cache=cache,
@@ -344,8 +353,24 @@ def _decode(graphdef, params, state: _DecodeState, *, cfg: SamplingConfig, mesh)
         tokens_R, logp_R = sample_next_token(_logits(h_Rx1xD[:, 0], w_DxV), jax.random.fold_in(s.rng, s.step), cfg)
         return _record(s.replace(kv_mask=kv_mask, cache=cache), tokens_R, logp_R, cfg)
 
-    state = lax.while_loop(cond, body, state)
-    return state.tokens, state.logprobs, state.length, state.done
+    # The whole state is returned so every donated buffer aliases an output.
+    return lax.while_loop(cond, body, state)
+
+
+@partial(jax.jit, static_argnames=("n",))
+def _to_rollout(state: _DecodeState, prompt_ids_BxP, prompt_mask_BxP, *, n: int) -> Rollout:
+    """The final loop state as a `Rollout` (the cache is dropped)."""
+    rows, max_new = state.tokens.shape
+    return Rollout(
+        tokens=state.tokens,
+        mask=(jnp.arange(max_new, dtype=jnp.int32)[None, :] < state.length[:, None]).astype(jnp.int32),
+        logprobs=state.logprobs,
+        lengths=state.length,
+        finish_code=state.done.astype(jnp.int32),
+        prompt_index=jnp.arange(rows, dtype=jnp.int32) // n,
+        prompt_ids=jnp.repeat(prompt_ids_BxP, n, axis=0),
+        prompt_mask=jnp.repeat(prompt_mask_BxP, n, axis=0),
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -425,24 +450,11 @@ class Sampler:
         if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ValueError(f"prompt ids {ids.shape} and mask {mask.shape} must have the same non-empty [B, P] shape")
         rows = ids.shape[0] * cfg.n
-        if self.mesh is not None:
-            shards = math.prod(self.mesh.shape[a] for a in BATCH_AXES if a in self.mesh.axis_names)
-            if rows % shards:
-                raise ValueError(f"B * n = {rows} rows do not split over the mesh's {shards} batch shards")
-        state = _prefill(graphdef, params, ids, mask, rng, cfg=cfg, mesh=self.mesh)
-        tokens, logprobs, length, done = _decode(graphdef, params, state, cfg=cfg, mesh=self.mesh)
-        steps = jnp.arange(cfg.max_new_tokens, dtype=jnp.int32)
-        resp_mask = (steps[None, :] < length[:, None]).astype(jnp.int32)
-        return Rollout(
-            tokens=tokens,
-            mask=resp_mask,
-            logprobs=logprobs,
-            lengths=length,
-            finish_code=done.astype(jnp.int32),
-            prompt_index=jnp.arange(rows, dtype=jnp.int32) // cfg.n,
-            prompt_ids=jnp.repeat(ids, cfg.n, axis=0),
-            prompt_mask=jnp.repeat(mask, cfg.n, axis=0),
-        )
+        # Under the mesh the model's own activation constraints apply too.
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            state = _prefill(graphdef, params, ids, mask, rng, cfg=cfg, mesh=self.mesh)
+            state = _decode(graphdef, params, state, cfg=cfg, mesh=self.mesh)
+        return _to_rollout(state, ids, mask, n=cfg.n)
 
 
 def _as_id_tuple(ids) -> tuple[int, ...]:
@@ -481,22 +493,22 @@ def generate(
         largest bucket, token ids outside the vocabulary, n < 1, top_p outside
         (0, 1], top_k < 0, a negative temperature, max_new_tokens < 1.
     """
-    mcfg = getattr(model, "config", None)
+    mcfg = model.cfg if isinstance(model, Transformer) else None
     if eos_ids is None and mcfg is not None:
-        eos_ids = getattr(mcfg, "eos_token_id", None)
+        eos_ids = mcfg.eos_token_ids
     eos = _as_id_tuple(eos_ids)
     if pad_id is None:
-        pad_id = getattr(mcfg, "pad_token_id", None)
+        pad_id = mcfg.pad_token_id if mcfg is not None else None
         if pad_id is None:
             pad_id = eos[0] if eos else 0
-    banned = {pad_id} | set(_as_id_tuple(getattr(mcfg, "bos_token_id", None)))
+    banned = {pad_id} | set(_as_id_tuple(mcfg.bos_token_id if mcfg is not None else None))
     cfg = SamplingConfig(
         n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
         eos_ids=eos, pad_id=int(pad_id), banned_ids=tuple(sorted(banned)), cache_dtype=cache_dtype,
     )  # fmt: skip
     ids, mask = pad_prompts(prompts, pad_id=cfg.pad_id, buckets=DEFAULT_BUCKETS if buckets is None else buckets)
-    vocab = getattr(mcfg, "vocab_size", None)
-    if vocab is not None:
+    if mcfg is not None:
+        vocab = mcfg.vocab_size
         cfg.check_vocab(vocab)
         bad = (ids >= vocab) | (ids < 0)
         if np.any(bad & (mask == 1)):

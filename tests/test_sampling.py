@@ -156,3 +156,156 @@ def test_pad_prompts_and_buckets():
         sampling.pad_prompts([[1.5, 2.0]], pad_id=0)
     with pytest.raises(ValueError, match="ascending"):
         sampling.pad_prompts([[1]], pad_id=0, buckets=(8, 4))
+
+
+# ----------------------------------------------------------------------------
+# With a model: a tiny random Qwen2-layout HF checkpoint saved by the test
+# ----------------------------------------------------------------------------
+VOCAB, PAD = 256, 255
+PROMPTS = [[5, 17, 99, 3, 200, 41, 7], [12, 13], [250, 1, 2, 3, 4]]
+BUCKETS = (8, 16)
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(HF torch model, entrl model) with identical float32 weights."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from entrl.models import load_pretrained
+
+    hf_cfg = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        initializer_range=0.2,  # peaked logits: argmax is not decided by rounding
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(hf_cfg).eval()
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    hf.save_pretrained(path)
+    return hf, load_pretrained(path)
+
+
+def _hf_greedy(hf, eos_id=None):
+    import torch
+
+    plen = BUCKETS[0]
+    ids, mask = sampling.pad_prompts(PROMPTS, pad_id=PAD, buckets=(plen,))
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+            do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=PAD, eos_token_id=eos_id,
+        )  # fmt: skip
+    resp = out[:, plen:].numpy()
+    return np.pad(resp, ((0, 0), (0, MAX_NEW - resp.shape[1])), constant_values=PAD)
+
+
+def _greedy(model, **kw):
+    kw = dict(temperature=0.0, max_new_tokens=MAX_NEW, eos_ids=(), pad_id=PAD, buckets=BUCKETS) | kw
+    return sampling.generate(model, PROMPTS, **kw)
+
+
+def test_greedy_matches_hf_generate(tiny):
+    hf, model = tiny
+    expected = _hf_greedy(hf)
+    assert PAD not in expected  # else HF and the PAD ban would legitimately differ
+    ro = _greedy(model)
+    np.testing.assert_array_equal(ro.tokens, expected)
+    np.testing.assert_array_equal(ro.mask, 1)
+    assert list(ro.finish_reason) == ["length"] * 3
+
+    # Early EOS: a token greedy emits mid-way through row 0 (and not earlier in any row).
+    eos = int(expected[0, 3])
+    expected_eos = _hf_greedy(hf, eos_id=eos)
+    ro = _greedy(model, eos_ids=(eos,))
+    np.testing.assert_array_equal(ro.tokens, expected_eos)
+    stops = [np.flatnonzero(r == eos) for r in expected]
+    lengths = [int(s[0]) + 1 if s.size else MAX_NEW for s in stops]
+    np.testing.assert_array_equal(ro.lengths, lengths)
+    assert lengths[0] == 4
+    np.testing.assert_array_equal(ro.mask, np.arange(MAX_NEW)[None] < np.asarray(lengths)[:, None])
+    assert list(ro.finish_reason) == ["stop" if s.size else "length" for s in stops]
+
+    # top-k = 1 at any temperature is greedy.
+    np.testing.assert_array_equal(_greedy(model, temperature=1.3, top_k=1, seed=7).tokens, expected)
+
+
+def test_sampled_logprobs_match_trainer_and_stop_masking(tiny):
+    """Sampler log-probs == token_stats on a full forward of prompt+response; stop/PAD invariants; seeds."""
+    from entrl.token_stats import token_logprobs_and_entropy
+
+    _, model = tiny
+    temp, n = 0.8, 3
+    eos = tuple(range(0, 40))  # ~15% of the vocabulary: most rows stop early
+    kw = dict(n=n, temperature=temp, top_p=0.95, max_new_tokens=MAX_NEW, eos_ids=eos, pad_id=PAD, buckets=BUCKETS)
+    ro = sampling.generate(model, PROMPTS, seed=0, **kw)
+    rows = len(PROMPTS) * n
+    assert ro.tokens.shape == ro.mask.shape == ro.logprobs.shape == (rows, MAX_NEW)
+    np.testing.assert_array_equal(ro.prompt_index, np.repeat(np.arange(3), n))
+    np.testing.assert_array_equal(ro.prompt_ids[::n], sampling.pad_prompts(PROMPTS, pad_id=PAD, buckets=BUCKETS)[0])
+    np.testing.assert_array_equal(ro.prompt_ids[1::n], ro.prompt_ids[::n])
+
+    # Trainer recompute: full forward over prompt + response, logits at response positions.
+    ids = jnp.concatenate([ro.prompt_ids, ro.tokens], axis=1)
+    attn = jnp.concatenate([ro.prompt_mask, ro.mask], axis=1)
+    h = model.hidden(ids, attn)
+    plen = ro.prompt_ids.shape[1]
+    logp, _ = token_logprobs_and_entropy(h[:, plen - 1 : -1], model.unembedding(), ro.tokens, temperature=temp)
+    m = np.asarray(ro.mask, bool)
+    np.testing.assert_allclose(np.asarray(ro.logprobs)[m], np.asarray(logp)[m], rtol=0, atol=1e-5)
+
+    # Stop handling.
+    tokens, lengths, reason = np.asarray(ro.tokens), np.asarray(ro.lengths), ro.finish_reason
+    assert (reason == "stop").sum() >= rows // 2 and np.all(m.sum(1) == lengths)
+    for r in range(rows):
+        resp, L = tokens[r], lengths[r]
+        assert not np.isin(resp[: L - 1], eos).any() and PAD not in resp[:L]
+        assert reason[r] == ("stop" if resp[L - 1] in eos else "length")
+        assert np.all(resp[L:] == PAD) and np.all(np.asarray(ro.logprobs)[r, L:] == 0)
+
+    # Reproducible per seed, different across seeds, no recompilation for the same shapes.
+    compiled = sampling._decode._cache_size()
+    again = sampling.generate(model, PROMPTS, seed=0, **kw)
+    other = sampling.generate(model, PROMPTS, seed=1, **kw)
+    assert sampling._decode._cache_size() == compiled
+    np.testing.assert_array_equal(again.tokens, ro.tokens)
+    np.testing.assert_array_equal(again.logprobs, ro.logprobs)
+    assert not np.array_equal(other.tokens, ro.tokens)
+
+
+def test_sharded_greedy_equals_unsharded(tiny):
+    from entrl.sharding import make_mesh, shard_model
+    from flax import nnx
+
+    _, model = tiny
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = nnx.merge(*nnx.split(model))  # a copy: the fixture's model stays unsharded
+    shard_model(sharded, mesh)
+    base = _greedy(model, n=4)
+    ro = _greedy(sharded, n=4, mesh=mesh)
+    assert len(ro.tokens.sharding.device_set) == 8
+    np.testing.assert_array_equal(ro.tokens, base.tokens)
+    np.testing.assert_allclose(ro.logprobs, base.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "prompts,kwargs,match",
+    [
+        ([[1, 2], []], {}, "empty"),
+        ([], {}, "non-empty"),
+        ([[1] * 17], {}, "largest bucket"),
+        ([[1, 2]], dict(n=0), "n=0"),
+        ([[1, 2]], dict(top_p=0.0), "top_p"),
+        ([[1, 2]], dict(top_p=1.01), "top_p"),
+        ([[1, 2]], dict(temperature=-1.0), "temperature"),
+        ([[1, 2]], dict(top_k=-2), "top_k"),
+        ([[1, VOCAB]], {}, "vocabulary"),
+        ([[1, 2]], dict(eos_ids=(VOCAB + 3,)), "vocabulary"),
+    ],
+)
+def test_generate_bad_input(tiny, prompts, kwargs, match):
+    _, model = tiny
+    with pytest.raises(ValueError, match=match):
+        sampling.generate(model, prompts, **(dict(max_new_tokens=4, eos_ids=(), buckets=BUCKETS) | kwargs))
