@@ -17,8 +17,9 @@ Design decisions:
   computed from the mask count, and there is no host round trip or Python loop
   over tokens. This works unchanged under `jax.vmap` (micro-batch scope).
 - k = floor(frac * n) is computed exactly in int32 arithmetic from the decimal
-  the user wrote (`Fraction(repr(frac))`): float32 would give e.g.
-  floor(0.0002f * 10000) = 1 instead of 2.
+  the user wrote (`Fraction(repr(frac))`). float32 is off by one on large scopes
+  (floor(0.29f * 1807931) = 524300, exact 524299) and Python floats on small ones
+  (the released code's int(0.29 * 100) = 28).
 - Masked tokens are replaced by zeros before any arithmetic, so garbage (NaN,
   -inf padding log-probs) there can neither leak into the loss nor into the
   gradient; they get exactly zero gradient.
@@ -45,6 +46,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from entrl.config import ConfigError, register_loss_validator
@@ -501,7 +503,7 @@ def per_token_policy_loss(name: str, logp, old_logp, advantages, entropy, mask, 
             raise ValueError(f"loss {name!r} needs the token entropies")
         entropy = jnp.zeros(jnp.shape(logp), jnp.float32)
     arrays = {"logp": logp, "old_logp": old_logp, "advantages": advantages, "entropy": entropy, "mask": mask}
-    shapes = {k: jnp.shape(v) for k, v in arrays.items()}
+    shapes = {k: np.shape(v) for k, v in arrays.items()}
     if len(set(shapes.values())) != 1 or len(shapes["logp"]) != 2:
         raise ValueError("all inputs must have one shape [B, T]; got "
                          + ", ".join(f"{k} {s}" for k, s in shapes.items()))
