@@ -104,8 +104,9 @@ def _stats_from_logits(z_CxV, y_C):
     lse_C = jax.nn.logsumexp(z_CxV, axis=-1)
     logp_all_CxV = z_CxV - lse_C[:, None]
     ent_C = -jnp.sum(jnp.exp(logp_all_CxV) * logp_all_CxV, axis=-1)
-    logp_C = jnp.take_along_axis(logp_all_CxV, y_C[:, None], axis=-1, mode="fill", fill_value=jnp.nan)[:, 0]
-    return logp_C, ent_C, lse_C
+    # Gather from z itself (not from logp_all) so XLA keeps one [C, V] buffer, not two.
+    z_y_C = jnp.take_along_axis(z_CxV, y_C[:, None], axis=-1, mode="fill", fill_value=jnp.nan)[:, 0]
+    return z_y_C - lse_C, ent_C, lse_C
 
 
 # ----------------------------------------------------------------------------
