@@ -373,7 +373,7 @@ class Verifier:
     equivalent: picklable top-level `(pred, gold) -> bool` run in the workers;
     None = `answers_equivalent` (fast paths in the parent, math-verify in workers).
     Workers start on first use and stay alive across calls; use as a context
-    manager or call `close()`.
+    manager or call `close()`. Not thread-safe: one calling thread at a time.
     """
 
     def __init__(

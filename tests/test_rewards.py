@@ -271,3 +271,10 @@ def test_bad_arguments():
         Verifier(workers=-1)
     with pytest.raises(ValueError):
         Verifier(workers=None).score(["a"], [])
+
+
+def test_pool_plugs_into_clustering(pool):
+    from entrl.semantic_entropy import cluster_answers
+
+    answers = ["\\sqrt{117}", "3\\sqrt{13}", "(1,2)", "1<x<2", None, "(1, 2)"]
+    assert cluster_answers(answers, pairs_equivalent=pool.equivalent_pairs) == [0, 0, 1, 2, 3, 1]
