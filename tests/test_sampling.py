@@ -18,6 +18,11 @@ from entrl.sampling import SamplingConfig, filter_logits, sample_next_token
 LOGITS_V = np.array([2.0, 1.5, 0.3, -0.5, 1.0, -2.0, 0.8, -1.0], np.float32)
 
 
+# Jitted once per setting: eager op-by-op dispatch is far slower on the shared CPU box.
+_filter = jax.jit(filter_logits, static_argnames=("top_k", "top_p"))
+_sample = jax.jit(sample_next_token, static_argnums=2)
+
+
 def _softmax(z):
     e = np.exp(z - z.max())
     return e / e.sum()
@@ -25,7 +30,7 @@ def _softmax(z):
 
 def test_filter_logits_hand_computed():
     z = jnp.asarray(LOGITS_V)[None]
-    np.testing.assert_array_equal(np.isfinite(filter_logits(z, top_k=3))[0], [1, 1, 0, 0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(np.isfinite(_filter(z, top_k=3))[0], [1, 1, 0, 0, 1, 0, 0, 0])
     # top-p: probabilities sorted descending, keep until the mass before a token reaches p.
     p = _softmax(LOGITS_V)
     order = np.argsort(-p)
@@ -33,20 +38,20 @@ def test_filter_logits_hand_computed():
     for top_p in (0.05, 0.5, 0.9, 0.999):
         keep = np.zeros(8, bool)
         keep[order[before < top_p]] = True
-        np.testing.assert_array_equal(np.isfinite(filter_logits(z, top_p=top_p))[0], keep)
+        np.testing.assert_array_equal(np.isfinite(_filter(z, top_p=top_p))[0], keep)
     # top-k then top-p on the renormalised top-k distribution.
     pk = _softmax(LOGITS_V[[0, 1, 4]])  # tokens 0, 1, 4 in descending order
     assert pk[0] < 0.6 < pk[0] + pk[1]
-    np.testing.assert_array_equal(np.isfinite(filter_logits(z, top_k=3, top_p=0.6))[0], [1, 1, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(np.isfinite(_filter(z, top_k=3, top_p=0.6))[0], [1, 1, 0, 0, 0, 0, 0, 0])
     # Off, and k >= V, are no-ops.
-    np.testing.assert_array_equal(filter_logits(z), z)
-    np.testing.assert_array_equal(filter_logits(z, top_k=100), z)
+    np.testing.assert_array_equal(_filter(z), z)
+    np.testing.assert_array_equal(_filter(z, top_k=100), z)
 
 
 def test_logprob_is_full_softmax_before_truncation_and_ban():
     cfg = SamplingConfig(temperature=0.7, top_k=2, top_p=0.9, banned_ids=(0,))
     z = jnp.tile(jnp.asarray(LOGITS_V)[None], (64, 1))
-    tokens, logp = sample_next_token(z, jax.random.key(0), cfg)
+    tokens, logp = _sample(z, jax.random.key(0), cfg)
     full = np.log(_softmax(LOGITS_V / 0.7))
     np.testing.assert_allclose(logp, full[np.asarray(tokens)], rtol=0, atol=1e-6)
     assert set(np.asarray(tokens).tolist()) <= {1, 4}  # top-2 after banning token 0
@@ -54,14 +59,14 @@ def test_logprob_is_full_softmax_before_truncation_and_ban():
 
 def test_greedy_and_top1():
     z = jax.random.normal(jax.random.key(1), (16, 50))
-    greedy, lp = sample_next_token(z, jax.random.key(2), SamplingConfig(temperature=0.0))
+    greedy, lp = _sample(z, jax.random.key(2), SamplingConfig(temperature=0.0))
     np.testing.assert_array_equal(greedy, np.argmax(z, -1))
     np.testing.assert_allclose(lp, np.asarray(jax.nn.log_softmax(z))[np.arange(16), greedy], atol=1e-6)
-    top1, lp1 = sample_next_token(z, jax.random.key(3), SamplingConfig(temperature=1.3, top_k=1))
+    top1, lp1 = _sample(z, jax.random.key(3), SamplingConfig(temperature=1.3, top_k=1))
     np.testing.assert_array_equal(top1, greedy)
     np.testing.assert_allclose(lp1, np.asarray(jax.nn.log_softmax(z / 1.3))[np.arange(16), greedy], atol=1e-6)
     # Greedy never picks a banned id, even the argmax.
-    banned, _ = sample_next_token(z, jax.random.key(2), SamplingConfig(temperature=0.0, banned_ids=tuple(range(25))))
+    banned, _ = _sample(z, jax.random.key(2), SamplingConfig(temperature=0.0, banned_ids=tuple(range(25))))
     np.testing.assert_array_equal(banned, 25 + np.argmax(z[:, 25:], -1))
 
 
@@ -74,7 +79,7 @@ def test_chi_square_distribution(temperature, top_k, top_p):
     n_draws = 40_000
     cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     z = jnp.broadcast_to(jnp.asarray(LOGITS_V), (n_draws, LOGITS_V.size))
-    tokens, _ = jax.jit(sample_next_token, static_argnums=2)(z, jax.random.key(1234), cfg)
+    tokens, _ = _sample(z, jax.random.key(1234), cfg)
     counts = np.bincount(np.asarray(tokens), minlength=LOGITS_V.size)
     # Expected distribution, computed independently in numpy.
     p = _softmax(LOGITS_V.astype(np.float64) / temperature)
@@ -162,7 +167,7 @@ def test_pad_prompts_and_buckets():
 # With a model: a tiny random Qwen2-layout HF checkpoint saved by the test
 # ----------------------------------------------------------------------------
 VOCAB, PAD = 256, 255
-PROMPTS = [[5, 17, 99, 3, 200, 41, 7], [12, 13], [250, 1, 2, 3, 4]]
+PROMPTS = [[5, 17, 99, 3, 200, 41, 7], [12, 13], [250, 1, 2, 3, 4], [77, 78, 79]]  # left-padded to 8
 BUCKETS = (8, 16)
 MAX_NEW = 12
 
@@ -202,38 +207,42 @@ def _hf_greedy(hf, eos_id=None):
     return np.pad(resp, ((0, 0), (0, MAX_NEW - resp.shape[1])), constant_values=PAD)
 
 
-def _greedy(model, **kw):
-    kw = dict(temperature=0.0, max_new_tokens=MAX_NEW, eos_ids=(), pad_id=PAD, buckets=BUCKETS) | kw
-    return sampling.generate(model, PROMPTS, **kw)
-
-
-def test_greedy_matches_hf_generate(tiny):
+@pytest.fixture(scope="module")
+def greedy_case(tiny):
+    """HF greedy output with an early EOS (a token HF's greedy path emits 4th in row 0), and entrl's."""
     hf, model = tiny
-    expected = _hf_greedy(hf)
-    assert PAD not in expected  # else HF and the PAD ban would legitimately differ
-    ro = _greedy(model)
-    np.testing.assert_array_equal(ro.tokens, expected)
-    np.testing.assert_array_equal(ro.mask, 1)
-    assert list(ro.finish_reason) == ["length"] * 3
+    free = _hf_greedy(hf)
+    assert PAD not in free  # else HF and the PAD ban would legitimately differ
+    eos = int(free[0, 3])
+    expected = _hf_greedy(hf, eos_id=eos)
+    kw = dict(temperature=0.0, max_new_tokens=MAX_NEW, eos_ids=(eos,), pad_id=PAD, buckets=BUCKETS)
+    return expected, eos, kw, sampling.generate(model, PROMPTS, **kw)
 
-    # Early EOS: a token greedy emits mid-way through row 0 (and not earlier in any row).
-    eos = int(expected[0, 3])
-    expected_eos = _hf_greedy(hf, eos_id=eos)
-    ro = _greedy(model, eos_ids=(eos,))
-    np.testing.assert_array_equal(ro.tokens, expected_eos)
+
+def test_greedy_matches_hf_generate(greedy_case):
+    """Left-padded batch of different prompt lengths, early EOS in row 0."""
+    expected, eos, _, ro = greedy_case
+    np.testing.assert_array_equal(ro.tokens, expected)
     stops = [np.flatnonzero(r == eos) for r in expected]
     lengths = [int(s[0]) + 1 if s.size else MAX_NEW for s in stops]
+    assert lengths[0] == 4 and MAX_NEW in lengths  # one early stop, one row that runs to the end
     np.testing.assert_array_equal(ro.lengths, lengths)
-    assert lengths[0] == 4
     np.testing.assert_array_equal(ro.mask, np.arange(MAX_NEW)[None] < np.asarray(lengths)[:, None])
     assert list(ro.finish_reason) == ["stop" if s.size else "length" for s in stops]
 
-    # top-k = 1 at any temperature is greedy.
-    np.testing.assert_array_equal(_greedy(model, temperature=1.3, top_k=1, seed=7).tokens, expected)
+
+def test_top1_sampling_equals_greedy(tiny, greedy_case):
+    _, model = tiny
+    _, _, kw, greedy = greedy_case
+    ro = sampling.generate(model, PROMPTS, **(kw | dict(temperature=1.3, top_k=1, seed=7)))
+    np.testing.assert_array_equal(ro.tokens, greedy.tokens)
+    np.testing.assert_array_equal(ro.mask, greedy.mask)
 
 
 def test_sampled_logprobs_match_trainer_and_stop_masking(tiny):
     """Sampler log-probs == token_stats on a full forward of prompt+response; stop/PAD invariants; seeds."""
+    from flax import nnx
+
     from entrl.token_stats import token_logprobs_and_entropy
 
     _, model = tiny
@@ -243,16 +252,18 @@ def test_sampled_logprobs_match_trainer_and_stop_masking(tiny):
     ro = sampling.generate(model, PROMPTS, seed=0, **kw)
     rows = len(PROMPTS) * n
     assert ro.tokens.shape == ro.mask.shape == ro.logprobs.shape == (rows, MAX_NEW)
-    np.testing.assert_array_equal(ro.prompt_index, np.repeat(np.arange(3), n))
+    np.testing.assert_array_equal(ro.prompt_index, np.repeat(np.arange(len(PROMPTS)), n))
     np.testing.assert_array_equal(ro.prompt_ids[::n], sampling.pad_prompts(PROMPTS, pad_id=PAD, buckets=BUCKETS)[0])
     np.testing.assert_array_equal(ro.prompt_ids[1::n], ro.prompt_ids[::n])
 
     # Trainer recompute: full forward over prompt + response, logits at response positions.
-    ids = jnp.concatenate([ro.prompt_ids, ro.tokens], axis=1)
-    attn = jnp.concatenate([ro.prompt_mask, ro.mask], axis=1)
-    h = model.hidden(ids, attn)
-    plen = ro.prompt_ids.shape[1]
-    logp, _ = token_logprobs_and_entropy(h[:, plen - 1 : -1], model.unembedding(), ro.tokens, temperature=temp)
+    @nnx.jit
+    def trainer_logp(model, prompt_ids, prompt_mask, tokens, mask):
+        h = model.hidden(jnp.concatenate([prompt_ids, tokens], 1), jnp.concatenate([prompt_mask, mask], 1))
+        plen = prompt_ids.shape[1]
+        return token_logprobs_and_entropy(h[:, plen - 1 : -1], model.unembedding(), tokens, temperature=temp)[0]
+
+    logp = trainer_logp(model, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask)
     m = np.asarray(ro.mask, bool)
     np.testing.assert_allclose(np.asarray(ro.logprobs)[m], np.asarray(logp)[m], rtol=0, atol=1e-5)
 
@@ -275,17 +286,19 @@ def test_sampled_logprobs_match_trainer_and_stop_masking(tiny):
     assert not np.array_equal(other.tokens, ro.tokens)
 
 
-def test_sharded_greedy_equals_unsharded(tiny):
-    from entrl.sharding import make_mesh, shard_model
+def test_sharded_greedy_equals_unsharded(tiny, greedy_case):
+    """2x2x2 (data, fsdp, tensor) mesh on 8 fake devices: 4 rows over 4 batch shards, heads over tensor."""
     from flax import nnx
 
+    from entrl.sharding import make_mesh, shard_model
+
     _, model = tiny
+    _, _, kw, base = greedy_case
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     sharded = nnx.merge(*nnx.split(model))  # a copy: the fixture's model stays unsharded
     shard_model(sharded, mesh)
-    base = _greedy(model, n=4)
-    ro = _greedy(sharded, n=4, mesh=mesh)
-    assert len(ro.tokens.sharding.device_set) == 8
+    ro = sampling.generate(sharded, PROMPTS, mesh=mesh, **kw)
+    assert len(ro.tokens.sharding.device_set) == 8 and not ro.tokens.sharding.is_fully_replicated
     np.testing.assert_array_equal(ro.tokens, base.tokens)
     np.testing.assert_allclose(ro.logprobs, base.logprobs, atol=1e-5)
 
