@@ -558,9 +558,14 @@ def test_metric_keys_are_the_same_for_every_loss(batched):
         assert all(v.dtype == np.float32 for v in res[2].values())
 
 
+@jax.jit
+def _agg_and_kl(v, m, lp, ref):
+    return ([L.aggregate(v, m, mode) for mode in L.AGG_MODES], [L.kl_penalty(lp, ref, k) for k in L.KL_KINDS])
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.data())
-def test_aggregate_and_kl_match_numpy(data):
+def test_aggregate_and_kl_match_numpy_jitted_and_eager(data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
     v = rng.normal(size=(3, 5)).astype(np.float32)
     m = rng.random((3, 5)) < data.draw(st.sampled_from([0.0, 0.3, 0.8, 1.0]))
@@ -572,6 +577,11 @@ def test_aggregate_and_kl_match_numpy(data):
               "k3": np.clip(np.exp(d) - d - 1, -10, 10)}
     for kind, e in expect.items():
         np.testing.assert_allclose(L.kl_penalty(lp, ref, kind), e, rtol=1e-5, atol=1e-6)
+    aggs, kls = _agg_and_kl(v, m, lp, ref)
+    for mode, got in zip(L.AGG_MODES, aggs):
+        np.testing.assert_allclose(got, L.aggregate(v, m, mode), rtol=1e-6, atol=1e-7)
+    for kind, got in zip(L.KL_KINDS, kls):
+        np.testing.assert_allclose(got, L.kl_penalty(lp, ref, kind), rtol=1e-6, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------

@@ -146,7 +146,8 @@ def aggregate(values_BxT, mask_BxT, mode: str, *, max_len: int | None = None):
       seq-mean-token-mean:      mean_{b in S} (sum_t m v / sum_t m)
       seq-mean-token-sum:       mean_{b in S} sum_t m v
       seq-mean-token-sum-norm:  mean_{b in S} sum_t m v / max_len   (Dr.GRPO, Liu et al. 2025:
-                                a constant normaliser; max_len defaults to T)
+                                a constant normaliser; max_len defaults to T. verl's version
+                                sums over sequences instead of averaging: |S| times this)
     Fully masked sequences (padding rows) are left out of the sequence means; an
     all-masked input gives 0 (never NaN). All four are linear in `values`.
     """
@@ -491,7 +492,7 @@ def per_token_policy_loss(name: str, logp, old_logp, advantages, entropy, mask, 
       **hyperparams: Python scalars overriding `PRESETS[name]`.
 
     Returns:
-      (values_BxT, agg_mask_BxT, metrics): per-token losses (0 on masked tokens), the
+      (values_BxT, agg_mask_BxT, metrics): per-token losses (0 outside agg_mask), the
       boolean mask to aggregate them with (the valid tokens; the selected tokens for
       high_entropy_mask) and the metric dict of `METRIC_KEYS` (float32 scalars).
     """
