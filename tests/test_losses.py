@@ -120,8 +120,14 @@ def test_grpo_hand_computed():
     close(loss, sum(expect) / 6, 1e-5)
     v, _, _ = L.per_token_policy_loss("grpo", lp, old, adv, ent, np.ones((1, 6)), clip_high=0.28)  # DAPO
     close(v[0, 0], -1.28, 1e-6)
-    v, _, _ = L.per_token_policy_loss("grpo", lp, old, adv, ent, np.ones((1, 6)), dual_clip=float("inf"))
+    inf = float("inf")
+    v, _, _ = L.per_token_policy_loss("grpo", lp, old, adv * np.array([1, 0, 1, 1, 1, 1]), ent, np.ones((1, 6)),
+                                      dual_clip=inf)
     close(v[0, 3], E(2.0), 1e-5)
+    assert v[0, 1] == 0.0
+    g = jax.grad(lambda a: L.compute_policy_loss("grpo", lp, old, a, ent, np.ones((1, 6)), dual_clip=inf)[0])(
+        jnp.asarray(adv * np.array([1, 0, 1, 1, 1, 1])))
+    assert np.isfinite(g).all()
 
 
 def test_kl_cov_hand_computed():

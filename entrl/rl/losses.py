@@ -263,7 +263,7 @@ def _masked_mean(x_N, m_N):
 
 def _covariance(adv_N, logp_N, set_N):
     """c_t = (A_t - mean_S A)(logp_t - mean_S logp) over the set S, detached (0 outside S)."""
-    logp_N = lax.stop_gradient(logp_N)
+    adv_N, logp_N = lax.stop_gradient(adv_N), lax.stop_gradient(logp_N)
     c_N = (adv_N - _masked_mean(adv_N, set_N)) * (logp_N - _masked_mean(logp_N, set_N))
     return jnp.where(set_N, c_N, 0.0)
 
@@ -287,6 +287,8 @@ def clipped_pg(adv, logratio, *, clip_low: float, clip_high: float, dual_clip: f
     pg1 = -adv * ratio
     pg2 = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg_clip = jnp.maximum(pg1, pg2)
+    if math.isinf(dual_clip):  # dual clip off; -0 * inf would be NaN
+        return pg_clip, pg2 > pg1, jnp.zeros(pg_clip.shape, bool)
     pg3 = -adv * dual_clip
     neg = adv < 0
     pg = jnp.where(neg, jnp.minimum(pg_clip, pg3), pg_clip)
@@ -342,7 +344,9 @@ def _sent(logp, old, adv, ent, valid, rng, *, rho, **hp):
     an integer gather of rows 0/1 of `advantages` (shape B x T x T), not a boolean
     selection, so its covariance is computed on scrambled values and the high/low-cov
     tokens it penalises are effectively arbitrary. entrl uses the boolean mask
-    (tests/test_losses.py reproduces the difference on a small example).
+    (tests/test_losses.py reproduces the difference on a small example). Two smaller
+    differences from the release: ties are broken by position (torch.topk's order is
+    unspecified) and the ratio's log is clamped to [-20, 20].
     """
     n = valid.sum()
     k_L = jnp.maximum(1, _floor_frac(_as_fraction(rho), n))
