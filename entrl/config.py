@@ -144,7 +144,7 @@ class RolloutSection:
 
 @dataclass(frozen=True)
 class LossSection:
-    name: str = "sent"  # policy loss: grpo | sent | sent_released | kl_cov | clip_cov | entropy_bonus | entropy_adv | high_entropy_mask | high_en
+    name: str = "sent"  # policy loss: grpo | sent | sent_released | kl_cov | kl_cov_verl | clip_cov | entropy_bonus | entropy_adv | high_entropy_mask | high_en
     params: dict[str, Any] = field(default_factory=dict)  # overrides of that loss's preset hyperparameters (see SENT.md)
     agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
     scope: str = "global"  # token-selection scope: global (whole mini-batch) | microbatch
@@ -261,9 +261,9 @@ class RunConfig:
             raise ConfigError(
                 f"train.microbatch_seqs={self.train.microbatch_seqs} must divide one mini-batch of "
                 f"train.minibatch_prompts * rollout.n = {self.train.minibatch_prompts * self.rollout.n} sequences")
-        validator = _LOSS_VALIDATOR
-        if validator is not None:
-            validator(self.loss.name, dict(self.loss.params))
+        if _LOSS_VALIDATOR is None:
+            import entrl.rl.losses  # noqa: F401  (registers the loss-name/hyperparameter validator)
+        _LOSS_VALIDATOR(self.loss.name, dict(self.loss.params))
 
 
 # Set by entrl.rl.losses at import time: (name, params) -> None, raising ConfigError.

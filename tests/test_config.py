@@ -65,3 +65,12 @@ def test_every_paper_preset_loads():
         assert cfg.loss.name == f.stem
         assert cfg.train.prompts_per_step == 256 and cfg.train.minibatch_prompts == 128
         assert cfg.optim.lr == pytest.approx(1e-6) and cfg.loss.kl_coef == pytest.approx(0.001)
+
+
+def test_loss_name_and_params_validated_at_load():
+    with pytest.raises(C.ConfigError, match="sent"):
+        C.load_config(None, ["loss.name=snet"])
+    with pytest.raises(C.ConfigError, match="rho"):
+        C.load_config(None, ["loss.name=sent", "loss.params={rhoo: 0.5}"])
+    cfg = C.load_config(None, ["loss.name=kl_cov", "loss.params={kcov: 0.01}"])
+    assert cfg.loss.params == {"kcov": 0.01}

@@ -113,8 +113,8 @@ def build_model(cfg: C.RunConfig, mesh, tokenizer):
     from entrl.models import create_model, load_pretrained
 
     if cfg.model.path == "demo":
-        vocab = -(-tokenizer.vocab_size // 8) * 8
-        mcfg = demo_model_config(vocab, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)
+        # Exactly the tokenizer's vocabulary: padding it would let the sampler emit ids no tokenizer decodes.
+        mcfg = demo_model_config(tokenizer.vocab_size, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)
         model = create_model(mcfg, seed=cfg.train.seed, dtype=cfg.model.dtype, mesh=mesh)
     else:
         model = load_pretrained(resolve_model_dir(cfg.model.path), dtype=cfg.model.dtype, mesh=mesh)

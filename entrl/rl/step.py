@@ -172,7 +172,8 @@ def _grads(graphdef, params, mb_all: dict, rng, s: StepSettings):
             logp_full = jax.lax.dynamic_update_slice_in_dim(logp_sg, logp, i * m, axis=0)
             ent_full = jax.lax.dynamic_update_slice_in_dim(ent_sg, ent, i * m, axis=0)
             return _policy_objective(logp_full, ent_full, mb_all, rng, s)
-        loss, metrics = _policy_objective(logp, ent, mb, rng, s)
+        # Micro-batch scope: an independent draw per micro-batch (clip_cov's random choice).
+        loss, metrics = _policy_objective(logp, ent, mb, jax.random.fold_in(rng, i), s)
         return loss / n_micro, metrics
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
