@@ -11,7 +11,8 @@ Design decisions:
 - `answers_equivalent(pred, gold)` is one implementation shared by training,
   evaluation and semantic-entropy clustering: a normalised-string fast path, an
   exact-rational fast path (integers, decimals, `a/b`, `\\frac{a}{b}`, `4.4e7`,
-  `4.4\\times10^{7}`), then math-verify `verify(parse(gold), parse(pred))`.
+  `4.4\\times10^{7}`), then math-verify `verify(parse(gold), parse(pred))` with
+  LaTeX extraction only (see `_parse`).
   Negative fast path: two different integers, or two rationals that differ by
   more than 1e-5 relative (math-verify rounds to 6 decimals and calls `1/3`
   and `0.333333` equal; such near misses are left to it).
@@ -150,7 +151,7 @@ _REL_GAP = Fraction(1, 10**5)
 _INT_RE = re.compile(r"[+-]?\d+")
 _DEC_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,3})?")
 _TIMES10_RE = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))(?:\\times|\\cdot|\*)10\^\{?([+-]?\d{1,3})\}?")
-_SLASH_RE = re.compile(r"([+-]?\d+)/(\d+)")
+_SLASH_RE = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))/(\d+\.?\d*)")
 _FRAC_RE = re.compile(r"(-?)\\frac(?:\{([+-]?\d+)\}|(\d))(?:\{(\d+)\}|(\d))")
 
 
@@ -162,7 +163,7 @@ def _as_rational(norm: str) -> Fraction | None:
         if m := _TIMES10_RE.fullmatch(norm):
             return Fraction(m.group(1)) * Fraction(10) ** int(m.group(2))
         if m := _SLASH_RE.fullmatch(norm):
-            return Fraction(int(m.group(1)), int(m.group(2)))
+            return Fraction(m.group(1)) / Fraction(m.group(2))
         if m := _FRAC_RE.fullmatch(norm):
             num = int(m.group(2) or m.group(3))
             den = int(m.group(4) or m.group(5))
@@ -226,8 +227,23 @@ def _math_verify():
     return _MV
 
 
+_LATEX_ONLY = None
+
+
 def _parse(s: str):
-    return _math_verify().parse(f"${s}$", parsing_timeout=None, raise_on_error=True)
+    """Parse an extracted answer as one LaTeX formula.
+
+    LaTeX extraction only: math-verify's default also runs its expression
+    extractor, which on a formula latex2sympy cannot read picks some number out
+    of it (`-1./3` -> -1; a Minerva formula -> 2, which then "equals" any other
+    formula that also yields 2). Unreadable answers stay strings instead and
+    compare as strings.
+    """
+    global _LATEX_ONLY
+    mv = _math_verify()
+    if _LATEX_ONLY is None:
+        _LATEX_ONLY = [mv.LatexExtractionConfig()]
+    return mv.parse(f"${s}$", extraction_config=_LATEX_ONLY, parsing_timeout=None, raise_on_error=True)
 
 
 def math_verify_equivalent(pred: str, gold: str, *, both_directions: bool = False) -> bool:
