@@ -296,20 +296,21 @@ class Transformer(nnx.Module):
 def create_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", mesh=None, remat: bool = False) -> Transformer:
     """A randomly initialised Transformer (params and compute in `dtype`).
 
-    With a mesh, the constructor runs under `jax.jit` with the params' output
-    shardings, so each device only ever holds its own shard.
+    The constructor runs under `jax.jit` (one compilation, cached by the
+    persistent compile cache, instead of one per eager op); with a mesh it gets
+    the params' output shardings, so each device only ever holds its own shard.
     """
     dtype = jnp.dtype(dtype)
 
     def init() -> Transformer:
         return Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype, remat=remat)
 
-    if mesh is None:
-        return init()
-    from entrl.sharding import param_shardings
-
     graphdef, abstract_state = nnx.split(nnx.eval_shape(init))
-    shardings = param_shardings(abstract_state, mesh)
-    with jax.set_mesh(mesh):
-        state = jax.jit(lambda: nnx.state(init()), out_shardings=shardings)()
+    if mesh is None:
+        state = jax.jit(lambda: nnx.state(init()))()
+    else:
+        from entrl.sharding import param_shardings
+
+        with jax.set_mesh(mesh):
+            state = jax.jit(lambda: nnx.state(init()), out_shardings=param_shardings(abstract_state, mesh))()
     return nnx.merge(graphdef, state)
