@@ -44,6 +44,7 @@ SFT_ERROR_RATE = 0.45
 SFT_STEPS = 350
 SFT_BATCH = 64
 SFT_LR = 2e-3
+EVAL_BATCH_PROMPTS = 250
 QUICK = {  # tiny sizes for tests / smoke runs (`entrl demo --quick`)
     "sft_steps": 30,
     "overrides": ["train.steps=2", "data.arithmetic_train_size=64", "data.arithmetic_heldout_size=32",
@@ -108,12 +109,13 @@ def run_demo(out_dir: str | Path = "demo_out", *, overrides=(), seed: int = 0, q
 
     # 3. before ---------------------------------------------------------------
     verifier = build_verifier(cfg)
-    eval_sampler = build_sampler(C.replace(cfg, **{"rollout.n": cfg.eval.n}), tokenizer, None)
+    eval_sampler = build_sampler(cfg, tokenizer, None, n=cfg.eval.n)
     ks = tuple(cfg.eval.k)
 
     def evaluate(p, tag):
         res = evaluate_prompts(eval_sampler, graphdef, p, tokenizer, held_tokens, [r.answer for r in held_records],
-                               verifier=verifier, n=cfg.eval.n, ks=ks, seed=seed + 12345, with_entropy=True)
+                               verifier=verifier, n=cfg.eval.n, ks=ks, seed=seed + 12345, with_entropy=True,
+                               buckets=cfg.rollout.prompt_buckets, batch_prompts=EVAL_BATCH_PROMPTS)
         print(f"[demo] {tag}: pass@1 {res['pass@1']:.3f}  pass@{ks[-1]} {res[f'pass@{ks[-1]}']:.3f}  "
               f"entropy {res['entropy']:.3f}")
         return res

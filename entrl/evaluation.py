@@ -135,3 +135,73 @@ def summarize(
         if answers_PxN is not None:
             out[f"maj@{k}"] = maj_at_k(answers_PxN, m, k, pairs_equivalent=pairs_equivalent)
     return out
+
+
+# ---------------------------------------------------------------------------
+# Sampling + grading a set of prompts with a policy (training-time and demo evaluation)
+# ---------------------------------------------------------------------------
+
+
+def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequence[Sequence[int]],
+                     references: Sequence[str], *, verifier, n: int, ks: Sequence[int] = (1,), seed: int = 0,
+                     batch_prompts: int = 64, buckets: Sequence[int] | None = None,
+                     with_entropy: bool = False) -> dict:
+    """Sample `n` responses per prompt with `sampler`, grade them with `verifier`, summarise.
+
+    The sampler must have been built with `n` samples per prompt (its static config). Prompts are
+    processed in batches of `batch_prompts` (the last one padded with copies of the first prompt,
+    which are discarded), so at most two shapes compile. Returns the `summarize` metrics plus
+    `correct` [P, n], `answers`, `responses` ([P][n] lists), `per_problem_pass@1` (accuracy over the
+    n samples of each problem), `response_length`, `truncation_rate`, and with `with_entropy` the
+    mean per-token entropy of the sampled responses under the policy at the sampling temperature.
+    """
+    import jax
+
+    from entrl.rl.step import compute_logprobs
+    from entrl.sampling import DEFAULT_BUCKETS, pad_prompts
+
+    if sampler.config.n != n:
+        raise ValueError(f"sampler draws {sampler.config.n} samples per prompt, evaluation asked for n={n}")
+    if len(prompt_tokens) != len(references) or not prompt_tokens:
+        raise ValueError(f"{len(prompt_tokens)} prompts vs {len(references)} references (need equal, non-zero)")
+    for k in ks:
+        _check_k(n, k)
+    buckets = tuple(buckets or DEFAULT_BUCKETS)
+    P = len(prompt_tokens)
+    correct = np.zeros((P, n), bool)
+    answers: list[list[str | None]] = []
+    responses: list[list[str]] = []
+    lengths, truncated, ent_sum, ent_count = [], [], 0.0, 0
+    key = jax.random.key(seed)
+    for b0 in range(0, P, batch_prompts):
+        chunk = list(prompt_tokens[b0:b0 + batch_prompts])
+        real = len(chunk)
+        chunk += [chunk[0]] * (batch_prompts - real) if P > batch_prompts else []
+        ids, mask = pad_prompts(chunk, pad_id=sampler.config.pad_id, buckets=buckets)
+        roll = sampler.sample((graphdef, params), ids, mask, jax.random.fold_in(key, b0))
+        toks = np.asarray(roll.tokens)[: real * n]
+        rmask = np.asarray(roll.mask)[: real * n]
+        texts = [tokenizer.decode([int(t) for t in row[: int(m.sum())]]) for row, m in zip(toks, rmask)]
+        refs = [references[b0 + i // n] for i in range(real * n)]
+        res = verifier.score(texts, refs)
+        correct[b0:b0 + real] = np.asarray(res.correct).reshape(real, n)
+        answers += [list(res.answers[i * n:(i + 1) * n]) for i in range(real)]
+        responses += [texts[i * n:(i + 1) * n] for i in range(real)]
+        lengths.append(rmask.sum(1))
+        truncated.append(np.asarray(roll.finish_code)[: real * n] == 0)
+        if with_entropy:
+            batch = {"prompt_ids": roll.prompt_ids, "prompt_mask": roll.prompt_mask, "resp_ids": roll.tokens}
+            _, ent = compute_logprobs(graphdef, params, batch, temperature=sampler.config.logprob_temperature,
+                                      num_micro=1, chunk_size=1024)
+            ent = np.asarray(ent)[: real * n]
+            ent_sum += float((ent * rmask).sum())
+            ent_count += int(rmask.sum())
+    hook = getattr(verifier, "equivalent_pairs", None)
+    out = dict(summarize(correct, answers, ks, pairs_equivalent=hook))
+    out.update(correct=correct, answers=answers, responses=responses,
+               **{"per_problem_pass@1": correct.mean(1)},
+               response_length=float(np.concatenate(lengths).mean()),
+               truncation_rate=float(np.concatenate(truncated).mean()))
+    if with_entropy:
+        out["entropy"] = ent_sum / max(ent_count, 1)
+    return out

@@ -245,3 +245,145 @@ def batch_prompt_stats(
     all_ids = cluster_answer_groups(groups, no_answer=no_answer, pairs_equivalent=pairs_equivalent)
     corrects = references_correct if references_correct is not None else [None] * len(groups)
     return [stats_from_classes(ids, c) for ids, c in zip(all_ids, corrects, strict=True)]
+
+
+# ---------------------------------------------------------------------------
+# Dataset annotation with a policy (`entrl semantic-entropy`, and the trainer before a curriculum run)
+# ---------------------------------------------------------------------------
+
+SE_COLUMNS = ("se", "se_norm", "n_classes", "class_sizes", "pass_rate")
+
+
+def _read_done(path) -> dict[str, dict]:
+    """Rows already annotated in a progress JSONL (a torn last line is ignored)."""
+    import json
+    from pathlib import Path
+
+    done: dict[str, dict] = {}
+    p = Path(path)
+    if not p.exists():
+        return done
+    for line in p.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[str(row["id"])] = {k: row[k] for k in SE_COLUMNS}
+    return done
+
+
+def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *, verifier, out_path,
+                     n: int | None = None, batch_prompts: int = 64, mesh=None, seed: int | None = None) -> list[dict]:
+    """SE statistics of every prompt from `n` samples of the policy (SENT.md section 2).
+
+    Samples with the rollout settings of `cfg` (`curriculum.samples` responses per prompt, T and top-p
+    of `cfg.rollout`), grades them against the references (for `pass_rate`), clusters the answers and
+    returns one dict of `SE_COLUMNS` per record, aligned with `records`. Progress is appended to
+    `out_path` (JSONL, one row per finished prompt, flushed per batch), so an interrupted annotation
+    resumes where it stopped and never recomputes finished prompts. Logs prompts done, rate and ETA.
+    """
+    import json
+    import logging
+    import time
+    from pathlib import Path
+
+    import jax
+
+    from entrl.rl.setup import build_sampler
+    from entrl.sampling import pad_prompts
+
+    log = logging.getLogger("entrl.semantic_entropy")
+    n = n or cfg.curriculum.samples
+    seed = cfg.train.seed if seed is None else seed
+    sampler = build_sampler(cfg, tokenizer, mesh, n=n)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done = _read_done(out_path)
+    todo = [i for i, r in enumerate(records) if str(r.id) not in done]
+    if done:
+        log.info("semantic entropy: %d of %d prompts already annotated in %s", len(records) - len(todo),
+                 len(records), out_path)
+    key = jax.random.key(seed + 7919)
+    t0 = time.perf_counter()
+    writer = open(out_path, "a") if jax.process_index() == 0 else None
+    try:
+        for b0 in range(0, len(todo), batch_prompts):
+            idx = todo[b0:b0 + batch_prompts]
+            chunk = [prompt_tokens[i] for i in idx]
+            real = len(chunk)
+            if len(todo) > batch_prompts:  # fixed batch shape: pad with copies, discarded below
+                chunk += [chunk[0]] * (batch_prompts - real)
+            ids, mask = pad_prompts(chunk, pad_id=tokenizer.pad_token_id, buckets=cfg.rollout.prompt_buckets)
+            if mesh is not None:
+                from jax.sharding import NamedSharding, PartitionSpec
+
+                ids, mask = (jax.device_put(x, NamedSharding(mesh, PartitionSpec())) for x in (ids, mask))
+            # Keyed by the prompt's position in `records`, so a resumed run draws the same samples.
+            roll = sampler.sample((graphdef, params), ids, mask, jax.random.fold_in(key, idx[0]))
+            toks, rmask = np.asarray(roll.tokens)[: real * n], np.asarray(roll.mask)[: real * n]
+            texts = [tokenizer.decode([int(t) for t in row[: int(m.sum())]]) for row, m in zip(toks, rmask)]
+            res = verifier.score(texts, [records[i].answer for i in idx for _ in range(n)])
+            groups = [res.answers[j * n:(j + 1) * n] for j in range(real)]
+            corr = [list(res.correct[j * n:(j + 1) * n]) for j in range(real)]
+            stats = batch_prompt_stats(groups, corr, pairs_equivalent=verifier.equivalent_pairs)
+            for i, st in zip(idx, stats):
+                done[str(records[i].id)] = st
+                if writer is not None:
+                    writer.write(json.dumps({"id": str(records[i].id), **st}) + "\n")
+            if writer is not None:
+                writer.flush()
+            finished = min(b0 + batch_prompts, len(todo))
+            rate = finished / max(time.perf_counter() - t0, 1e-9)
+            log.info("semantic entropy: %d/%d prompts (%.1f prompts/s, ETA %.0f s)", len(records) - len(todo)
+                     + finished, len(records), rate, (len(todo) - finished) / max(rate, 1e-9))
+    finally:
+        if writer is not None:
+            writer.close()
+    return [done[str(r.id)] for r in records]
+
+
+def plot_se_histogram(se_values: Sequence[float], path, *, bins: int = 30) -> None:
+    """Histogram PNG of per-prompt semantic entropy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(np.asarray(se_values, float), bins=bins, color="#4c72b0")
+    ax.set_xlabel("semantic entropy (nats)")
+    ax.set_ylabel("prompts")
+    ax.set_title(f"Semantic entropy of {len(se_values)} prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def annotate_cli(cfg, *, data: str, out: str, n: int | None = None) -> None:
+    """`entrl semantic-entropy`: annotate a dataset with the policy of `cfg.model` and write it out.
+
+    Writes `out` (.jsonl or .parquet: the input columns plus `SE_COLUMNS`) and `<out>.se_hist.png`.
+    Progress lives in `<out>.progress.jsonl`; rerunning the same command resumes from it.
+    """
+    import dataclasses
+    from pathlib import Path
+
+    from entrl.data.sources import write_records
+    from entrl.rl.setup import build_mesh, build_model, build_records, build_tokenizer, build_verifier, tokenize
+
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=data))
+    out_p = Path(out)
+    if out_p.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"--out {out!r}: must end in .jsonl or .parquet")
+    mesh = build_mesh(cfg)
+    tokenizer = build_tokenizer(cfg)
+    records, _ = build_records(cfg)
+    prompt_tokens, records = tokenize(cfg, records, tokenizer)
+    graphdef, params = build_model(cfg, mesh, tokenizer)
+    with build_verifier(cfg) as verifier:
+        stats = annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, verifier=verifier,
+                                 out_path=out_p.with_name(out_p.name + ".progress.jsonl"), n=n, mesh=mesh)
+    rows = [{**r.to_row(), **s} for r, s in zip(records, stats)]
+    write_records(out_p, rows)
+    plot_se_histogram([s["se"] for s in stats], out_p.with_name(out_p.name + ".se_hist.png"))
+    print(f"wrote {len(rows)} annotated prompts to {out_p}")

@@ -230,7 +230,7 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
         from entrl.semantic_entropy import annotate_prompts
 
         stats = annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, verifier=verifier,
-                                 out_path=Path(cfg.train.out_dir) / "semantic_entropy.jsonl")
+                                 out_path=Path(cfg.train.out_dir) / "semantic_entropy.jsonl", mesh=mesh)
         se_values = [s["se"] for s in stats]
         records = [type(r)(r.id, r.problem, r.answer, {**r.extra, **s}) for r, s in zip(records, stats)]
     curriculum = build_curriculum(cfg, records, se_values)
