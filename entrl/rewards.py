@@ -328,15 +328,19 @@ def _worker_main() -> None:
     _write_frame(out_fd, "ready")
     while (job := _read_frame(in_fd)) is not None:
         job_id, pred, gold, both = job
-        try:
-            if both and equivalent is math_verify_equivalent:
-                ok = math_verify_equivalent(pred, gold, both_directions=True)
-            else:
-                ok = bool(equivalent(pred, gold)) and (not both or bool(equivalent(gold, pred)))
-            status = "correct" if ok else "incorrect"
-        except BaseException:  # noqa: BLE001 - any failure of the grader is an "error" result
-            status = "error"
-        _write_frame(out_fd, (job_id, status))
+        _write_frame(out_fd, (job_id, _run_job(equivalent, pred, gold, both)))
+
+
+def _run_job(equivalent: Equivalent, pred: str, gold: str, both: bool) -> str:
+    """Status of one job: correct / incorrect, or error when the grader raised."""
+    try:
+        if both and equivalent is math_verify_equivalent:
+            ok = math_verify_equivalent(pred, gold, both_directions=True)  # parses each side once
+        else:
+            ok = bool(equivalent(pred, gold)) and (not both or bool(equivalent(gold, pred)))
+        return "correct" if ok else "incorrect"
+    except Exception:  # any failure of the grader (parser bug, RecursionError) is an "error" result
+        return "error"
 
 
 @dataclasses.dataclass
@@ -472,11 +476,11 @@ class Verifier:
         unique: dict[tuple[str, str, bool], str | None] = dict.fromkeys(jobs)
         todo = []
         for key in unique:
-            pred, gold, _ = key
+            pred, gold, both = key
             decided = None if self._custom else fast_equivalence(pred, gold)
             if decided is not None:
                 unique[key] = "correct" if decided else "incorrect"
-            elif is_pathological(pred):
+            elif is_pathological(pred) or (both and is_pathological(gold)):
                 unique[key] = "rejected"
             else:
                 todo.append(key)
@@ -486,17 +490,7 @@ class Verifier:
         return [unique[j] for j in jobs]
 
     def _run_serial(self, todo: list[tuple[str, str, bool]]) -> list[str]:
-        out = []
-        for pred, gold, both in todo:
-            try:
-                if both and self._equivalent is math_verify_equivalent:
-                    ok = math_verify_equivalent(pred, gold, both_directions=True)
-                else:
-                    ok = self._equivalent(pred, gold) and (not both or self._equivalent(gold, pred))
-                out.append("correct" if ok else "incorrect")
-            except Exception:
-                out.append("error")
-        return out
+        return [_run_job(self._equivalent, *job) for job in todo]
 
     def _spawn(self) -> _Worker:
         env = dict(os.environ)
