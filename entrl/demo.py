@@ -25,6 +25,7 @@ tiny and the gain comes from RL un-learning the teacher's systematic mistakes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -88,64 +89,113 @@ def warm_start(cfg: C.RunConfig, tokenizer, train_records, *, sft_steps: int, se
     return graphdef, params, losses
 
 
-def run_demo(out_dir: str | Path = "demo_out", *, overrides=(), seed: int = 0, quick: bool = False) -> dict:
-    from entrl.evaluation import evaluate_prompts
-    from entrl.rl.setup import build_records, build_sampler, build_verifier, save_policy, tokenize, train_from_config
+@dataclasses.dataclass
+class DemoContext:
+    """The warm-started policy and the held-out evaluation shared by the demo and `entrl ablate --demo`."""
+
+    cfg: C.RunConfig
+    tokenizer: object
+    graphdef: object
+    warm_params: object
+    warm_dir: Path
+    held_tokens: list
+    held_answers: list
+    verifier: object
+    eval_sampler: object
+    before: dict
+    sft_losses: list
+
+    def evaluate(self, params, tag: str) -> dict:
+        from entrl.evaluation import evaluate_prompts
+
+        cfg, ks = self.cfg, tuple(self.cfg.eval.k)
+        res = evaluate_prompts(self.eval_sampler, self.graphdef, params, self.tokenizer, self.held_tokens,
+                               self.held_answers, verifier=self.verifier, n=cfg.eval.n, ks=ks,
+                               seed=cfg.train.seed + 12345, with_entropy=True, buckets=cfg.rollout.prompt_buckets,
+                               batch_prompts=EVAL_BATCH_PROMPTS)
+        print(f"[demo] {tag}: pass@1 {res['pass@1']:.3f}  pass@{ks[-1]} {res[f'pass@{ks[-1]}']:.3f}  "
+              f"entropy {res['entropy']:.3f}", flush=True)
+        return res
+
+    def close(self):
+        self.verifier.close()
+
+
+def prepare(out: Path, *, seed: int = 0, quick: bool = False, overrides=()) -> DemoContext:
+    """Steps 1-3: task, warm start (saved to `out/warmstart`), evaluation before RL."""
+    from entrl.rl.setup import build_records, build_sampler, build_verifier, save_policy, tokenize
     from entrl.tokenizer import CharTokenizer
 
-    t0 = time.perf_counter()
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(out, seed=seed, quick=quick, overrides=overrides)
     tokenizer = CharTokenizer()
     train_records, held_records = build_records(cfg)
     held_tokens, held_records = tokenize(cfg, held_records, tokenizer)
-
-    # 1-2. warm start --------------------------------------------------------
-    print(f"[demo] warm-start: SFT on a noisy teacher ({SFT_ERROR_RATE:.0%} of solutions contain a mistake)")
+    print(f"[demo] warm-start: SFT on a noisy teacher ({SFT_ERROR_RATE:.0%} of solutions contain a mistake)",
+          flush=True)
     graphdef, params, sft_losses = warm_start(cfg, tokenizer, train_records,
                                               sft_steps=QUICK["sft_steps"] if quick else SFT_STEPS, seed=seed)
     warm_dir = save_policy(graphdef, params, tokenizer, out / "warmstart")
+    ctx = DemoContext(cfg=cfg, tokenizer=tokenizer, graphdef=graphdef, warm_params=params, warm_dir=warm_dir,
+                      held_tokens=held_tokens, held_answers=[r.answer for r in held_records],
+                      verifier=build_verifier(cfg), eval_sampler=build_sampler(cfg, tokenizer, None, n=cfg.eval.n),
+                      before={}, sft_losses=sft_losses)
+    ctx.before = ctx.evaluate(params, "before RL")
+    return ctx
 
-    # 3. before ---------------------------------------------------------------
-    verifier = build_verifier(cfg)
-    eval_sampler = build_sampler(cfg, tokenizer, None, n=cfg.eval.n)
-    ks = tuple(cfg.eval.k)
 
-    def evaluate(p, tag):
-        res = evaluate_prompts(eval_sampler, graphdef, p, tokenizer, held_tokens, [r.answer for r in held_records],
-                               verifier=verifier, n=cfg.eval.n, ks=ks, seed=seed + 12345, with_entropy=True,
-                               buckets=cfg.rollout.prompt_buckets, batch_prompts=EVAL_BATCH_PROMPTS)
-        print(f"[demo] {tag}: pass@1 {res['pass@1']:.3f}  pass@{ks[-1]} {res[f'pass@{ks[-1]}']:.3f}  "
-              f"entropy {res['entropy']:.3f}")
-        return res
+def rl_and_evaluate(ctx: DemoContext, out_dir: Path, overrides=()) -> tuple[object, dict]:
+    """Step 4-5: SE annotation + curriculum RL from the warm start into `out_dir`, then evaluate."""
+    from entrl.rl.setup import train_from_config
 
-    before = evaluate(params, "before RL")
+    cfg = C.load_config(DEMO_YAML, [*_cfg_overrides(ctx.cfg), f"model.path={ctx.warm_dir}",
+                                    f"model.tokenizer={ctx.warm_dir}", f"train.out_dir={out_dir}", *overrides])
+    print(f"[demo] RL: {cfg.loss.name}, SE curriculum ({cfg.curriculum.stages} stages), {cfg.train.steps} steps",
+          flush=True)
+    trainer = train_from_config(cfg, resume=False)
+    return trainer, ctx.evaluate(trainer.params, f"after RL ({cfg.loss.name})")
 
-    # 4. SE curriculum + SENT RL ----------------------------------------------
-    print(f"[demo] RL: {cfg.loss.name}, SE curriculum ({cfg.curriculum.stages} stages), {cfg.train.steps} steps")
-    rl_cfg = C.replace(cfg, **{"model.path": str(warm_dir), "model.tokenizer": str(warm_dir)})
-    trainer = train_from_config(rl_cfg, resume=False)
 
-    # 5. after -----------------------------------------------------------------
-    after = evaluate(trainer.params, "after RL")
-    verifier.close()
+def _cfg_overrides(cfg: C.RunConfig) -> list[str]:
+    """The resolved config as dotted overrides (so a derived run starts from exactly this config)."""
+    out = []
+    for section, values in C.to_dict(cfg).items():
+        for key, value in values.items():
+            out.append(f"{section}.{key}={json.dumps(value)}")
+    return out
+
+
+def summarize_demo(ctx: DemoContext, trainer, after: dict, wall: float) -> dict:
+    ks = tuple(ctx.cfg.eval.k)
+    before = ctx.before
     gain, lo, hi = paired_ci(before["per_problem_pass@1"], after["per_problem_pass@1"])
-    summary = {
-        "before": {"pass@1": before["pass@1"], f"pass@{ks[-1]}": before[f"pass@{ks[-1]}"],
-                   "pass@k": before[f"pass@{ks[-1]}"], "entropy": before["entropy"]},
-        "after": {"pass@1": after["pass@1"], f"pass@{ks[-1]}": after[f"pass@{ks[-1]}"],
-                  "pass@k": after[f"pass@{ks[-1]}"], "entropy": after["entropy"]},
+    pick = lambda r: {"pass@1": r["pass@1"], f"pass@{ks[-1]}": r[f"pass@{ks[-1]}"], "pass@k": r[f"pass@{ks[-1]}"],
+                      "entropy": r["entropy"], "response_length": r["response_length"]}
+    return {
+        "before": pick(before),
+        "after": pick(after),
         "k": ks[-1],
         "pass@1_gain": gain,
         "pass@1_gain_ci95": [lo, hi],
-        "heldout_problems": len(held_records),
-        "samples_per_problem": cfg.eval.n,
-        "loss": cfg.loss.name,
+        "heldout_problems": len(ctx.held_tokens),
+        "samples_per_problem": ctx.cfg.eval.n,
+        "loss": trainer.cfg.loss.name,
         "rl_steps": trainer.step,
-        "sft_final_loss": sft_losses[-1] if sft_losses else None,
-        "wall_seconds": time.perf_counter() - t0,
+        "sft_final_loss": ctx.sft_losses[-1] if ctx.sft_losses else None,
+        "wall_seconds": wall,
     }
+
+
+def run_demo(out_dir: str | Path = "demo_out", *, overrides=(), seed: int = 0, quick: bool = False) -> dict:
+    """The whole demo; prints the before/after table and writes `<out_dir>/summary.json`."""
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    ctx = prepare(out, seed=seed, quick=quick, overrides=overrides)
+    try:
+        trainer, after = rl_and_evaluate(ctx, out / "rl")
+    finally:
+        ctx.close()
+    summary = summarize_demo(ctx, trainer, after, time.perf_counter() - t0)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     try:
         from entrl.metrics import plot_runs
