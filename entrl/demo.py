@@ -45,9 +45,11 @@ SFT_ERROR_RATE = 0.45
 SFT_STEPS = 350
 SFT_BATCH = 64
 SFT_LR = 2e-3
+SFT_PROBLEMS = 4000
 EVAL_BATCH_PROMPTS = 250
 QUICK = {  # tiny sizes for tests / smoke runs (`entrl demo --quick`)
     "sft_steps": 30,
+    "sft_problems": 256,
     "overrides": ["train.steps=2", "data.arithmetic_train_size=64", "data.arithmetic_heldout_size=32",
                   "curriculum.samples=4", "rollout.n=4", "train.prompts_per_step=8", "train.minibatch_prompts=8",
                   "train.microbatch_seqs=32", "model.demo_layers=1", "model.demo_hidden=32", "model.demo_heads=2",
@@ -69,7 +71,8 @@ def paired_ci(before: np.ndarray, after: np.ndarray, z: float = 1.96) -> tuple[f
     return mean, mean - half, mean + half
 
 
-def warm_start(cfg: C.RunConfig, tokenizer, train_records, *, sft_steps: int, seed: int):
+def warm_start(cfg: C.RunConfig, tokenizer, train_records, *, sft_steps: int, seed: int,
+               sft_problems: int = 4000):
     """Random-init demo model + noisy-teacher SFT. Returns (graphdef, params, sft_losses)."""
     from entrl.data.tasks import ArithmeticTask, build_prompt
     from entrl.rl.setup import build_model
@@ -77,10 +80,12 @@ def warm_start(cfg: C.RunConfig, tokenizer, train_records, *, sft_steps: int, se
 
     task = ArithmeticTask()
     rng = np.random.default_rng(seed + 1)
+    # SFT problems: a larger draw of the training split (the RL prompt pool is part of it; held-out never is).
+    sft_records = task.make_problems(max(sft_problems, len(train_records)), seed=seed, split="train")
     prompts = [tokenizer.encode(build_prompt(r.problem, tokenizer, suffix="", chat_template=True))
-               for r in train_records]
+               for r in sft_records]
     responses = [tokenizer.encode(task.noisy_solution(r.problem, rng, SFT_ERROR_RATE)) + [tokenizer.eos_token_id]
-                 for r in train_records]
+                 for r in sft_records]
     graphdef, params = build_model(cfg, None, tokenizer)
     params, losses = train_sft(graphdef, params, prompts, responses, pad_id=tokenizer.pad_token_id,
                                steps=sft_steps, batch_size=SFT_BATCH, lr=SFT_LR, seed=seed,
@@ -134,7 +139,8 @@ def prepare(out: Path, *, seed: int = 0, quick: bool = False, overrides=()) -> D
     print(f"[demo] warm-start: SFT on a noisy teacher ({SFT_ERROR_RATE:.0%} of solutions contain a mistake)",
           flush=True)
     graphdef, params, sft_losses = warm_start(cfg, tokenizer, train_records,
-                                              sft_steps=QUICK["sft_steps"] if quick else SFT_STEPS, seed=seed)
+                                              sft_steps=QUICK["sft_steps"] if quick else SFT_STEPS, seed=seed,
+                                              sft_problems=QUICK["sft_problems"] if quick else SFT_PROBLEMS)
     warm_dir = save_policy(graphdef, params, tokenizer, out / "warmstart")
     ctx = DemoContext(cfg=cfg, tokenizer=tokenizer, graphdef=graphdef, warm_params=params, warm_dir=warm_dir,
                       held_tokens=held_tokens, held_answers=[r.answer for r in held_records],
