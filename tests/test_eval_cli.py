@@ -1,0 +1,219 @@
+"""`entrl eval` end to end on a tiny random model: outputs agree with samples.jsonl, resume, errors, flags.
+
+One tiny qwen2 model (hidden 32, 1 layer) with a byte-level HF tokenizer (every benchmark character
+encodes) is saved once per module. Grading in the end-to-end runs is a deterministic stub keyed on the
+response text, so that pass@k / maj@k are not all zero on random text; the CLI smoke run uses the real
+`entrl.rewards.Verifier`.
+"""
+
+import json
+import zlib
+
+import numpy as np
+import pytest
+
+from entrl import evaluation as E
+from entrl.evaluation import pass_at_k
+from entrl.rewards import RewardResult
+
+N, KS, NEW_TOKENS, BUCKETS = 4, (1, 2, 4), 4, (1024,)
+# math500 row 0 is a tuple answer, minerva has decimals and `4.5e33`: both exercise the flags.
+BENCHES = ["math500", "minerva"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from entrl.models import ModelConfig, create_model, save_pretrained
+
+    d = tmp_path_factory.mktemp("model")
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                 additional_special_tokens=["<|im_start|>"])
+    hf.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    hf.save_pretrained(str(d))
+    cfg = ModelConfig(arch="qwen2", vocab_size=len(hf), hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, tie_word_embeddings=True, qkv_bias=True,
+                      max_position_embeddings=2048, eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id)
+    save_pretrained(create_model(cfg, seed=0), d)
+    return d
+
+
+class StubVerifier:
+    """Deterministic grades from the response text: answer = crc32 % 3, correct iff the answer is "0"."""
+
+    def score(self, responses, references):
+        answers = [str(zlib.crc32(r.encode()) % 3) for r in responses]
+        correct = np.array([a == "0" for a in answers])
+        status = ["correct" if c else "incorrect" for c in correct]
+        return RewardResult(correct.astype(np.float32), correct, answers, status, {})
+
+
+def _run(model_dir, out, **kw):
+    args = dict(model=str(model_dir), benchmarks=BENCHES, n=N, ks=KS, out_dir=str(out), data_dir=kw.pop("data_dir"),
+                max_new_tokens=NEW_TOKENS, max_problems=3, batch_size=2, seed=0, dtype="float32", buckets=BUCKETS,
+                verifier=StubVerifier())
+    args.update(kw)
+    return E.run_eval_cli(**args)
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def first_run(model_dir, shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    res = _run(model_dir, out, data_dir=str(shared_data))
+    return out, res, (out / "samples.jsonl").read_text()
+
+
+def test_outputs_consistent_with_samples(first_run):
+    out, res, _ = first_run
+    rows = _rows(out / "samples.jsonl")
+    assert len(rows) == len(BENCHES) * 3 * N
+    assert set(rows[0]) >= {"benchmark", "id", "sample", "response", "answer", "correct", "finish_reason", "length"}
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["ks"] == list(KS) and set(on_disk["benchmarks"]) == set(BENCHES)
+    table = (out / "results.md").read_text()
+    per_bench = {}
+    for b in BENCHES:
+        mine = [r for r in rows if r["benchmark"] == b]
+        ids = list(dict.fromkeys(r["id"] for r in mine))
+        assert len(ids) == 3
+        corr = np.array([[next(r["correct"] for r in mine if r["id"] == i and r["sample"] == j) for j in range(N)]
+                         for i in ids])
+        m = on_disk["benchmarks"][b]
+        assert m["problems"] == 3 and m["n"] == N
+        for k in KS:
+            assert m[f"pass@{k}"] == pytest.approx(np.mean([pass_at_k(N, int(c), k) for c in corr.sum(1)]))
+            assert m[f"avg@{k}"] == pytest.approx(corr[:, :k].mean())
+            # stub answers are "0"/"1"/"2": the majority class is right iff it is "0"
+            assert 0.0 <= m[f"maj@{k}"] <= m[f"pass@{k}"] + 1e-12
+        assert m["maj@1"] == pytest.approx(m["avg@1"])
+        assert m["response_length"] == pytest.approx(np.mean([r["length"] for r in mine]))
+        assert m["truncation_rate"] == pytest.approx(np.mean([r["finish_reason"] == "length" for r in mine]))
+        assert all(1 <= r["length"] <= NEW_TOKENS for r in mine)
+        per_bench[b] = m
+        row = f"| {m['label']} | avg@k | " + " | ".join(f"{100 * m[f'avg@{k}']:.2f}" for k in KS) + " |"
+        assert row in table
+    for key in ("pass@4", "avg@2", "maj@1", "truncation_rate"):
+        assert on_disk["average"][key] == pytest.approx(np.mean([m[key] for m in per_bench.values()]))
+    assert "**Average**" in table
+    assert 0 < np.mean([r["correct"] for r in rows]) < 1  # the check above is not vacuous
+    assert on_disk == json.loads(json.dumps(res))
+
+
+def test_hard_answers_flagged_in_results(first_run):
+    out, _, _ = first_run
+    res = json.loads((out / "results.json").read_text())
+    math_flags = {f["id"]: f["reasons"] for f in res["benchmarks"]["math500"]["flagged"]}
+    assert math_flags["test/precalculus/807.json"] == ["tuple_or_interval"]  # \left( 3, \frac{\pi}{2} \right)
+    minerva = {f["id"]: f["reasons"] for f in res["benchmarks"]["minerva"]["flagged"]}
+    assert minerva == {"minerva-0": ["decimal"], "minerva-1": ["e_notation"], "minerva-2": ["decimal"]}
+    assert all(0 <= f["accuracy"] <= 1 for f in res["benchmarks"]["minerva"]["flagged"])
+
+
+def test_answer_format_flags(shared_data):
+    answers = {}
+    for name in ("minerva", "olympiadbench"):
+        for line in (shared_data / f"{name}.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            answers[r["id"]] = r["answer"]
+    # the six answers math-verify reads only as plain strings (../shared/data/README.md)
+    for rid in ("minerva-5", "minerva-27", "minerva-268", "minerva-269", "olympiadbench-1782", "olympiadbench-2045"):
+        assert E.answer_format_flags(answers[rid]) == ["plain_string"], rid
+    assert E.answer_format_flags("204") == []
+    assert E.answer_format_flags(r"\frac{1}{2 n+2}") == []
+    assert E.answer_format_flags("f(x)=x, f(x)=-x") == ["multiple_answers", "equation"]
+    assert E.answer_format_flags("(1,2), (3,4)") == ["multiple_answers", "tuple_or_interval"]
+    assert E.answer_format_flags("(0,4]") == ["tuple_or_interval"]
+    assert E.answer_format_flags(r"x \le 3") == ["inequality"]
+    assert E.answer_format_flags("MR=SRMC") == ["equation"]
+    assert E.answer_format_flags(r"5\text{ cm}") == ["text"]
+    assert E.answer_format_flags("{" * 12 + "1" + "}" * 12) == ["pathological"]
+
+
+def test_resume_samples_only_missing_problems(first_run, model_dir, shared_data, tmp_path, monkeypatch):
+    out0, res0, text0 = first_run
+    rows = _rows(out0 / "samples.jsonl")
+    # drop minerva's first problem entirely and one sample of its second; then a torn, half-written line
+    first = next(r["id"] for r in rows if r["benchmark"] == "minerva")
+    second = next(r["id"] for r in rows if r["benchmark"] == "minerva" and r["id"] != first)
+    kept = [r for r in rows if r["id"] != first and not (r["id"] == second and r["sample"] == 1)]
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "run.json").write_text((out0 / "run.json").read_text())
+    (out / "samples.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+                                       + '{"benchmark": "minerva", "id": "mi')
+    calls = []
+    real = E.sample_and_grade
+
+    def counting(*a, **kw):
+        calls.append(len(a[4]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(E, "sample_and_grade", counting)
+    res = _run(model_dir, out, data_dir=str(shared_data))
+    assert calls == [2]  # one batch: the two damaged minerva problems; math500 untouched
+    key = lambda r: (r["benchmark"], r["id"], r["sample"])  # noqa: E731
+    # resumed batch = the original batch (same problems, key and shape): the same samples come back
+    assert sorted(_rows(out / "samples.jsonl"), key=key) == sorted(rows, key=key)
+    assert res["benchmarks"] == res0["benchmarks"]
+    # a finished directory is summarised again without sampling
+    calls.clear()
+    _run(model_dir, out, data_dir=str(shared_data))
+    assert calls == []
+
+
+def test_errors(first_run, model_dir, shared_data, tmp_path):
+    out0, _, text0 = first_run
+    with pytest.raises(ValueError, match="other settings.*temperature"):
+        _run(model_dir, out0, data_dir=str(shared_data), temperature=0.5)
+    with pytest.raises(ValueError, match="other settings.*n: 4"):
+        _run(model_dir, out0, data_dir=str(shared_data), n=2, ks=(1,))
+    assert (out0 / "samples.jsonl").read_text() == text0  # nothing was rewritten
+    with pytest.raises(ValueError, match="k=8"):
+        _run(model_dir, tmp_path / "a", data_dir=str(shared_data), ks=(1, 8))
+    with pytest.raises(FileNotFoundError, match="aime24"):
+        _run(model_dir, tmp_path / "b", data_dir=str(tmp_path), benchmarks=["aime24"])
+
+
+def test_evaluate_prompts_on_shared_batch_helper(model_dir):
+    """evaluate_prompts (the trainer/demo path) runs on the same `sample_and_grade` helper."""
+    from entrl.models import load_pretrained
+    from entrl.sampling import Sampler, SamplingConfig
+    from entrl.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    sc = SamplingConfig(n=N, max_new_tokens=NEW_TOKENS, eos_ids=tuple(tok.stop_token_ids), pad_id=tok.pad_token_id,
+                        banned_ids=(tok.pad_token_id,))
+    from flax import nnx
+
+    graphdef, params = nnx.split(load_pretrained(model_dir))
+    prompts = [tok.encode("1+1="), tok.encode("2+2=")]
+    res = E.evaluate_prompts(Sampler(sc), graphdef, params, tok, prompts, ["2", "4"], verifier=StubVerifier(), n=N,
+                             ks=(1, 4), buckets=BUCKETS, batch_prompts=2)
+    assert res["correct"].shape == (2, N) and len(res["responses"][1]) == N
+    assert res["pass@4"] == pytest.approx(np.mean([pass_at_k(N, int(c), 4) for c in res["correct"].sum(1)]))
+    assert 0 < res["response_length"] <= NEW_TOKENS
+
+
+def test_cli_smoke(model_dir, shared_data, tmp_path):
+    from entrl.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["eval", "--model", str(model_dir), "--benchmarks", "amc23", "--data-dir", str(shared_data),
+               "--n", "2", "--k", "1,2", "--out", str(out), "--max-new-tokens", "2", "--max-problems", "2",
+               "--batch-size", "2"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["benchmarks"]["amc23"]["problems"] == 2 and res["settings"]["max_new_tokens"] == 2
+    assert len(_rows(out / "samples.jsonl")) == 4
+    assert "AMC23" in (out / "results.md").read_text()
