@@ -89,7 +89,7 @@ def test_create_model_sharded_equals_unsharded_and_logits_match(mesh, model, bat
 def test_kv_cache_decode_under_mesh(mesh, model, batch):
     ids, mask = batch
     B, T = ids.shape
-    sharded = shard_model(create_model(CFG, seed=0), mesh)
+    sharded = shard_model(nnx.clone(model), mesh)
     kv_mask = jnp.asarray(mask)
     positions = jnp.maximum(jnp.cumsum(kv_mask, -1) - 1, 0)
 
@@ -100,7 +100,7 @@ def test_kv_cache_decode_under_mesh(mesh, model, batch):
                                      kv_mask_BxS=kv_mask)
         return jnp.concatenate([h0, h1], axis=1)
 
-    want = model.hidden(jnp.asarray(ids), kv_mask)
+    want = nnx.jit(lambda m, i, a: m.hidden(i, a))(model, jnp.asarray(ids), kv_mask)
     with jax.set_mesh(mesh):
         got = prefill_then_step(sharded, sharded.init_cache(B, T))
     real = mask.astype(bool)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -293,24 +294,44 @@ class Transformer(nnx.Module):
         return self.final_norm(x), KVCache(k=kv[0], v=kv[1])
 
 
+def _host_init(path: str, names: tuple[str, ...], shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """The module's initial value of one param, drawn with numpy: N(0, 0.02) for
+    matrices and embeddings, 0 for biases, 1 for RMSNorm scales; deterministic
+    per (seed, param path)."""
+    if names == ("norm",):
+        return np.ones(shape, np.float32)
+    if path.endswith("_bias"):
+        return np.zeros(shape, np.float32)
+    rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+    return rng.standard_normal(shape, np.float32) * np.float32(0.02)
+
+
 def create_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", mesh=None, remat: bool = False) -> Transformer:
     """A randomly initialised Transformer (params and compute in `dtype`).
 
-    The constructor runs under `jax.jit` (one compilation, cached by the
-    persistent compile cache, instead of one per eager op); with a mesh it gets
-    the params' output shardings, so each device only ever holds its own shard.
+    Values are drawn on the host with numpy (`_host_init`, the same
+    distributions as the module's initializers) rather than with jax.random:
+    XLA takes ~1 s per random tensor to compile on a small CPU, which made a
+    2-layer test model cost half a minute. With a mesh every param is built
+    straight into its sharding (`make_array_from_callback`, one param on the
+    host at a time), so the unsharded model is never on a device; the values
+    do not depend on the mesh.
     """
     dtype = jnp.dtype(dtype)
-
-    def init() -> Transformer:
-        return Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype, remat=remat)
-
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(init))
-    if mesh is None:
-        state = jax.jit(lambda: nnx.state(init()))()
-    else:
+    graphdef, abstract_state = nnx.split(
+        nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype, remat=remat))
+    )
+    if mesh is not None:
         from entrl.sharding import param_shardings
 
-        with jax.set_mesh(mesh):
-            state = jax.jit(lambda: nnx.state(init()), out_shardings=param_shardings(abstract_state, mesh))()
-    return nnx.merge(graphdef, state)
+        shardings = dict(nnx.to_flat_state(param_shardings(abstract_state, mesh)))
+    leaves = []
+    for key, var in nnx.to_flat_state(abstract_state):
+        path, shape = ".".join(map(str, key)), tuple(var.shape)
+        value = _host_init(path, var.get_metadata()["out_sharding"], shape, seed).astype(dtype)
+        if mesh is None:
+            array = jnp.asarray(value)
+        else:
+            array = jax.make_array_from_callback(shape, shardings[key].get_value(), lambda idx, v=value: v[idx])
+        leaves.append((key, var.replace(array)))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
