@@ -29,10 +29,9 @@ def models():
     for name, cfg in TINY.items():
         m = create_model(cfg, seed=1)
         # Non-trivial biases and norm scales, so the tests see them.
-        state = nnx.state(m, nnx.Param)
-        leaves, tree = jax.tree.flatten(state)
-        keys = jax.random.split(jax.random.key(7), len(leaves))
-        leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+        rng = np.random.default_rng(7)
+        leaves, tree = jax.tree.flatten(nnx.state(m, nnx.Param))
+        leaves = [jnp.asarray(x + 0.1 * rng.standard_normal(x.shape, np.float32)) for x in leaves]
         nnx.update(m, jax.tree.unflatten(tree, leaves))
         out[name] = m
     return out
@@ -46,6 +45,16 @@ def _batch(rng, B=3, T=9, V=97, pads=(0, 3, 6)):
     return jnp.asarray(ids), jnp.asarray(mask)
 
 
+@nnx.jit
+def _logits(model, ids, mask=None, positions=None):
+    return model(ids, mask, positions)
+
+
+@nnx.jit
+def _hidden(model, ids, mask=None):
+    return model.hidden(ids, mask)
+
+
 @pytest.mark.parametrize("arch", sorted(TINY))
 def test_kv_cache_decode_equals_full_forward(models, arch):
     """Prefill a left-padded prompt, then decode one token per call: every real
@@ -54,7 +63,7 @@ def test_kv_cache_decode_equals_full_forward(models, arch):
     ids, mask = _batch(np.random.RandomState(0))
     B, T = ids.shape
     P, S = 5, 12  # prompt length, cache slots
-    full_h = m.hidden(ids, mask)
+    full_h = _hidden(m, ids, mask)
     positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
     kv_mask = jnp.zeros((B, S), jnp.int32).at[:, :T].set(mask)
 
@@ -81,21 +90,21 @@ def test_kv_cache_decode_equals_full_forward(models, arch):
 def test_left_padding_matches_unpadded_and_is_finite(models):
     m = models["qwen3"]
     ids, mask = _batch(np.random.RandomState(1))
-    logits = m(ids, mask)
+    logits = _logits(m, ids, mask)
     assert logits.dtype == jnp.float32 and logits.shape == (3, 9, 97)
     assert np.isfinite(np.asarray(logits)).all()  # padding query rows too
-    alone = m(ids[2:3, 6:])  # row 2 without its 6 padding tokens
+    alone = _logits(m, ids[2:3, 6:])  # row 2 without its 6 padding tokens
     np.testing.assert_allclose(np.asarray(logits[2, 6:]), np.asarray(alone[0]), atol=2e-5, rtol=2e-5)
 
 
 def test_causality_and_logits_from_hidden(models):
     m = models["qwen2"]
     ids, _ = _batch(np.random.RandomState(2), pads=(0, 0, 0))
-    logits = m(ids)
-    changed = m(ids.at[:, 5].set((ids[:, 5] + 1) % 97))
+    logits = _logits(m, ids)
+    changed = _logits(m, ids.at[:, 5].set((ids[:, 5] + 1) % 97))
     np.testing.assert_array_equal(np.asarray(logits[:, :5]), np.asarray(changed[:, :5]))
     assert not np.allclose(np.asarray(logits[:, 5]), np.asarray(changed[:, 5]))
-    h = m.hidden(ids)
+    h = _hidden(m, ids)
     assert h.shape == (3, 9, 32) and m.unembedding().shape == (32, 97)
     np.testing.assert_allclose(np.asarray(h @ m.unembedding()), np.asarray(logits), atol=1e-5, rtol=1e-5)
 
