@@ -187,3 +187,32 @@ def test_no_weights_file(checkpoints, tmp_path):
     (d / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="model.safetensors"):
         load_pretrained(d)
+
+
+class _RecordingSlice:
+    """Stands in for safetensors' lazy slice and records what was read."""
+
+    def __init__(self, array):
+        self.array, self.reads = array, []
+
+    def __getitem__(self, index):
+        self.reads.append(index)
+        return self.array[index]
+
+
+def test_layout_reads_only_the_requested_block():
+    """Per-device reads touch only that device's rows/columns of the HF tensor,
+    and equal slicing the fully transformed param (incl. a cut inside a `*`-group)."""
+    from entrl.models.hf_io import _Layout
+
+    H, Dh, D = 4, 6, 10
+    hf = np.arange(H * Dh * D, dtype=np.float32).reshape(H * Dh, D)  # q_proj.weight [H*Dh, D]
+    layout = _Layout("q_heads*head_dim,embed", ("embed", "q_heads", "head_dim"), (D, H, Dh))
+    full = np.transpose(hf.reshape(H, Dh, D), (2, 0, 1))
+    np.testing.assert_array_equal(layout.to_hf(full), hf)
+    for index in [(slice(0, 5), slice(2, 4), slice(None)), (slice(None), slice(1, 2), slice(3, 6))]:
+        tensor = _RecordingSlice(hf)
+        np.testing.assert_array_equal(layout.read(tensor, index, full.shape), full[index])
+        rows, cols = tensor.reads[0]
+        assert (rows.stop - rows.start) == (index[1].stop - index[1].start) * Dh  # only those heads
+        assert cols == (index[0] if index[0] != slice(None) else slice(0, D))
