@@ -253,8 +253,9 @@ def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
 # - The settings that change what a sample means (model, tokenizer, n, temperature, top_p,
 #   max_new_tokens, seed, dtype, prompt) go to `<out>/run.json` on the first run; resuming with other
 #   ones is an error. Benchmarks, k, batch size and max_problems may change between runs.
-# - Sampling keys are fold_in(key(seed), crc32(benchmark), index of the batch's first problem), so a
-#   run resumed at a batch boundary with the same batch size draws the samples an uninterrupted run would.
+# - Sampling keys are fold_in(key(seed), crc32(benchmark), index of the batch's first problem), not a
+#   counter of the run's history: a resumed batch holding the same problems as a batch of the
+#   interrupted run (same batch size, stopped at a batch boundary) draws exactly the same samples.
 # - Grading is `entrl.rewards.Verifier`, the training reward (one implementation). Reference answers
 #   math-verify only reads as a plain string, several answers, tuples/intervals, equations and
 #   inequalities, decimals and `4.5e33`-style numbers are listed under `flagged` in results.json with
@@ -338,6 +339,7 @@ def load_benchmark(name: str, *, data_dir: str | None = None, max_problems: int 
     JSONL/Parquet path or hub id with columns `problem`/`answer` (and `id` when present)."""
     from pathlib import Path
 
+    from entrl.config import ConfigError
     from entrl.data.sources import load_records
 
     if max_problems < 0:
@@ -347,7 +349,7 @@ def load_benchmark(name: str, *, data_dir: str | None = None, max_problems: int 
         if data_dir:
             path = Path(data_dir) / f"{name}.jsonl"
             if not path.is_file():
-                raise FileNotFoundError(f"benchmark {name!r}: {path} not found (--data-dir {data_dir})")
+                raise ConfigError(f"benchmark {name!r}: {path} not found (--data-dir {data_dir})")
             records = load_records(path).records
         else:
             records = _hub_records(src)
@@ -452,13 +454,15 @@ def _check_run_settings(out, settings: dict, have_samples: bool) -> None:
     """Write run.json, or compare with the one there; a mismatch with samples on disk is an error."""
     import json
 
+    from entrl.config import ConfigError
+
     path = out / "run.json"
     if path.exists() and have_samples:
         old = json.loads(path.read_text()).get("settings", {})
         diff = {k: (old.get(k), settings[k]) for k in RESUME_KEYS if old.get(k) != settings[k]}
         if diff:
             lines = ", ".join(f"{k}: {a!r} on disk vs {b!r} now" for k, (a, b) in diff.items())
-            raise ValueError(f"{out} holds samples drawn with other settings ({lines}); use another --out "
+            raise ConfigError(f"{out} holds samples drawn with other settings ({lines}); use another --out "
                              "or delete its samples.jsonl")
         return
     path.write_text(json.dumps({"settings": settings}, indent=2) + "\n")
@@ -568,6 +572,7 @@ def run_eval_cli(*, model: str, benchmarks: Sequence[str], n: int = 32, ks: Sequ
 
     import jax
 
+    from entrl.config import ConfigError
     from entrl.data.tasks import SENT_SUFFIX, tokenize_prompts
     from entrl.rewards import Verifier
     from entrl.rl.setup import resolve_model_dir
@@ -576,11 +581,14 @@ def run_eval_cli(*, model: str, benchmarks: Sequence[str], n: int = 32, ks: Sequ
 
     ks = sorted({int(k) for k in ks})
     if not benchmarks:
-        raise ValueError("no benchmarks given")
-    for k in ks:
-        _check_k(n, k)
+        raise ConfigError("no benchmarks given")
+    try:
+        for k in ks:
+            _check_k(n, k)
+    except ValueError as e:
+        raise ConfigError(f"{e}; raise --n or drop that k") from None
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        raise ConfigError(f"batch_size={batch_size}: must be >= 1")
     buckets = tuple(buckets or DEFAULT_BUCKETS)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -596,7 +604,7 @@ def run_eval_cli(*, model: str, benchmarks: Sequence[str], n: int = 32, ks: Sequ
 
     suites = [load_benchmark(b, data_dir=data_dir, max_problems=max_problems) for b in benchmarks]
     if len({s.key for s in suites}) != len(suites):
-        raise ValueError(f"benchmarks {list(benchmarks)} name the same benchmark twice")
+        raise ConfigError(f"benchmarks {list(benchmarks)} name the same benchmark twice")
     tok = load_tokenizer(tok_name)
     prompts = {s.key: tokenize_prompts(s.records, tok, max_prompt_len=max(buckets), on_long_prompt="error",
                                        chat_template=chat_template).tokens for s in suites}
