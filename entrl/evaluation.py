@@ -331,6 +331,8 @@ def _hub_records(src: BenchmarkSource) -> list:
         if not problem or not answer:
             raise ValueError(f"{src.hub_id} row {i}: empty problem or answer")
         records.append(Record(str(i if rid in (None, "") else rid), problem, answer, {}))
+    if len({r.id for r in records}) != len(records):  # ids must key samples.jsonl: fall back to row indices
+        records = [Record(str(i), r.problem, r.answer, {}) for i, r in enumerate(records)]
     return records
 
 
