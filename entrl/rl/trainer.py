@@ -156,8 +156,17 @@ class Trainer:
     # -- state ---------------------------------------------------------------
 
     def _init_opt(self, params):
-        init = jax.jit(self.optimizer.init)
-        return init(params)
+        """Optimizer state laid out like the params (Adam moments sharded as their params, counters
+        replicated); without explicit shardings jit puts the data-independent zeros on device 0."""
+        if self.c.mesh is None:
+            return jax.jit(self.optimizer.init)(params)
+        import optax
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        param_sh = jax.tree.map(lambda x: x.sharding, params)
+        opt_sh = optax.tree_map_params(self.optimizer, lambda _, sh: sh, jax.eval_shape(self.optimizer.init, params),
+                                       param_sh, transform_non_params=lambda _: NamedSharding(self.c.mesh, PartitionSpec()))
+        return jax.jit(self.optimizer.init, out_shardings=opt_sh)(params)
 
     def restore(self) -> bool:
         """Resume from the latest good checkpoint, if any. Returns True when resumed."""
