@@ -37,7 +37,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from entrl.evaluation import run_eval_cli
+    from entrl.benchmarks import run_eval_cli
 
     run_eval_cli(model=args.model, benchmarks=args.benchmarks.split(","), n=args.n,
                  ks=[int(k) for k in args.k.split(",")], out_dir=args.out, data_dir=args.data_dir,

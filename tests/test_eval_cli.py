@@ -12,7 +12,8 @@ import zlib
 import numpy as np
 import pytest
 
-from entrl import evaluation as E
+from entrl import benchmarks as E
+from entrl import evaluation
 from entrl.cli import main
 from entrl.config import ConfigError
 from entrl.evaluation import pass_at_k
@@ -201,7 +202,7 @@ def test_evaluate_prompts_on_shared_batch_helper(model_dir):
 
     graphdef, params = nnx.split(load_pretrained(model_dir, dtype="bfloat16"))
     prompts = [tok.encode("1+1="), tok.encode("2+2=")]
-    res = E.evaluate_prompts(Sampler(sc), graphdef, params, tok, prompts, ["2", "4"], verifier=StubVerifier(), n=N,
+    res = evaluation.evaluate_prompts(Sampler(sc), graphdef, params, tok, prompts, ["2", "4"], verifier=StubVerifier(), n=N,
                              ks=(1, 4), buckets=BUCKETS, batch_prompts=2)
     assert res["correct"].shape == (2, N) and len(res["responses"][1]) == N
     assert res["pass@4"] == pytest.approx(np.mean([pass_at_k(N, int(c), 4) for c in res["correct"].sum(1)]))

@@ -1,0 +1,425 @@
+"""`entrl eval`: benchmarks -> samples.jsonl (resumable) -> results.json / results.md
+
+Design decisions:
+- Every sample is one line of `<out>/samples.jsonl`, appended and flushed after each sampler call
+  (one batch of problems). The metrics are computed from that file alone, so an interrupted run
+  resumes by skipping the problems whose n samples are all there, and a finished run is re-summarised
+  (other k, other benchmark subsets) without sampling. A torn last line, or a problem with fewer than n
+  samples (deleted lines), is removed from the file and that problem is sampled again.
+- The settings that change what a sample means (model, tokenizer, n, temperature, top_p,
+  max_new_tokens, seed, dtype, prompt) go to `<out>/run.json` on the first run; resuming with other
+  ones is an error. Benchmarks, k, batch size and max_problems may change between runs.
+- Sampling keys are fold_in(key(seed), crc32(benchmark), index of the batch's first problem), not a
+  counter of the run's history: a resumed batch holding the same problems as a batch of the
+  interrupted run (same batch size, stopped at a batch boundary) draws exactly the same samples.
+- Grading is `entrl.rewards.Verifier`, the training reward (one implementation). Reference answers
+  math-verify only reads as a plain string, several answers, tuples/intervals, equations and
+  inequalities, decimals and `4.5e33`-style numbers are listed under `flagged` in results.json with
+  their accuracy (`answer_format_flags`); they are graded like every other problem, never dropped.
+- Averages over benchmarks are unweighted means of the per-benchmark numbers (the paper's "Average").
+Left out on purpose: multi-device sampling (one device; raise batch_size instead), tolerance
+grading of rounded physics answers and LLM judges (plug in through `verifier=`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from entrl.evaluation import _check_k, sample_and_grade, summarize
+from entrl.semantic_entropy import PairsEquivalent
+
+EVAL_DEFAULTS = {"n": 32, "ks": (1, 8, 16, 32), "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8000}
+# Settings that must not change when an evaluation directory is resumed (see run.json).
+RESUME_KEYS = ("model", "tokenizer", "n", "temperature", "top_p", "max_new_tokens", "seed", "dtype",
+               "chat_template", "prompt_suffix")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkSource:
+    """Where a named benchmark lives on the Hugging Face hub, and which columns hold what."""
+
+    label: str  # name in the tables (the paper's spelling)
+    hub_id: str  # dataset id for `datasets.load_dataset`
+    split: str  # split holding the problems
+    problem_key: str  # column with the problem text
+    answer_key: str  # column with the reference answer (a list is joined with ", ", `$` removed)
+    id_key: str = ""  # column with a problem id ("" or missing in a row: the row index)
+
+
+# The hub ids and columns follow their dataset cards as of 2025; they are NOT exercised offline (tests
+# and CI use `data_dir` = ../shared/data, whose files were built from the same upstream sets).
+BENCHMARKS: dict[str, BenchmarkSource] = {
+    "aime24": BenchmarkSource("AIME24", "HuggingFaceH4/aime_2024", "train", "problem", "answer", "id"),
+    "aime25": BenchmarkSource("AIME25", "yentinglin/aime_2025", "train", "problem", "answer", "id"),
+    "amc23": BenchmarkSource("AMC23", "math-ai/amc23", "test", "question", "answer", "id"),
+    "math500": BenchmarkSource("MATH500", "HuggingFaceH4/MATH-500", "test", "problem", "answer", "unique_id"),
+    "minerva": BenchmarkSource("Minerva", "math-ai/minervamath", "test", "question", "answer"),
+    "olympiadbench": BenchmarkSource("OlympiadBench", "math-ai/olympiadbench", "test", "question", "final_answer",
+                                     "id"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    key: str  # name in samples.jsonl / results.json (a named benchmark, a file stem, or a hub id)
+    label: str  # name in results.md
+    records: list  # `entrl.data.sources.Record`s, in file order
+
+
+def _answer_text(value: Any) -> str:
+    """A hub answer cell as a reference string: lists joined with ", ", integral floats as ints, no `$`."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_answer_text(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).replace("$", "").strip().rstrip(".").strip()
+
+
+def _hub_records(src: BenchmarkSource) -> list:
+    import datasets
+
+    from entrl.data.sources import Record
+
+    try:
+        ds = datasets.load_dataset(src.hub_id, split=src.split)
+    except Exception as e:  # datasets raises many types (connection, not found, offline mode, ...)
+        raise ValueError(f"could not load {src.hub_id!r} (split {src.split!r}) from the hub: {e}; "
+                         "pass --data-dir with <benchmark>.jsonl files instead") from e
+    missing = [k for k in (src.problem_key, src.answer_key) if k not in ds.column_names]
+    if missing:
+        raise ValueError(f"{src.hub_id}: columns {missing} not found; available: {ds.column_names}")
+    records = []
+    for i, row in enumerate(ds):
+        rid = row.get(src.id_key) if src.id_key else None
+        problem, answer = str(row[src.problem_key] or "").strip(), _answer_text(row[src.answer_key])
+        if not problem or not answer:
+            raise ValueError(f"{src.hub_id} row {i}: empty problem or answer")
+        records.append(Record(str(i if rid in (None, "") else rid), problem, answer, {}))
+    if len({r.id for r in records}) != len(records):  # ids must key samples.jsonl: fall back to row indices
+        records = [Record(str(i), r.problem, r.answer, {}) for i, r in enumerate(records)]
+    return records
+
+
+def load_benchmark(name: str, *, data_dir: str | None = None, max_problems: int = 0) -> Benchmark:
+    """A named benchmark (`BENCHMARKS`: `<data_dir>/<name>.jsonl`, else its hub dataset), or any
+    JSONL/Parquet path or hub id with columns `problem`/`answer` (and `id` when present)."""
+    from pathlib import Path
+
+    from entrl.config import ConfigError
+    from entrl.data.sources import load_records
+
+    if max_problems < 0:
+        raise ValueError(f"max_problems={max_problems}: must be >= 0 (0 = all)")
+    if name in BENCHMARKS:
+        src = BENCHMARKS[name]
+        if data_dir:
+            path = Path(data_dir) / f"{name}.jsonl"
+            if not path.is_file():
+                raise ConfigError(f"benchmark {name!r}: {path} not found (--data-dir {data_dir})")
+            records = load_records(path).records
+        else:
+            records = _hub_records(src)
+        key, label = name, src.label
+    else:
+        try:
+            records = load_records(name).records
+        except ValueError as e:
+            if "(id_key) not found" not in str(e):
+                raise
+            records = load_records(name, id_key="").records  # no id column: row index
+        key = Path(name).stem if Path(name).exists() else name
+        label = key
+    return Benchmark(key, label, list(records[:max_problems] if max_problems else records))
+
+
+def answer_format_flags(answer: str) -> list[str]:
+    """Why a reference answer is hard to grade by rule; [] for an ordinary one.
+
+    Reads the answer with the reward code's own parser (`entrl.rewards._parse`, LaTeX only):
+    `plain_string` (no sympy object: compared as a string), `multiple_answers` (a set of several),
+    `tuple_or_interval`, `equation`, `inequality`, `decimal` (often rounded: exact grading is strict),
+    `e_notation` (`4.5e33`: LaTeX reads `e` as Euler's number; only the rational fast path gets it
+    right), `text` (`\\text{..}`: words or units), `pathological` / `unparseable`.
+    """
+    import re
+
+    import sympy
+
+    from entrl.rewards import _parse, is_pathological
+
+    if is_pathological(answer):
+        return ["pathological"]
+    try:
+        objs = [x for x in _parse(answer) if not isinstance(x, str)]
+    except Exception:
+        return ["unparseable"]
+    if not objs:
+        return ["plain_string"]
+    obj = objs[0]
+    items = list(obj.args) if isinstance(obj, sympy.FiniteSet) else [obj]
+    flags = []
+    if isinstance(obj, sympy.FiniteSet) and len(items) > 1:
+        flags.append("multiple_answers")
+    if any(isinstance(x, (sympy.Tuple, sympy.Interval, sympy.Union)) for x in items):
+        flags.append("tuple_or_interval")
+    if any(isinstance(x, sympy.Equality) for x in items):
+        flags.append("equation")
+    elif any(isinstance(x, sympy.core.relational.Relational) for x in items):
+        flags.append("inequality")
+    if re.search(r"\d[eE][+-]?\d", answer):
+        flags.append("e_notation")
+    elif any(isinstance(x, sympy.Basic) and x.atoms(sympy.Float) for x in items):
+        flags.append("decimal")
+    if "\\text" in answer:
+        flags.append("text")
+    return flags
+
+
+# -- samples.jsonl and run.json ---------------------------------------------
+
+
+def _read_samples(path, n: int) -> dict[tuple[str, str], list[dict]]:
+    """Complete problems of samples.jsonl: (benchmark, id) -> its n sample rows in sample order.
+
+    A torn last line (no newline: the run died mid-write) and problems with fewer than n samples are
+    removed from the file (atomically) so that they can be appended again without duplicates.
+    """
+    import json
+    import logging
+    import os
+
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    torn = lines[-1] != b""
+    groups: dict[tuple[str, str], dict[int, dict]] = {}
+    for lineno, line in enumerate(lines[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            key, j = (str(row["benchmark"]), str(row["id"])), int(row["sample"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} line {lineno}: not a sample row ({e}); fix or delete the line") from None
+        groups.setdefault(key, {})[j] = row
+    complete = {k: [g[j] for j in range(n)] for k, g in groups.items() if set(g) == set(range(n))}
+    partial = len(groups) - len(complete)
+    if torn or partial:
+        logging.getLogger(__name__).warning("%s: dropping %d problems with fewer than %d samples%s; they are "
+                                            "sampled again", path, partial, n, " and a torn last line" if torn else "")
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for rows in complete.values():
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        os.replace(tmp, path)
+    return complete
+
+
+def _check_run_settings(out, settings: dict, have_samples: bool) -> None:
+    """Write run.json, or compare with the one there; a mismatch with samples on disk is an error."""
+    import json
+
+    from entrl.config import ConfigError
+
+    path = out / "run.json"
+    if path.exists() and have_samples:
+        old = json.loads(path.read_text()).get("settings", {})
+        diff = {k: (old.get(k), settings[k]) for k in RESUME_KEYS if old.get(k) != settings[k]}
+        if diff:
+            lines = ", ".join(f"{k}: {a!r} on disk vs {b!r} now" for k, (a, b) in diff.items())
+            raise ConfigError(f"{out} holds samples drawn with other settings ({lines}); use another --out "
+                             "or delete its samples.jsonl")
+        return
+    path.write_text(json.dumps({"settings": settings}, indent=2) + "\n")
+
+
+# -- metrics and tables -------------------------------------------------------
+
+
+def benchmark_metrics(rows_by_problem: Sequence[Sequence[dict]], ks: Sequence[int], *,
+                      pairs_equivalent: PairsEquivalent | None = None) -> dict[str, Any]:
+    """avg@k / pass@k / maj@k (`summarize`), mean response length, truncation rate and status counts
+    of one benchmark, from its sample rows ([problem][sample] dicts of samples.jsonl)."""
+    correct = np.array([[bool(r["correct"]) for r in rows] for rows in rows_by_problem], bool)
+    answers = [[r["answer"] for r in rows] for rows in rows_by_problem]
+    flat = [r for rows in rows_by_problem for r in rows]
+    out: dict[str, Any] = dict(summarize(correct, answers, ks, pairs_equivalent=pairs_equivalent))
+    out["response_length"] = float(np.mean([r["length"] for r in flat]))
+    out["truncation_rate"] = float(np.mean([r["finish_reason"] == "length" for r in flat]))
+    statuses = [r["status"] for r in flat]
+    out["status_counts"] = {s: statuses.count(s) for s in sorted(set(statuses))}
+    return out
+
+
+def average_metrics(per_benchmark: dict[str, dict], ks: Sequence[int]) -> dict[str, float]:
+    """Unweighted mean over benchmarks of every metric (the paper's "Average" rows)."""
+    names = [f"{m}@{k}" for m in ("avg", "pass", "maj") for k in ks] + ["response_length", "truncation_rate"]
+    return {m: float(np.mean([b[m] for b in per_benchmark.values()])) for m in names}
+
+
+def results_markdown(results: dict) -> str:
+    """The paper-style table (rows benchmark x metric, columns k; values in %) plus a length/truncation table."""
+    ks = results["ks"]
+    head = "| Benchmark | Metric | " + " | ".join(f"k={k}" for k in ks) + " |"
+    lines = [head, "|" + "---|" * (len(ks) + 2)]
+    blocks = [(b["label"], b) for b in results["benchmarks"].values()] + [("Average", results["average"])]
+    for label, m in blocks:
+        for i, metric in enumerate(("avg", "pass", "maj")):
+            name = f"**{label}**" if label == "Average" else label
+            cells = " | ".join(f"{100 * m[f'{metric}@{k}']:.2f}" for k in ks)
+            lines.append(f"| {name if i == 0 else ''} | {metric}@k | {cells} |")
+    lines += ["", "| Benchmark | problems | n | mean response tokens | truncated % | flagged answers |",
+              "|---|---|---|---|---|---|"]
+    for b in results["benchmarks"].values():
+        lines.append(f"| {b['label']} | {b['problems']} | {b['n']} | {b['response_length']:.1f} | "
+                     f"{100 * b['truncation_rate']:.2f} | {len(b['flagged'])} |")
+    a = results["average"]
+    lines.append(f"| **Average** | | | {a['response_length']:.1f} | {100 * a['truncation_rate']:.2f} | |")
+    return "\n".join(lines) + "\n"
+
+
+# -- the command --------------------------------------------------------------
+
+
+def _sample_benchmark(bench: Benchmark, prompts: list[list[int]], todo: list[int], *, sampler, graphdef, params,
+                      tokenizer, verifier, key, batch_size: int, buckets, samples_file) -> None:
+    """Sample and grade the `todo` problems of one benchmark, appending each batch to samples_file."""
+    import json
+    import logging
+    import os
+    import time
+    import zlib
+
+    import jax
+
+    from entrl.sampling import FINISH_REASONS
+
+    log = logging.getLogger(__name__)
+    n = sampler.config.n
+    bkey = jax.random.fold_in(key, zlib.crc32(bench.key.encode()) & 0x7FFFFFFF)
+    pad_to = batch_size if len(todo) > batch_size else 0
+    t0 = time.perf_counter()
+    for b0 in range(0, len(todo), batch_size):
+        idx = todo[b0:b0 + batch_size]
+        recs = [bench.records[i] for i in idx]
+        g = sample_and_grade(sampler, graphdef, params, tokenizer, [prompts[i] for i in idx],
+                             [r.answer for r in recs], verifier=verifier, rng=jax.random.fold_in(bkey, idx[0]),
+                             pad_to=pad_to, buckets=buckets)
+        with samples_file.open("a", encoding="utf-8") as f:
+            for r_i, rec in enumerate(recs):
+                for j in range(n):
+                    s = r_i * n + j
+                    f.write(json.dumps({
+                        "benchmark": bench.key, "id": rec.id, "sample": j, "reference": rec.answer,
+                        "answer": g.answers[s], "correct": bool(g.correct_PxN[r_i, j]), "status": g.status[s],
+                        "finish_reason": FINISH_REASONS[int(g.finish_code[s])], "length": int(g.lengths[s]),
+                        "response": g.responses[s]}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        log.info("%s: %d/%d problems sampled (%.0f s)", bench.key, min(b0 + batch_size, len(todo)), len(todo),
+                 time.perf_counter() - t0)
+
+
+def run_eval_cli(*, model: str, benchmarks: Sequence[str], n: int = 32, ks: Sequence[int] = (1, 8, 16, 32),
+                 out_dir: str = "eval_out", data_dir: str | None = None, max_new_tokens: int = 8000,
+                 temperature: float = 1.0, top_p: float = 1.0, max_problems: int = 0, batch_size: int = 64,
+                 seed: int = 0, tokenizer: str | None = None, dtype: str = "bfloat16", chat_template: bool = True,
+                 buckets: Sequence[int] | None = None, verifier=None) -> dict:
+    """`entrl eval`: sample n responses per benchmark problem, grade, write results.{md,json} and samples.jsonl.
+
+    `model` is an HF checkpoint dir, an entrl run dir (its `policy/`) or a hub id; `tokenizer` defaults to
+    the model's. Prompts are problem + `SENT_SUFFIX` as one user turn of the chat template. `verifier`
+    (default: a `entrl.rewards.Verifier` worker pool, closed at the end) grades; `buckets` are the prompt
+    length buckets of the sampler. Returns the results.json content. See the section comment above.
+    """
+    import json
+    from pathlib import Path
+
+    import jax
+
+    from entrl.config import ConfigError
+    from entrl.data.tasks import SENT_SUFFIX, tokenize_prompts
+    from entrl.rewards import Verifier
+    from entrl.rl.setup import resolve_model_dir
+    from entrl.sampling import DEFAULT_BUCKETS
+    from entrl.tokenizer import load_tokenizer
+
+    ks = sorted({int(k) for k in ks})
+    if not benchmarks:
+        raise ConfigError("no benchmarks given")
+    try:
+        for k in ks:
+            _check_k(n, k)
+    except ValueError as e:
+        raise ConfigError(f"{e}; raise --n or drop that k") from None
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size}: must be >= 1")
+    buckets = tuple(buckets or DEFAULT_BUCKETS)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model_dir(str(model))
+    tok_name = str(tokenizer or model_dir)
+    settings = {"model": str(model_dir.resolve()) if model_dir.exists() else str(model_dir), "tokenizer": tok_name,
+                "n": n, "temperature": float(temperature), "top_p": float(top_p), "max_new_tokens": max_new_tokens,
+                "seed": seed, "dtype": dtype, "chat_template": chat_template, "prompt_suffix": SENT_SUFFIX}
+    samples_file = out / "samples.jsonl"
+    # Settings first: reading with another n would take every problem on disk for a partial one.
+    _check_run_settings(out, settings, have_samples=samples_file.exists() and samples_file.stat().st_size > 0)
+    done = _read_samples(samples_file, n)
+
+    suites = [load_benchmark(b, data_dir=data_dir, max_problems=max_problems) for b in benchmarks]
+    if len({s.key for s in suites}) != len(suites):
+        raise ConfigError(f"benchmarks {list(benchmarks)} name the same benchmark twice")
+    tok = load_tokenizer(tok_name)
+    prompts = {s.key: tokenize_prompts(s.records, tok, max_prompt_len=max(buckets), on_long_prompt="error",
+                                       chat_template=chat_template).tokens for s in suites}
+    todo = {s.key: [i for i, r in enumerate(s.records) if (s.key, r.id) not in done] for s in suites}
+
+    own_verifier = verifier is None
+    verifier = Verifier() if own_verifier else verifier
+    try:
+        if any(todo.values()):
+            from flax import nnx
+
+            from entrl.models import load_pretrained
+            from entrl.sampling import Sampler, SamplingConfig
+
+            net = load_pretrained(model_dir, dtype=dtype)
+            banned = {tok.pad_token_id} | ({tok.bos_token_id} if tok.bos_token_id is not None else set())
+            sc = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                eos_ids=tuple(tok.stop_token_ids), pad_id=tok.pad_token_id,
+                                banned_ids=tuple(sorted(banned)))
+            sc.check_vocab(net.cfg.vocab_size)
+            graphdef, params = nnx.split(net)
+            for s in suites:
+                if todo[s.key]:
+                    _sample_benchmark(s, prompts[s.key], todo[s.key], sampler=Sampler(sc), graphdef=graphdef,
+                                      params=params, tokenizer=tok, verifier=verifier, key=jax.random.key(seed),
+                                      batch_size=batch_size, buckets=buckets, samples_file=samples_file)
+            done = _read_samples(samples_file, n)
+
+        per: dict[str, dict] = {}
+        hook = getattr(verifier, "equivalent_pairs", None)
+        for s in suites:
+            rows = [done[(s.key, r.id)] for r in s.records]
+            m = benchmark_metrics(rows, ks, pairs_equivalent=hook)
+            m["flagged"] = [{"id": r.id, "answer": r.answer, "reasons": f,
+                             "accuracy": float(np.mean([x["correct"] for x in rs]))}
+                            for r, rs in zip(s.records, rows) if (f := answer_format_flags(r.answer))]
+            per[s.key] = {"label": s.label, **m}
+    finally:
+        if own_verifier:
+            verifier.close()
+    results = {"settings": {**settings, "ks": ks, "benchmarks": [s.key for s in suites], "data_dir": data_dir,
+                            "max_problems": max_problems},
+               "ks": ks, "benchmarks": per, "average": average_metrics(per, ks)}
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    table = results_markdown(results)
+    (out / "results.md").write_text(table)
+    print(table)
+    return results
