@@ -1,0 +1,123 @@
+"""Execute the notebooks end to end on tiny sizes, so they never rot.
+
+Design decisions:
+- Each notebook runs in a fresh kernel of THIS interpreter: the test writes its own
+  kernel spec (argv = sys.executable) into a temporary directory and hands nbclient
+  a kernel manager that reads only that directory. Nothing is registered globally,
+  and the venv's own `python3` spec (argv "python", resolved through PATH) is never
+  used, so a non-activated venv in CI still runs the right Python.
+- The kernel gets ENTRL_NOTEBOOK_TINY=1 (every size in the notebooks shrinks),
+  JAX_PLATFORMS=cpu, one CPU device (not the 8 fake devices of conftest), and the
+  test suite's persistent compile cache: the three notebooks compile the same
+  shapes, so only the first one pays for most compiles.
+- The notebooks share one working directory and run in file order: the ablation
+  notebook is given the quickstart's two runs (ENTRL_NOTEBOOK_RUNS) when they
+  exist, and generates its own tiny runs otherwise (e.g. when run alone).
+- Committed notebooks must carry no outputs (they would come from another machine).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NAMES = ["quickstart.ipynb", "semantic_entropy.ipynb", "ablation_analysis.ipynb"]
+KERNEL = "entrl-notebook-test"
+CELL_TIMEOUT_S = 900
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("notebooks")
+
+
+@pytest.fixture(scope="module")
+def kernel_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("kernels")
+    spec = root / KERNEL
+    spec.mkdir()
+    spec.joinpath("kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "entrl notebook test", "language": "python"}))
+    return root
+
+
+def _kernel_env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags)
+    env.update(ENTRL_NOTEBOOK_TINY="1", JAX_PLATFORMS="cpu", MPLBACKEND="module://matplotlib_inline.backend_inline",
+               PYTHONWARNINGS="ignore::DeprecationWarning")
+    cache = jax.config.jax_compilation_cache_dir  # set by conftest
+    if cache:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(jax.config.jax_persistent_cache_min_compile_time_secs)
+    env.update(extra)
+    return env
+
+
+def run_notebook(name: str, workdir: Path, kernel_dir: Path, **env) -> list[str]:
+    """Execute `name` in `workdir`; returns the text outputs of every cell (raises on a failing cell)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import AsyncKernelManager
+
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    km = AsyncKernelManager(kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dir)]))
+    client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, kernel_name=KERNEL,
+                                     resources={"metadata": {"path": str(workdir)}})
+    client.execute(env=_kernel_env(env))
+    texts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            texts.append(out.get("text", "") or "".join(str(v) for v in out.get("data", {}).values()))
+    return texts
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_without_outputs(name):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code), f"{name}: strip the outputs"
+    assert "ENTRL_NOTEBOOK_TINY" in "".join(c.source for c in code)
+
+
+def test_quickstart(workdir, kernel_dir):
+    texts = run_notebook("quickstart.ipynb", workdir, kernel_dir)
+    out = workdir / "quickstart_out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "demo" and set(summary["results"]) == {"before RL", "sent", "grpo"}
+    for res in summary["results"].values():
+        assert 0.0 <= res["pass@1"] <= res[f"pass@{summary['k']}"] <= 1.0
+    for loss in ("sent", "grpo"):
+        assert (out / loss / "metrics.jsonl").exists() and (out / loss / "result.json").exists()
+    assert (out / "curves.png").exists()
+    assert any("quickstart done" in t for t in texts)
+
+
+def test_semantic_entropy(workdir, kernel_dir):
+    texts = run_notebook("semantic_entropy.ipynb", workdir, kernel_dir)
+    out = workdir / "semantic_entropy_out"
+    result = json.loads((out / "curriculum.json").read_text())
+    assert sum(stage["size"] for stage in result["stages"]) == result["prompts"]
+    assert len(result["examples"]) == 6 and (out / "se_hist.png").exists()
+    assert any("semantic entropy done" in t for t in texts)
+
+
+def test_ablation_analysis(workdir, kernel_dir):
+    runs = [workdir / "quickstart_out" / loss for loss in ("sent", "grpo")]
+    have = all((r / "result.json").exists() for r in runs)  # else the notebook makes its own runs
+    env = {"ENTRL_NOTEBOOK_RUNS": os.pathsep.join(map(str, runs))} if have else {}
+    texts = run_notebook("ablation_analysis.ipynb", workdir, kernel_dir, **env)
+    table = (workdir / "ablation_out" / "ablation.md").read_text()
+    assert "| sent" in table and "| grpo" in table
+    assert (workdir / "ablation_out" / "plots" / "entropy.png").exists()
+    assert any("ablation analysis done: 2 runs" in t for t in texts)
