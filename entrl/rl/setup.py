@@ -54,6 +54,10 @@ def build_mesh(cfg: C.RunConfig):
     if cfg.train.prompts_per_step % jax.process_count():
         raise C.ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not divisible by the "
                             f"{jax.process_count()} processes")
+    if cfg.train.prompts_per_step % shards:  # the prompt batch is split over the data shards for sampling
+        raise C.ConfigError(
+            f"train.prompts_per_step={cfg.train.prompts_per_step} must be divisible by the {shards} data shards "
+            "(mesh.data * mesh.fsdp); change train.prompts_per_step or the mesh (e.g. mesh.tensor)")
     if rows % shards or cfg.train.microbatch_seqs % shards:
         raise C.ConfigError(
             f"the batch ({rows} sequences per step, train.microbatch_seqs={cfg.train.microbatch_seqs}) must be "
@@ -288,7 +292,11 @@ def export_run(run_dir: str, out_dir: str) -> Path:
         raise C.ConfigError(f"{run_dir!r} is not an entrl run directory (no config.json)")
     cfg = C.from_dict(json.loads(cfg_path.read_text()))
     tokenizer = build_tokenizer(cfg)
-    mesh = build_mesh(cfg)
+    # Params FSDP-sharded over whatever devices this machine has: the run's batch layout (build_mesh's
+    # checks) is irrelevant to an export, which may run on a different machine than the training.
+    from entrl.sharding import make_mesh
+
+    mesh = make_mesh(data=1, fsdp=-1, tensor=1)
     graphdef, params = build_model(cfg, mesh, tokenizer)
     ckpt = CheckpointManager(run / "checkpoints")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)

@@ -151,6 +151,8 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.key = jax.random.key(cfg.train.seed)
         self._stop = False
+        self._eval_sampler = None
+        self._warned_eval = False
         self.history: list[dict] = []
 
     # -- state ---------------------------------------------------------------
@@ -210,7 +212,7 @@ class Trainer:
         t_roll = time.perf_counter()
 
         # Reward -------------------------------------------------------------
-        indices = np.repeat(np.asarray(_gather(jnp.asarray(batch.indices))), n)
+        indices = np.repeat(_allgather_local(batch.indices), n)
         texts = decode_responses(c.tokenizer, tokens, resp_mask)
         refs = [c.records[int(i)].answer for i in indices]
         res = c.verifier.score(texts, refs)
@@ -224,11 +226,11 @@ class Trainer:
 
         # Old / reference log-probs -------------------------------------------
         full = {
-            "prompt_ids": jnp.asarray(roll.prompt_ids),
-            "prompt_mask": jnp.asarray(roll.prompt_mask),
-            "resp_ids": jnp.asarray(roll.tokens),
-            "resp_mask": jnp.asarray(update_mask),
-            "advantages": jnp.asarray(adv),
+            "prompt_ids": roll.prompt_ids,
+            "prompt_mask": roll.prompt_mask,
+            "resp_ids": roll.tokens,
+            "resp_mask": _to_device(update_mask, c.mesh),
+            "advantages": _to_device(adv, c.mesh),
         }
         num_micro_all = tokens.shape[0] // cfg.train.microbatch_seqs
         stats = dict(temperature=self.settings.temperature, num_micro=num_micro_all,
@@ -257,7 +259,8 @@ class Trainer:
                 self.params, self.opt_state, m = self.update(self.params, self.opt_state, mb,
                                                              jax.random.fold_in(rng_loss, start))
                 upd_metrics.append(m)
-        upd = {k: float(np.mean([float(m[k]) for m in upd_metrics])) for k in upd_metrics[0]}
+        upd_metrics = [{k: float(_gather(v)) for k, v in m.items()} for m in upd_metrics]
+        upd = {k: float(np.mean([m[k] for m in upd_metrics])) for k in upd_metrics[0]}
         skipped = max(float(m["skipped_nonfinite"]) for m in upd_metrics)
         t_upd = time.perf_counter()
 
@@ -293,13 +296,18 @@ class Trainer:
 
     def run(self, *, max_steps: int | None = None, resume: bool = True) -> list[dict]:
         cfg = self.cfg
-        if resume:
-            self.restore()
+        if not (resume and self.restore()):
+            # A fresh start in a used directory: drop the old run's metric lines (they would interleave).
+            self.logger.truncate_after(self.step)
+            old = self.ckpt.latest_step()
+            if old is not None and old >= self.step:
+                log.warning("%s already holds checkpoints up to step %d; orbax will not overwrite them, so this "
+                            "run saves only after step %d; use a fresh train.out_dir", self.ckpt.directory, old, old)
         prev = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         try:
             it = iter(self.c.pipeline)
             ran = 0
-            while not self._stop:
+            while not self._should_stop():
                 if cfg.train.steps and self.step >= cfg.train.steps:
                     break
                 if max_steps is not None and ran >= max_steps:
@@ -314,20 +322,20 @@ class Trainer:
                 metrics = self.rl_step(batch)
                 self.step += 1
                 ran += 1
-                if metrics["skipped_nonfinite"] > 0:
-                    self.consecutive_nonfinite += 1
+                skipped = metrics["skipped_nonfinite"] > 0
+                self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
+                if skipped:
                     log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)",
                                 self.step, self.consecutive_nonfinite)
-                    if self.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
-                        raise NonFiniteError(
-                            f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient; "
-                            "lower optim.lr, check the data, or raise train.max_nonfinite_steps")
-                else:
-                    self.consecutive_nonfinite = 0
-                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.c.heldout:
+                elif cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.c.heldout:
                     metrics.update(self.evaluate())
                 self.logger.log(self.step, metrics)
                 self.history.append({"step": self.step, **metrics})
+                if self.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
+                    raise NonFiniteError(
+                        f"{self.consecutive_nonfinite} consecutive steps (up to step {self.step}) had a non-finite "
+                        "loss or gradient and were skipped; lower optim.lr, check the data, or raise "
+                        "train.max_nonfinite_steps")
                 if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                     self.save()
             self.save(force=True)
@@ -344,13 +352,32 @@ class Trainer:
         self.logger.close()
 
     def evaluate(self) -> dict:
+        """Held-out pass@1 (one sample per problem at the rollout temperature)."""
         from entrl.evaluation import evaluate_prompts
+        from entrl.rl.setup import build_sampler
 
+        if jax.process_count() > 1:  # evaluate_prompts reads rollouts as host-local arrays
+            if not self._warned_eval:
+                log.warning("periodic held-out evaluation is single-process only; skipped in this run")
+                self._warned_eval = True
+            return {}
+        if self._eval_sampler is None:  # the rollout sampler draws rollout.n per prompt; this one draws 1
+            self._eval_sampler = build_sampler(self.cfg, self.c.tokenizer, self.c.mesh, n=1)
         prompts, records = self.c.heldout
-        res = evaluate_prompts(self.c.sampler, self.c.graphdef, self.params, self.c.tokenizer, prompts,
+        res = evaluate_prompts(self._eval_sampler, self.c.graphdef, self.params, self.c.tokenizer, prompts,
                                [r.answer for r in records], verifier=self.c.verifier, n=1, ks=(1,),
-                               seed=self.cfg.train.seed + 10_000 + self.step)
+                               seed=self.cfg.train.seed + 10_000 + self.step,
+                               batch_prompts=self.cfg.train.prompts_per_step * self.cfg.rollout.n,
+                               buckets=tuple(self.cfg.rollout.prompt_buckets))
         return {"eval/pass@1": res["pass@1"]}
+
+    def _should_stop(self) -> bool:
+        """The SIGTERM flag, agreed by every process (a signal may reach only some of them)."""
+        if jax.process_count() == 1:
+            return self._stop
+        from jax.experimental import multihost_utils
+
+        return bool(np.asarray(multihost_utils.process_allgather(np.asarray([self._stop]))).any())
 
     def _enter_stage(self, stage: int):
         log.info("entering curriculum stage %d at step %d", stage, self.step)
@@ -378,9 +405,34 @@ def _gather(x):
     """Full value of a (possibly multi-host sharded) array on every host."""
     if jax.process_count() == 1 or not isinstance(x, jax.Array) or x.is_fully_addressable:
         return x
+    if x.sharding.is_fully_replicated:  # e.g. the update's scalar metrics: every host holds it all
+        return np.asarray(x.addressable_data(0))
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(x, tiled=True)
+
+
+def _allgather_local(x) -> np.ndarray:
+    """Every process's local rows of a host array, concatenated in process order (= global row order)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+def _to_device(x, mesh):
+    """A host array that every process holds in full, as one global array split over the batch axes.
+
+    `jnp.asarray` would make a process-local array, which cannot meet the global rollout arrays in
+    one jitted call when there are several processes.
+    """
+    if mesh is None:
+        return jnp.asarray(x)
+    from entrl.sharding import batch_sharding
+
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda index: x[index])
 
 
 def save_json(path: Path, obj: Any):
