@@ -10,9 +10,11 @@ Design decisions:
   JAX_PLATFORMS=cpu, one CPU device (not the 8 fake devices of conftest), and the
   test suite's persistent compile cache: the three notebooks compile the same
   shapes, so only the first one pays for most compiles.
-- The notebooks share one working directory and run in file order: the ablation
-  notebook is given the quickstart's two runs (ENTRL_NOTEBOOK_RUNS) when they
-  exist, and generates its own tiny runs otherwise (e.g. when run alone).
+- The notebooks share one working directory and run in file order. The quickstart
+  lays its SENT and GRPO runs out like `entrl ablate demo` (with `result.json`),
+  so the ablation notebook's `run_ablation` call, pointed at them through
+  ENTRL_NOTEBOOK_ABLATE_OUT, finds every run done and trains nothing. Run alone
+  (no quickstart output), it trains its own tiny runs.
 - Committed notebooks must carry no outputs (they would come from another machine).
 """
 
@@ -98,7 +100,8 @@ def test_quickstart(workdir, kernel_dir):
     for res in summary["results"].values():
         assert 0.0 <= res["pass@1"] <= res[f"pass@{summary['k']}"] <= 1.0
     for loss in ("sent", "grpo"):
-        assert (out / loss / "metrics.jsonl").exists() and (out / loss / "result.json").exists()
+        run = out / "seed0" / loss
+        assert (run / "metrics.jsonl").exists() and json.loads((run / "result.json").read_text())["loss"] == loss
     assert (out / "curves.png").exists()
     assert any("quickstart done" in t for t in texts)
 
@@ -113,9 +116,9 @@ def test_semantic_entropy(workdir, kernel_dir):
 
 
 def test_ablation_analysis(workdir, kernel_dir):
-    runs = [workdir / "quickstart_out" / loss for loss in ("sent", "grpo")]
-    have = all((r / "result.json").exists() for r in runs)  # else the notebook makes its own runs
-    env = {"ENTRL_NOTEBOOK_RUNS": os.pathsep.join(map(str, runs))} if have else {}
+    quickstart = workdir / "quickstart_out"
+    done = all((quickstart / "seed0" / loss / "result.json").exists() for loss in ("sent", "grpo"))
+    env = {"ENTRL_NOTEBOOK_ABLATE_OUT": str(quickstart)} if done else {}
     texts = run_notebook("ablation_analysis.ipynb", workdir, kernel_dir, **env)
     table = (workdir / "ablation_out" / "ablation.md").read_text()
     assert "| sent" in table and "| grpo" in table
