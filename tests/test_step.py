@@ -1,0 +1,189 @@
+"""The pure update step (entrl.rl.step) on a tiny model, single device.
+
+- global-scope gradient accumulation: 4 micro-batches give the gradient (and the
+  parameters after an update) of the one-shot loss on the whole mini-batch;
+- micro-batch scope: the loss is the mean of `compute_policy_loss` per micro-batch;
+- a non-finite loss leaves params and optimizer state bitwise unchanged;
+- `response_stats` equals log_softmax(model(sequence) / T) at the response tokens;
+- the jitted update compiles once for repeated calls of the same shapes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from entrl.models import ModelConfig, create_model
+from entrl.rl import losses as L
+from entrl.rl import step as S
+
+V, N, P, LEN, T = 41, 8, 7, 6, 0.8  # vocab, rows, prompt width, response length, temperature
+CFG = ModelConfig(arch="qwen2", vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2,
+                  num_kv_heads=1, head_dim=16, qkv_bias=True, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    g, p = nnx.split(create_model(CFG, seed=3))
+    return g, p
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    """A mini-batch of N rows with left-padded prompts, ragged responses and non-trivial old/ref log-probs."""
+    g, p = model
+    rng = np.random.default_rng(0)
+    prompt_len = rng.integers(2, P + 1, N)
+    prompt_mask = (np.arange(P)[None] >= P - prompt_len[:, None]).astype(np.int32)
+    prompt_ids = np.where(prompt_mask, rng.integers(1, V, (N, P)), 0).astype(np.int32)
+    resp_len = rng.integers(1, LEN + 1, N)
+    resp_mask = (np.arange(LEN)[None] < resp_len[:, None]).astype(np.float32)
+    resp_ids = np.where(resp_mask > 0, rng.integers(1, V, (N, LEN)), 0).astype(np.int32)
+    logp, _ = S.compute_logprobs(g, p, {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "resp_ids": resp_ids},
+                                 temperature=T, num_micro=1, chunk_size=1024)
+    logp = np.asarray(logp)
+    return {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "resp_ids": resp_ids, "resp_mask": resp_mask,
+        "old_logp": (logp + 0.05 * rng.standard_normal(logp.shape)).astype(np.float32),
+        "ref_logp": (logp + 0.3 * rng.standard_normal(logp.shape)).astype(np.float32),
+        "advantages": rng.standard_normal(N).astype(np.float32),
+    }
+
+
+def _settings(**kw):
+    base = dict(loss_name="sent", temperature=T, kl_coef=0.01, loss_params=(("kcov", 0.2),))
+    return S.StepSettings(**{**base, **kw})
+
+
+# Two optimizers shared by every test, so each (optimizer, settings) pair compiles once per session:
+# SGD(1) turns an update into `params - grads`; Adam with an injected learning rate lets a test
+# raise the learning rate without recompiling.
+SGD = optax.sgd(1.0)
+ADAM = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+_FNS = {}
+
+
+def _update_fn(g, opt, settings):
+    key = (id(opt), settings)
+    if key not in _FNS:
+        _FNS[key] = S.make_update_fn(g, opt, settings)
+    return _FNS[key]
+
+
+def _sgd_grads(model, batch, settings, rng):
+    """(loss, metrics, grads) of one update, read off an SGD(1) step."""
+    g, p = model
+    params = jax.tree.map(jnp.copy, p)  # the update donates its inputs
+    new_p, _, m = _update_fn(g, SGD, settings)(params, SGD.init(params), batch, rng)
+    assert float(m["skipped_nonfinite"]) == 0
+    return float(m["loss"]), m, jax.tree.map(jnp.subtract, p, new_p)
+
+
+def _tree_max_diff(a, b):
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _tree_max(a):
+    return max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(a))
+
+
+def test_global_scope_microbatching_equals_one_shot(model, batch):
+    """The splice trick: 4 micro-batches give the one-shot update of the whole mini-batch."""
+    rng = jax.random.key(0)
+    loss1, m1, g1 = _sgd_grads(model, batch, _settings(num_micro=1), rng)
+    loss4, m4, g4 = _sgd_grads(model, batch, _settings(num_micro=4), rng)
+    assert abs(loss1 - loss4) < 1e-6
+    assert float(m1["penalized_frac"]) > 0  # the SENT term is active, so the test has teeth
+    for k in ("penalized_frac", "selected_frac", "cov_max", "ref_kl", "policy_entropy"):
+        np.testing.assert_allclose(float(m1[k]), float(m4[k]), atol=1e-6, err_msg=k)
+    assert _tree_max(g1) > 1e-3
+    assert _tree_max_diff(g1, g4) < 1e-5  # = the parameters after the SGD update
+    # ... while micro-batch scope (each 2-row micro-batch its own scope) is a different objective.
+    _, _, gm = _sgd_grads(model, batch, _settings(num_micro=4, scope="microbatch"), rng)
+    assert _tree_max_diff(g1, gm) > 1e-4
+
+
+def test_microbatch_scope_is_mean_of_per_microbatch_losses(model, batch):
+    g, p = model
+    rng = jax.random.key(1)
+    n_micro, m = 4, N // 4
+    s = _settings(num_micro=n_micro, scope="microbatch")
+    loss, metrics, _ = _sgd_grads(model, batch, s, rng)
+
+    @jax.jit
+    def direct(params):
+        mdl = nnx.merge(g, params)
+        losses, pen = [], []
+        for i in range(n_micro):
+            mb = {k: jnp.asarray(v[i * m:(i + 1) * m]) for k, v in batch.items()}
+            logp, ent = S.response_stats(mdl, mb["prompt_ids"], mb["prompt_mask"], mb["resp_ids"], temperature=T)
+            adv = jnp.broadcast_to(mb["advantages"][:, None], logp.shape)
+            pg, lm = L.compute_policy_loss("sent", logp, mb["old_logp"], adv, ent, mb["resp_mask"],
+                                           rng=jax.random.fold_in(rng, i), agg="token-mean", max_len=LEN,
+                                           kcov=0.2)
+            kl = L.aggregate(L.kl_penalty(logp, mb["ref_logp"], "k3"), mb["resp_mask"], "token-mean", max_len=LEN)
+            losses.append(pg + s.kl_coef * kl)
+            pen.append(lm["penalized_frac"])
+        return jnp.mean(jnp.stack(losses)), jnp.mean(jnp.stack(pen))
+
+    want, want_pen = direct(p)
+    np.testing.assert_allclose(loss, float(want), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(float(metrics["penalized_frac"]), float(want_pen), atol=1e-6)
+
+
+@pytest.mark.parametrize("poison", ["nan_old_logp", "huge_lr"])
+def test_nonfinite_step_leaves_state_bitwise_unchanged(model, batch, poison):
+    g, p = model
+    fn = _update_fn(g, ADAM, _settings(num_micro=2))
+    params = jax.tree.map(jnp.copy, p)
+    opt_state = ADAM.init(params)
+    mb = dict(batch)
+    if poison == "nan_old_logp":
+        old = mb["old_logp"].copy()
+        assert mb["resp_mask"][3, 0] == 1  # (3, 0) is a valid token
+        old[3, 0] = np.nan
+        mb["old_logp"] = old
+    else:  # a huge learning rate: the first update is finite, but the next forward overflows
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(1e30, jnp.float32)
+        params, opt_state, m = fn(params, opt_state, mb, jax.random.key(0))
+        assert float(m["skipped_nonfinite"]) == 0
+        assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
+    before = jax.tree.map(np.asarray, (params, opt_state))
+    new_params, new_opt, metrics = fn(params, opt_state, mb, jax.random.key(0))
+    assert float(metrics["skipped_nonfinite"]) == 1.0
+    assert not np.isfinite(float(metrics["loss"])) or not np.isfinite(float(metrics["grad_norm"]))
+    after = jax.tree.map(np.asarray, (new_params, new_opt))
+    assert jax.tree.structure(before) == jax.tree.structure(after)
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+
+
+def test_response_stats_equals_full_forward_log_softmax(model, batch):
+    g, p = model
+    mdl = nnx.merge(g, p)
+    logp, ent = jax.jit(lambda m, a, b, c: S.response_stats(m, a, b, c, temperature=T, chunk_size=16))(
+        mdl, batch["prompt_ids"], batch["prompt_mask"], batch["resp_ids"])
+    seq = np.concatenate([batch["prompt_ids"], batch["resp_ids"]], 1)
+    mask = np.concatenate([batch["prompt_mask"], np.ones_like(batch["resp_ids"])], 1)
+    logits = np.asarray(mdl(jnp.asarray(seq), jnp.asarray(mask)), np.float64) / T
+    logits = logits[:, P - 1:-1]  # the positions that predict the response tokens
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    lsm = logits - logz[..., None]
+    want = np.take_along_axis(lsm, batch["resp_ids"][..., None], -1)[..., 0]
+    want_ent = -(np.exp(lsm) * lsm).sum(-1)
+    np.testing.assert_allclose(np.asarray(logp), want, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(ent), want_ent, atol=2e-5)
+
+
+def test_update_compiles_once_for_repeated_shapes(model, batch):
+    g, p = model
+    fn = S.make_update_fn(g, ADAM, _settings(num_micro=2))  # a fresh jit (same program: persistent cache)
+    params = jax.tree.map(jnp.copy, p)
+    state = ADAM.init(params)
+    for i in range(3):  # outputs (donated) feed the next call, as in the trainer
+        mb = dict(batch, advantages=batch["advantages"] * (i + 1))
+        params, state, m = fn(params, state, mb, jax.random.key(i))
+        assert float(m["skipped_nonfinite"]) == 0
+    assert fn._cache_size() == 1
