@@ -300,6 +300,16 @@ def _logits(h_BxD, w_DxV):
     return lax.dot_general(h_BxD, w_DxV, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
 
 
+def _logits_vd(h_BxD, w_VxD):
+    """Float32 logits h @ W^T for W^T stored [V, D] (each logit reads one contiguous row).
+
+    On CPU the [V, D] layout measured ~1.5x faster than [D, V] for decode-size
+    batches (B = 16) and the same at B = 128; the values equal `_logits` up to
+    float32 summation order.
+    """
+    return lax.dot_general(h_BxD, w_VxD, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"))
 def _prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: SamplingConfig, mesh):
     """Run the prompts once, repeat the cache n times, draw response token 0."""
@@ -329,7 +339,7 @@ def _prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: Sam
         cache=cache,
         rng=rng,
     )
-    logits_RxV = _logits(rep(h_BxPxD[:, -1]), model.unembedding())
+    logits_RxV = rep(_logits(h_BxPxD[:, -1], model.unembedding()))  # n draws from one set of logits
     tokens_R, logp_R = sample_next_token(logits_RxV, jax.random.fold_in(rng, 0), cfg)
     return _record(state, tokens_R, logp_R, cfg)
 
@@ -338,7 +348,9 @@ def _prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: Sam
 def _decode(graphdef, params, state: _DecodeState, *, cfg: SamplingConfig, mesh):
     """Feed the last token and draw the next until every row stopped or L tokens exist."""
     model = nnx.merge(graphdef, params)
-    w_DxV = model.unembedding()  # loop-invariant: built once, outside the loop
+    # Loop-invariant, built once outside the loop: a tied embedding is already
+    # [V, D] (the transposes cancel), an lm_head [D, V] is transposed once per call.
+    w_VxD = model.unembedding().T
     plen = state.kv_mask.shape[1] - cfg.max_new_tokens
 
     def cond(s: _DecodeState):
@@ -350,7 +362,8 @@ def _decode(graphdef, params, state: _DecodeState, *, cfg: SamplingConfig, mesh)
         kv_mask = lax.dynamic_update_slice(s.kv_mask, jnp.ones((s.kv_mask.shape[0], 1), jnp.int32), (0, slot))
         positions_Rx1 = (s.prompt_len + s.step - 1)[:, None]
         h_Rx1xD, cache = model.forward_cached(last_R, positions_Rx1, s.cache, write_index=slot, kv_mask_BxS=kv_mask)
-        tokens_R, logp_R = sample_next_token(_logits(h_Rx1xD[:, 0], w_DxV), jax.random.fold_in(s.rng, s.step), cfg)
+        logits_RxV = _logits_vd(h_Rx1xD[:, 0], w_VxD)
+        tokens_R, logp_R = sample_next_token(logits_RxV, jax.random.fold_in(s.rng, s.step), cfg)
         return _record(s.replace(kv_mask=kv_mask, cache=cache), tokens_R, logp_R, cfg)
 
     # The whole state is returned so every donated buffer aliases an output.

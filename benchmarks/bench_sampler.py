@@ -1,0 +1,240 @@
+"""Benchmark: entrl's jitted KV-cache sampler vs `transformers` `generate` on CPU.
+
+Sweep (issue 7): Qwen2-layout models with 4 layers, vocab 32k and hidden
+256 / 512 / 1024 (head_dim 64, kv heads = heads / 2, MLP width 4 * hidden,
+untied lm_head), batch 16 and 128, prompt 64 tokens, 128 new tokens, greedy,
+no EOS (every row runs to the end, so both engines do identical work). Both
+engines use the same float32 weights: the random HF model is saved with
+`save_pretrained` and loaded by `entrl.models.load_pretrained`; the first 16
+tokens of every row are checked to agree.
+
+Reported per case: tokens/s of each engine (new tokens / wall time of the
+whole call, prefill included, compile excluded), their ratio, and the
+roofline: per decode step, the bytes that must be read (all weights except the
+embedding table, of which only B rows are read, plus the KV cache at the
+current context length) over the memory bandwidth measured in this run (a
+large numpy copy), and the FLOPs (2 * B * matmul params + attention) over the
+measured large-matmul rate; the roofline time of a call is the prefill's
+FLOP time plus the sum over decode steps of max(bytes / BW, FLOPs / rate).
+"fraction" = roofline time / measured time.
+
+Threads: both engines get the same number of matmul threads (`--threads`,
+default 1): XLA through `--xla_cpu_multi_thread_eigen` (false = one thread),
+torch through `torch.set_num_threads`. On the shared 2-core project machine,
+where other jobs keep both cores busy, two-thread runs of either engine spend
+much of their time waiting for a descheduled peer thread, so one thread each
+is both the faster and the fairer comparison there.
+
+Usage:
+    python benchmarks/bench_sampler.py                      # the full sweep
+    python benchmarks/bench_sampler.py --hidden 256 --batch 16 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _set_threads(threads: int) -> None:
+    """Must run before JAX creates its CPU client (XLA reads XLA_FLAGS then)."""
+    flag = f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _jax():
+    import jax
+    import jax.numpy as jnp
+
+    return jax, jnp
+
+VOCAB, LAYERS, HEAD_DIM = 32_000, 4, 64
+
+
+# ----------------------------------------------------------------------------
+# Machine rates
+# ----------------------------------------------------------------------------
+def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Bytes/s of a large array copy (read + write counted), best of `repeats`."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def measure_matmul_rate(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """FLOP/s of an n x n x n float32 matmul in JAX and in torch, best of `repeats`."""
+    jax, jnp = _jax()
+    rates = {}
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mm(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    rates["jax"] = 2 * n**3 / best
+    import torch
+
+    x = torch.ones(n, n)
+    x @ x
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x @ x
+        best = min(best, time.perf_counter() - t)
+    rates["torch"] = 2 * n**3 / best
+    return rates
+
+
+# ----------------------------------------------------------------------------
+# Roofline of one greedy generate call
+# ----------------------------------------------------------------------------
+def roofline(hidden: int, batch: int, prompt: int, new: int, bw: float, rate: float) -> dict[str, float]:
+    """Lower-bound seconds for prefill + decode, and the per-step byte / FLOP counts."""
+    heads = hidden // HEAD_DIM
+    kv = max(heads // 2, 1)
+    ffn = 4 * hidden
+    layer_params = hidden * heads * HEAD_DIM * 2 + 2 * hidden * kv * HEAD_DIM + 3 * hidden * ffn
+    matmul_params = LAYERS * layer_params + hidden * VOCAB  # + lm_head; embedding is a gather
+    weight_bytes = 4 * matmul_params
+    kv_bytes_per_token = 4 * 2 * LAYERS * kv * HEAD_DIM  # k and v, float32
+    t_prefill = (2 * batch * prompt * matmul_params + 4 * batch * LAYERS * heads * HEAD_DIM * prompt**2 / 2) / rate
+    t_decode, bytes_mid, flops_mid = 0.0, 0, 0
+    for i in range(1, new):  # token 0 comes from the prefill
+        ctx = prompt + i
+        nbytes = weight_bytes + batch * ctx * kv_bytes_per_token
+        flops = 2 * batch * matmul_params + 4 * batch * LAYERS * heads * HEAD_DIM * ctx
+        t_decode += max(nbytes / bw, flops / rate)
+        if i == new // 2:
+            bytes_mid, flops_mid = nbytes, flops
+    return dict(seconds=t_prefill + t_decode, step_bytes=bytes_mid, step_flops=flops_mid,
+                bound="memory" if bytes_mid / bw > flops_mid / rate else "compute")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------
+# Engines
+# ----------------------------------------------------------------------------
+def build_models(hidden: int, path: str):
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from entrl.models import load_pretrained
+
+    heads = hidden // HEAD_DIM
+    cfg = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=LAYERS,
+        num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1), max_position_embeddings=4096,
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    hf.save_pretrained(path)
+    return hf, load_pretrained(path, dtype="float32")
+
+
+def run_entrl(model, prompts_BxP: np.ndarray, new: int) -> tuple[np.ndarray, float, float]:
+    """(tokens, seconds of a warm call, seconds of the first call incl. compile)."""
+    from entrl import sampling
+
+    kw = dict(temperature=0.0, max_new_tokens=new, eos_ids=(), pad_id=0, buckets=(prompts_BxP.shape[1],))
+    prompts = prompts_BxP.tolist()
+    t = time.perf_counter()
+    sampling.generate(model, prompts, **kw).tokens.block_until_ready()
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    tokens = sampling.generate(model, prompts, **kw).tokens.block_until_ready()
+    return np.asarray(tokens), time.perf_counter() - t, first
+
+
+def run_hf(hf, prompts_BxP: np.ndarray, new: int) -> tuple[np.ndarray, float]:
+    import torch
+
+    ids = torch.tensor(prompts_BxP, dtype=torch.long)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        hf.generate(ids[:, :8], max_new_tokens=2, **(kw | dict(attention_mask=torch.ones_like(ids[:, :8]))))
+        t = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+        secs = time.perf_counter() - t
+    return out[:, prompts_BxP.shape[1] :].numpy(), secs
+
+
+# ----------------------------------------------------------------------------
+# Sweep
+# ----------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, nargs="+", default=[256, 512, 1024])
+    ap.add_argument("--batch", type=int, nargs="+", default=[16, 128])
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1, help="matmul threads of each engine (1 or all)")
+    ap.add_argument("--skip-hf", action="store_true", help="time only entrl")
+    ap.add_argument("--json", default="", help="also write the rows as JSON to this file")
+    args = ap.parse_args(argv)
+    _set_threads(args.threads)
+    import torch
+
+    bw = measure_bandwidth()
+    rates = measure_matmul_rate()
+    rate = max(rates.values())
+    print(f"# XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} torch threads={torch.get_num_threads()} "
+          f"cpus={os.cpu_count()}")  # fmt: skip
+    print(f"# copy bandwidth {bw / 1e9:.1f} GB/s; 2048^3 matmul: jax {rates['jax'] / 1e9:.0f} GFLOP/s, "
+          f"torch {rates['torch'] / 1e9:.0f} GFLOP/s (roofline uses the larger)")  # fmt: skip
+    header = ("hidden", "batch", "entrl tok/s", "HF tok/s", "ratio", "roofline tok/s", "bound",
+              "entrl frac", "HF frac", "compile s")  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    rows = []
+    rng = np.random.default_rng(0)
+    for hidden in args.hidden:
+        with tempfile.TemporaryDirectory() as path:
+            hf, model = build_models(hidden, path)
+            for batch in args.batch:
+                prompts = rng.integers(1, VOCAB, size=(batch, args.prompt))
+                roof = roofline(hidden, batch, args.prompt, args.new, bw, rate)
+                ntok = batch * args.new
+                toks, t_entrl, t_first = run_entrl(model, prompts, args.new)
+                row = dict(hidden=hidden, batch=batch, entrl_tok_s=ntok / t_entrl, compile_s=t_first - t_entrl,
+                           roofline_tok_s=ntok / roof["seconds"], bound=roof["bound"],
+                           entrl_frac=roof["seconds"] / t_entrl)  # fmt: skip
+                if not args.skip_hf:
+                    hf_toks, t_hf = run_hf(hf, prompts, args.new)
+                    agree = np.mean(hf_toks[:, :16] == toks[:, :16])
+                    row |= dict(hf_tok_s=ntok / t_hf, ratio=t_hf / t_entrl, hf_frac=roof["seconds"] / t_hf,
+                                agree16=float(agree))  # fmt: skip
+                rows.append(row)
+                fmt = lambda k, f: f.format(row[k]) if k in row else "-"  # noqa: E731
+                print("| " + " | ".join([str(hidden), str(batch), fmt("entrl_tok_s", "{:.0f}"), fmt("hf_tok_s", "{:.0f}"),
+                      fmt("ratio", "{:.2f}x"), fmt("roofline_tok_s", "{:.0f}"), row["bound"],
+                      fmt("entrl_frac", "{:.0%}"), fmt("hf_frac", "{:.0%}"), fmt("compile_s", "{:.1f}")]) + " |",
+                      flush=True)  # fmt: skip
+                if "agree16" in row and row["agree16"] < 0.99:
+                    print(f"#   warning: only {row['agree16']:.0%} of the first 16 tokens agree with HF", flush=True)
+            del hf, model
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(bandwidth=bw, matmul=rates, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
