@@ -48,7 +48,7 @@ def build_mesh(cfg: C.RunConfig):
     try:
         mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     except ValueError as e:
-        raise C.ConfigError(f"mesh: {e}") from e
+        raise C.ConfigError(str(e) if str(e).startswith("mesh") else f"mesh: {e}") from e
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = cfg.train.prompts_per_step * cfg.rollout.n
     if cfg.train.prompts_per_step % jax.process_count():
