@@ -1,0 +1,396 @@
+"""The RL trainer end to end on tiny demo configs (issue 8's "must show" list).
+
+In-process runs use the 8 fake CPU devices of conftest on a (data 4, tensor 2) mesh and a
+deterministic stand-in verifier (reward = parity of a hash of the response), because a random-init
+policy never answers the arithmetic prompts: the stand-in gives mixed groups, hence real advantages
+and real updates, without changing anything else in the loop. The CLI runs use the real verifier and
+the `entropy_bonus` loss, whose gradient needs no reward signal.
+
+Every run shares one set of shapes (4 prompts x 4 samples x 12 tokens, mini-batches of 8 rows in
+micro-batches of 4), so the sampler and log-prob programs compile once; each loss compiles its own
+update. The 2-process test runs `entrl train` in subprocesses (one with 2 devices, two with 1 each).
+"""
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from entrl import cli
+from entrl import config as C
+from entrl.checkpoint import CheckpointManager, nonfinite_leaves
+from entrl.metrics import read_metrics
+from entrl.rewards import RewardResult
+from entrl.rl.losses import PRESETS
+from entrl.rl.setup import setup
+from entrl.rl.trainer import NonFiniteError, Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = str(REPO / "configs" / "demo.yaml")
+TINY = ["model.demo_layers=1", "model.demo_hidden=32", "model.demo_heads=2", "rollout.n=4",
+        "rollout.max_new_tokens=12", "train.prompts_per_step=4", "train.minibatch_prompts=2",
+        "train.microbatch_seqs=4", "data.arithmetic_train_size=64", "data.arithmetic_heldout_size=16",
+        "curriculum.enabled=false", "reward.workers=1", "loss.kl_coef=0.001", "optim.lr=1e-3",
+        "train.tensorboard=false"]
+MESH = ["mesh.data=4", "mesh.tensor=2"]  # the 8 test devices
+# SENT.md section 11 diagnostics plus the per-phase timings of issue 8.
+SECTION_11 = ("entropy", "reward", "accuracy", "response_length", "truncation_rate", "abs_logratio_mean", "ref_kl",
+              "clip_frac", "penalized_frac", "cov_mean", "cov_max", "zero_var_group_frac",
+              "batch_semantic_entropy", "stage", "time/rollout", "time/reward", "time/logprob", "time/update",
+              "tokens_per_s", "loss", "grad_norm", "skipped_nonfinite")
+CURRICULUM = ["curriculum.enabled=true", "curriculum.annotate=true", "curriculum.samples=4", "curriculum.stages=2",
+              "curriculum.epochs_per_stage=1", "data.arithmetic_train_size=16",
+              "train.reset_optimizer_between_stages=true", "train.eval_every=2"]
+
+
+class ParityVerifier:
+    """Reward 1 when crc32(response) is even: deterministic, about half right, no worker processes."""
+
+    def score(self, responses, references):
+        assert len(responses) == len(references)
+        correct = np.array([zlib.crc32(r.encode()) % 2 == 0 for r in responses])
+        status = ["correct" if c else "incorrect" for c in correct]
+        counts = {"correct": int(correct.sum()), "incorrect": int((~correct).sum()), "total": len(correct)}
+        return RewardResult(correct.astype(np.float32), correct, [r[-1:] or None for r in responses], status, counts)
+
+    def equivalent_pairs(self, pairs):
+        return [a == b for a, b in pairs]
+
+    def close(self):
+        pass
+
+
+def make_cfg(out_dir, *extra) -> C.RunConfig:
+    return C.load_config(DEMO, TINY + MESH + [f"train.out_dir={out_dir}", *extra])
+
+
+def run_trainer(cfg, *, max_steps=None, wrap_update=None):
+    """setup + Trainer.run (resuming from out_dir if it has checkpoints) + close; returns the Trainer."""
+    trainer = Trainer(setup(cfg, verifier=ParityVerifier()))
+    if wrap_update is not None:
+        trainer.update = wrap_update(trainer, trainer.update)
+    try:
+        trainer.run(max_steps=max_steps)
+    finally:
+        trainer.close()
+    return trainer
+
+
+def _numeric(record):
+    return {k: v for k, v in record.items() if k not in ("step", "time", "tokens_per_s") and not k.startswith("time/")}
+
+
+def assert_same_metrics(run_a, run_b, tol):
+    a, b = read_metrics(run_a), read_metrics(run_b)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        na, nb = _numeric(ra), _numeric(rb)
+        assert na.keys() == nb.keys()
+        for k in na:
+            assert abs(na[k] - nb[k]) <= tol, f"step {ra['step']} {k}: {na[k]} vs {nb[k]}"
+
+
+def assert_same_params(pa, pb, tol=1e-6):
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        assert float(jnp.max(jnp.abs(x - y))) <= tol
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+# ---------------------------------------------------------------------------
+# Smoke test per loss
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", sorted(PRESETS))
+def test_smoke_every_loss(tmp_path, loss):
+    trainer = run_trainer(make_cfg(tmp_path, f"loss.name={loss}", "train.steps=2"))
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        missing = [k for k in SECTION_11 if k not in r]
+        assert not missing, f"{loss}: metrics.jsonl lacks {missing}"
+        bad = [k for k, v in r.items() if isinstance(v, float) and not np.isfinite(v) or v is None]
+        assert not bad, f"{loss}: non-finite metrics {bad}"
+        assert r["skipped_nonfinite"] == 0
+    assert any(r["grad_norm"] > 0 for r in records)  # real updates happened
+    assert CheckpointManager(tmp_path / "checkpoints").latest_step() == 2
+    assert trainer.step == 2
+
+
+# ---------------------------------------------------------------------------
+# Resume, corrupt checkpoints
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["plain", "curriculum"])
+def resume_runs(request, tmp_path_factory):
+    """(extra overrides, straight 4-step run dir, its final params, 2-step run dir with checkpoints 1 and 2)."""
+    extra = ["train.steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=5"]
+    if request.param == "curriculum":
+        extra += CURRICULUM
+    root = tmp_path_factory.mktemp(f"resume_{request.param}")
+    straight = run_trainer(make_cfg(root / "straight", *extra))
+    half = run_trainer(make_cfg(root / "half", *extra), max_steps=2)
+    assert straight.step == 4 and half.step == 2
+    return extra, root / "straight", _host(straight.params), root / "half", request.param
+
+
+def test_resume_equals_straight_run(resume_runs, tmp_path):
+    extra, straight, straight_params, half, kind = resume_runs
+    run = tmp_path / "resumed"
+    shutil.copytree(half, run)
+    cfg = make_cfg(run, *extra)
+    resumed = run_trainer(cfg)
+    assert [h["step"] for h in resumed.history] == [3, 4]  # it resumed at step 2
+    assert_same_metrics(straight, run, tol=1e-6)
+    assert_same_params(straight_params, resumed.params)
+    # The reference policy is the initial model, not the resumed one.
+    fresh = setup(cfg, verifier=ParityVerifier())
+    assert_same_params(fresh.ref_params, resumed.c.ref_params, tol=0)
+    if kind == "curriculum":
+        records = read_metrics(run)
+        assert [r["stage"] for r in records] == [0, 0, 1, 1]
+        assert "eval/pass@1" in records[1] and "eval/pass@1" in records[3]
+
+
+def test_corrupt_latest_checkpoint_falls_back(resume_runs, tmp_path, caplog):
+    extra, straight, straight_params, half, kind = resume_runs
+    if kind != "plain":
+        pytest.skip("one corruption case is enough")
+    run = tmp_path / "corrupt"
+    shutil.copytree(half, run)
+    for f in (run / "checkpoints" / "2" / "params").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="entrl.checkpoint"):
+        resumed = run_trainer(make_cfg(run, *extra))
+    assert any("step 2" in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records)
+    assert [h["step"] for h in resumed.history] == [2, 3, 4]  # resumed from step 1
+    assert_same_metrics(straight, run, tol=1e-6)
+    assert_same_params(straight_params, resumed.params)
+
+
+# ---------------------------------------------------------------------------
+# Non-finite steps
+# ---------------------------------------------------------------------------
+
+
+def _poison_steps(steps):
+    """Wrap the jitted update so the mini-batches of the given (1-based) RL steps carry NaN old log-probs."""
+    def wrap(trainer, update):
+        def poisoned(params, opt_state, mb, rng):
+            if trainer.step + 1 in steps:
+                mb = dict(mb, old_logp=mb["old_logp"] * jnp.nan)
+            return update(params, opt_state, mb, rng)
+        return poisoned
+    return wrap
+
+
+def _checkpoint_params(run_dir, step, like):
+    """The params saved at `step` (restored through a manager that sees only that step)."""
+    tmp = run_dir / f"only_{step}"
+    (tmp / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_dir / "checkpoints" / str(step), tmp / "checkpoints" / str(step))
+    mgr = CheckpointManager(tmp / "checkpoints")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+    got = mgr.restore_latest(params_target=abstract, strict=True)
+    mgr.close()
+    assert got.step == step
+    return got.params
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, caplog):
+    cfg = make_cfg(tmp_path, "train.steps=6", "train.checkpoint_every=1", "train.keep_checkpoints=6",
+                   "train.max_nonfinite_steps=2", "train.only_mixed_groups=false")
+    with caplog.at_level(logging.WARNING, logger="entrl.train"), pytest.raises(NonFiniteError) as err:
+        run_trainer(cfg, wrap_update=_poison_steps({2, 4, 5}))
+    assert "2 consecutive steps" in str(err.value) and "train.max_nonfinite_steps" in str(err.value)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]  # the failing step is logged, then the run stops
+    assert [r["skipped_nonfinite"] for r in records] == [0, 1, 0, 1, 1]
+    assert sum("non-finite" in r.getMessage() for r in caplog.records) == 3
+    # Skipped steps never reach a checkpoint: step 2 saved step 1's state, step 4 step 3's; step 5 none.
+    mgr = CheckpointManager(tmp_path / "checkpoints")
+    assert mgr.all_steps() == [1, 2, 3, 4]
+    mgr.close()
+    like = setup(cfg, verifier=ParityVerifier()).params
+    saved = {s: _checkpoint_params(tmp_path, s, like) for s in (1, 2, 3, 4)}
+    for s, params in saved.items():
+        assert not nonfinite_leaves(params), s
+    assert_same_params(saved[1], saved[2], tol=0)
+    assert_same_params(saved[3], saved[4], tol=0)
+    assert max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(saved[2]),
+                                                                jax.tree.leaves(saved[3]))) > 0
+
+
+# ---------------------------------------------------------------------------
+# The CLI: SIGTERM, export, plot, bad input
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """`entrl train` (real verifier, TensorBoard on) that receives SIGTERM during step 2 of 4."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    args = ["train", DEMO, *TINY, *MESH, f"train.out_dir={out}", "train.steps=4", "loss.name=entropy_bonus",
+            "train.only_mixed_groups=false", "train.tensorboard=true"]
+    real = Trainer.rl_step
+    calls = []
+    before = signal.getsignal(signal.SIGTERM)
+
+    def rl_step(self, batch):
+        calls.append(self.step)
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step, like a preemption notice
+        return real(self, batch)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Trainer, "rl_step", rl_step)
+    try:
+        code = cli.main(args)
+    finally:
+        mp.undo()
+    assert signal.getsignal(signal.SIGTERM) == before  # the trainer put the previous handler back
+    return code, out, calls
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(cli_run):
+    code, out, calls = cli_run
+    assert code == 0
+    assert calls == [0, 1]  # finished the step it was in, then stopped
+    mgr = CheckpointManager(out / "checkpoints")
+    assert mgr.latest_step() == 2
+    mgr.close()
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert (out / "policy" / "config.json").exists()
+    assert list((out / "tb").glob("events.*"))
+
+
+def test_export_loads_in_transformers_with_matching_logits(cli_run, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from flax import nnx
+
+    from entrl.rl.setup import build_model, build_tokenizer
+
+    _, run, _ = cli_run
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+
+    cfg = C.from_dict(json.loads((run / "config.json").read_text()))
+    tok = build_tokenizer(cfg)
+    graphdef, init_params = build_model(cfg, None, tok)
+    cpu0 = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu0), init_params)
+    mgr = CheckpointManager(run / "checkpoints")
+    trained = mgr.restore_latest(params_target=abstract).params
+    mgr.close()
+    assert max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(trained),
+                                                                jax.tree.leaves(init_params))) > 0
+    ids = np.asarray([tok.encode("12+7*3=")] * 2, np.int64)
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    got = np.asarray(nnx.merge(graphdef, trained)(jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_plot_writes_pngs(cli_run, capsys):
+    _, run, _ = cli_run
+    assert cli.main(["plot", str(run)]) == 0
+    pngs = sorted(p.name for p in (run / "plots").glob("*.png"))
+    assert pngs == ["entropy.png", "response_length.png", "reward.png"]
+    assert all((run / "plots" / p).stat().st_size > 1000 for p in pngs)
+
+
+_COMPILES = []
+_WATCH = [False]
+
+
+def _on_event(event, duration, **kw):
+    if _WATCH[0] and "compil" in event:
+        _COMPILES.append(event)
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def _bad_jsonl(tmp_path):
+    path = tmp_path / "no_answer.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "problem": f"{i}+1"}) + "\n" for i in range(8)))
+    return path
+
+
+@pytest.mark.parametrize("case,overrides,needle", [
+    ("missing model", ["model.path=/no/such/model"], "model.path"),
+    ("no answer column", ["data.task=math", "data.train={jsonl}", "model.tokenizer=char"], "answer"),
+    ("mesh vs devices", ["mesh.data=3", "mesh.tensor=1"], "mesh"),
+    ("prompts vs data shards", ["mesh.data=8", "mesh.tensor=1"], "train.prompts_per_step"),
+    ("micro-batch vs data shards", ["mesh.data=8", "mesh.tensor=1", "train.prompts_per_step=8",
+                                    "train.minibatch_prompts=8"], "train.microbatch_seqs"),
+])
+def test_bad_input_fails_before_any_compile(tmp_path, capsys, case, overrides, needle):
+    overrides = [o.replace("{jsonl}", str(_bad_jsonl(tmp_path))) for o in overrides]
+    _COMPILES.clear()
+    _WATCH[0] = True
+    try:
+        code = cli.main(["train", DEMO, *TINY, *MESH, f"train.out_dir={tmp_path / 'run'}", *overrides])
+    finally:
+        _WATCH[0] = False
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("entrl: config error:") and "\n" not in err and needle in err, err
+    assert not _COMPILES, f"{case}: compiled before failing"
+
+
+# ---------------------------------------------------------------------------
+# Multi-process
+# ---------------------------------------------------------------------------
+
+
+def _load_launcher():
+    spec = importlib.util.spec_from_file_location("entrl_launch_local", REPO / "launch" / "local.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """launch/local.py: 2 CPU processes x 1 device == 1 process x 2 devices, step for step.
+
+    Both runs see the same global batch row for row (contiguous per-process slices) and run the same
+    sharded programs on a 2-device mesh; only the transport of the collectives differs (in-process vs
+    gloo), so the metrics agree to float round-off (in practice exactly).
+    """
+    args = ["-m", "entrl.cli", "train", DEMO, *TINY, "mesh.data=-1", "train.steps=2", "loss.name=entropy_bonus",
+            "train.only_mixed_groups=false"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    cache = jax.config.jax_compilation_cache_dir
+    if cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    with open(tmp_path / "one.log", "w") as log_one:
+        one = subprocess.Popen([sys.executable, *args, f"train.out_dir={tmp_path / 'one'}"], env=env,
+                               stdout=log_one, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            code = _load_launcher().launch([sys.executable, *args, f"train.out_dir={tmp_path / 'two'}"], 2,
+                                           log_dir=str(tmp_path / "logs"), timeout=600, env=env)
+        finally:
+            one_code = one.wait(timeout=600)
+    logs = {p.name: p.read_text()[-3000:] for p in [tmp_path / "one.log", *sorted((tmp_path / "logs").glob("*"))]}
+    assert code == 0 and one_code == 0, logs
+    assert "process 1 of 2" in logs["process_1.log"], logs
+    assert [r["step"] for r in read_metrics(tmp_path / "two")] == [1, 2]
+    assert_same_metrics(tmp_path / "one", tmp_path / "two", tol=1e-4)
