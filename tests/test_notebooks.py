@@ -49,10 +49,10 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def kernel_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("kernels")
-    spec = root / KERNEL
-    spec.mkdir()
+def jupyter_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("jupyter")
+    spec = root / "kernels" / KERNEL
+    spec.mkdir(parents=True)
     spec.joinpath("kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "entrl notebook test", "language": "python"}))
@@ -73,16 +73,21 @@ def _kernel_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def run_notebook(name: str, workdir: Path, kernel_dir: Path, **env) -> list[str]:
+def run_notebook(name: str, workdir: Path, jupyter_dir: Path, **env) -> list[str]:
     """Execute `name` in `workdir`; returns the text outputs of every cell (raises on a failing cell)."""
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import AsyncKernelManager
 
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    km = AsyncKernelManager(kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dir)]))
-    client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, kernel_name=KERNEL,
-                                     resources={"metadata": {"path": str(workdir)}})
-    client.execute(env=_kernel_env(env))
+    with pytest.MonkeyPatch.context() as mp:
+        # Connection files and IPython's profile in the temp dir: HOME may be read-only in CI.
+        mp.setenv("JUPYTER_RUNTIME_DIR", str(jupyter_dir / "runtime"))
+        mp.setenv("IPYTHONDIR", str(jupyter_dir / "ipython"))
+        km = AsyncKernelManager(kernel_name=KERNEL,
+                                kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(jupyter_dir / "kernels")]))
+        client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, kernel_name=KERNEL,
+                                         resources={"metadata": {"path": str(workdir)}})
+        client.execute(env=_kernel_env(env))
     texts = []
     for cell in nb.cells:
         for out in cell.get("outputs", []):
@@ -137,8 +142,8 @@ def test_entrl_names_exist(name):
     assert not missing, f"{name} uses names entrl no longer has: {missing}"
 
 
-def test_quickstart(workdir, kernel_dir):
-    texts = run_notebook("quickstart.ipynb", workdir, kernel_dir)
+def test_quickstart(workdir, jupyter_dir):
+    texts = run_notebook("quickstart.ipynb", workdir, jupyter_dir)
     out = workdir / "quickstart_out"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "demo" and set(summary["results"]) == {"before RL", "sent", "grpo"}
@@ -151,8 +156,8 @@ def test_quickstart(workdir, kernel_dir):
     assert any("quickstart done" in t for t in texts)
 
 
-def test_semantic_entropy(workdir, kernel_dir):
-    texts = run_notebook("semantic_entropy.ipynb", workdir, kernel_dir)
+def test_semantic_entropy(workdir, jupyter_dir):
+    texts = run_notebook("semantic_entropy.ipynb", workdir, jupyter_dir)
     out = workdir / "semantic_entropy_out"
     result = json.loads((out / "curriculum.json").read_text())
     assert sum(stage["size"] for stage in result["stages"]) == result["prompts"]
@@ -160,11 +165,11 @@ def test_semantic_entropy(workdir, kernel_dir):
     assert any("semantic entropy done" in t for t in texts)
 
 
-def test_ablation_analysis(workdir, kernel_dir):
+def test_ablation_analysis(workdir, jupyter_dir):
     quickstart = workdir / "quickstart_out"
     done = all((quickstart / "seed0" / loss / "result.json").exists() for loss in ("sent", "grpo"))
     env = {"ENTRL_NOTEBOOK_ABLATE_OUT": str(quickstart)} if done else {}
-    texts = run_notebook("ablation_analysis.ipynb", workdir, kernel_dir, **env)
+    texts = run_notebook("ablation_analysis.ipynb", workdir, jupyter_dir, **env)
     table = (workdir / "ablation_out" / "ablation.md").read_text()
     assert "| sent" in table and "| grpo" in table
     assert (workdir / "ablation_out" / "plots" / "entropy.png").exists()
