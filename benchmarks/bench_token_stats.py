@@ -162,7 +162,9 @@ def main(argv=None) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--reps", type=int, default=3, help="timed calls per variant (median reported)")
     p.add_argument("--chunks", default="256,512,1024,2048", help="chunk sizes swept for the forward pass")
-    p.add_argument("--bwd-chunks", default="512", help="chunk sizes for forward+backward ('' to skip backward)")
+    p.add_argument(
+        "--bwd-chunks", default="512", help="chunk sizes for forward+backward ('' to skip); 512 = library default"
+    )
     p.add_argument("--bwd-reps", type=int, default=2, help="timed calls per forward+backward variant")
     p.add_argument("--skip-forward", action="store_true", help="only run the forward+backward comparison")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)

@@ -26,15 +26,17 @@ token. Design decisions:
   unsharded (a contiguous split would shard the scan axis instead).
 * Matmuls run in the inputs' dtype (bfloat16 allowed) with float32
   accumulation; all softmax statistics are float32.
-* Default chunk_size = 1024 tokens. Measured on the 2-core CPU box (T = 4096,
-  D = 1536, V = 151,936, float32, forward; see benchmarks/bench_token_stats.py):
-  peak extra RSS 6% / 9% / 18% of the naive full-logits version for chunks of
-  256 / 512 / 1024, time within noise of naive (0.9-1.3x on a loaded box).
-  On accelerators, bigger chunks feed the MXU better; the global chunk is
-  split across data-parallel shards.
-* The backward accumulates dW in a float32 [D, V] carry (about one extra copy
-  of w; XLA on CPU also keeps one partial product), which is small next to
-  [B*T, V] whenever B*T > D.
+* Default chunk_size = 512 tokens. Measured on the shared 2-core CPU box
+  (T = 4096, D = 1536, V = 151,936, float32; benchmarks/bench_token_stats.py),
+  peak extra RSS as a fraction of the naive full-logits version:
+  forward 6% / 9% / 18% for chunks of 256 / 512 / 1024; forward+backward
+  23% (512) and 26% (1024); times within load noise of naive (0.9-1.3x).
+  512 is the largest chunk under the 25% budget for both passes. On
+  accelerators, bigger chunks feed the matrix units better; the global chunk
+  is split across data-parallel shards.
+* The backward accumulates dW in a float32 [D, V] carry (one extra copy of w;
+  XLA on CPU also keeps a partial product per step), small next to [B*T, V]
+  whenever B*T > D.
 * Left out on purpose: vocabulary chunking (needed only if one [C, V] row block
   does not fit, which a smaller C solves) and fused Pallas kernels.
 """
@@ -192,7 +194,7 @@ _chunked_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
 # ----------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------
-def token_logprobs_and_entropy(h_BxTxD, w_DxV, targets_BxT, *, temperature=1.0, chunk_size: int = 1024):
+def token_logprobs_and_entropy(h_BxTxD, w_DxV, targets_BxT, *, temperature=1.0, chunk_size: int = 512):
     """Log-prob of `targets` and entropy of the next-token distribution, per token.
 
     With z_bt = (h_bt @ w) / T (matmul in h/w's dtype, float32 accumulation):
@@ -253,7 +255,7 @@ def _token_stats_jit(h_BxTxD, w_DxV, targets_BxT, temperature, chunk_size: int):
     return logp_BxT, ent_BxT
 
 
-def token_logprobs(h_BxTxD, w_DxV, targets_BxT, *, temperature=1.0, chunk_size: int = 1024):
+def token_logprobs(h_BxTxD, w_DxV, targets_BxT, *, temperature=1.0, chunk_size: int = 512):
     """Only the log-probs of `token_logprobs_and_entropy` (same math, same cost)."""
     return token_logprobs_and_entropy(h_BxTxD, w_DxV, targets_BxT, temperature=temperature, chunk_size=chunk_size)[0]
 
