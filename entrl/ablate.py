@@ -34,7 +34,7 @@ def _entropy_curve(run_dir: Path) -> list[float]:
     return [float(m["entropy"]) for m in read_metrics(run_dir) if m.get("entropy") is not None]
 
 
-def _demo_runs(losses, seeds, overrides, out: Path) -> list[dict]:
+def _demo_runs(losses, seeds, overrides, out: Path, quick: bool = False) -> list[dict]:
     from entrl import demo
 
     rows = []
@@ -50,7 +50,7 @@ def _demo_runs(losses, seeds, overrides, out: Path) -> list[dict]:
                     rows.append(json.loads(done.read_text()))
                     continue
                 if ctx is None:
-                    ctx = demo.prepare(seed_dir, seed=seed, overrides=overrides)
+                    ctx = demo.prepare(seed_dir, seed=seed, quick=quick, overrides=overrides)
                 if se_cache is not None and not (run_dir / "semantic_entropy.jsonl").exists():
                     run_dir.mkdir(parents=True, exist_ok=True)
                     shutil.copy(se_cache, run_dir / "semantic_entropy.jsonl")
@@ -131,7 +131,7 @@ def format_ablation(rows: list[dict]) -> str:
 
 
 def run_ablation(config: str, losses: list[str], seeds: list[int], *, overrides=(), out_dir: str = "ablate_out",
-                 demo: bool = False) -> str:
+                 demo: bool = False, quick: bool = False) -> str:
     """Run every (seed, loss), write `<out>/ablation.md`, `<out>/ablation.json` and `<out>/entropy.png`."""
     from entrl.metrics import plot_runs
     from entrl.rl.losses import PRESETS
@@ -142,7 +142,7 @@ def run_ablation(config: str, losses: list[str], seeds: list[int], *, overrides=
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if demo or config == "demo":
-        rows = _demo_runs(losses, seeds, list(overrides), out)
+        rows = _demo_runs(losses, seeds, list(overrides), out, quick=quick)
     else:
         rows = _config_runs(config, losses, seeds, list(overrides), out)
     table = format_ablation(rows)

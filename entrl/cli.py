@@ -78,7 +78,8 @@ def cmd_ablate(args) -> int:
 
     losses = args.losses.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    print(run_ablation(args.config, losses, seeds, overrides=args.overrides, out_dir=args.out, demo=args.demo))
+    print(run_ablation(args.config, losses, seeds, overrides=args.overrides, out_dir=args.out, demo=args.demo,
+                       quick=args.quick))
     return 0
 
 
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seeds", default="0")
     a.add_argument("--out", default="ablate_out")
     a.add_argument("--demo", action="store_true", help="run the embedded demo pipeline per loss")
+    a.add_argument("--quick", action="store_true", help="with the demo: its tiny --quick sizes")
     a.add_argument("overrides", nargs="*")
     a.set_defaults(fn=cmd_ablate)
 

@@ -226,7 +226,7 @@ def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
         if with_entropy:
             batch = {"prompt_ids": roll.prompt_ids, "prompt_mask": roll.prompt_mask, "resp_ids": roll.tokens}
             _, ent = compute_logprobs(graphdef, params, batch, temperature=sampler.config.logprob_temperature,
-                                      num_micro=1, chunk_size=1024)
+                                      num_micro=1, chunk_size=512)
             ent = np.asarray(ent)[: real * n]
             ent_sum += float((ent * rmask).sum())
             ent_count += int(rmask.sum())

@@ -190,7 +190,7 @@ def entropy_of_classes(
             log_p = np.log(mass) - np.log(mass.sum())
         p = np.exp(log_p)
     se = -float(np.sum(p[p > 0] * log_p[p > 0]))
-    return max(se, 0.0)
+    return max(se, 0.0) + 0.0  # + 0.0 turns a -0.0 (one class) into 0.0
 
 
 def semantic_entropy(
@@ -344,19 +344,19 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
 
 def plot_se_histogram(se_values: Sequence[float], path, *, bins: int = 30) -> None:
     """Histogram PNG of per-prompt semantic entropy."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    # A bare Figure on the Agg canvas: no pyplot state, no backend switch (inline notebooks keep theirs).
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.hist(np.asarray(se_values, float), bins=bins, color="#4c72b0")
     ax.set_xlabel("semantic entropy (nats)")
     ax.set_ylabel("prompts")
     ax.set_title(f"Semantic entropy of {len(se_values)} prompts")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def annotate_cli(cfg, *, data: str, out: str, n: int | None = None) -> None:

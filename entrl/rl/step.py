@@ -49,7 +49,7 @@ class StepSettings:
     kl_estimator: str = "k3"
     temperature: float = 1.0
     num_micro: int = 1  # micro-batches per mini-batch (gradient accumulation)
-    chunk_size: int = 1024  # token chunk of the log-prob/entropy computation
+    chunk_size: int = 512  # token chunk of the log-prob/entropy computation (benchmarks/bench_token_stats.py)
 
     @property
     def params_dict(self) -> dict:
@@ -61,7 +61,7 @@ class StepSettings:
 # ---------------------------------------------------------------------------
 
 
-def response_stats(model, prompt_ids_NxP, prompt_mask_NxP, resp_ids_NxL, *, temperature: float, chunk_size: int = 1024):
+def response_stats(model, prompt_ids_NxP, prompt_mask_NxP, resp_ids_NxL, *, temperature: float, chunk_size: int = 512):
     """Per-token log-prob and entropy of the response tokens under `model`.
 
     Returns `(logp_NxL, entropy_NxL)` in float32 at `temperature`. Positions are
