@@ -71,6 +71,8 @@ from jax.sharding import PartitionSpec as P
 
 from entrl.models import KV_CACHE_AXES, Transformer
 
+_NEG = float(np.finfo(np.float32).min)  # masked score (finite, as in the model: no NaN)
+
 __all__ = [
     "DEFAULT_BUCKETS",
     "FINISH_REASONS",
@@ -111,6 +113,7 @@ class SamplingConfig:
     pad_id: int = 0  # filler after the stop token and in the prompt's left padding
     banned_ids: tuple[int, ...] = ()  # never sampled (PAD/BOS); ids that are also EOS are dropped
     cache_dtype: str = "float32"  # KV-cache dtype: float32 | bfloat16
+    segment_steps: int = 32  # min decode steps per KV-cache-length segment (see `decode_segments`)
 
     def __post_init__(self):
         def is_int(x):
@@ -124,6 +127,8 @@ class SamplingConfig:
             raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1] (1 = off)")
         if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r}: must be an int >= 0 (0 = off)")
+        if not is_int(self.segment_steps) or self.segment_steps < 1:
+            raise ValueError(f"segment_steps={self.segment_steps!r}: must be an int >= 1")
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an int >= 1")
         for name in ("eos_ids", "banned_ids"):
@@ -227,18 +232,23 @@ def sample_next_token(logits_BxV: jax.Array, rng: jax.Array, cfg: SamplingConfig
     softmax(z / T).
     """
     z_BxV = logits_BxV.astype(_F32) / cfg.logprob_temperature
-    if cfg.banned_ids:
-        z_allowed_BxV = z_BxV.at[:, jnp.asarray(cfg.banned_ids)].set(-jnp.inf)
+    if cfg.banned_ids:  # a where on a constant mask fuses; a scatter would copy the logits
+        banned_V = np.zeros(z_BxV.shape[-1], bool)
+        banned_V[list(cfg.banned_ids)] = True
+        z_allowed_BxV = jnp.where(banned_V, -jnp.inf, z_BxV)
     else:
         z_allowed_BxV = z_BxV
+    lse_B = jax.nn.logsumexp(z_BxV, axis=-1)
     if cfg.greedy:
-        tokens_B = jnp.argmax(z_allowed_BxV, axis=-1)
+        tokens_B = jnp.argmax(z_allowed_BxV, axis=-1).astype(jnp.int32)
+        z_tok_B = jnp.max(z_allowed_BxV, axis=-1)  # the chosen logit, without a gather
     else:
         z_allowed_BxV = filter_logits(z_allowed_BxV, top_k=cfg.top_k, top_p=cfg.top_p)
-        tokens_B = jax.random.categorical(rng, z_allowed_BxV, axis=-1)
-    tokens_B = tokens_B.astype(jnp.int32)
-    lse_B = jax.nn.logsumexp(z_BxV, axis=-1)
-    logp_B = jnp.take_along_axis(z_BxV, tokens_B[:, None], axis=-1)[:, 0] - lse_B
+        tokens_B = jax.random.categorical(rng, z_allowed_BxV, axis=-1).astype(jnp.int32)
+        # A flat 1-D gather: XLA:CPU turns take_along_axis into a one-hot reduction over V.
+        rows_B = jnp.arange(z_BxV.shape[0], dtype=jnp.int32)
+        z_tok_B = z_BxV.reshape(-1)[rows_B * z_BxV.shape[1] + tokens_B]
+    logp_B = z_tok_B - lse_B
     return tokens_B, logp_B
 
 
@@ -310,24 +320,38 @@ def _logits_vd(h_BxD, w_VxD):
     return lax.dot_general(h_BxD, w_VxD, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"))
-def _prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: SamplingConfig, mesh):
-    """Run the prompts once, repeat the cache n times, draw response token 0."""
-    model = nnx.merge(graphdef, params)
+def decode_segments(plen: int, max_new_tokens: int, max_segments: int = 4, min_steps: int = 32) -> tuple[tuple[int, int], ...]:
+    """Static (end_step, cache_slots) pairs splitting the decode loop by KV-cache length.
+
+    Decode step i (1 <= i < L) feeds response token i-1 at slot P+i-1 and
+    attends slots [0, P+i). A segment running the steps before `end` therefore
+    needs a cache of P + end - 1 slots, and every step's attention costs in
+    proportion to the cache length, so early segments use a shorter cache.
+    Up to `max_segments` segments of >= `min_steps` steps each: more segments
+    read fewer unused slots, but each compiles its own loop body and grows the
+    cache once (one copy).
+    """
+    steps = max_new_tokens - 1
+    count = max(1, min(max_segments, steps // min_steps))
+    ends = [1 + math.ceil(steps * (j + 1) / count) for j in range(count)]
+    return tuple((end, plen + end - 1) for end in ends)
+
+
+def _prefill(model: Transformer, prompt_ids_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig, mesh, slots: int):
+    """Run the prompts once into a `slots`-long cache, repeat it n times, draw response token 0."""
     batch, plen = prompt_ids_BxP.shape
-    rows, slots = batch * cfg.n, plen + cfg.max_new_tokens
+    rows = batch * cfg.n
     mask_BxP = prompt_mask_BxP.astype(jnp.int32)
     positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=-1) - 1, 0)
-    kv_mask_BxS = jnp.pad(mask_BxP, ((0, 0), (0, slots - plen)))
     cache = model.init_cache(batch, slots, dtype=_DTYPES[cfg.cache_dtype])
     h_BxPxD, cache = model.forward_cached(
-        prompt_ids_BxP, positions_BxP, cache, write_index=jnp.int32(0), kv_mask_BxS=kv_mask_BxS
-    )
+        prompt_ids_BxP, positions_BxP, cache, write_index=jnp.int32(0),
+        kv_mask_BxS=jnp.pad(mask_BxP, ((0, 0), (0, slots - plen))),
+    )  # fmt: skip
 
     def rep(x):  # [B, ...] -> [B*n, ...], rows of one prompt contiguous
         return _rows(jnp.repeat(x, cfg.n, axis=0), mesh)
 
-    cache = jax.tree.map(lambda x: _constrain(jnp.repeat(x, cfg.n, axis=1), mesh, KV_CACHE_AXES), cache)
     state = _DecodeState(
         step=jnp.int32(0),
         tokens=_rows(jnp.full((rows, cfg.max_new_tokens), cfg.pad_id, jnp.int32), mesh),
@@ -335,8 +359,8 @@ def _prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: Sam
         done=_rows(jnp.zeros((rows,), bool), mesh),
         length=_rows(jnp.zeros((rows,), jnp.int32), mesh),
         prompt_len=rep(jnp.sum(mask_BxP, axis=-1)),
-        kv_mask=rep(kv_mask_BxS),
-        cache=cache,
+        kv_mask=rep(jnp.pad(mask_BxP, ((0, 0), (0, cfg.max_new_tokens)))),
+        cache=jax.tree.map(lambda x: _constrain(jnp.repeat(x, cfg.n, axis=1), mesh, KV_CACHE_AXES), cache),
         rng=rng,
     )
     logits_RxV = rep(_logits(h_BxPxD[:, -1], model.unembedding()))  # n draws from one set of logits
@@ -344,35 +368,57 @@ def _prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: Sam
     return _record(state, tokens_R, logp_R, cfg)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"), donate_argnames=("state",))
-def _decode(graphdef, params, state: _DecodeState, *, cfg: SamplingConfig, mesh):
-    """Feed the last token and draw the next until every row stopped or L tokens exist."""
-    model = nnx.merge(graphdef, params)
-    # Loop-invariant, built once outside the loop: a tied embedding is already
-    # [V, D] (the transposes cancel), an lm_head [D, V] is transposed once per call.
-    w_VxD = model.unembedding().T
+def _decode_segment(model: Transformer, w_VxD, state: _DecodeState, end: int, cfg: SamplingConfig) -> _DecodeState:
+    """Feed the last token and draw the next until step `end` or until every row stopped."""
     plen = state.kv_mask.shape[1] - cfg.max_new_tokens
+    slots = state.cache.k.shape[2]
 
     def cond(s: _DecodeState):
-        return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
+        return (s.step < end) & ~jnp.all(s.done)
 
     def body(s: _DecodeState):
-        last_R = lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)  # [R, 1]
+        last_Rx1 = lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)
         slot = plen + s.step - 1
         kv_mask = lax.dynamic_update_slice(s.kv_mask, jnp.ones((s.kv_mask.shape[0], 1), jnp.int32), (0, slot))
         positions_Rx1 = (s.prompt_len + s.step - 1)[:, None]
-        h_Rx1xD, cache = model.forward_cached(last_R, positions_Rx1, s.cache, write_index=slot, kv_mask_BxS=kv_mask)
+        h_Rx1xD, cache = model.forward_cached(
+            last_Rx1, positions_Rx1, s.cache, write_index=slot, kv_mask_BxS=kv_mask[:, :slots]
+        )
         logits_RxV = _logits_vd(h_Rx1xD[:, 0], w_VxD)
         tokens_R, logp_R = sample_next_token(logits_RxV, jax.random.fold_in(s.rng, s.step), cfg)
         return _record(s.replace(kv_mask=kv_mask, cache=cache), tokens_R, logp_R, cfg)
 
-    # The whole state is returned so every donated buffer aliases an output.
     return lax.while_loop(cond, body, state)
 
 
-@partial(jax.jit, static_argnames=("n",))
-def _to_rollout(state: _DecodeState, prompt_ids_BxP, prompt_mask_BxP, *, n: int) -> Rollout:
-    """The final loop state as a `Rollout` (the cache is dropped)."""
+def _grow_cache(cache, slots: int, mesh):
+    """Zero-pad the cache's slot axis to `slots` (one copy per decode segment)."""
+
+    def grow(x):
+        pad = [(0, 0)] * x.ndim
+        pad[2] = (0, slots - x.shape[2])
+        return _constrain(jnp.pad(x, pad), mesh, KV_CACHE_AXES)
+
+    return jax.tree.map(grow, cache)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"))
+def _sample(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: SamplingConfig, mesh) -> Rollout:
+    """Prefill, then the decode segments, in one jitted function.
+
+    The KV cache is created inside, so XLA updates it in place in the loops
+    (nothing to donate); only the Rollout leaves the function.
+    """
+    model = nnx.merge(graphdef, params)
+    segments = decode_segments(prompt_ids_BxP.shape[1], cfg.max_new_tokens, min_steps=cfg.segment_steps)
+    state = _prefill(model, prompt_ids_BxP, prompt_mask_BxP, rng, cfg, mesh, slots=segments[0][1])
+    # Loop-invariant, built once outside the loops: a tied embedding is already
+    # [V, D] (the transposes cancel), an lm_head [D, V] is transposed once per call.
+    w_VxD = model.unembedding().T
+    for end, slots in segments:
+        if slots > state.cache.k.shape[2]:
+            state = state.replace(cache=_grow_cache(state.cache, slots, mesh))
+        state = _decode_segment(model, w_VxD, state, end, cfg)
     rows, max_new = state.tokens.shape
     return Rollout(
         tokens=state.tokens,
@@ -380,9 +426,9 @@ def _to_rollout(state: _DecodeState, prompt_ids_BxP, prompt_mask_BxP, *, n: int)
         logprobs=state.logprobs,
         lengths=state.length,
         finish_code=state.done.astype(jnp.int32),
-        prompt_index=jnp.arange(rows, dtype=jnp.int32) // n,
-        prompt_ids=jnp.repeat(prompt_ids_BxP, n, axis=0),
-        prompt_mask=jnp.repeat(prompt_mask_BxP, n, axis=0),
+        prompt_index=jnp.arange(rows, dtype=jnp.int32) // cfg.n,
+        prompt_ids=_rows(jnp.repeat(prompt_ids_BxP, cfg.n, axis=0), mesh),
+        prompt_mask=_rows(jnp.repeat(prompt_mask_BxP, cfg.n, axis=0), mesh),
     )
 
 
@@ -462,12 +508,9 @@ class Sampler:
         mask = jnp.asarray(prompt_mask_BxP, jnp.int32)
         if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ValueError(f"prompt ids {ids.shape} and mask {mask.shape} must have the same non-empty [B, P] shape")
-        rows = ids.shape[0] * cfg.n
         # Under the mesh the model's own activation constraints apply too.
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            state = _prefill(graphdef, params, ids, mask, rng, cfg=cfg, mesh=self.mesh)
-            state = _decode(graphdef, params, state, cfg=cfg, mesh=self.mesh)
-        return _to_rollout(state, ids, mask, n=cfg.n)
+            return _sample(graphdef, params, ids, mask, rng, cfg=cfg, mesh=self.mesh)
 
 
 def _as_id_tuple(ids) -> tuple[int, ...]:

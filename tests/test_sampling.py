@@ -240,7 +240,10 @@ def test_top1_sampling_equals_greedy(tiny, greedy_case):
 
 
 def test_sampled_logprobs_match_trainer_and_stop_masking(tiny):
-    """Sampler log-probs == token_stats on a full forward of prompt+response; stop/PAD invariants; seeds."""
+    """Sampler log-probs == token_stats on a full forward of prompt+response; stop/PAD invariants; seeds.
+
+    Runs the trainer-level `Sampler` with 3 decode segments (the KV cache grows twice).
+    """
     from flax import nnx
 
     from entrl.token_stats import token_logprobs_and_entropy
@@ -248,12 +251,18 @@ def test_sampled_logprobs_match_trainer_and_stop_masking(tiny):
     _, model = tiny
     temp, n = 0.8, 3
     eos = tuple(range(0, 40))  # ~15% of the vocabulary: most rows stop early
-    kw = dict(n=n, temperature=temp, top_p=0.95, max_new_tokens=MAX_NEW, eos_ids=eos, pad_id=PAD, buckets=BUCKETS)
-    ro = sampling.generate(model, PROMPTS, seed=0, **kw)
+    cfg = SamplingConfig(
+        n=n, temperature=temp, top_p=0.95, max_new_tokens=MAX_NEW, eos_ids=eos, pad_id=PAD, banned_ids=(PAD,),
+        segment_steps=3,
+    )  # fmt: skip
+    assert len(sampling.decode_segments(BUCKETS[0], MAX_NEW, min_steps=3)) == 3
+    ids, mask = sampling.pad_prompts(PROMPTS, pad_id=PAD, buckets=BUCKETS)
+    sampler = sampling.Sampler(cfg)
+    ro = sampler.sample(model, ids, mask, jax.random.key(0))
     rows = len(PROMPTS) * n
     assert ro.tokens.shape == ro.mask.shape == ro.logprobs.shape == (rows, MAX_NEW)
     np.testing.assert_array_equal(ro.prompt_index, np.repeat(np.arange(len(PROMPTS)), n))
-    np.testing.assert_array_equal(ro.prompt_ids[::n], sampling.pad_prompts(PROMPTS, pad_id=PAD, buckets=BUCKETS)[0])
+    np.testing.assert_array_equal(ro.prompt_ids[::n], ids)
     np.testing.assert_array_equal(ro.prompt_ids[1::n], ro.prompt_ids[::n])
 
     # Trainer recompute: full forward over prompt + response, logits at response positions.
@@ -277,10 +286,10 @@ def test_sampled_logprobs_match_trainer_and_stop_masking(tiny):
         assert np.all(resp[L:] == PAD) and np.all(np.asarray(ro.logprobs)[r, L:] == 0)
 
     # Reproducible per seed, different across seeds, no recompilation for the same shapes.
-    compiled = sampling._decode._cache_size()
-    again = sampling.generate(model, PROMPTS, seed=0, **kw)
-    other = sampling.generate(model, PROMPTS, seed=1, **kw)
-    assert sampling._decode._cache_size() == compiled
+    compiled = sampling._sample._cache_size()
+    again = sampling.Sampler(cfg).sample(model, ids, mask, jax.random.key(0))
+    other = sampler.sample(model, ids, mask, jax.random.key(1))
+    assert sampling._sample._cache_size() == compiled
     np.testing.assert_array_equal(again.tokens, ro.tokens)
     np.testing.assert_array_equal(again.logprobs, ro.logprobs)
     assert not np.array_equal(other.tokens, ro.tokens)
@@ -322,3 +331,14 @@ def test_generate_bad_input(tiny, prompts, kwargs, match):
     _, model = tiny
     with pytest.raises(ValueError, match=match):
         sampling.generate(model, prompts, **(dict(max_new_tokens=4, eos_ids=(), buckets=BUCKETS) | kwargs))
+
+
+@pytest.mark.parametrize("plen,max_new,min_steps", [(64, 128, 32), (8, 12, 3), (512, 2048, 32), (8, 1, 32), (8, 2, 1)])
+def test_decode_segments_cover_every_step(plen, max_new, min_steps):
+    segs = sampling.decode_segments(plen, max_new, min_steps=min_steps)
+    ends = [e for e, _ in segs]
+    assert ends == sorted(ends) and ends[-1] == max_new and 1 <= len(segs) <= 4
+    start = 1
+    for end, slots in segs:  # steps [start, end) write slots up to plen + end - 2
+        assert slots == plen + end - 1 and slots <= plen + max_new
+        start = end
