@@ -87,6 +87,8 @@ class DataSection:
     max_rows: int = 0  # use only the first N rows (0 = all)
     arithmetic_train_size: int = 4000  # arithmetic task: number of training problems
     arithmetic_heldout_size: int = 1000  # arithmetic task: number of held-out problems
+    arithmetic_max_number: int = 9  # arithmetic task: operands are 1..max_number
+    arithmetic_max_operands: int = 3  # arithmetic task: 2..max_operands operands per expression
 
     def __post_init__(self):
         _choice("data.task", self.task, ("math", "arithmetic"))
@@ -94,6 +96,9 @@ class DataSection:
         _choice("data.on_bad_row", self.on_bad_row, ("error", "skip"))
         _positive("data.max_prompt_len", self.max_prompt_len)
         _non_negative("data.max_rows", self.max_rows)
+        _positive("data.arithmetic_max_number", self.arithmetic_max_number)
+        if self.arithmetic_max_operands < 2:
+            raise ConfigError(f"data.arithmetic_max_operands={self.arithmetic_max_operands}: must be >= 2")
 
 
 @dataclass(frozen=True)

@@ -74,11 +74,11 @@ def paired_ci(before: np.ndarray, after: np.ndarray, z: float = 1.96) -> tuple[f
 def warm_start(cfg: C.RunConfig, tokenizer, train_records, *, sft_steps: int, seed: int,
                sft_problems: int = 4000):
     """Random-init demo model + noisy-teacher SFT. Returns (graphdef, params, sft_losses)."""
-    from entrl.data.tasks import ArithmeticTask, build_prompt
-    from entrl.rl.setup import build_model
+    from entrl.data.tasks import build_prompt
+    from entrl.rl.setup import arithmetic_task, build_model
     from entrl.sft import train_sft
 
-    task = ArithmeticTask()
+    task = arithmetic_task(cfg)
     rng = np.random.default_rng(seed + 1)
     # SFT problems: a larger draw of the training split (the RL prompt pool is part of it; held-out never is).
     sft_records = task.make_problems(max(sft_problems, len(train_records)), seed=seed, split="train")

@@ -131,14 +131,19 @@ def build_model(cfg: C.RunConfig, mesh, tokenizer):
 # ---------------------------------------------------------------------------
 
 
+def arithmetic_task(cfg: C.RunConfig):
+    from entrl.data.tasks import ArithmeticTask
+
+    return ArithmeticTask(max_operands=cfg.data.arithmetic_max_operands, max_number=cfg.data.arithmetic_max_number)
+
+
 def build_records(cfg: C.RunConfig):
     """(train records, held-out records or None) of the configured task."""
     from entrl.data.sources import load_records
-    from entrl.data.tasks import ArithmeticTask
 
     d = cfg.data
     if d.task == "arithmetic":
-        task = ArithmeticTask()
+        task = arithmetic_task(cfg)
         train = task.make_problems(d.arithmetic_train_size, seed=cfg.train.seed, split="train")
         held = task.make_problems(d.arithmetic_heldout_size, seed=cfg.train.seed, split="heldout")
         return train, held
