@@ -176,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"entrl: config error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from entrl.rl.trainer import NonFiniteError
+
+        if not isinstance(e, NonFiniteError):
+            raise
+        print(f"entrl: training stopped: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
