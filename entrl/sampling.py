@@ -3,12 +3,18 @@
 One call turns B tokenized prompts into B*n fixed-shape responses with the
 per-token log-prob of every sampled token. Design decisions:
 
-* Two jitted pure functions. `_prefill` runs the left-padded prompt batch
-  through the model once (write index 0) and samples the first response token;
-  `_decode` is a `lax.while_loop` over a pytree `_DecodeState` that feeds one
-  token per row per iteration and exits as soon as every row has stopped. The
-  state (KV cache included) is donated to `_decode`, so the cache is
-  preallocated once and updated in place.
+* One jitted pure function, `_sample`: a prefill runs the left-padded prompt
+  batch through the model once (write index 0) and samples the first response
+  token; then `lax.while_loop`s over a pytree `_DecodeState` feed one token per
+  row per iteration and exit as soon as every row has stopped. The KV cache is
+  created inside the function, so XLA preallocates it and updates it in place
+  (nothing crosses the jit boundary that would need donating); only the
+  `Rollout` leaves.
+* Decode segments: attention costs in proportion to the cache length, so the
+  decode loop is split into up to 4 consecutive while loops (`decode_segments`),
+  each over a cache just long enough for its steps; the cache grows (one copy)
+  between segments. At 64 prompt + 128 new tokens this reads ~22% fewer cache
+  slots than one full-length loop; more for long responses.
 * The NNX model crosses the jit boundary split: the `GraphDef` is a static
   argument and the parameter `State` a normal one, merged inside. No weights
   are copied, and parameters sharded on the trainer's mesh are used where they
@@ -46,6 +52,13 @@ per-token log-prob of every sampled token. Design decisions:
   included) is constrained to the mesh's ("data", "fsdp") axes; everything else
   is left to the compiler, driven by the parameters' own shardings
   (Auto axis types), so heads follow the tensor axis as in training.
+* CPU notes (measured on the 2-core project machine, see
+  benchmarks/bench_sampler.py): the unembedding is used as [V, D] in the loop
+  (faster than [D, V] at decode batch sizes), greedy log-probs reuse the max
+  logit instead of a gather, and the PAD/BOS ban is a fused `where`, not a
+  scatter. A decode-specialised attention (broadcast-multiply-reduce over the
+  cache instead of the model's batched einsum) was tried and was slower inside
+  the loop, so the model's own `forward_cached` is used unchanged.
 * Left out on purpose: streaming, stop strings (host-side, needs the
   tokenizer), speculative decoding, paged attention, and per-row settings
   (temperature etc. are per call).
@@ -70,6 +83,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from entrl.models import KV_CACHE_AXES, Transformer
+from entrl.sharding import logical_to_spec
 
 _NEG = float(np.finfo(np.float32).min)  # masked score (finite, as in the model: no NaN)
 
@@ -266,7 +280,7 @@ class _DecodeState:
     length: jax.Array  # [R] int32 response tokens that count (mask = arange(L) < length)
     prompt_len: jax.Array  # [R] int32 real prompt tokens (RoPE position of response token i is prompt_len + i)
     kv_mask: jax.Array  # [R, S] int32: 1 on slots a query may attend
-    cache: Any  # the model's KV cache pytree, batch R
+    cache: Any  # the model's KV cache pytree: batch R, the current segment's slots (<= S)
     rng: jax.Array  # base key; step i draws with fold_in(rng, i)
 
 
@@ -295,8 +309,6 @@ def _constrain(x, mesh: Mesh | None, names: tuple[str | None, ...]):
     """
     if mesh is None:
         return x
-    from entrl.sharding import logical_to_spec
-
     return lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, shape=x.shape, mesh=mesh)))
 
 

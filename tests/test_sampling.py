@@ -338,7 +338,5 @@ def test_decode_segments_cover_every_step(plen, max_new, min_steps):
     segs = sampling.decode_segments(plen, max_new, min_steps=min_steps)
     ends = [e for e, _ in segs]
     assert ends == sorted(ends) and ends[-1] == max_new and 1 <= len(segs) <= 4
-    start = 1
-    for end, slots in segs:  # steps [start, end) write slots up to plen + end - 2
+    for end, slots in segs:  # steps before `end` write slots up to plen + end - 2 and read them all
         assert slots == plen + end - 1 and slots <= plen + max_new
-        start = end
