@@ -513,8 +513,14 @@ class Sampler:
             prompt's last token).
           prompt_mask_BxP: 1 on real tokens, 0 on the left padding.
           rng: a JAX PRNG key; same key, same inputs -> same samples.
+
+        With a mesh, rows split over ("data", "fsdp") when B * n divides by
+        their size (else they are replicated); pass prompt arrays already
+        placed on the mesh to avoid a transfer.
         """
         cfg = self.config
+        if isinstance(model, Transformer):
+            cfg.check_vocab(model.cfg.vocab_size)
         graphdef, params = _split_model(model)
         ids = jnp.asarray(prompt_ids_BxP, jnp.int32)
         mask = jnp.asarray(prompt_mask_BxP, jnp.int32)
@@ -577,7 +583,7 @@ def generate(
     ids, mask = pad_prompts(prompts, pad_id=cfg.pad_id, buckets=DEFAULT_BUCKETS if buckets is None else buckets)
     if mcfg is not None:
         vocab = mcfg.vocab_size
-        cfg.check_vocab(vocab)
+        cfg.check_vocab(vocab)  # before any compilation
         bad = (ids >= vocab) | (ids < 0)
         if np.any(bad & (mask == 1)):
             raise ValueError(f"prompt token ids must lie in [0, {vocab}) (the vocabulary)")

@@ -239,6 +239,15 @@ def test_top1_sampling_equals_greedy(tiny, greedy_case):
     np.testing.assert_array_equal(ro.mask, greedy.mask)
 
 
+def test_bfloat16_cache_close_to_float32(tiny, greedy_case):
+    """The optional bf16 KV cache: same greedy start, log-probs within bf16 rounding."""
+    _, model = tiny
+    _, _, kw, base = greedy_case
+    ro = sampling.generate(model, PROMPTS, **(kw | dict(cache_dtype="bfloat16")))
+    np.testing.assert_array_equal(ro.tokens[:, :3], base.tokens[:, :3])
+    np.testing.assert_allclose(ro.logprobs[:, :3], base.logprobs[:, :3], atol=0.05)
+
+
 def test_sampled_logprobs_match_trainer_and_stop_masking(tiny):
     """Sampler log-probs == token_stats on a full forward of prompt+response; stop/PAD invariants; seeds.
 
