@@ -26,7 +26,10 @@ default 1): XLA through `--xla_cpu_multi_thread_eigen` (false = one thread),
 torch through `torch.set_num_threads`. On the shared 2-core project machine,
 where other jobs keep both cores busy, two-thread runs of either engine spend
 much of their time waiting for a descheduled peer thread, so one thread each
-is both the faster and the fairer comparison there.
+is both the faster and the fairer comparison there. (XLA's runtime may still
+run independent ops of one program on a second thread when a core is free,
+so on a quiet machine its wall time can beat its CPU time; the per-CPU-second
+columns are the per-core comparison.)
 
 Usage:
     python benchmarks/bench_sampler.py                      # the full sweep
