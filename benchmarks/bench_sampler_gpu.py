@@ -1,0 +1,283 @@
+"""Benchmark: entrl's sampler on one GPU at the paper's smallest model (issue 7).
+
+The DeepSeek-R1-Distill-Qwen-1.5B configuration (`PRESETS`) with random bfloat16
+weights, bfloat16 KV cache, greedy decoding with no EOS (every row runs to the
+end), prompt 128 tokens, 1024 new tokens, batch 64 and 256. Reported per batch:
+
+- decode tokens/s of the entrl sampler: new tokens / wall time of the whole
+  jitted call (prefill included; the prefill's own share, timed separately with
+  a 1-token call, is printed too), median of `--repeats` calls after the
+  compile;
+- the memory-bandwidth bound: per decode step, the bytes that must be read
+  (every weight except the embedding table, of which only B rows are read,
+  plus the K/V cache at the current context length) summed over the steps and
+  divided by the HBM bandwidth measured in this run (a large on-device copy,
+  read + write counted); the FLOP bound likewise from a measured bf16 matmul
+  rate; "fraction" = bound time / measured time;
+- the named baseline, measured in the same run on the same GPU: Hugging Face
+  `transformers` `generate` (torch, bfloat16, its default dynamic KV cache,
+  the same config with its own random weights; `min_new_tokens` forces the
+  same 1024 tokens), and the ratio entrl / HF.
+
+Usage (on the GPU machine; prints JSON lines, `--out` also writes them):
+    python benchmarks/bench_sampler_gpu.py --out results.jsonl
+    python benchmarks/bench_sampler_gpu.py --tiny     # seconds on a CPU: checks the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+
+
+def emit(row: dict, out) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out is not None:
+        out.write(line + "\n")
+        out.flush()
+
+
+# ----------------------------------------------------------------------------
+# Machine rates (measured in this run)
+# ----------------------------------------------------------------------------
+def measure_bandwidth(nbytes: int, repeats: int = 10) -> float:
+    """Bytes/s of an on-device copy (read + write counted), median of `repeats`."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a * 1)  # an elementwise op XLA cannot elide: one read, one write
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times)
+
+
+def measure_matmul_rate(n: int, repeats: int = 10) -> float:
+    """FLOP/s of an n x n x n bf16 matmul, median of `repeats`."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mm(a, a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+# ----------------------------------------------------------------------------
+# Bound of one greedy call
+# ----------------------------------------------------------------------------
+def bound(mcfg, batch: int, prompt: int, new: int, bw: float, rate: float, elem: int = 2) -> dict:
+    """Lower-bound seconds of prefill + decode and the per-step bytes / FLOPs at mid-decode."""
+    D, L, H, K, Dh, F, V = (mcfg.hidden_size, mcfg.num_layers, mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim,
+                            mcfg.intermediate_size, mcfg.vocab_size)  # fmt: skip
+    layer = D * H * Dh * 2 + 2 * D * K * Dh + 3 * D * F  # q, o, k, v, gate/up/down
+    matmul_params = L * layer + D * V  # + lm_head (untied); the embedding table is a gather of B rows
+    weight_bytes = elem * matmul_params
+    kv_per_token = elem * 2 * L * K * Dh
+    t_prefill = (2 * batch * prompt * matmul_params + 4 * batch * L * H * Dh * prompt**2 / 2) / rate
+    t_mem = t_flop = t_step = 0.0
+    mid = {}
+    for i in range(1, new):  # token 0 comes from the prefill
+        ctx = prompt + i
+        nbytes = weight_bytes + batch * ctx * kv_per_token
+        flops = 2 * batch * matmul_params + 4 * batch * L * H * Dh * ctx
+        t_mem += nbytes / bw
+        t_flop += flops / rate
+        t_step += max(nbytes / bw, flops / rate)
+        if i == new // 2:
+            mid = dict(step_bytes=nbytes, step_flops=flops)
+    return dict(prefill_s=t_prefill, decode_mem_s=t_mem, decode_flop_s=t_flop, seconds=t_prefill + t_step,
+                bound="memory" if t_mem >= t_flop else "compute", **mid)
+
+
+# ----------------------------------------------------------------------------
+# Engines
+# ----------------------------------------------------------------------------
+def random_bf16_model(mcfg, seed: int = 0):
+    """(graphdef, params) with random bf16 values drawn on the device (fast; values irrelevant to speed)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from entrl.models import Transformer
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(
+        lambda: Transformer(mcfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)))
+    flat = list(nnx.to_flat_state(abstract))
+
+    # One small jit per distinct shape (about ten): a single jit over all ~340 tensors
+    # took 3 min 10 s to compile on an H200.
+    normal = jax.jit(lambda key, shape: (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(jnp.bfloat16),
+                     static_argnums=1)
+    keys = jax.random.split(jax.random.key(seed), len(flat))
+    vals = [jnp.ones(var.shape, jnp.bfloat16) if "norm" in ".".join(map(str, path)) else normal(k, tuple(var.shape))
+            for k, (path, var) in zip(keys, flat)]
+    params = nnx.from_flat_state([(path, var.replace(v)) for (path, var), v in zip(flat, vals)])
+    return graphdef, params
+
+
+def entrl_call(model, batch: int, prompt: int, new: int, vocab: int):
+    import jax
+    import jax.numpy as jnp
+
+    from entrl.sampling import Sampler, SamplingConfig
+
+    cfg = SamplingConfig(n=1, temperature=0.0, max_new_tokens=new, eos_ids=(), pad_id=0, cache_dtype="bfloat16")
+    sampler = Sampler(cfg)
+    ids = jnp.asarray(np.random.default_rng(1).integers(1, vocab, size=(batch, prompt)), jnp.int32)
+    mask = jnp.ones_like(ids)
+    key = jax.random.key(0)
+
+    def call():
+        ro = sampler.sample(model, ids, mask, key)
+        jax.block_until_ready(ro.tokens)
+        return ro
+
+    return call
+
+
+def hf_call(mcfg, batch: int, prompt: int, new: int):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    hcfg = Qwen2Config(
+        vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_size, intermediate_size=mcfg.intermediate_size,
+        num_hidden_layers=mcfg.num_layers, num_attention_heads=mcfg.num_heads,
+        num_key_value_heads=mcfg.num_kv_heads, max_position_embeddings=4096, rope_theta=mcfg.rope_theta,
+        rms_norm_eps=mcfg.rms_norm_eps, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+        pad_token_id=0,
+    )  # fmt: skip
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(dev):
+        hf = Qwen2ForCausalLM(hcfg).to(torch.bfloat16).eval()
+    ids = torch.randint(1, mcfg.vocab_size, (batch, prompt), device=dev)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        hf.generate(ids[:, :8], max_new_tokens=4, **{**kw, "attention_mask": torch.ones_like(ids[:, :8])})
+
+    def call():
+        with torch.inference_mode():
+            out = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return hf, call
+
+
+def timed(call, repeats: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hf-repeats", type=int, default=1)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--hf-only", action="store_true", help="only the transformers baseline")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer toy config on any backend (checks the script)")
+    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    args = ap.parse_args(argv)
+
+    import jax
+
+    from entrl.models import PRESETS
+
+    out = open(args.out, "a") if args.out else None
+    mcfg = PRESETS["deepseek-r1-distill-qwen-1.5b"]
+    if args.tiny:
+        mcfg = dataclasses.replace(mcfg, vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                                   num_heads=4, num_kv_heads=2, head_dim=16)
+        args.batch, args.prompt, args.new = [b // 16 for b in args.batch], 16, 32
+    import flax
+
+    emit(dict(kind="env", device=str(jax.devices()[0]), backend=jax.default_backend(), jax=jax.__version__,
+              flax=flax.__version__), out)
+    gpu = jax.default_backend() == "gpu"
+    bw = measure_bandwidth(4 << 30 if gpu else 64 << 20)
+    rate = measure_matmul_rate(8192 if gpu else 512)
+    emit(dict(kind="machine", copy_bandwidth_GBps=bw / 1e9, bf16_matmul_TFLOPs=rate / 1e12), out)
+
+    if not args.hf_only:
+        t = time.perf_counter()
+        model = random_bf16_model(mcfg)
+        jax.block_until_ready(model[1])
+        n_params = sum(x.size for x in jax.tree.leaves(model[1]))
+        emit(dict(kind="model", params=n_params, init_s=time.perf_counter() - t), out)
+
+    for batch in args.batch:
+        row = dict(kind="case", batch=batch, prompt=args.prompt, new=args.new)
+        try:
+            if args.hf_only:
+                raise RuntimeError("--hf-only")
+            call = entrl_call(model, batch, args.prompt, args.new, mcfg.vocab_size)
+            t = time.perf_counter()
+            ro = call()
+            row["entrl_first_call_s"] = time.perf_counter() - t  # compile + one run
+            assert ro.tokens.shape == (batch, args.new) and bool(np.all(np.asarray(ro.lengths) == args.new))
+            med, times = timed(call, args.repeats)
+            pre = entrl_call(model, batch, args.prompt, 1, mcfg.vocab_size)
+            pre()
+            pre_s, _ = timed(pre, args.repeats)
+            b = bound(mcfg, batch, args.prompt, args.new, bw, rate)
+            row.update(entrl_s=med, entrl_times=times, entrl_prefill_s=pre_s,
+                       entrl_tok_s=batch * args.new / med,
+                       entrl_decode_tok_s=batch * (args.new - 1) / max(med - pre_s, 1e-9),
+                       bound_s=b["seconds"], bound_decode_mem_s=b["decode_mem_s"],
+                       bound_decode_flop_s=b["decode_flop_s"], bound=b["bound"],
+                       mid_step_GB=b["step_bytes"] / 1e9, fraction_of_bound=b["seconds"] / med,
+                       decode_fraction_of_mem_bound=b["decode_mem_s"] / max(med - pre_s, 1e-9))
+        except Exception as e:  # keep the other cases and the baseline
+            row["entrl_error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        emit(row, out)
+        if not args.no_hf:
+            try:
+                import torch
+
+                hf, hcall = hf_call(mcfg, batch, args.prompt, args.new)
+                hmed, htimes = timed(hcall, args.hf_repeats)
+                row.update(hf_s=hmed, hf_times=htimes, hf_tok_s=batch * args.new / hmed,
+                           hf_fraction_of_bound=row.get("bound_s", float("nan")) / hmed)
+                if "entrl_tok_s" in row:
+                    row["ratio_entrl_over_hf"] = row["entrl_tok_s"] / row["hf_tok_s"]
+                del hf
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except Exception as e:
+                row["hf_error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+            emit(row, out)
+    if out is not None:
+        out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
