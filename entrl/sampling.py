@@ -372,7 +372,7 @@ def _prefill(model: Transformer, prompt_ids_BxP, prompt_mask_BxP, rng, cfg: Samp
         length=_rows(jnp.zeros((rows,), jnp.int32), mesh),
         prompt_len=rep(jnp.sum(mask_BxP, axis=-1)),
         kv_mask=rep(jnp.pad(mask_BxP, ((0, 0), (0, cfg.max_new_tokens)))),
-        cache=jax.tree.map(lambda x: _constrain(jnp.repeat(x, cfg.n, axis=1), mesh, KV_CACHE_AXES), cache),
+        cache=jax.tree.map(lambda x: _constrain(jnp.repeat(x, cfg.n, axis=0), mesh, KV_CACHE_AXES), cache),
         rng=rng,
     )
     logits_RxV = rep(_logits(h_BxPxD[:, -1], model.unembedding()))  # n draws from one set of logits
@@ -383,7 +383,7 @@ def _prefill(model: Transformer, prompt_ids_BxP, prompt_mask_BxP, rng, cfg: Samp
 def _decode_segment(model: Transformer, w_VxD, state: _DecodeState, end: int, cfg: SamplingConfig) -> _DecodeState:
     """Feed the last token and draw the next until step `end` or until every row stopped."""
     plen = state.kv_mask.shape[1] - cfg.max_new_tokens
-    slots = state.cache.k.shape[2]
+    slots = state.cache.slots
 
     def cond(s: _DecodeState):
         return (s.step < end) & ~jnp.all(s.done)
@@ -408,7 +408,8 @@ def _grow_cache(cache, slots: int, mesh):
 
     def grow(x):
         pad = [(0, 0)] * x.ndim
-        pad[2] = (0, slots - x.shape[2])
+        axis = KV_CACHE_AXES.index("cache_seq")
+        pad[axis] = (0, slots - x.shape[axis])
         return _constrain(jnp.pad(x, pad), mesh, KV_CACHE_AXES)
 
     return jax.tree.map(grow, cache)
@@ -428,7 +429,7 @@ def _sample(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: Samp
     # [V, D] (the transposes cancel), an lm_head [D, V] is transposed once per call.
     w_VxD = model.unembedding().T
     for end, slots in segments:
-        if slots > state.cache.k.shape[2]:
+        if slots > state.cache.slots:
             state = state.replace(cache=_grow_cache(state.cache, slots, mesh))
         state = _decode_segment(model, w_VxD, state, end, cfg)
     rows, max_new = state.tokens.shape

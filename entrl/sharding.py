@@ -39,7 +39,6 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),  # per-head width
     ("mlp", "tensor"),  # MLP hidden width
     ("norm", None),  # RMSNorm scales
-    ("layers", None),  # stacked-layer axis (KV cache)
     ("seq", None),  # sequence positions of activations
     ("cache_seq", None),  # KV-cache slots
     ("act_embed", None),  # model width of activations (batch already uses fsdp)

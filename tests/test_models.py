@@ -83,8 +83,9 @@ def test_kv_cache_decode_equals_full_forward(models, arch):
     real = np.asarray(mask, bool)
     np.testing.assert_allclose(np.asarray(cached_h)[real], np.asarray(full_h)[real], atol=2e-5, rtol=2e-5)
     assert isinstance(cache, KVCache)
-    assert cache.k.shape == (m.cfg.num_layers, B, S, m.cfg.num_kv_heads, m.cfg.head_dim)
-    assert not np.any(np.asarray(cache.k)[:, :, T:])  # slots past the written ones untouched
+    assert len(cache.k) == len(cache.v) == m.cfg.num_layers and cache.slots == S
+    assert all(k.shape == (B, m.cfg.num_kv_heads, S, m.cfg.head_dim) for k in cache.k + cache.v)
+    assert not any(np.any(np.asarray(k)[:, :, T:]) for k in cache.k + cache.v)  # slots past the written ones untouched
 
 
 def test_left_padding_matches_unpadded_and_is_finite(models):

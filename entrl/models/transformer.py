@@ -18,10 +18,16 @@ Design decisions:
   row (a left-padding query) becomes a uniform average, finite, never NaN.
 - Positions default to `cumsum(mask) - 1` (clipped at 0), so a left-padded
   prompt gets the same RoPE phases as the unpadded one.
-- The KV cache is one [L, B, S, K, Dh] array per k and v, updated in place
-  with `lax.dynamic_update_slice` at a traced `write_index`; the caller owns the
-  slot mask. The cached forward shares every line of the layer with the full
-  forward, so the two cannot drift apart.
+- The KV cache holds one [B, K, S, Dh] array per layer for k and one for v,
+  updated in place with `lax.dynamic_update_slice` at a traced `write_index`;
+  the caller owns the slot mask. Heads-major, so both attention matmuls read
+  the cache as it lies (q k^T contracts its last axis, p v its slot axis):
+  with the slot-major [B, S, K, Dh] layout XLA:CPU copied every layer's k and
+  v into this order on every decode step. One array per layer, not a stacked
+  [L, ...] one, because XLA copies a layer slice of a stacked array before a
+  matmul reads it (and inside a while loop then copied the whole stack too).
+  The cached forward shares every line of the layer with the full forward, so
+  the two cannot drift apart.
 - Softmax and logits are float32 whatever the compute dtype; hidden states are
   returned in the compute dtype so token statistics can chunk the unembedding.
 - Layers are a Python loop (not `scan`): per-layer params map one-to-one to
@@ -43,8 +49,8 @@ from jax import lax
 
 from entrl.models.config import ModelConfig
 
-# Logical axes of the KV cache arrays (for `entrl.sharding.logical_to_spec`).
-KV_CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+# Logical axes of each layer's KV cache array (for `entrl.sharding.logical_to_spec`).
+KV_CACHE_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
 
 _NEG = float(np.finfo(np.float32).min)
 _init_normal = nnx.initializers.normal(0.02)
@@ -52,10 +58,15 @@ _init_normal = nnx.initializers.normal(0.02)
 
 @struct.dataclass
 class KVCache:
-    """Keys and values of every layer: `k`, `v` of shape [L, B, S, K, Dh]."""
+    """Keys and values: `k`, `v` hold one [B, K, S, Dh] array per layer."""
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @property
+    def slots(self) -> int:
+        """S, the number of token slots."""
+        return self.k[0].shape[2]
 
 
 def _param(value: jax.Array, names: tuple[str, ...]) -> nnx.Param:
@@ -159,18 +170,21 @@ class Attention(nnx.Module):
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         return apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq), v
 
-    def attend(self, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS) -> jax.Array:
-        """softmax(q k^T / sqrt(Dh), masked) v, then the output projection -> [B,T,D]."""
+    def attend(self, q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS) -> jax.Array:
+        """softmax(q k^T / sqrt(Dh), masked) v, then the output projection -> [B,T,D].
+
+        Keys and values come heads-major ([B,K,S,Dh], the KV cache's layout).
+        """
         B, T, H, Dh = q_BxTxHxDh.shape
-        K = k_BxSxKxDh.shape[2]
+        K = k_BxKxSxDh.shape[1]
         dt = self.dtype
         q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
         logits = jnp.einsum(
-            "btkgd,bskd->bkgts", q_BxTxKxGxDh, k_BxSxKxDh.astype(dt), preferred_element_type=jnp.float32
+            "btkgd,bksd->bkgts", q_BxTxKxGxDh, k_BxKxSxDh.astype(dt), preferred_element_type=jnp.float32
         ) * (Dh**-0.5)
         logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits, _NEG)
         probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
-        out_BxTxKxGxDh = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxDh.astype(dt))
+        out_BxTxKxGxDh = jnp.einsum("bkgts,bksd->btkgd", probs, v_BxKxSxDh.astype(dt))
         return jnp.einsum("bthk,hkd->btd", out_BxTxKxGxDh.reshape(B, T, H, Dh), self.o_kernel[...].astype(dt))
 
 
@@ -196,18 +210,19 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, *, layer_index=0, write_index=None):
-        """One block. Full forward: cache=None. Cached: cache=(k, v) [L,B,S,K,Dh], returned updated."""
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, *, write_index=None):
+        """One block. Full forward: cache=None. Cached: cache=(k, v) of this layer, [B,K,S,Dh], returned updated."""
         q, k_new, v_new = self.attn.qkv(self.input_norm(x_BxTxD), positions_BxT)
+        k_BxKxTxDh, v_BxKxTxDh = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)
         if cache is None:
-            k_BxSxKxDh, v_BxSxKxDh = k_new, v_new
+            k_BxKxSxDh, v_BxKxSxDh = k_BxKxTxDh, v_BxKxTxDh
         else:
             cache_k, cache_v = cache
-            start = (layer_index, 0, write_index, 0, 0)
-            cache_k = lax.dynamic_update_slice(cache_k, k_new[None].astype(cache_k.dtype), start)
-            cache_v = lax.dynamic_update_slice(cache_v, v_new[None].astype(cache_v.dtype), start)
-            k_BxSxKxDh, v_BxSxKxDh, cache = cache_k[layer_index], cache_v[layer_index], (cache_k, cache_v)
-        x = x_BxTxD + self.attn.attend(q, k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS)
+            start = (0, 0, write_index, 0)
+            k_BxKxSxDh = lax.dynamic_update_slice(cache_k, k_BxKxTxDh.astype(cache_k.dtype), start)
+            v_BxKxSxDh = lax.dynamic_update_slice(cache_v, v_BxKxTxDh.astype(cache_v.dtype), start)
+            cache = (k_BxKxSxDh, v_BxKxSxDh)
+        x = x_BxTxD + self.attn.attend(q, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS)
         x = x + self.mlp(self.post_attn_norm(x))
         return _constrain(x, ("batch", "seq", "act_embed")), cache
 
@@ -269,10 +284,13 @@ class Transformer(nnx.Module):
     # -- KV cache ------------------------------------------------------------
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        """Zeroed cache with k, v of shape [L, batch, max_len, K, Dh]."""
+        """Zeroed cache: per layer, k and v of shape [batch, K, max_len, Dh]."""
         cfg = self.cfg
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        def zeros():
+            return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+
+        return KVCache(k=zeros(), v=zeros())
 
     def forward_cached(self, input_ids_BxT, positions_BxT, cache: KVCache, *, write_index, kv_mask_BxS):
         """Writes the T new tokens at cache slots [write_index, write_index + T) and attends.
@@ -282,16 +300,18 @@ class Transformer(nnx.Module):
         slots to 1). Returns (final-normed h [B,T,D], updated cache).
         """
         T = input_ids_BxT.shape[1]
-        S = cache.k.shape[2]
+        S = cache.slots
         write_index = jnp.asarray(write_index, jnp.int32)
         query_slot_T = write_index + jnp.arange(T, dtype=jnp.int32)
         visible_TxS = jnp.arange(S, dtype=jnp.int32)[None, :] <= query_slot_T[:, None]
         mask_BxTxS = visible_TxS[None] & (kv_mask_BxS[:, None, :] != 0)
         x = self._embed(input_ids_BxT)
-        kv = (cache.k, cache.v)
-        for i, layer in enumerate(self.layers):
-            x, kv = layer(x, positions_BxT, mask_BxTxS, kv, layer_index=i, write_index=write_index)
-        return self.final_norm(x), KVCache(k=kv[0], v=kv[1])
+        ks, vs = [], []
+        for layer, k, v in zip(self.layers, cache.k, cache.v, strict=True):
+            x, (k, v) = layer(x, positions_BxT, mask_BxTxS, (k, v), write_index=write_index)
+            ks.append(k)
+            vs.append(v)
+        return self.final_norm(x), KVCache(k=tuple(ks), v=tuple(vs))
 
 
 def _host_init(path: str, names: tuple[str, ...], shape: tuple[int, ...], seed: int) -> np.ndarray:
