@@ -56,7 +56,10 @@ per-token log-prob of every sampled token. Design decisions:
   benchmarks/bench_sampler.py): the unembedding is used as [V, D] in the loop
   (faster than [D, V] at decode batch sizes), greedy log-probs reuse the max
   logit instead of a gather, and the PAD/BOS ban is a fused `where`, not a
-  scatter. A decode-specialised attention (broadcast-multiply-reduce over the
+  scatter. The decode loop runs on `Transformer.decode_weights()`, built once
+  per call (a copy of the layer weights): q/k/v fused into one matmul, gate/up
+  into one, all [out, in]; at hidden 1024, batch 16 that took ~15% less CPU
+  time per call, at hidden 256 no measurable change. A decode-specialised attention (broadcast-multiply-reduce over the
   cache instead of the model's batched einsum) was tried and was slower inside
   the loop, so the model's own `forward_cached` is used unchanged.
 * Left out on purpose: streaming, stop strings (host-side, needs the
@@ -380,7 +383,7 @@ def _prefill(model: Transformer, prompt_ids_BxP, prompt_mask_BxP, rng, cfg: Samp
     return _record(state, tokens_R, logp_R, cfg)
 
 
-def _decode_segment(model: Transformer, w_VxD, state: _DecodeState, end: int, cfg: SamplingConfig) -> _DecodeState:
+def _decode_segment(model: Transformer, weights, w_VxD, state: _DecodeState, end: int, cfg: SamplingConfig) -> _DecodeState:
     """Feed the last token and draw the next until step `end` or until every row stopped."""
     plen = state.kv_mask.shape[1] - cfg.max_new_tokens
     slots = state.cache.slots
@@ -394,7 +397,7 @@ def _decode_segment(model: Transformer, w_VxD, state: _DecodeState, end: int, cf
         kv_mask = lax.dynamic_update_slice(s.kv_mask, jnp.ones((s.kv_mask.shape[0], 1), jnp.int32), (0, slot))
         positions_Rx1 = (s.prompt_len + s.step - 1)[:, None]
         h_Rx1xD, cache = model.forward_cached(
-            last_Rx1, positions_Rx1, s.cache, write_index=slot, kv_mask_BxS=kv_mask[:, :slots]
+            last_Rx1, positions_Rx1, s.cache, write_index=slot, kv_mask_BxS=kv_mask[:, :slots], weights=weights
         )
         logits_RxV = _logits_vd(h_Rx1xD[:, 0], w_VxD)
         tokens_R, logp_R = sample_next_token(logits_RxV, jax.random.fold_in(s.rng, s.step), cfg)
@@ -428,10 +431,11 @@ def _sample(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: Samp
     # Loop-invariant, built once outside the loops: a tied embedding is already
     # [V, D] (the transposes cancel), an lm_head [D, V] is transposed once per call.
     w_VxD = model.unembedding().T
+    weights = model.decode_weights()
     for end, slots in segments:
         if slots > state.cache.slots:
             state = state.replace(cache=_grow_cache(state.cache, slots, mesh))
-        state = _decode_segment(model, w_VxD, state, end, cfg)
+        state = _decode_segment(model, weights, w_VxD, state, end, cfg)
     rows, max_new = state.tokens.shape
     return Rollout(
         tokens=state.tokens,

@@ -55,10 +55,12 @@ def _hidden(model, ids, mask=None):
     return model.hidden(ids, mask)
 
 
+@pytest.mark.parametrize("decode_weights", [False, True])
 @pytest.mark.parametrize("arch", sorted(TINY))
-def test_kv_cache_decode_equals_full_forward(models, arch):
+def test_kv_cache_decode_equals_full_forward(models, arch, decode_weights):
     """Prefill a left-padded prompt, then decode one token per call: every real
-    position's hidden state equals the full forward's."""
+    position's hidden state equals the full forward's, with the model's kernels
+    or with the fused decode weights the sampler uses."""
     m = models[arch]
     ids, mask = _batch(np.random.RandomState(0))
     B, T = ids.shape
@@ -70,7 +72,8 @@ def test_kv_cache_decode_equals_full_forward(models, arch):
     @jax.jit
     def step(state, ids_BxT, pos_BxT, cache, write_index):
         model = nnx.merge(graphdef, state)
-        return model.forward_cached(ids_BxT, pos_BxT, cache, write_index=write_index, kv_mask_BxS=kv_mask)
+        weights = model.decode_weights() if decode_weights else None
+        return model.forward_cached(ids_BxT, pos_BxT, cache, write_index=write_index, kv_mask_BxS=kv_mask, weights=weights)
 
     graphdef, state = nnx.split(m)
     cache = m.init_cache(B, S)

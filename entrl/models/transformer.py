@@ -155,22 +155,55 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
 
-    def qkv(self, x_BxTxD: jax.Array, positions_BxT: jax.Array):
-        """Projects to q [B,T,H,Dh], k and v [B,T,K,Dh]; q/k norm (Qwen3) then RoPE."""
+    def decode_weights(self) -> dict[str, jax.Array]:
+        """The projections re-laid out for decoding (see `Transformer.decode_weights`).
+
+        2-D [out, in] matrices: qkv [K*(G+2)*Dh, D] holds per kv group its G
+        query heads, then its key and value head (so a tensor-sharded kv-head
+        axis stays local); o is [D, H*Dh]. 2-D because XLA:CPU transposes a
+        higher-rank [out..., in] operand back to [in, out] before the matmul.
+        """
         cfg, dt = self.cfg, self.dtype
-        q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.q_kernel[...].astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.k_kernel[...].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.v_kernel[...].astype(dt))
+        D, K, Dh = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
+        q_DxKxGxDh = self.q_kernel[...].reshape(D, K, -1, Dh)
+        qkv_DxKxJxDh = jnp.concatenate([q_DxKxGxDh, self.k_kernel[...][:, :, None], self.v_kernel[...][:, :, None]], axis=2)
+        w = dict(
+            qkv=qkv_DxKxJxDh.transpose(1, 2, 3, 0).reshape(-1, D).astype(dt),
+            o=self.o_kernel[...].reshape(-1, D).T.astype(dt),
+        )
         if cfg.qkv_bias:
-            q = q + self.q_bias[...].astype(dt)
-            k = k + self.k_bias[...].astype(dt)
-            v = v + self.v_bias[...].astype(dt)
+            q_bias_KxGxDh = self.q_bias[...].reshape(K, -1, Dh)
+            w["qkv_bias"] = jnp.concatenate([q_bias_KxGxDh, self.k_bias[...][:, None], self.v_bias[...][:, None]], axis=1).astype(dt)
+        return w
+
+    def qkv(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, w: dict[str, jax.Array] | None = None):
+        """Projects to q [B,T,H,Dh], k and v [B,T,K,Dh]; q/k norm (Qwen3) then RoPE.
+
+        With `w` (`decode_weights()`) the three projections are one matmul.
+        """
+        cfg, dt = self.cfg, self.dtype
+        if w is None:
+            q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.q_kernel[...].astype(dt))
+            k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.k_kernel[...].astype(dt))
+            v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.v_kernel[...].astype(dt))
+            if cfg.qkv_bias:
+                q = q + self.q_bias[...].astype(dt)
+                k = k + self.k_bias[...].astype(dt)
+                v = v + self.v_bias[...].astype(dt)
+        else:
+            B, T = x_BxTxD.shape[:2]
+            qkv_BxTxN = jnp.einsum("btd,nd->btn", x_BxTxD, w["qkv"])
+            qkv_BxTxKxJxDh = qkv_BxTxN.reshape(B, T, cfg.num_kv_heads, -1, cfg.head_dim)
+            if cfg.qkv_bias:
+                qkv_BxTxKxJxDh = qkv_BxTxKxJxDh + w["qkv_bias"]
+            q = qkv_BxTxKxJxDh[:, :, :, :-2].reshape(B, T, cfg.num_heads, cfg.head_dim)
+            k, v = qkv_BxTxKxJxDh[:, :, :, -2], qkv_BxTxKxJxDh[:, :, :, -1]
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         return apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq), v
 
-    def attend(self, q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS) -> jax.Array:
+    def attend(self, q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS, w: dict[str, jax.Array] | None = None) -> jax.Array:
         """softmax(q k^T / sqrt(Dh), masked) v, then the output projection -> [B,T,D].
 
         Keys and values come heads-major ([B,K,S,Dh], the KV cache's layout).
@@ -185,7 +218,10 @@ class Attention(nnx.Module):
         logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits, _NEG)
         probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
         out_BxTxKxGxDh = jnp.einsum("bkgts,bksd->btkgd", probs, v_BxKxSxDh.astype(dt))
-        return jnp.einsum("bthk,hkd->btd", out_BxTxKxGxDh.reshape(B, T, H, Dh), self.o_kernel[...].astype(dt))
+        out_BxTxHxDh = out_BxTxKxGxDh.reshape(B, T, H, Dh)
+        if w is None:
+            return jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.o_kernel[...].astype(dt))
+        return jnp.einsum("btn,dn->btd", out_BxTxHxDh.reshape(B, T, H * Dh), w["o"])
 
 
 class MLP(nnx.Module):
@@ -196,11 +232,24 @@ class MLP(nnx.Module):
         self.down_kernel = _param(_init_normal(rngs.params(), (F, D), param_dtype), ("mlp", "embed"))
         self.dtype = dtype
 
-    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    def decode_weights(self) -> dict[str, jax.Array]:
+        """gate and up interleaved [F*2, D] (one matmul; F stays the major, shardable
+        axis), down [D, F]: 2-D [out, in] as in `Attention.decode_weights`."""
+        gate_up_Fx2xD = jnp.stack([self.gate_kernel[...].T, self.up_kernel[...].T], axis=1)
+        return dict(gate_up=gate_up_Fx2xD.reshape(-1, gate_up_Fx2xD.shape[-1]).astype(self.dtype),
+                    down=self.down_kernel[...].T.astype(self.dtype))
+
+    def __call__(self, x_BxTxD: jax.Array, w: dict[str, jax.Array] | None = None) -> jax.Array:
+        """SwiGLU; with `w` (`decode_weights()`) gate and up are one matmul."""
         dt = self.dtype
-        gate_BxTxF = x_BxTxD @ self.gate_kernel[...].astype(dt)
-        up_BxTxF = x_BxTxD @ self.up_kernel[...].astype(dt)
-        return (jax.nn.silu(gate_BxTxF) * up_BxTxF) @ self.down_kernel[...].astype(dt)
+        if w is None:
+            gate_BxTxF = x_BxTxD @ self.gate_kernel[...].astype(dt)
+            up_BxTxF = x_BxTxD @ self.up_kernel[...].astype(dt)
+            return (jax.nn.silu(gate_BxTxF) * up_BxTxF) @ self.down_kernel[...].astype(dt)
+        B, T = x_BxTxD.shape[:2]
+        gate_up_BxTxFx2 = jnp.einsum("btd,nd->btn", x_BxTxD, w["gate_up"]).reshape(B, T, -1, 2)
+        hidden_BxTxF = jax.nn.silu(gate_up_BxTxFx2[..., 0]) * gate_up_BxTxFx2[..., 1]
+        return jnp.einsum("btf,df->btd", hidden_BxTxF, w["down"])
 
 
 class DecoderLayer(nnx.Module):
@@ -210,9 +259,16 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, *, write_index=None):
-        """One block. Full forward: cache=None. Cached: cache=(k, v) of this layer, [B,K,S,Dh], returned updated."""
-        q, k_new, v_new = self.attn.qkv(self.input_norm(x_BxTxD), positions_BxT)
+    def decode_weights(self) -> dict[str, dict[str, jax.Array]]:
+        return dict(attn=self.attn.decode_weights(), mlp=self.mlp.decode_weights())
+
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, *, write_index=None, weights=None):
+        """One block. Full forward: cache=None. Cached: cache=(k, v) of this layer, [B,K,S,Dh], returned updated.
+
+        weights: None, or this layer's `decode_weights()` to use instead of the kernels.
+        """
+        w = weights or {}
+        q, k_new, v_new = self.attn.qkv(self.input_norm(x_BxTxD), positions_BxT, w.get("attn"))
         k_BxKxTxDh, v_BxKxTxDh = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)
         if cache is None:
             k_BxKxSxDh, v_BxKxSxDh = k_BxKxTxDh, v_BxKxTxDh
@@ -222,8 +278,8 @@ class DecoderLayer(nnx.Module):
             k_BxKxSxDh = lax.dynamic_update_slice(cache_k, k_BxKxTxDh.astype(cache_k.dtype), start)
             v_BxKxSxDh = lax.dynamic_update_slice(cache_v, v_BxKxTxDh.astype(cache_v.dtype), start)
             cache = (k_BxKxSxDh, v_BxKxSxDh)
-        x = x_BxTxD + self.attn.attend(q, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS)
-        x = x + self.mlp(self.post_attn_norm(x))
+        x = x_BxTxD + self.attn.attend(q, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS, w.get("attn"))
+        x = x + self.mlp(self.post_attn_norm(x), w.get("mlp"))
         return _constrain(x, ("batch", "seq", "act_embed")), cache
 
 
@@ -292,12 +348,24 @@ class Transformer(nnx.Module):
 
         return KVCache(k=zeros(), v=zeros())
 
-    def forward_cached(self, input_ids_BxT, positions_BxT, cache: KVCache, *, write_index, kv_mask_BxS):
+    def decode_weights(self) -> tuple[dict[str, dict[str, jax.Array]], ...]:
+        """Every layer's projection weights re-laid out for decoding, for `forward_cached(weights=...)`.
+
+        Built once per sampling call (a copy of the layer weights): q/k/v fused
+        into one matmul and gate/up into one, every kernel as [out, in]. On CPU,
+        at decode batch sizes, fewer and row-contiguous matmuls are faster (see
+        `entrl.sampling`); the parameters themselves keep the checkpoint-shaped
+        [in, out] layout.
+        """
+        return tuple(layer.decode_weights() for layer in self.layers)
+
+    def forward_cached(self, input_ids_BxT, positions_BxT, cache: KVCache, *, write_index, kv_mask_BxS, weights=None):
         """Writes the T new tokens at cache slots [write_index, write_index + T) and attends.
 
         Query t (slot write_index + t) sees slots s <= write_index + t with
         kv_mask_BxS[b, s] == 1 (the caller zeroes left padding, sets written
-        slots to 1). Returns (final-normed h [B,T,D], updated cache).
+        slots to 1). `weights`: None, or `decode_weights()` (same values,
+        faster decode matmuls). Returns (final-normed h [B,T,D], updated cache).
         """
         T = input_ids_BxT.shape[1]
         S = cache.slots
@@ -307,8 +375,9 @@ class Transformer(nnx.Module):
         mask_BxTxS = visible_TxS[None] & (kv_mask_BxS[:, None, :] != 0)
         x = self._embed(input_ids_BxT)
         ks, vs = [], []
-        for layer, k, v in zip(self.layers, cache.k, cache.v, strict=True):
-            x, (k, v) = layer(x, positions_BxT, mask_BxTxS, (k, v), write_index=write_index)
+        weights = (None,) * len(self.layers) if weights is None else weights
+        for layer, k, v, w in zip(self.layers, cache.k, cache.v, weights, strict=True):
+            x, (k, v) = layer(x, positions_BxT, mask_BxTxS, (k, v), write_index=write_index, weights=w)
             ks.append(k)
             vs.append(v)
         return self.final_norm(x), KVCache(k=tuple(ks), v=tuple(vs))
