@@ -383,8 +383,13 @@ def _prefill(model: Transformer, prompt_ids_BxP, prompt_mask_BxP, rng, cfg: Samp
     return _record(state, tokens_R, logp_R, cfg)
 
 
-def _decode_segment(model: Transformer, weights, w_VxD, state: _DecodeState, end: int, cfg: SamplingConfig) -> _DecodeState:
-    """Feed the last token and draw the next until step `end` or until every row stopped."""
+def _decode_segment(
+    model: Transformer, weights, w_VxD, state: _DecodeState, end: int, cfg: SamplingConfig
+) -> _DecodeState:
+    """Feed the last token and draw the next until step `end` or until every row stopped.
+
+    weights: the model's `decode_weights()`, built once outside the loops.
+    """
     plen = state.kv_mask.shape[1] - cfg.max_new_tokens
     slots = state.cache.slots
 

@@ -73,7 +73,9 @@ def test_kv_cache_decode_equals_full_forward(models, arch, decode_weights):
     def step(state, ids_BxT, pos_BxT, cache, write_index):
         model = nnx.merge(graphdef, state)
         weights = model.decode_weights() if decode_weights else None
-        return model.forward_cached(ids_BxT, pos_BxT, cache, write_index=write_index, kv_mask_BxS=kv_mask, weights=weights)
+        return model.forward_cached(
+            ids_BxT, pos_BxT, cache, write_index=write_index, kv_mask_BxS=kv_mask, weights=weights
+        )
 
     graphdef, state = nnx.split(m)
     cache = m.init_cache(B, S)

@@ -28,6 +28,11 @@ Design decisions:
   matmul reads it (and inside a while loop then copied the whole stack too).
   The cached forward shares every line of the layer with the full forward, so
   the two cannot drift apart.
+- Decoding may run on `decode_weights()` instead of the kernels: the same
+  values re-laid out once per sampling call (q/k/v fused into one matrix,
+  gate/up into one, all 2-D [out, in]), fewer and faster matmuls on CPU at
+  decode batch sizes. The parameters keep the checkpoint-shaped layout, so
+  loading, sharding and training never see the fused form.
 - Softmax and logits are float32 whatever the compute dtype; hidden states are
   returned in the compute dtype so token statistics can chunk the unembedding.
 - Layers are a Python loop (not `scan`): per-layer params map one-to-one to
@@ -166,14 +171,16 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, self.dtype
         D, K, Dh = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
         q_DxKxGxDh = self.q_kernel[...].reshape(D, K, -1, Dh)
-        qkv_DxKxJxDh = jnp.concatenate([q_DxKxGxDh, self.k_kernel[...][:, :, None], self.v_kernel[...][:, :, None]], axis=2)
+        k_DxKx1xDh, v_DxKx1xDh = self.k_kernel[...][:, :, None], self.v_kernel[...][:, :, None]
+        qkv_DxKxJxDh = jnp.concatenate([q_DxKxGxDh, k_DxKx1xDh, v_DxKx1xDh], axis=2)
         w = dict(
             qkv=qkv_DxKxJxDh.transpose(1, 2, 3, 0).reshape(-1, D).astype(dt),
             o=self.o_kernel[...].reshape(-1, D).T.astype(dt),
         )
         if cfg.qkv_bias:
             q_bias_KxGxDh = self.q_bias[...].reshape(K, -1, Dh)
-            w["qkv_bias"] = jnp.concatenate([q_bias_KxGxDh, self.k_bias[...][:, None], self.v_bias[...][:, None]], axis=1).astype(dt)
+            k_bias_Kx1xDh, v_bias_Kx1xDh = self.k_bias[...][:, None], self.v_bias[...][:, None]
+            w["qkv_bias"] = jnp.concatenate([q_bias_KxGxDh, k_bias_Kx1xDh, v_bias_Kx1xDh], axis=1).astype(dt)
         return w
 
     def qkv(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, w: dict[str, jax.Array] | None = None):
@@ -203,7 +210,7 @@ class Attention(nnx.Module):
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         return apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq), v
 
-    def attend(self, q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS, w: dict[str, jax.Array] | None = None) -> jax.Array:
+    def attend(self, q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS, w: dict | None = None) -> jax.Array:
         """softmax(q k^T / sqrt(Dh), masked) v, then the output projection -> [B,T,D].
 
         Keys and values come heads-major ([B,K,S,Dh], the KV cache's layout).
@@ -343,6 +350,7 @@ class Transformer(nnx.Module):
         """Zeroed cache: per layer, k and v of shape [batch, K, max_len, Dh]."""
         cfg = self.cfg
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+
         def zeros():
             return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
 
