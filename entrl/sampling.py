@@ -59,9 +59,10 @@ per-token log-prob of every sampled token. Design decisions:
   scatter. The decode loop runs on `Transformer.decode_weights()`, built once
   per call (a copy of the layer weights): q/k/v fused into one matmul, gate/up
   into one, all [out, in]; at hidden 1024, batch 16 that took ~15% less CPU
-  time per call, at hidden 256 no measurable change. A decode-specialised attention (broadcast-multiply-reduce over the
-  cache instead of the model's batched einsum) was tried and was slower inside
-  the loop, so the model's own `forward_cached` is used unchanged.
+  time per call, at hidden 256 no measurable change. A decode-specialised
+  attention (broadcast-multiply-reduce over the cache instead of the model's
+  batched einsum) was tried and was slower inside the loop, so the model's own
+  `forward_cached` is used unchanged.
 * Left out on purpose: streaming, stop strings (host-side, needs the
   tokenizer), speculative decoding, paged attention, and per-row settings
   (temperature etc. are per call).
