@@ -46,6 +46,7 @@ import tempfile
 import time
 
 import numpy as np
+from roofline import decode_roofline  # benchmarks/roofline.py (this script's directory)
 
 
 def _set_threads(threads: int) -> None:
@@ -107,31 +108,6 @@ def measure_matmul_rate(n: int = 2048, repeats: int = 5) -> dict[str, float]:
         best = min(best, time.perf_counter() - t)
     rates["torch"] = 2 * n**3 / best
     return rates
-
-
-# ----------------------------------------------------------------------------
-# Roofline of one greedy generate call
-# ----------------------------------------------------------------------------
-def roofline(hidden: int, batch: int, prompt: int, new: int, bw: float, rate: float) -> dict[str, float]:
-    """Lower-bound seconds for prefill + decode, and the per-step byte / FLOP counts."""
-    heads = hidden // HEAD_DIM
-    kv = max(heads // 2, 1)
-    ffn = 4 * hidden
-    layer_params = hidden * heads * HEAD_DIM * 2 + 2 * hidden * kv * HEAD_DIM + 3 * hidden * ffn
-    matmul_params = LAYERS * layer_params + hidden * VOCAB  # + lm_head; embedding is a gather
-    weight_bytes = 4 * matmul_params
-    kv_bytes_per_token = 4 * 2 * LAYERS * kv * HEAD_DIM  # k and v, float32
-    t_prefill = (2 * batch * prompt * matmul_params + 4 * batch * LAYERS * heads * HEAD_DIM * prompt**2 / 2) / rate
-    t_decode, bytes_mid, flops_mid = 0.0, 0, 0
-    for i in range(1, new):  # token 0 comes from the prefill
-        ctx = prompt + i
-        nbytes = weight_bytes + batch * ctx * kv_bytes_per_token
-        flops = 2 * batch * matmul_params + 4 * batch * LAYERS * heads * HEAD_DIM * ctx
-        t_decode += max(nbytes / bw, flops / rate)
-        if i == new // 2:
-            bytes_mid, flops_mid = nbytes, flops
-    return dict(seconds=t_prefill + t_decode, step_bytes=bytes_mid, step_flops=flops_mid,
-                bound="memory" if bytes_mid / bw > flops_mid / rate else "compute")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------
@@ -223,7 +199,7 @@ def main(argv=None) -> int:
             hf, model = build_models(hidden, path)
             for batch in args.batch:
                 prompts = rng.integers(1, VOCAB, size=(batch, args.prompt))
-                roof = roofline(hidden, batch, args.prompt, args.new, bw, rate)
+                roof = decode_roofline(model.cfg, batch, args.prompt, args.new, bw, rate, elem=4)
                 ntok = batch * args.new
                 engines = {"entrl": entrl_engine(model, prompts, args.new)}
                 if not args.skip_hf:

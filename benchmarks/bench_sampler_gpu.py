@@ -35,6 +35,7 @@ import time
 import traceback
 
 import numpy as np
+from roofline import decode_roofline  # benchmarks/roofline.py (this script's directory)
 
 
 def emit(row: dict, out) -> None:
@@ -78,33 +79,6 @@ def measure_matmul_rate(n: int, repeats: int = 10) -> float:
         mm(a, a).block_until_ready()
         times.append(time.perf_counter() - t)
     return 2 * n**3 / statistics.median(times)
-
-
-# ----------------------------------------------------------------------------
-# Bound of one greedy call
-# ----------------------------------------------------------------------------
-def bound(mcfg, batch: int, prompt: int, new: int, bw: float, rate: float, elem: int = 2) -> dict:
-    """Lower-bound seconds of prefill + decode and the per-step bytes / FLOPs at mid-decode."""
-    D, L, H, K, Dh, F, V = (mcfg.hidden_size, mcfg.num_layers, mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim,
-                            mcfg.intermediate_size, mcfg.vocab_size)  # fmt: skip
-    layer = D * H * Dh * 2 + 2 * D * K * Dh + 3 * D * F  # q, o, k, v, gate/up/down
-    matmul_params = L * layer + D * V  # + lm_head (untied); the embedding table is a gather of B rows
-    weight_bytes = elem * matmul_params
-    kv_per_token = elem * 2 * L * K * Dh
-    t_prefill = (2 * batch * prompt * matmul_params + 4 * batch * L * H * Dh * prompt**2 / 2) / rate
-    t_mem = t_flop = t_step = 0.0
-    mid = {}
-    for i in range(1, new):  # token 0 comes from the prefill
-        ctx = prompt + i
-        nbytes = weight_bytes + batch * ctx * kv_per_token
-        flops = 2 * batch * matmul_params + 4 * batch * L * H * Dh * ctx
-        t_mem += nbytes / bw
-        t_flop += flops / rate
-        t_step += max(nbytes / bw, flops / rate)
-        if i == new // 2:
-            mid = dict(step_bytes=nbytes, step_flops=flops)
-    return dict(prefill_s=t_prefill, decode_mem_s=t_mem, decode_flop_s=t_flop, seconds=t_prefill + t_step,
-                bound="memory" if t_mem >= t_flop else "compute", **mid)
 
 
 # ----------------------------------------------------------------------------
@@ -245,7 +219,7 @@ def main(argv=None) -> int:
             pre = entrl_call(model, batch, args.prompt, 1, mcfg.vocab_size)
             pre()
             pre_s, _ = timed(pre, args.repeats)
-            b = bound(mcfg, batch, args.prompt, args.new, bw, rate)
+            b = decode_roofline(mcfg, batch, args.prompt, args.new, bw, rate, elem=2)
             row.update(entrl_s=med, entrl_times=times, entrl_prefill_s=pre_s,
                        entrl_tok_s=batch * args.new / med,
                        entrl_decode_tok_s=batch * (args.new - 1) / max(med - pre_s, 1e-9),
