@@ -86,7 +86,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from entrl.models import KV_CACHE_AXES, Transformer
+from entrl.models import Transformer
 from entrl.sharding import logical_to_spec
 
 _NEG = float(np.finfo(np.float32).min)  # masked score (finite, as in the model: no NaN)
@@ -376,7 +376,7 @@ def _prefill(model: Transformer, prompt_ids_BxP, prompt_mask_BxP, rng, cfg: Samp
         length=_rows(jnp.zeros((rows,), jnp.int32), mesh),
         prompt_len=rep(jnp.sum(mask_BxP, axis=-1)),
         kv_mask=rep(jnp.pad(mask_BxP, ((0, 0), (0, cfg.max_new_tokens)))),
-        cache=jax.tree.map(lambda x: _constrain(jnp.repeat(x, cfg.n, axis=0), mesh, KV_CACHE_AXES), cache),
+        cache=cache.map(lambda x, names: _constrain(jnp.repeat(x, cfg.n, axis=0), mesh, names)),
         rng=rng,
     )
     logits_RxV = rep(_logits(h_BxPxD[:, -1], model.unembedding()))  # n draws from one set of logits
@@ -415,13 +415,13 @@ def _decode_segment(
 def _grow_cache(cache, slots: int, mesh):
     """Zero-pad the cache's slot axis to `slots` (one copy per decode segment)."""
 
-    def grow(x):
+    def grow(x, names):
         pad = [(0, 0)] * x.ndim
-        axis = KV_CACHE_AXES.index("cache_seq")
+        axis = names.index("cache_seq")
         pad[axis] = (0, slots - x.shape[axis])
-        return _constrain(jnp.pad(x, pad), mesh, KV_CACHE_AXES)
+        return _constrain(jnp.pad(x, pad), mesh, names)
 
-    return jax.tree.map(grow, cache)
+    return cache.map(grow)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"))

@@ -89,8 +89,11 @@ def test_kv_cache_decode_equals_full_forward(models, arch, decode_weights):
     np.testing.assert_allclose(np.asarray(cached_h)[real], np.asarray(full_h)[real], atol=2e-5, rtol=2e-5)
     assert isinstance(cache, KVCache)
     assert len(cache.k) == len(cache.v) == m.cfg.num_layers and cache.slots == S
-    assert all(k.shape == (B, m.cfg.num_kv_heads, S, m.cfg.head_dim) for k in cache.k + cache.v)
-    assert not any(np.any(np.asarray(k)[:, :, T:]) for k in cache.k + cache.v)  # slots past the written ones untouched
+    K, Dh = m.cfg.num_kv_heads, m.cfg.head_dim
+    assert all(k.shape == (B, K, Dh, S) for k in cache.k) and all(v.shape == (B, K, S, Dh) for v in cache.v)
+    # slots past the written ones untouched
+    assert not any(np.any(np.asarray(k)[..., T:]) for k in cache.k)
+    assert not any(np.any(np.asarray(v)[:, :, T:]) for v in cache.v)
 
 
 def test_left_padding_matches_unpadded_and_is_finite(models):
