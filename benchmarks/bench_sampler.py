@@ -21,19 +21,21 @@ measured large-matmul rate; the roofline time of a call is the prefill's
 FLOP time plus the sum over decode steps of max(bytes / BW, FLOPs / rate).
 "fraction" = roofline time / measured time.
 
-Threads: both engines get the same number of matmul threads (`--threads`,
-default 1): XLA through `--xla_cpu_multi_thread_eigen` (false = one thread),
-torch through `torch.set_num_threads`. On the shared 2-core project machine,
-where other jobs keep both cores busy, two-thread runs of either engine spend
-much of their time waiting for a descheduled peer thread, so one thread each
-is both the faster and the fairer comparison there. (XLA's runtime may still
-run independent ops of one program on a second thread when a core is free,
-so on a quiet machine its wall time can beat its CPU time; the per-CPU-second
-columns are the per-core comparison.)
+Threads: by default both engines get every core (`--threads`, default
+`os.cpu_count()`): XLA through `--xla_cpu_multi_thread_eigen=true`, torch
+through `torch.set_num_threads`. `--threads 1` sets the XLA flag to false and
+torch to one thread, but is not a one-core comparison: XLA:CPU (jax 0.10)
+still runs its matmul library on a second thread (a quiet 2-core box measured
+~1.7 CPU-seconds per wall-second for entrl at `--threads 1`), while torch then
+really uses one. The per-CPU-second columns are there for a loaded machine,
+where other jobs stretch wall time but not CPU time; with all cores both
+engines burn about 2 CPU-seconds per wall-second on 2 cores whether or not
+the work splits evenly, so on a quiet machine the wall columns are the
+comparison.
 
 Usage:
     python benchmarks/bench_sampler.py                      # the full sweep
-    python benchmarks/bench_sampler.py --hidden 256 --batch 16 --threads 2
+    python benchmarks/bench_sampler.py --hidden 256 --batch 16 --threads 1
 """
 
 from __future__ import annotations
@@ -173,7 +175,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[16, 128])
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1, help="matmul threads of each engine (1 or all)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="threads of each engine (default: all cores; see the module docstring)")
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per engine (interleaved; best is kept)")
     ap.add_argument("--skip-hf", action="store_true", help="time only entrl")
     ap.add_argument("--json", default="", help="also write the rows as JSON to this file")
