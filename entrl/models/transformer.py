@@ -26,9 +26,10 @@ Design decisions:
   v into this order on every decode step. Keys transposed because q k^T then
   contracts a non-minor axis, which XLA:CPU runs faster for one query per row
   (with the single-query path `Attention._attend_one`: 12-20% more decode
-  tokens/s on the CPU sweep of benchmarks/bench_sampler.py). One array per layer, not a stacked
-  [L, ...] one, because XLA copies a layer slice of a stacked array before a
-  matmul reads it (and inside a while loop then copied the whole stack too).
+  tokens/s on the CPU sweep of benchmarks/bench_sampler.py). One array per
+  layer, not a stacked [L, ...] one, because XLA copies a layer slice of a
+  stacked array before a matmul reads it (and inside a while loop then copied
+  the whole stack too).
   The cached forward shares every line of the layer with the full forward, so
   the two cannot drift apart.
 - Decoding may run on `decode_weights()` instead of the kernels: the same
@@ -297,7 +298,7 @@ class DecoderLayer(nnx.Module):
         return dict(attn=self.attn.decode_weights(), mlp=self.mlp.decode_weights())
 
     def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, *, write_index=None, weights=None):
-        """One block. Full forward: cache=None. Cached: cache=(k [B,K,Dh,S], v [B,K,S,Dh]) of this layer, returned updated.
+        """One block. Full forward: cache=None. Cached: this layer's cache (k [B,K,Dh,S], v [B,K,S,Dh]), returned updated.
 
         weights: None, or this layer's `decode_weights()` to use instead of the kernels.
         """
