@@ -60,9 +60,9 @@ per-token log-prob of every sampled token. Design decisions:
   per call (a copy of the layer weights): q/k/v fused into one matmul, gate/up
   into one, all [out, in]; at hidden 1024, batch 16 that took ~15% less CPU
   time per call, at hidden 256 no measurable change. Attention of the one new
-  token per row runs on the model's single-query path over a transposed key
-  cache (`Attention._attend_one`), 12-20% more tokens/s per call than the
-  general batched einsum; a broadcast-multiply-reduce over the cache instead
+  token per row uses einsums without the T axis over a transposed key cache
+  (`Attention.attend`), 12-20% more tokens/s per call than the T-axis
+  einsums; a broadcast-multiply-reduce over the cache instead
   of the einsums measured no better inside the loop.
 * Left out on purpose: streaming, stop strings (host-side, needs the
   tokenizer), speculative decoding, paged attention, and per-row settings

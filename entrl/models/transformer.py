@@ -25,7 +25,7 @@ Design decisions:
   with the slot-major [B, S, K, Dh] layout XLA:CPU copied every layer's k and
   v into this order on every decode step. Keys transposed because q k^T then
   contracts a non-minor axis, which XLA:CPU runs faster for one query per row
-  (with the single-query path `Attention._attend_one`: 12-20% more decode
+  (with `Attention.attend`'s T-free einsums for that case: 12-20% more decode
   tokens/s on the CPU sweep of benchmarks/bench_sampler.py). One array per
   layer, not a stacked [L, ...] one, because XLA copies a layer slice of a
   stacked array before a matmul reads it (and inside a while loop then copied
@@ -223,40 +223,27 @@ class Attention(nnx.Module):
         """softmax(q k^T / sqrt(Dh), masked) v, then the output projection -> [B,T,D].
 
         Keys come transposed ([B,K,Dh,S]) and values heads-major ([B,K,S,Dh]):
-        the KV cache's layouts. A single query (decoding, T = 1) takes a
-        separate path: see `_attend_one`.
+        the KV cache's layouts. With one query per row (decoding, T = 1) the
+        einsums drop the T axis: with it XLA:CPU laid the p v product out as
+        [B,K,Dh,G] batched matmuls; without it (and with the transposed key
+        cache) decoding was 12-20% faster per sampling call on the sweep of
+        benchmarks/bench_sampler.py.
         """
         B, T, H, Dh = q_BxTxHxDh.shape
         K = kT_BxKxDhxS.shape[1]
         dt = self.dtype
-        if T == 1:
-            out_BxTxHxDh = self._attend_one(q_BxTxHxDh.reshape(B, K, H // K, Dh), kT_BxKxDhxS, v_BxKxSxDh,
-                                            mask_BxTxS[:, 0]).reshape(B, T, H, Dh)  # fmt: skip
-        else:
-            q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
-            logits = jnp.einsum(
-                "btkgd,bkds->bkgts", q_BxTxKxGxDh, kT_BxKxDhxS.astype(dt), preferred_element_type=jnp.float32
-            ) * (Dh**-0.5)
-            logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits, _NEG)
-            probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
-            out_BxTxKxGxDh = jnp.einsum("bkgts,bksd->btkgd", probs, v_BxKxSxDh.astype(dt))
-            out_BxTxHxDh = out_BxTxKxGxDh.reshape(B, T, H, Dh)
+        t = "t" if T > 1 else ""
+        q = q_BxTxHxDh.reshape((B, T, K, H // K, Dh) if t else (B, K, H // K, Dh))
+        mask = mask_BxTxS[:, None, None] if t else mask_BxTxS[:, None, None, 0]  # [B,1,1,(T,)S]
+        logits = jnp.einsum(
+            f"b{t}kgd,bkds->bkg{t}s", q, kT_BxKxDhxS.astype(dt), preferred_element_type=jnp.float32
+        ) * (Dh**-0.5)
+        probs = jax.nn.softmax(jnp.where(mask, logits, _NEG), axis=-1).astype(dt)
+        out = jnp.einsum(f"bkg{t}s,bksd->b{t}kgd", probs, v_BxKxSxDh.astype(dt))
+        out_BxTxHxDh = out.reshape(B, T, H, Dh)
         if w is None:
             return jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.o_kernel[...].astype(dt))
         return jnp.einsum("btn,dn->btd", out_BxTxHxDh.reshape(B, T, H * Dh), w["o"])
-
-    def _attend_one(self, q_BxKxGxDh, kT_BxKxDhxS, v_BxKxSxDh, mask_BxS) -> jax.Array:
-        """Attention of one query per row (decoding) -> [B,K,G,Dh]; the T > 1 path's math without the T axis.
-
-        Without it XLA:CPU laid the p v product out as [B,K,Dh,G] batched
-        matmuls; on the decode sweep of benchmarks/bench_sampler.py this path
-        plus the transposed key cache was 12-20% faster per sampling call.
-        """
-        dt, Dh = self.dtype, q_BxKxGxDh.shape[-1]
-        logits = jnp.einsum("bkgd,bkds->bkgs", q_BxKxGxDh, kT_BxKxDhxS.astype(dt), preferred_element_type=jnp.float32)
-        logits_BxKxGxS = jnp.where(mask_BxS[:, None, None], logits * (Dh**-0.5), _NEG)
-        probs_BxKxGxS = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(dt)
-        return jnp.einsum("bkgs,bksd->bkgd", probs_BxKxGxS, v_BxKxSxDh.astype(dt))
 
 
 class MLP(nnx.Module):
@@ -298,7 +285,7 @@ class DecoderLayer(nnx.Module):
         return dict(attn=self.attn.decode_weights(), mlp=self.mlp.decode_weights())
 
     def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, *, write_index=None, weights=None):
-        """One block. Full forward: cache=None. Cached: this layer's cache (k [B,K,Dh,S], v [B,K,S,Dh]), returned updated.
+        """One block. Full forward: cache=None. Cached: this layer's (k [B,K,Dh,S], v [B,K,S,Dh]), returned updated.
 
         weights: None, or this layer's `decode_weights()` to use instead of the kernels.
         """
