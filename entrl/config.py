@@ -43,14 +43,17 @@ class ConfigError(ValueError):
 class ModelSection:
     path: str = "demo"  # HF checkpoint dir, hub id, entrl run dir, or "demo" (built-in tiny Qwen2 model)
     tokenizer: str = ""  # tokenizer dir / hub id; empty = same as `path` ("char" = built-in character tokenizer)
-    dtype: str = "float32"  # compute/param dtype: float32 | bfloat16
-    remat: bool = False  # rematerialise each decoder layer in the backward pass (saves activation memory)
+    dtype: str = "float32"  # compute dtype (activations, matmuls, sampler and reference copies): float32 | bfloat16
+    param_dtype: str = "float32"  # dtype of the trained (master) weights, their gradients and AdamW moments: float32 | bfloat16
+    remat: str = "none"  # recompute each decoder layer in the backward pass: none | full (keep layer inputs) | dots (also keep weight-matmul outputs)
     demo_hidden: int = 128  # demo model only: hidden size
     demo_layers: int = 2  # demo model only: decoder layers
     demo_heads: int = 4  # demo model only: attention heads (2 KV heads)
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
+        _choice("model.remat", self.remat, ("none", "full", "dots"))
         _positive("model.demo_hidden", self.demo_hidden)
         _positive("model.demo_layers", self.demo_layers)
         _positive("model.demo_heads", self.demo_heads)
@@ -131,7 +134,8 @@ class RolloutSection:
     top_k: int = 0  # top-k sampling (0 = off)
     max_new_tokens: int = 2048  # maximum response length
     prompt_buckets: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])  # left-pad prompts to the smallest fitting bucket
-    cache_dtype: str = "float32"  # KV-cache dtype: float32 | bfloat16
+    cache_dtype: str = "auto"  # KV-cache dtype: auto (= model.dtype) | float32 | bfloat16
+    slots: int = 0  # at most this many (prompt, sample) rows decode at once, bounding the KV cache (0 = all rows of a step); a multiple of rollout.n
     reuse_sampler_logprobs: bool = False  # use the sampler's log-probs as old log-probs instead of a recompute
 
     def __post_init__(self):
@@ -142,7 +146,11 @@ class RolloutSection:
             raise ConfigError(f"rollout.top_p={self.top_p}: must be in (0, 1]")
         _non_negative("rollout.top_k", self.top_k)
         _positive("rollout.max_new_tokens", self.max_new_tokens)
-        _choice("rollout.cache_dtype", self.cache_dtype, ("float32", "bfloat16"))
+        _choice("rollout.cache_dtype", self.cache_dtype, ("auto", "float32", "bfloat16"))
+        _non_negative("rollout.slots", self.slots)
+        if self.slots % self.n:
+            raise ConfigError(f"rollout.slots={self.slots} must be a multiple of rollout.n={self.n} "
+                              "(a prompt's samples decode together)")
         if not self.prompt_buckets or list(self.prompt_buckets) != sorted(self.prompt_buckets):
             raise ConfigError(f"rollout.prompt_buckets={self.prompt_buckets}: must be a non-empty ascending list")
 
@@ -205,7 +213,7 @@ class TrainSection:
     steps: int = 0  # RL steps to run (0 = until the curriculum is exhausted)
     prompts_per_step: int = 256  # prompts per RL step (each sampled `rollout.n` times)
     minibatch_prompts: int = 128  # prompts per optimizer step
-    microbatch_seqs: int = 32  # sequences per forward/backward (gradient accumulation)
+    microbatch_per_shard: int = 0  # sequences per data shard per forward/backward (gradient accumulation; verl's ppo_micro_batch_size_per_gpu); 0 = a shard's whole mini-batch at once
     ppo_epochs: int = 1  # passes over the rollout batch
     only_mixed_groups: bool = False  # update only on groups whose rewards are not all equal
     checkpoint_every: int = 50  # RL steps between checkpoints (0 = only at the end)
@@ -214,6 +222,7 @@ class TrainSection:
     reset_optimizer_between_stages: bool = False  # new optimizer state at each curriculum stage
     eval_every: int = 0  # RL steps between held-out evaluations (0 = off)
     log_every: int = 1  # RL steps between console lines
+    memory_check: bool = True  # on accelerators, plan the run's memory (`entrl plan`) at start and refuse a run that cannot fit
     tensorboard: bool = True  # write TensorBoard events
     wandb: bool = False  # log to Weights & Biases when installed
 
@@ -221,7 +230,7 @@ class TrainSection:
         _non_negative("train.steps", self.steps)
         _positive("train.prompts_per_step", self.prompts_per_step)
         _positive("train.minibatch_prompts", self.minibatch_prompts)
-        _positive("train.microbatch_seqs", self.microbatch_seqs)
+        _non_negative("train.microbatch_per_shard", self.microbatch_per_shard)
         _positive("train.ppo_epochs", self.ppo_epochs)
         _positive("train.keep_checkpoints", self.keep_checkpoints)
         _positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
@@ -262,13 +271,24 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)  # evaluation
 
     def __post_init__(self):
-        if self.train.minibatch_prompts * self.rollout.n % self.train.microbatch_seqs:
+        rows = self.train.minibatch_prompts * self.rollout.n
+        if self.train.microbatch_per_shard and rows % self.train.microbatch_per_shard:
             raise ConfigError(
-                f"train.microbatch_seqs={self.train.microbatch_seqs} must divide one mini-batch of "
-                f"train.minibatch_prompts * rollout.n = {self.train.minibatch_prompts * self.rollout.n} sequences")
+                f"train.microbatch_per_shard={self.train.microbatch_per_shard} must divide one mini-batch of "
+                f"train.minibatch_prompts * rollout.n = {rows} sequences")
+        if self.rollout.slots and (self.train.prompts_per_step * self.rollout.n) % self.rollout.slots:
+            raise ConfigError(
+                f"rollout.slots={self.rollout.slots} must divide the {self.train.prompts_per_step * self.rollout.n} "
+                "rows of a step (train.prompts_per_step * rollout.n)")
         if _LOSS_VALIDATOR is None:
             import entrl.rl.losses  # noqa: F401  (registers the loss-name/hyperparameter validator)
         _LOSS_VALIDATOR(self.loss.name, dict(self.loss.params))
+
+
+def microbatch_per_shard(cfg: RunConfig, shards: int) -> int:
+    """Sequences per data shard per forward/backward: `train.microbatch_per_shard`, or (0) a shard's
+    whole mini-batch."""
+    return cfg.train.microbatch_per_shard or cfg.train.minibatch_prompts * cfg.rollout.n // shards
 
 
 # Set by entrl.rl.losses at import time: (name, params) -> None, raising ConfigError.
@@ -358,6 +378,13 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{path}: unsupported field type {tp}")
 
 
+# Keys that were renamed: old dotted key -> what to write instead.
+RENAMED = {
+    "train.microbatch_seqs": "train.microbatch_per_shard (sequences per data shard, not per mini-batch: "
+                             "divide the old value by mesh.data * mesh.fsdp)",
+}
+
+
 def _build(cls: type, data: Any, prefix: str = ""):
     if isinstance(data, cls):
         return data
@@ -368,6 +395,8 @@ def _build(cls: type, data: Any, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
+        if path in RENAMED:
+            raise ConfigError(f"config key {path!r} was renamed: use {RENAMED[path]}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""

@@ -52,7 +52,7 @@ QUICK = {  # tiny sizes for tests / smoke runs (`entrl demo --quick`)
     "sft_problems": 256,
     "overrides": ["train.steps=2", "data.arithmetic_train_size=64", "data.arithmetic_heldout_size=32",
                   "curriculum.samples=4", "rollout.n=4", "train.prompts_per_step=8", "train.minibatch_prompts=8",
-                  "train.microbatch_seqs=32", "model.demo_layers=1", "model.demo_hidden=32", "model.demo_heads=2",
+                  "train.microbatch_per_shard=0", "model.demo_layers=1", "model.demo_hidden=32", "model.demo_heads=2",
                   "eval.n=2", "eval.k=[1, 2]"],
 }
 

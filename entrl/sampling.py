@@ -354,7 +354,7 @@ def decode_segments(plen: int, max_new_tokens: int, max_segments: int = 4, min_s
     return tuple((end, plen + end - 1) for end in ends)
 
 
-def _prefill(model: Transformer, prompt_ids_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig, mesh, slots: int):
+def _prefill(model: Transformer, weights, prompt_ids_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig, mesh, slots: int):
     """Run the prompts once into a `slots`-long cache, repeat it n times, draw response token 0."""
     batch, plen = prompt_ids_BxP.shape
     rows = batch * cfg.n
@@ -363,7 +363,7 @@ def _prefill(model: Transformer, prompt_ids_BxP, prompt_mask_BxP, rng, cfg: Samp
     cache = model.init_cache(batch, slots, dtype=_DTYPES[cfg.cache_dtype])
     h_BxPxD, cache = model.forward_cached(
         prompt_ids_BxP, positions_BxP, cache, write_index=jnp.int32(0),
-        kv_mask_BxS=jnp.pad(mask_BxP, ((0, 0), (0, slots - plen))),
+        kv_mask_BxS=jnp.pad(mask_BxP, ((0, 0), (0, slots - plen))), weights=weights,
     )  # fmt: skip
 
     def rep(x):  # [B, ...] -> [B*n, ...], rows of one prompt contiguous
@@ -434,11 +434,11 @@ def _sample(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: Samp
     """
     model = nnx.merge(graphdef, params)
     segments = decode_segments(prompt_ids_BxP.shape[1], cfg.max_new_tokens, min_steps=cfg.segment_steps)
-    state = _prefill(model, prompt_ids_BxP, prompt_mask_BxP, rng, cfg, mesh, slots=segments[0][1])
-    # Loop-invariant, built once outside the loops: a tied embedding is already
-    # [V, D] (the transposes cancel), an lm_head [D, V] is transposed once per call.
-    w_VxD = model.unembedding().T
+    # Loop-invariant, built once outside the loops: the layers' decode weights (the sampler's copy, in the
+    # compute dtype) and the unembedding as [V, D] (a tied embedding already is: the transposes cancel).
     weights = model.decode_weights()
+    w_VxD = model.unembedding().T
+    state = _prefill(model, weights, prompt_ids_BxP, prompt_mask_BxP, rng, cfg, mesh, slots=segments[0][1])
     for end, slots in segments:
         if slots > state.cache.slots:
             state = state.replace(cache=_grow_cache(state.cache, slots, mesh))

@@ -32,6 +32,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # logical axis name -> mesh axis (or axes, or None = replicated)
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),  # examples of a batch
+    ("layers", None),  # the stacked decoder layers' leading axis (scanned over, never sharded)
     ("vocab", "tensor"),  # embedding rows / logit columns
     ("embed", "fsdp"),  # model width of params (FSDP shards here)
     ("q_heads", "tensor"),  # query heads
@@ -74,13 +75,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def mesh_from_config(section) -> Mesh:
-    """Mesh from `entrl.config.MeshSection` (fields data, fsdp, tensor)."""
-    return make_mesh(section.data, section.fsdp, section.tensor)
-
-
 def _axis_sizes(mesh) -> dict[str, int]:
     return dict(mesh.shape)
+
+
+def data_shards(mesh) -> int:
+    """How many slices the batch is split into: data * fsdp (1 without a mesh)."""
+    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None, mesh=None) -> PartitionSpec:

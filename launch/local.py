@@ -30,13 +30,16 @@ def launch(cmd: list[str], num_processes: int, *, devices_per_process: int = 1, 
     procs = []
     for i in range(num_processes):
         child_env = dict(os.environ if env is None else env)
+        # Keep the caller's other XLA flags; the device count is this launcher's.
+        flags = [f for f in child_env.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]
         child_env.update({
             "ENTRL_DISTRIBUTED": "1",
             "ENTRL_COORDINATOR": f"127.0.0.1:{port}",
             "ENTRL_NUM_PROCESSES": str(num_processes),
             "ENTRL_PROCESS_ID": str(i),
             "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+            "XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"]),
         })
         out = open(Path(log_dir) / f"process_{i}.log", "w")
         procs.append((subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT), out))

@@ -7,7 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The concurrency-optimised scheduler lets the 8 fake devices run independent collectives in different
+# orders; an executable loaded from the persistent compile cache below then deadlocked in XLA:CPU's
+# rendezvous (the same program compiled fresh did not). The plain scheduler runs them in one order.
+CPU_TEST_XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {CPU_TEST_XLA_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -22,7 +22,7 @@ def _cfg():
         "model.path=demo", "model.tokenizer=char", "model.demo_layers=1", "model.demo_hidden=32",
         "model.demo_heads=2", "data.task=math", "data.prompt_suffix=", "data.max_prompt_len=8",
         "rollout.prompt_buckets=[8]", "rollout.max_new_tokens=6", "curriculum.samples=4", "reward.workers=1",
-        "train.prompts_per_step=8", "train.minibatch_prompts=8", "train.microbatch_seqs=8"])
+        "train.prompts_per_step=8", "train.minibatch_prompts=8", "train.microbatch_per_shard=8"])
 
 
 def test_annotate_writes_columns_histogram_and_resumes(small_dataset, tmp_path, monkeypatch):

@@ -131,11 +131,15 @@ def test_sharded_index_checkpoints(checkpoints, tmp_path):
 def test_bfloat16_load_and_save(checkpoints, tmp_path):
     d, want = checkpoints["qwen2"]
     ids, mask = _batch()
-    model = load_pretrained(d, dtype="bfloat16")
+    model = load_pretrained(d, dtype="bfloat16", param_dtype="bfloat16")
     params = nnx.state(model, nnx.Param)
     assert {x.dtype for x in __import__("jax").tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     got = _logits(model, jnp.asarray(ids), jnp.asarray(mask))
     assert got.dtype == jnp.float32 and _rel_err(got, want, mask) < 5e-2
+    # float32 master weights under bfloat16 compute: the same bfloat16 forward (weights cast at use).
+    mixed = load_pretrained(d, dtype="bfloat16")
+    assert {x.dtype for x in __import__("jax").tree.leaves(nnx.state(mixed, nnx.Param))} == {jnp.dtype(jnp.float32)}
+    np.testing.assert_array_equal(np.asarray(_logits(mixed, jnp.asarray(ids), jnp.asarray(mask))), np.asarray(got))
     save_pretrained(model, tmp_path)
     with safe_open(tmp_path / "model.safetensors", framework="numpy") as f:
         assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"

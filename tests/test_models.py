@@ -133,7 +133,8 @@ def test_explicit_positions_and_jit_equal_eager(models):
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), atol=1e-5, rtol=1e-5)
 
 
-def test_remat_same_loss_and_grads(models):
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_same_loss_and_grads(models, policy):
     m = models["qwen3"]
     ids, mask = _batch(np.random.RandomState(4))
     graphdef, state = nnx.split(m)
@@ -144,10 +145,20 @@ def test_remat_same_loss_and_grads(models):
         return jnp.mean(jax.nn.log_softmax(model(ids, mask))[..., 0] * mask)
 
     grad_fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
-    (l0, g0), (l1, g1) = grad_fn(state, False), grad_fn(state, True)
+    (l0, g0), (l1, g1) = grad_fn(state, "none"), grad_fn(state, policy)
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
+    # The rematerialisation is really in the program: the backward pass recomputes forward matmuls
+    # (all of a layer's under "full"; under "dots" only attention's, whose operands have batch dims).
+    dots = lambda remat: grad_fn.lower(state, remat).as_text().count("dot_general")
+    assert dots(policy) > dots("none")
+    assert dots("full") > dots("dots")
+
+
+def test_unknown_remat_policy_is_rejected():
+    with pytest.raises(ValueError, match="remat='sometimes'"):
+        Transformer(PRESETS["qwen3-14b"], rngs=nnx.Rngs(0), remat="sometimes")
 
 
 def test_params_carry_logical_axes(models):
@@ -155,10 +166,11 @@ def test_params_carry_logical_axes(models):
     axes = {".".join(map(str, p)): v.get_metadata()["out_sharding"] for p, v in nnx.to_flat_state(state)}
     assert axes["embedding"] == ("vocab", "embed")
     assert axes["lm_head"] == ("embed", "vocab")
-    assert axes["layers.0.attn.q_kernel"] == ("embed", "q_heads", "head_dim")
-    assert axes["layers.0.attn.k_kernel"] == ("embed", "kv_heads", "head_dim")
-    assert axes["layers.0.attn.o_kernel"] == ("q_heads", "head_dim", "embed")
-    assert axes["layers.1.mlp.down_kernel"] == ("mlp", "embed")
+    # The decoder layers are stacked along a leading "layers" axis (scanned over).
+    assert axes["layers.attn.q_kernel"] == ("layers", "embed", "q_heads", "head_dim")
+    assert axes["layers.attn.k_kernel"] == ("layers", "embed", "kv_heads", "head_dim")
+    assert axes["layers.attn.o_kernel"] == ("layers", "q_heads", "head_dim", "embed")
+    assert axes["layers.mlp.down_kernel"] == ("layers", "mlp", "embed")
     assert axes["final_norm.scale"] == ("norm",)
     for p, v in nnx.to_flat_state(state):
         assert len(v.get_metadata()["out_sharding"]) == v.get_value().ndim, p

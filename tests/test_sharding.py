@@ -74,7 +74,7 @@ def test_logical_to_spec(mesh):
 
 def test_create_model_sharded_equals_unsharded_and_logits_match(mesh, model, batch):
     sharded = create_model(CFG, seed=0, mesh=mesh)
-    assert sharded.layers[0].attn.q_kernel[...].sharding.spec == P("fsdp", "tensor", None)
+    assert sharded.layers.attn.q_kernel[...].sharding.spec == P(None, "fsdp", "tensor", None)
     for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(sharded))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     ids, mask = batch
@@ -113,18 +113,18 @@ def test_load_pretrained_places_params_in_their_shardings(mesh, model, tmp_path)
     expected = {
         "embedding": P("tensor", "fsdp"),
         "lm_head": P("fsdp", "tensor"),
-        "layers.0.attn.q_kernel": P("fsdp", "tensor", None),
-        "layers.0.attn.k_kernel": P("fsdp", "tensor", None),
-        "layers.0.attn.o_kernel": P("tensor", None, "fsdp"),
-        "layers.0.attn.q_bias": P("tensor", None),
-        "layers.1.mlp.gate_kernel": P("fsdp", "tensor"),
-        "layers.1.mlp.down_kernel": P("tensor", "fsdp"),
+        "layers.attn.q_kernel": P(None, "fsdp", "tensor", None),  # stacked layers: leading axis replicated
+        "layers.attn.k_kernel": P(None, "fsdp", "tensor", None),
+        "layers.attn.o_kernel": P(None, "tensor", None, "fsdp"),
+        "layers.attn.q_bias": P(None, "tensor", None),
+        "layers.mlp.gate_kernel": P(None, "fsdp", "tensor"),
+        "layers.mlp.down_kernel": P(None, "tensor", "fsdp"),
         "final_norm.scale": P(None),
     }
     flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(loaded))}
     for name, spec in expected.items():
         assert flat[name].sharding.is_equivalent_to(NamedSharding(mesh, spec), flat[name].ndim), name
-    assert flat["layers.0.attn.q_kernel"].addressable_shards[0].data.shape == (32, 2, 16)
+    assert flat["layers.attn.q_kernel"].addressable_shards[0].data.shape == (CFG.num_layers, 32, 2, 16)
     for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(loaded))):
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
 
@@ -133,7 +133,7 @@ def test_param_shardings_of_abstract_state(mesh):
     abstract = nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0)))
     shardings = param_shardings(nnx.state(abstract), mesh)
     flat = dict(nnx.to_flat_state(shardings))
-    assert flat[("layers", 1, "attn", "v_kernel")].get_value().spec == P("fsdp", "tensor", None)
+    assert flat[("layers", "attn", "v_kernel")].get_value().spec == P(None, "fsdp", "tensor", None)
 
 
 def test_shard_batch_and_batch_sharding(mesh):

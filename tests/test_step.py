@@ -89,11 +89,12 @@ def _tree_max(a):
     return max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(a))
 
 
-def test_global_scope_microbatching_equals_one_shot(model, batch):
-    """The splice trick: 4 micro-batches give the one-shot update of the whole mini-batch."""
+@pytest.mark.parametrize("num_micro,shards", [(4, 1), (2, 2)])
+def test_global_scope_microbatching_equals_one_shot(model, batch, num_micro, shards):
+    """The splice trick: 4 micro-batches (4 x 2 rows, or 2 x 2 shards x 2 rows) give the one-shot update."""
     rng = jax.random.key(0)
     loss1, m1, g1 = _sgd_grads(model, batch, _settings(num_micro=1), rng)
-    loss4, m4, g4 = _sgd_grads(model, batch, _settings(num_micro=4), rng)
+    loss4, m4, g4 = _sgd_grads(model, batch, _settings(num_micro=num_micro, shards=shards), rng)
     assert abs(loss1 - loss4) < 1e-6
     assert float(m1["penalized_frac"]) > 0  # the SENT term is active, so the test has teeth
     for k in ("penalized_frac", "selected_frac", "cov_max", "ref_kl", "policy_entropy"):
@@ -101,28 +102,38 @@ def test_global_scope_microbatching_equals_one_shot(model, batch):
     assert _tree_max(g1) > 1e-3
     assert _tree_max_diff(g1, g4) < 1e-5  # = the parameters after the SGD update
     # ... while micro-batch scope (each 2-row micro-batch its own scope) is a different objective.
-    _, _, gm = _sgd_grads(model, batch, _settings(num_micro=4, scope="microbatch"), rng)
+    _, _, gm = _sgd_grads(model, batch, _settings(num_micro=num_micro, shards=shards, scope="microbatch"), rng)
     assert _tree_max_diff(g1, gm) > 1e-4
 
 
-def test_microbatch_scope_is_mean_of_per_microbatch_losses(model, batch):
+def test_micro_rows_take_every_shards_block():
+    x = np.arange(12)  # 3 shards of 4 rows, 2 micro-batches of 2 rows per shard
+    micro = np.asarray(S.micro_rows(jnp.asarray(x), 2, 3))
+    np.testing.assert_array_equal(micro, [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10, 11]])
+    np.testing.assert_array_equal(np.asarray(S.from_micro_rows(jnp.asarray(micro), 3)), x)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_microbatch_scope_is_mean_of_per_microbatch_losses(model, batch, shards):
+    """The released scope: every shard's micro-batch (2 rows here) is its own selection scope."""
     g, p = model
     rng = jax.random.key(1)
-    n_micro, m = 4, N // 4
-    s = _settings(num_micro=n_micro, scope="microbatch")
+    n_micro = 4 // shards
+    m, local = N // (n_micro * shards), N // shards  # rows per (shard, micro-batch), rows per shard
+    s = _settings(num_micro=n_micro, shards=shards, scope="microbatch")
     loss, metrics, _ = _sgd_grads(model, batch, s, rng)
 
     @jax.jit
     def direct(params):
         mdl = nnx.merge(g, params)
         losses, pen = [], []
-        for i in range(n_micro):
-            mb = {k: jnp.asarray(v[i * m:(i + 1) * m]) for k, v in batch.items()}
+        for i, sh in [(i, sh) for i in range(n_micro) for sh in range(shards)]:
+            rows = slice(sh * local + i * m, sh * local + (i + 1) * m)
+            mb = {k: jnp.asarray(v[rows]) for k, v in batch.items()}
             logp, ent = S.response_stats(mdl, mb["prompt_ids"], mb["prompt_mask"], mb["resp_ids"], temperature=T)
             adv = jnp.broadcast_to(mb["advantages"][:, None], logp.shape)
             pg, lm = L.compute_policy_loss("sent", logp, mb["old_logp"], adv, ent, mb["resp_mask"],
-                                           rng=jax.random.fold_in(rng, i), agg="token-mean", max_len=LEN,
-                                           kcov=0.2)
+                                           rng=None, agg="token-mean", max_len=LEN, kcov=0.2)
             kl = L.aggregate(L.kl_penalty(logp, mb["ref_logp"], "k3"), mb["resp_mask"], "token-mean", max_len=LEN)
             losses.append(pg + s.kl_coef * kl)
             pen.append(lm["penalized_frac"])

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import CPU_TEST_XLA_FLAGS
 from entrl import cli
 from entrl import config as C
 from entrl.checkpoint import CheckpointManager, nonfinite_leaves
@@ -40,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO = str(REPO / "configs" / "demo.yaml")
 TINY = ["model.demo_layers=1", "model.demo_hidden=32", "model.demo_heads=2", "rollout.n=4",
         "rollout.max_new_tokens=12", "train.prompts_per_step=4", "train.minibatch_prompts=2",
-        "train.microbatch_seqs=4", "data.arithmetic_train_size=64", "data.arithmetic_heldout_size=16",
+        "train.microbatch_per_shard=1", "data.arithmetic_train_size=64", "data.arithmetic_heldout_size=16",
         "curriculum.enabled=false", "reward.workers=1", "loss.kl_coef=0.001", "optim.lr=1e-3",
         "train.tensorboard=false"]
 MESH = ["mesh.data=4", "mesh.tensor=2"]  # the 8 test devices
@@ -131,6 +132,26 @@ def test_smoke_every_loss(tmp_path, loss):
     assert any(r["grad_norm"] > 0 for r in records)  # real updates happened
     assert CheckpointManager(tmp_path / "checkpoints").latest_step() == 2
     assert trainer.step == 2
+
+
+def test_bf16_compute_moves_float32_master_weights_at_paper_lr(tmp_path):
+    """The paper's lr 1e-6 under bf16 compute: with float32 masters (the default) 3 RL steps move >= 99% of
+    the weights; kept in bfloat16 themselves, almost none move (a 1e-6 step rounds away)."""
+    moved = {}
+    for param_dtype in ("float32", "bfloat16"):
+        cfg = make_cfg(tmp_path / param_dtype, "model.dtype=bfloat16", f"model.param_dtype={param_dtype}",
+                       "optim.lr=1e-6", "train.steps=3", "loss.name=grpo", "train.only_mixed_groups=false")
+        comps = setup(cfg, verifier=ParityVerifier())
+        before = _host(comps.params)
+        assert {x.dtype for x in jax.tree.leaves(before)} == {np.dtype(param_dtype)}
+        trainer = Trainer(comps)
+        trainer.run(resume=False)
+        trainer.close()
+        after = jax.tree.leaves(_host(trainer.params))
+        moved[param_dtype] = (sum(int((a != b).sum()) for a, b in zip(jax.tree.leaves(before), after))
+                              / sum(a.size for a in after))
+    assert moved["float32"] >= 0.99, moved
+    assert moved["bfloat16"] < 0.1, moved
 
 
 # ---------------------------------------------------------------------------
@@ -344,7 +365,10 @@ def _bad_jsonl(tmp_path):
     ("mesh vs devices", ["mesh.data=3", "mesh.tensor=1"], "mesh"),
     ("prompts vs data shards", ["mesh.data=8", "mesh.tensor=1"], "train.prompts_per_step"),
     ("micro-batch vs data shards", ["mesh.data=8", "mesh.tensor=1", "train.prompts_per_step=8",
-                                    "train.minibatch_prompts=8"], "train.microbatch_seqs"),
+                                    "train.minibatch_prompts=8", "train.microbatch_per_shard=8"],
+     "train.microbatch_per_shard"),
+    ("sampler call vs data shards", ["rollout.slots=8"], "rollout.slots"),
+    ("renamed key", ["train.microbatch_seqs=4"], "train.microbatch_per_shard"),
 ])
 def test_bad_input_fails_before_any_compile(tmp_path, capsys, case, overrides, needle):
     overrides = [o.replace("{jsonl}", str(_bad_jsonl(tmp_path))) for o in overrides]
@@ -382,8 +406,9 @@ def test_two_processes_match_one_process(tmp_path):
     # One micro-batch per mini-batch and no reference KL keep the three cold compiles small; the
     # cross-process parts (sampling, log-probs, sharded gradients, checkpoints) are all there.
     args = ["-m", "entrl.cli", "train", DEMO, *TINY, "mesh.data=-1", "train.steps=2", "loss.name=entropy_bonus",
-            "train.only_mixed_groups=false", "train.microbatch_seqs=8", "loss.kl_coef=0.0"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+            "train.only_mixed_groups=false", "train.microbatch_per_shard=4", "loss.kl_coef=0.0"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {CPU_TEST_XLA_FLAGS}")
     cache = jax.config.jax_compilation_cache_dir
     if cache:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")

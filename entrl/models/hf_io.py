@@ -114,14 +114,23 @@ class _Layout:
         return np.ascontiguousarray(inter.reshape(self.hf_shape))
 
 
-def _param_table(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
-    """param path -> (HF name, layout), with layer templates expanded."""
+def _param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], str]]:
+    """param path -> (HF names, layout). A layer template maps to the stacked param
+    `layers.<rest>` and lists one HF tensor per layer, in layer order."""
     table = {}
     for hf, param, layout in KEY_MAP:
-        layers = range(cfg.num_layers) if "{i}" in hf else [None]
-        for i in layers:
-            table[param.format(i=i)] = (hf.format(i=i), layout)
+        if "{i}" in hf:
+            table[param.replace("{i}.", "")] = (tuple(hf.format(i=i) for i in range(cfg.num_layers)), layout)
+        else:
+            table[param] = ((hf,), layout)
     return table
+
+
+def _unstacked(names: tuple[str, ...], shape: tuple[int, ...]) -> tuple[bool, tuple[str, ...], tuple[int, ...]]:
+    """(stacked?, per-layer logical axes, per-layer shape) of a param."""
+    if names and names[0] == "layers":
+        return True, names[1:], shape[1:]
+    return False, names, shape
 
 
 def _flat_params(state) -> list[tuple[str, tuple, nnx.Variable]]:
@@ -157,18 +166,20 @@ class _Checkpoint:
         return self._open[f].get_slice(name)
 
 
-def load_pretrained(path, *, dtype="float32", mesh=None, remat: bool = False) -> Transformer:
+def load_pretrained(path, *, dtype="float32", param_dtype="float32", mesh=None, remat: str = "none") -> Transformer:
     """Reads a HF checkpoint dir (config.json + safetensors) into a Transformer.
 
-    Params and compute use `dtype`; with a mesh each param is placed directly
+    Params are stored in `param_dtype` (cast on each device's slice as it is
+    read) and computed in `dtype`; with a mesh each param is placed directly
     into its sharding (`entrl.sharding.param_shardings`).
     """
     from entrl.sharding import param_shardings
 
     path = Path(path)
     cfg = ModelConfig.from_pretrained(path)
-    dtype = jnp.dtype(dtype)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, remat=remat))
+    param_dtype = jnp.dtype(param_dtype)
+    abstract = nnx.eval_shape(
+        lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, remat=remat))
     graphdef, abstract_state = nnx.split(abstract)
     if mesh is not None:
         shardings = dict(nnx.to_flat_state(param_shardings(abstract_state, mesh)))
@@ -177,24 +188,31 @@ def load_pretrained(path, *, dtype="float32", mesh=None, remat: bool = False) ->
     with contextlib.ExitStack() as stack:
         ckpt = _Checkpoint(path, stack)
         for name, key, var in _flat_params(abstract_state):
-            hf_name, layout_str = table[name]
-            if hf_name not in ckpt.files:
-                raise ValueError(f"checkpoint {path} is missing tensor {hf_name!r} (needed for param {name})")
+            hf_names, layout_str = table[name]
             shape = tuple(var.shape)
-            layout = _Layout(layout_str, var.get_metadata()["out_sharding"], shape)
-            tensor = ckpt.get_slice(hf_name)
-            got = tuple(tensor.get_shape())
-            if got != layout.hf_shape:
-                raise ValueError(
-                    f"tensor {hf_name!r} has shape {got} but config.json implies {layout.hf_shape}; "
-                    "the checkpoint and its config.json disagree"
-                )
+            stacked, names, layer_shape = _unstacked(var.get_metadata()["out_sharding"], shape)
+            layout = _Layout(layout_str, names, layer_shape)
+            tensors = []
+            for hf_name in hf_names:
+                if hf_name not in ckpt.files:
+                    raise ValueError(f"checkpoint {path} is missing tensor {hf_name!r} (needed for param {name})")
+                tensor = ckpt.get_slice(hf_name)
+                got = tuple(tensor.get_shape())
+                if got != layout.hf_shape:
+                    raise ValueError(
+                        f"tensor {hf_name!r} has shape {got} but config.json implies {layout.hf_shape}; "
+                        "the checkpoint and its config.json disagree"
+                    )
+                tensors.append(tensor)
+                used.add(hf_name)
             sharding = shardings[key].get_value() if mesh is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
-            def fill(index, tensor=tensor, layout=layout, shape=shape):
-                return layout.read(tensor, index, shape).astype(dtype)
+            def fill(index, tensors=tuple(tensors), layout=layout, layer_shape=layer_shape, stacked=stacked):
+                if not stacked:
+                    return layout.read(tensors[0], index, layer_shape).astype(param_dtype)
+                rows = range(*index[0].indices(len(tensors)))
+                return np.stack([layout.read(tensors[i], index[1:], layer_shape) for i in rows]).astype(param_dtype)
 
-            used.add(hf_name)
             loaded.append((key, var.replace(jax.make_array_from_callback(shape, sharding, fill))))
     extra = sorted(k for k in ckpt.files if k not in used and not _IGNORED.match(k))
     if cfg.tie_word_embeddings and "lm_head.weight" in extra:  # some tied checkpoints store it anyway
@@ -227,15 +245,23 @@ def save_pretrained(model: Transformer, path, *, max_shard_bytes: int = 4 * 2**3
     path = Path(path)
     table = _param_table(cfg)
     params = _flat_params(nnx.state(model, nnx.Param))
+    # (HF name, layout, param, layer index or None, bytes): one per HF tensor; a stacked param gives one per layer.
+    entries = []
+    for name, _, var in params:
+        hf_names, layout_str = table[name]
+        stacked, names, layer_shape = _unstacked(var.get_metadata()["out_sharding"], tuple(var.shape))
+        layout = _Layout(layout_str, names, layer_shape)
+        nbytes = math.prod(layer_shape) * jnp.dtype(var.get_value().dtype).itemsize
+        for i, hf_name in enumerate(hf_names):
+            entries.append((hf_name, layout, var, i if stacked else None, nbytes))
     shards: list[list] = [[]]
     size = 0
-    for entry in params:
-        nbytes = math.prod(entry[2].shape) * jnp.dtype(entry[2].get_value().dtype).itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
+    for entry in entries:
+        if shards[-1] and size + entry[4] > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(entry)
-        size += nbytes
+        size += entry[4]
     writer = jax.process_index() == 0
     if writer:
         path.mkdir(parents=True, exist_ok=True)
@@ -244,12 +270,12 @@ def save_pretrained(model: Transformer, path, *, max_shard_bytes: int = 4 * 2**3
     for k, shard in enumerate(shards):
         fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
         tensors = {}
-        for name, _, var in shard:
-            hf_name, layout_str = table[name]
-            value = _to_host(var.get_value())
-            tensors[hf_name] = _Layout(layout_str, var.get_metadata()["out_sharding"], value.shape).to_hf(value)
+        for hf_name, layout, var, layer, nbytes in shard:
+            # Every process joins the gather of a param spread over processes; only process 0 keeps it.
+            value = _to_host(var.get_value() if layer is None else var.get_value()[layer])
+            tensors[hf_name] = layout.to_hf(value)
             weight_map[hf_name] = fname
-            total += value.nbytes
+            total += nbytes
         if writer:
             save_file(tensors, path / fname, metadata={"format": "pt"})
     if not writer:

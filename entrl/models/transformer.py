@@ -87,6 +87,15 @@ def _param(value: jax.Array, names: tuple[str, ...]) -> nnx.Param:
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
+def _init(rngs: nnx.Rngs, lead: tuple[int, ...], shape: tuple[int, ...], param_dtype) -> jax.Array:
+    """N(0, 0.02) of shape lead + shape (lead = (num_layers,) for the stacked decoder layers)."""
+    return _init_normal(rngs.params(), lead + shape, param_dtype)
+
+
+def _names(lead: tuple[int, ...], names: tuple[str, ...]) -> tuple[str, ...]:
+    return ("layers",) * len(lead) + names
+
+
 def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Pins an activation's sharding when a mesh is in context (no-op otherwise)."""
     from entrl.sharding import logical_to_spec  # sharding does not import models
@@ -141,31 +150,35 @@ def apply_rope(x_BxTxNxDh: jax.Array, positions_BxT: jax.Array, inv_freq: np.nda
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
-        self.scale = _param(jnp.ones((dim,), param_dtype), ("norm",))
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, lead: tuple[int, ...] = ()):
+        self.scale = _param(jnp.ones(lead + (dim,), param_dtype), _names(lead, ("norm",)))
         self.eps = eps
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+        """`scale`: the weight to use instead of the module's own (decoding passes its copy)."""
         x32 = x.astype(jnp.float32)
         y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+        scale = self.scale[...] if scale is None else scale
+        return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lead: tuple[int, ...] = ()):
         D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_kernel = _param(_init_normal(rngs.params(), (D, H, Dh), param_dtype), ("embed", "q_heads", "head_dim"))
-        self.k_kernel = _param(_init_normal(rngs.params(), (D, K, Dh), param_dtype), ("embed", "kv_heads", "head_dim"))
-        self.v_kernel = _param(_init_normal(rngs.params(), (D, K, Dh), param_dtype), ("embed", "kv_heads", "head_dim"))
-        self.o_kernel = _param(_init_normal(rngs.params(), (H, Dh, D), param_dtype), ("q_heads", "head_dim", "embed"))
+        kernel = lambda shape, names: _param(_init(rngs, lead, shape, param_dtype), _names(lead, names))
+        zeros = lambda shape, names: _param(jnp.zeros(lead + shape, param_dtype), _names(lead, names))
+        self.q_kernel = kernel((D, H, Dh), ("embed", "q_heads", "head_dim"))
+        self.k_kernel = kernel((D, K, Dh), ("embed", "kv_heads", "head_dim"))
+        self.v_kernel = kernel((D, K, Dh), ("embed", "kv_heads", "head_dim"))
+        self.o_kernel = kernel((H, Dh, D), ("q_heads", "head_dim", "embed"))
         if cfg.qkv_bias:
-            self.q_bias = _param(jnp.zeros((H, Dh), param_dtype), ("q_heads", "head_dim"))
-            self.k_bias = _param(jnp.zeros((K, Dh), param_dtype), ("kv_heads", "head_dim"))
-            self.v_bias = _param(jnp.zeros((K, Dh), param_dtype), ("kv_heads", "head_dim"))
+            self.q_bias = zeros((H, Dh), ("q_heads", "head_dim"))
+            self.k_bias = zeros((K, Dh), ("kv_heads", "head_dim"))
+            self.v_bias = zeros((K, Dh), ("kv_heads", "head_dim"))
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-            self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, lead=lead)
+            self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, lead=lead)
         self.cfg = cfg
         self.dtype = dtype
 
@@ -190,6 +203,8 @@ class Attention(nnx.Module):
             q_bias_KxGxDh = self.q_bias[...].reshape(K, -1, Dh)
             k_bias_Kx1xDh, v_bias_Kx1xDh = self.k_bias[...][:, None], self.v_bias[...][:, None]
             w["qkv_bias"] = jnp.concatenate([q_bias_KxGxDh, k_bias_Kx1xDh, v_bias_Kx1xDh], axis=1).astype(dt)
+        if cfg.qk_norm:
+            w["q_norm"], w["k_norm"] = self.q_norm.scale[...].astype(dt), self.k_norm.scale[...].astype(dt)
         return w
 
     def qkv(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, w: dict[str, jax.Array] | None = None):
@@ -215,7 +230,8 @@ class Attention(nnx.Module):
             q = qkv_BxTxKxJxDh[:, :, :, :-2].reshape(B, T, cfg.num_heads, cfg.head_dim)
             k, v = qkv_BxTxKxJxDh[:, :, :, -2], qkv_BxTxKxJxDh[:, :, :, -1]
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            w = w or {}
+            q, k = self.q_norm(q, w.get("q_norm")), self.k_norm(k, w.get("k_norm"))
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         return apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq), v
 
@@ -247,11 +263,12 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lead: tuple[int, ...] = ()):
         D, F = cfg.hidden_size, cfg.intermediate_size
-        self.gate_kernel = _param(_init_normal(rngs.params(), (D, F), param_dtype), ("embed", "mlp"))
-        self.up_kernel = _param(_init_normal(rngs.params(), (D, F), param_dtype), ("embed", "mlp"))
-        self.down_kernel = _param(_init_normal(rngs.params(), (F, D), param_dtype), ("mlp", "embed"))
+        kernel = lambda shape, names: _param(_init(rngs, lead, shape, param_dtype), _names(lead, names))
+        self.gate_kernel = kernel((D, F), ("embed", "mlp"))
+        self.up_kernel = kernel((D, F), ("embed", "mlp"))
+        self.down_kernel = kernel((F, D), ("mlp", "embed"))
         self.dtype = dtype
 
     def decode_weights(self) -> dict[str, jax.Array]:
@@ -275,14 +292,21 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    """One pre-norm block; built with `lead=(L,)` it holds all L layers' params stacked (see `Transformer`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lead: tuple[int, ...] = ()):
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, lead=lead)
+        self.input_norm = norm()
+        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, lead=lead)
+        self.post_attn_norm = norm()
+        self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, lead=lead)
 
     def decode_weights(self) -> dict[str, dict[str, jax.Array]]:
-        return dict(attn=self.attn.decode_weights(), mlp=self.mlp.decode_weights())
+        """Everything the cached forward reads, so decoding never touches the (stacked) params."""
+        dt = self.attn.dtype
+        return dict(attn=self.attn.decode_weights(), mlp=self.mlp.decode_weights(),
+                    input_norm=self.input_norm.scale[...].astype(dt),
+                    post_attn_norm=self.post_attn_norm.scale[...].astype(dt))
 
     def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, *, write_index=None, weights=None):
         """One block. Full forward: cache=None. Cached: this layer's (k [B,K,Dh,S], v [B,K,S,Dh]), returned updated.
@@ -290,7 +314,7 @@ class DecoderLayer(nnx.Module):
         weights: None, or this layer's `decode_weights()` to use instead of the kernels.
         """
         w = weights or {}
-        q, k_new, v_new = self.attn.qkv(self.input_norm(x_BxTxD), positions_BxT, w.get("attn"))
+        q, k_new, v_new = self.attn.qkv(self.input_norm(x_BxTxD, w.get("input_norm")), positions_BxT, w.get("attn"))
         kT_BxKxDhxT, v_BxKxTxDh = k_new.transpose(0, 2, 3, 1), v_new.transpose(0, 2, 1, 3)
         if cache is None:
             kT_BxKxDhxS, v_BxKxSxDh = kT_BxKxDhxT, v_BxKxTxDh
@@ -300,27 +324,39 @@ class DecoderLayer(nnx.Module):
             v_BxKxSxDh = lax.dynamic_update_slice(cache_v, v_BxKxTxDh.astype(cache_v.dtype), (0, 0, write_index, 0))
             cache = (kT_BxKxDhxS, v_BxKxSxDh)
         x = x_BxTxD + self.attn.attend(q, kT_BxKxDhxS, v_BxKxSxDh, mask_BxTxS, w.get("attn"))
-        x = x + self.mlp(self.post_attn_norm(x), w.get("mlp"))
+        x = x + self.mlp(self.post_attn_norm(x, w.get("post_attn_norm")), w.get("mlp"))
         return _constrain(x, ("batch", "seq", "act_embed")), cache
 
 
-def _layer_forward(layer: DecoderLayer, x, positions, mask):
-    return layer(x, positions, mask)[0]
+#: `model.remat` policies: what the backward pass keeps of each layer's forward (the rest is recomputed).
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: every activation kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # also the weight matmuls' outputs
+}
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM. `model(ids, mask) -> logits [B,T,V]` (float32)."""
+    """Decoder-only LM. `model(ids, mask) -> logits [B,T,V]` (float32).
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False):
+    `dtype` is the compute dtype (activations, matmul inputs), `param_dtype` the
+    storage dtype of the parameters (float32 master weights under bfloat16
+    compute: weights are cast where they are used). `remat` names a
+    `REMAT_POLICIES` entry applied to each layer of the full forward.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: str = "none"):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}: must be one of {', '.join(REMAT_POLICIES)}")
         dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
         V, D = cfg.vocab_size, cfg.hidden_size
         self.cfg = cfg
         self.dtype = dtype
-        self.remat = remat  # rematerialise each layer in the backward pass (training memory)
+        self.remat = remat
         self.embedding = _param(_init_normal(rngs.params(), (V, D), param_dtype), ("vocab", "embed"))
-        self.layers = nnx.List(
-            [DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(cfg.num_layers)]
-        )
+        # All layers in one module whose params carry a leading [num_layers] axis (logical "layers").
+        self.layers = DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, lead=(cfg.num_layers,))
         self.final_norm = RMSNorm(D, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(_init_normal(rngs.params(), (D, V), param_dtype), ("embed", "vocab"))
@@ -332,17 +368,27 @@ class Transformer(nnx.Module):
         return _constrain(x, ("batch", "seq", "act_embed"))
 
     def hidden(self, input_ids_BxT, attention_mask=None, positions=None) -> jax.Array:
-        """Final-RMSNorm'ed hidden states h [B,T,D] (compute dtype); `logits = h @ unembedding()`."""
+        """Final-RMSNorm'ed hidden states h [B,T,D] (compute dtype); `logits = h @ unembedding()`.
+
+        The layers run as one `lax.scan` over the stacked layer params (one
+        layer's program, compiled once), each step rematerialised in the
+        backward pass according to `self.remat`.
+        """
         B, T = input_ids_BxT.shape
         mask_BxT = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
         causal_TxT = jnp.tril(jnp.ones((T, T), bool))
         mask_BxTxS = causal_TxT[None] & mask_BxT[:, None, :]
-        x = self._embed(input_ids_BxT)
-        layer_fn = nnx.remat(_layer_forward) if self.remat else _layer_forward
-        for layer in self.layers:
-            x = layer_fn(layer, x, positions, mask_BxTxS)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def one_layer(x, layer_state):
+            return nnx.merge(graphdef, layer_state)(x, positions, mask_BxTxS)[0], None
+
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
+        x, _ = lax.scan(one_layer, self._embed(input_ids_BxT), stacked)
         return self.final_norm(x)
 
     def unembedding(self) -> jax.Array:
@@ -371,23 +417,29 @@ class Transformer(nnx.Module):
         return KVCache(k=zeros(batch, K, Dh, max_len), v=zeros(batch, K, max_len, Dh))
 
     def decode_weights(self) -> tuple[dict[str, dict[str, jax.Array]], ...]:
-        """Every layer's projection weights re-laid out for decoding, for `forward_cached(weights=...)`.
+        """Every layer's weights re-laid out for decoding, for `forward_cached(weights=...)`.
 
-        Built once per sampling call (a copy of the layer weights): q/k/v fused
-        into one matmul and gate/up into one, every kernel as [out, in]. On CPU,
-        at decode batch sizes, fewer and row-contiguous matmuls are faster (see
-        `entrl.sampling`); the parameters themselves keep the checkpoint-shaped
-        [in, out] layout.
+        Built once per sampling call: per layer, q/k/v fused into one matmul and
+        gate/up into one, every kernel as [out, in], norm scales included, all in
+        the compute dtype. This is the sampler's copy of the weights (in
+        bfloat16 under bfloat16 compute, whatever the master dtype); the
+        decode loop reads only it. One dict per layer (sliced off the stacked
+        params here, outside any loop): XLA copies a layer slice of a stacked
+        array before a matmul reads it, which inside the decode loop would be a
+        copy per token.
         """
-        return tuple(layer.decode_weights() for layer in self.layers)
+        graphdef, stacked = nnx.split(self.layers)
+        one = lambda i: nnx.merge(graphdef, jax.tree.map(lambda x: x[i], stacked)).decode_weights()
+        return tuple(one(i) for i in range(self.cfg.num_layers))
 
     def forward_cached(self, input_ids_BxT, positions_BxT, cache: KVCache, *, write_index, kv_mask_BxS, weights=None):
         """Writes the T new tokens at cache slots [write_index, write_index + T) and attends.
 
         Query t (slot write_index + t) sees slots s <= write_index + t with
         kv_mask_BxS[b, s] == 1 (the caller zeroes left padding, sets written
-        slots to 1). `weights`: None, or `decode_weights()` (same values,
-        faster decode matmuls). Returns (final-normed h [B,T,D], updated cache).
+        slots to 1). `weights`: `decode_weights()`, or None to build them here.
+        The layers are unrolled (one KV-cache array per layer; see the module
+        docstring). Returns (final-normed h [B,T,D], updated cache).
         """
         T = input_ids_BxT.shape[1]
         S = cache.slots
@@ -397,9 +449,10 @@ class Transformer(nnx.Module):
         mask_BxTxS = visible_TxS[None] & (kv_mask_BxS[:, None, :] != 0)
         x = self._embed(input_ids_BxT)
         ks, vs = [], []
-        weights = (None,) * len(self.layers) if weights is None else weights
-        for layer, k, v, w in zip(self.layers, cache.k, cache.v, weights, strict=True):
-            x, (k, v) = layer(x, positions_BxT, mask_BxTxS, (k, v), write_index=write_index, weights=w)
+        weights = self.decode_weights() if weights is None else weights
+        for k, v, w in zip(cache.k, cache.v, weights, strict=True):
+            # `self.layers` supplies only the code and static settings: every weight comes from `w`.
+            x, (k, v) = self.layers(x, positions_BxT, mask_BxTxS, (k, v), write_index=write_index, weights=w)
             ks.append(k)
             vs.append(v)
         return self.final_norm(x), KVCache(k=tuple(ks), v=tuple(vs))
@@ -408,7 +461,11 @@ class Transformer(nnx.Module):
 def _host_init(path: str, names: tuple[str, ...], shape: tuple[int, ...], seed: int) -> np.ndarray:
     """The module's initial value of one param, drawn with numpy: N(0, 0.02) for
     matrices and embeddings, 0 for biases, 1 for RMSNorm scales; deterministic
-    per (seed, param path)."""
+    per (seed, param path). A stacked layer param (leading axis "layers") is
+    drawn layer by layer under the per-layer path `layers.<i>.<rest>`."""
+    if names and names[0] == "layers":
+        rest = path.split(".", 1)[1]
+        return np.stack([_host_init(f"layers.{i}.{rest}", names[1:], shape[1:], seed) for i in range(shape[0])])
     if names == ("norm",):
         return np.ones(shape, np.float32)
     if path.endswith("_bias"):
@@ -417,8 +474,9 @@ def _host_init(path: str, names: tuple[str, ...], shape: tuple[int, ...], seed: 
     return rng.standard_normal(shape, np.float32) * np.float32(0.02)
 
 
-def create_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", mesh=None, remat: bool = False) -> Transformer:
-    """A randomly initialised Transformer (params and compute in `dtype`).
+def create_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", param_dtype="float32", mesh=None,
+                 remat: str = "none") -> Transformer:
+    """A randomly initialised Transformer: params stored in `param_dtype`, computed in `dtype`.
 
     Values are drawn on the host with numpy (`_host_init`, the same
     distributions as the module's initializers) rather than with jax.random:
@@ -428,9 +486,9 @@ def create_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", mesh=None,
     host at a time), so the unsharded model is never on a device; the values
     do not depend on the mesh.
     """
-    dtype = jnp.dtype(dtype)
+    param_dtype = jnp.dtype(param_dtype)
     graphdef, abstract_state = nnx.split(
-        nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype, remat=remat))
+        nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, remat=remat))
     )
     if mesh is not None:
         from entrl.sharding import param_shardings
@@ -439,7 +497,7 @@ def create_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", mesh=None,
     leaves = []
     for key, var in nnx.to_flat_state(abstract_state):
         path, shape = ".".join(map(str, key)), tuple(var.shape)
-        value = _host_init(path, var.get_metadata()["out_sharding"], shape, seed).astype(dtype)
+        value = _host_init(path, var.get_metadata()["out_sharding"], shape, seed).astype(param_dtype)
         if mesh is None:
             array = jnp.asarray(value)
         else:

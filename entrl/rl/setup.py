@@ -14,10 +14,12 @@ import os
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from entrl import config as C
+from entrl.sharding import data_shards
 
 log = logging.getLogger("entrl.setup")
 
@@ -49,20 +51,28 @@ def build_mesh(cfg: C.RunConfig):
         mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     except ValueError as e:
         raise C.ConfigError(str(e) if str(e).startswith("mesh") else f"mesh: {e}") from e
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    rows = cfg.train.prompts_per_step * cfg.rollout.n
-    if cfg.train.prompts_per_step % jax.process_count():
-        raise C.ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not divisible by the "
-                            f"{jax.process_count()} processes")
-    if cfg.train.prompts_per_step % shards:  # the prompt batch is split over the data shards for sampling
-        raise C.ConfigError(
-            f"train.prompts_per_step={cfg.train.prompts_per_step} must be divisible by the {shards} data shards "
-            "(mesh.data * mesh.fsdp); change train.prompts_per_step or the mesh (e.g. mesh.tensor)")
-    if rows % shards or cfg.train.microbatch_seqs % shards:
-        raise C.ConfigError(
-            f"the batch ({rows} sequences per step, train.microbatch_seqs={cfg.train.microbatch_seqs}) must be "
-            f"divisible by the {shards} data shards (mesh.data * mesh.fsdp); change train.microbatch_seqs or the mesh")
+    check_batch_layout(cfg, data_shards(mesh), jax.process_count())
     return mesh
+
+
+def check_batch_layout(cfg: C.RunConfig, shards: int, processes: int = 1) -> None:
+    """ConfigError unless the step's batches split evenly over `shards` data shards and the processes."""
+    t, n = cfg.train, cfg.rollout.n
+    if t.prompts_per_step % processes:
+        raise C.ConfigError(f"train.prompts_per_step={t.prompts_per_step} is not divisible by the "
+                            f"{processes} processes")
+    prompts_per_call = (cfg.rollout.slots // n) if cfg.rollout.slots else t.prompts_per_step
+    if prompts_per_call % shards:  # each sampler call splits its prompts over the data shards
+        what = (f"rollout.slots={cfg.rollout.slots} ({prompts_per_call} prompts per sampler call)"
+                if cfg.rollout.slots else f"train.prompts_per_step={t.prompts_per_step}")
+        raise C.ConfigError(f"{what} must be divisible by the {shards} data shards (mesh.data * mesh.fsdp); "
+                            "change it or the mesh (e.g. more mesh.tensor)")
+    rows = t.minibatch_prompts * n
+    if rows % shards or rows % (shards * C.microbatch_per_shard(cfg, shards)):
+        raise C.ConfigError(
+            f"a mini-batch of {rows} sequences (train.minibatch_prompts * rollout.n) must split into the {shards} "
+            f"data shards (mesh.data * mesh.fsdp) x train.microbatch_per_shard={t.microbatch_per_shard}; change "
+            "train.microbatch_per_shard or the mesh")
 
 
 # ---------------------------------------------------------------------------
@@ -116,12 +126,15 @@ def build_model(cfg: C.RunConfig, mesh, tokenizer):
     """(graphdef, params) of the policy, placed on `mesh`."""
     from entrl.models import create_model, load_pretrained
 
-    if cfg.model.path == "demo":
+    m = cfg.model
+    if m.path == "demo":
         # Exactly the tokenizer's vocabulary: padding it would let the sampler emit ids no tokenizer decodes.
         mcfg = demo_model_config(tokenizer.vocab_size, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)
-        model = create_model(mcfg, seed=cfg.train.seed, dtype=cfg.model.dtype, mesh=mesh)
+        model = create_model(mcfg, seed=cfg.train.seed, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh,
+                             remat=m.remat)
     else:
-        model = load_pretrained(resolve_model_dir(cfg.model.path), dtype=cfg.model.dtype, mesh=mesh)
+        model = load_pretrained(resolve_model_dir(m.path), dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh,
+                                remat=m.remat)
     graphdef, params = nnx.split(model)
     return graphdef, params
 
@@ -198,6 +211,20 @@ def build_curriculum(cfg: C.RunConfig, records, se_values=None):
                       pass_rate=pass_rate, drop_trivial=cur.drop_trivial)
 
 
+def cache_dtype(cfg: C.RunConfig, setting: str) -> str:
+    """A KV-cache dtype setting resolved: "auto" is the compute dtype."""
+    return cfg.model.dtype if setting == "auto" else setting
+
+
+def reference_params(cfg: C.RunConfig, params):
+    """The frozen reference policy: a copy of the initial params in the compute dtype (bf16 under bf16
+    compute: half the bytes of float32 masters, and the same values the policy's forward computes with)."""
+    if cfg.loss.kl_coef == 0:
+        return None
+    dtype = jnp.dtype(cfg.model.dtype)
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x.copy(), p))(params)
+
+
 def build_sampler(cfg: C.RunConfig, tokenizer, mesh, *, n: int | None = None, max_new_tokens: int | None = None,
                   temperature: float | None = None, top_p: float | None = None):
     """The rollout sampler (PAD and BOS banned from responses; stop on EOS / end-of-turn ids)."""
@@ -208,7 +235,7 @@ def build_sampler(cfg: C.RunConfig, tokenizer, mesh, *, n: int | None = None, ma
     sc = SamplingConfig(n=n or r.n, temperature=r.temperature if temperature is None else temperature,
                         top_p=top_p or r.top_p, top_k=r.top_k, max_new_tokens=max_new_tokens or r.max_new_tokens,
                         eos_ids=tuple(tokenizer.stop_token_ids), pad_id=tokenizer.pad_token_id,
-                        banned_ids=tuple(sorted(banned)), cache_dtype=r.cache_dtype)
+                        banned_ids=tuple(sorted(banned)), cache_dtype=cache_dtype(cfg, r.cache_dtype))
     return Sampler(sc, mesh=mesh)
 
 
@@ -230,7 +257,7 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
     records, heldout = build_records(cfg)
     prompt_tokens, records = tokenize(cfg, records, tokenizer)
     graphdef, params = build_model(cfg, mesh, tokenizer)
-    ref_params = jax.tree.map(lambda x: x.copy(), params) if cfg.loss.kl_coef > 0 else None
+    ref_params = reference_params(cfg, params)
     sampler = build_sampler(cfg, tokenizer, mesh)
     verifier = verifier or build_verifier(cfg)
     if cfg.curriculum.enabled and se_values is None and any(cfg.curriculum.se_column not in r.extra for r in records):

@@ -8,6 +8,11 @@ Design decisions:
   `P + L - 1` tokens gives the hidden states that predict the L response tokens;
   per-token log-prob and entropy come from `token_stats` in chunks, so the
   `[N, L, V]` logits never exist in float32.
+- Micro-batches are per data shard (like verl's `ppo_micro_batch_size_per_gpu`):
+  the mini-batch's N rows are split over S data shards (mesh.data * mesh.fsdp)
+  as N/S contiguous rows each, and micro-batch i is the i-th block of p rows of
+  EVERY shard (`micro_rows`), so a micro-batch never moves rows between
+  devices and each device always works on p rows.
 - Gradient accumulation over micro-batches with a *global* selection scope
   (SENT's default: quantiles and covariances over the whole mini-batch). The
   loss's token selection depends only on detached values, so the update first
@@ -16,8 +21,10 @@ Design decisions:
   splices that micro-batch's live log-probs into the detached full arrays and
   differentiates the full-mini-batch loss. The selection is identical for every
   micro-batch and the summed gradients equal the gradient of the one-shot loss.
-  With `scope="microbatch"` (the released code's behaviour) each micro-batch is
-  its own scope and the loss is the mean over micro-batches, as verl does.
+  With `scope="microbatch"` (the released code's behaviour) each shard's p-row
+  micro-batch is its own scope, and the loss is the mean over shards and
+  micro-batches: what verl computes, with each GPU selecting tokens in its own
+  micro-batch and data parallelism averaging the gradients.
 - A step whose loss or gradient norm is non-finite leaves params and optimizer
   state untouched (selected with `jnp.where` inside the jitted step, so the
   donated buffers are reused) and reports `skipped_nonfinite = 1`.
@@ -49,6 +56,7 @@ class StepSettings:
     kl_estimator: str = "k3"
     temperature: float = 1.0
     num_micro: int = 1  # micro-batches per mini-batch (gradient accumulation)
+    shards: int = 1  # data shards the batch is split over (mesh.data * mesh.fsdp; see `micro_rows`)
     chunk_size: int = 512  # token chunk of the log-prob/entropy computation (benchmarks/bench_token_stats.py)
 
     @property
@@ -77,11 +85,28 @@ def response_stats(model, prompt_ids_NxP, prompt_mask_NxP, resp_ids_NxL, *, temp
     return token_logprobs_and_entropy(h_NxLxD, model.unembedding(), resp_ids_NxL, temperature=temperature, chunk_size=chunk_size)
 
 
-def _micro_split(x, num_micro: int):
-    return x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:])
+def micro_rows(x, num_micro: int, shards: int = 1):
+    """[N, ...] -> [num_micro, N / num_micro, ...], micro-batch i = the i-th block of every shard's rows.
+
+    Shard s holds rows [s N/S, (s+1) N/S); micro-batch i takes rows s N/S + i p + [0, p) of each
+    shard (p = N / (S num_micro)), in shard order, so it stays split over the shards as the batch is.
+    """
+    n = x.shape[0]
+    if n % (shards * num_micro):
+        raise ValueError(f"{n} rows do not split into {shards} shards x {num_micro} micro-batches")
+    x = x.reshape((shards, num_micro, n // (shards * num_micro)) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((num_micro, n // num_micro) + x.shape[3:])
 
 
-def batched_response_stats(graphdef, params, batch: dict, *, temperature: float, num_micro: int, chunk_size: int):
+def from_micro_rows(x, shards: int = 1):
+    """Inverse of `micro_rows`: [num_micro, N / num_micro, ...] -> [N, ...] in the original row order."""
+    num_micro, m = x.shape[:2]
+    x = x.reshape((num_micro, shards, m // shards) + x.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape((num_micro * m,) + x.shape[3:])
+
+
+def batched_response_stats(graphdef, params, batch: dict, *, temperature: float, num_micro: int, chunk_size: int,
+                           shards: int = 1):
     """Detached log-probs/entropies of a whole batch, one micro-batch at a time (lax.map)."""
     model = nnx.merge(graphdef, params)
 
@@ -89,13 +114,14 @@ def batched_response_stats(graphdef, params, batch: dict, *, temperature: float,
         return response_stats(model, mb["prompt_ids"], mb["prompt_mask"], mb["resp_ids"],
                               temperature=temperature, chunk_size=chunk_size)
 
-    parts = {k: _micro_split(batch[k], num_micro) for k in ("prompt_ids", "prompt_mask", "resp_ids")}
+    parts = {k: micro_rows(batch[k], num_micro, shards) for k in ("prompt_ids", "prompt_mask", "resp_ids")}
     logp, ent = jax.lax.map(one, parts)
-    merge = lambda x: x.reshape((-1,) + x.shape[2:])
-    return jax.lax.stop_gradient(merge(logp)), jax.lax.stop_gradient(merge(ent))
+    return (jax.lax.stop_gradient(from_micro_rows(logp, shards)),
+            jax.lax.stop_gradient(from_micro_rows(ent, shards)))
 
 
-compute_logprobs = jax.jit(batched_response_stats, static_argnames=("graphdef", "temperature", "num_micro", "chunk_size"))
+compute_logprobs = jax.jit(batched_response_stats,
+                           static_argnames=("graphdef", "temperature", "num_micro", "chunk_size", "shards"))
 
 
 # ---------------------------------------------------------------------------
@@ -151,30 +177,30 @@ def _policy_objective(logp_NxL, ent_NxL, mb: dict, rng, s: StepSettings):
 
 def _grads(graphdef, params, mb_all: dict, rng, s: StepSettings):
     """Loss, metrics and summed gradients over the micro-batches of one mini-batch."""
-    n_micro = s.num_micro
-    N = mb_all["resp_ids"].shape[0]
-    m = N // n_micro
-
-    if s.scope == "global" and n_micro > 1:
+    n_micro, shards = s.num_micro, s.shards
+    micro = {k: micro_rows(v, n_micro, shards) for k, v in mb_all.items()}  # [n_micro, N / n_micro, ...]
+    splice = s.scope == "global" and n_micro > 1
+    if splice:
         logp_sg, ent_sg = batched_response_stats(graphdef, params, mb_all, temperature=s.temperature,
-                                                 num_micro=n_micro, chunk_size=s.chunk_size)
-    else:
-        logp_sg = ent_sg = None
+                                                 num_micro=n_micro, chunk_size=s.chunk_size, shards=shards)
+        logp_sg, ent_sg = micro_rows(logp_sg, n_micro, shards), micro_rows(ent_sg, n_micro, shards)
 
     def micro_loss(p, i):
         model = nnx.merge(graphdef, p)
-        sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * m, m, axis=0)
-        mb = {k: sl(v) for k, v in mb_all.items()}
+        mb = {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in micro.items()}
         logp, ent = response_stats(model, mb["prompt_ids"], mb["prompt_mask"], mb["resp_ids"],
                                    temperature=s.temperature, chunk_size=s.chunk_size)
-        if s.scope == "global" and n_micro > 1:
-            # Splice the live values into the detached full arrays (see module docstring).
-            logp_full = jax.lax.dynamic_update_slice_in_dim(logp_sg, logp, i * m, axis=0)
-            ent_full = jax.lax.dynamic_update_slice_in_dim(ent_sg, ent, i * m, axis=0)
-            return _policy_objective(logp_full, ent_full, mb_all, rng, s)
-        # Micro-batch scope: an independent draw per micro-batch (clip_cov's random choice).
-        loss, metrics = _policy_objective(logp, ent, mb, jax.random.fold_in(rng, i), s)
-        return loss / n_micro, metrics
+        if s.scope == "global":
+            if splice:  # the live values spliced into the detached full arrays (see module docstring)
+                logp = from_micro_rows(jax.lax.dynamic_update_index_in_dim(logp_sg, logp, i, 0), shards)
+                ent = from_micro_rows(jax.lax.dynamic_update_index_in_dim(ent_sg, ent, i, 0), shards)
+            return _policy_objective(logp, ent, mb_all, rng, s)
+        # Micro-batch scope: each shard's micro-batch is its own scope, with its own draw (clip_cov).
+        per_shard = lambda x: x.reshape((shards, x.shape[0] // shards) + x.shape[1:])
+        keys = jax.random.split(jax.random.fold_in(rng, i), shards)
+        loss, metrics = jax.vmap(lambda lp, en, b, k: _policy_objective(lp, en, b, k, s))(
+            per_shard(logp), per_shard(ent), jax.tree.map(per_shard, mb), keys)
+        return loss.mean() / n_micro, jax.tree.map(jnp.mean, metrics)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     if n_micro == 1:
@@ -206,9 +232,9 @@ def update_step(graphdef, optimizer: optax.GradientTransformation, params, opt_s
     missing = [k for k in _BATCH_KEYS if k not in minibatch]
     if missing:
         raise ValueError(f"minibatch is missing {missing}")
-    if minibatch["resp_ids"].shape[0] % settings.num_micro:
+    if minibatch["resp_ids"].shape[0] % (settings.num_micro * settings.shards):
         raise ValueError(f"mini-batch of {minibatch['resp_ids'].shape[0]} rows is not divisible into "
-                         f"{settings.num_micro} micro-batches")
+                         f"{settings.shards} shards x {settings.num_micro} micro-batches")
     loss, metrics, grads = _grads(graphdef, params, minibatch, rng, settings)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

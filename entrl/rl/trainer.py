@@ -26,10 +26,10 @@ Design decisions:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import signal
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from flax import nnx
 from entrl import config as C
 from entrl.rl import advantages as A
 from entrl.rl import step as S
+from entrl.sharding import data_shards
 
 log = logging.getLogger("entrl.train")
 
@@ -96,7 +97,8 @@ def batch_semantic_entropy(answers: list, n: int, verifier=None) -> float:
     return float(np.mean([s["se"] for s in stats])) if stats else 0.0
 
 
-def step_settings(cfg: C.RunConfig) -> S.StepSettings:
+def step_settings(cfg: C.RunConfig, shards: int = 1) -> S.StepSettings:
+    """The update's static settings; `shards` = data shards of the mesh (`entrl.sharding.data_shards`)."""
     rows = cfg.train.minibatch_prompts * cfg.rollout.n
     return S.StepSettings(
         loss_name=cfg.loss.name,
@@ -106,7 +108,8 @@ def step_settings(cfg: C.RunConfig) -> S.StepSettings:
         kl_coef=cfg.loss.kl_coef,
         kl_estimator=cfg.loss.kl_estimator,
         temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
-        num_micro=rows // cfg.train.microbatch_seqs,
+        num_micro=rows // (shards * C.microbatch_per_shard(cfg, shards)),
+        shards=shards,
     )
 
 
@@ -127,7 +130,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.train.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.settings = step_settings(cfg)
+        self.settings = step_settings(cfg, data_shards(comps.mesh))
         total_opt_steps = max(cfg.train.steps, 1) * cfg.train.ppo_epochs * (
             cfg.train.prompts_per_step // cfg.train.minibatch_prompts)
         o = cfg.optim
@@ -191,52 +194,90 @@ class Trainer:
         self.ckpt.save(self.step, params=self.params, opt_state=self.opt_state, rng=self.key, meta=meta,
                        data_state=self.c.pipeline.get_state(), force=force)
 
-    # -- one RL step ---------------------------------------------------------
+    # -- one RL step: ROLLOUT, SCORE, LOG-PROBS, UPDATE, METRICS ---------------
 
     def rl_step(self, batch) -> dict:
-        cfg, c = self.cfg, self.c
-        n = cfg.rollout.n
-        t0 = time.perf_counter()
         rng = jax.random.fold_in(self.key, self.step)
         rng_sample, rng_loss = jax.random.split(rng)
-
-        # Rollout ------------------------------------------------------------
-        ids, pmask = batch.input_ids, batch.attention_mask
-        if c.mesh is not None:
-            from entrl.sharding import shard_batch
-
-            ids, pmask = shard_batch(ids, c.mesh), shard_batch(pmask, c.mesh)
-        roll = c.sampler.sample((c.graphdef, self.params), ids, pmask, rng_sample)
-        tokens = np.asarray(_gather(roll.tokens))
-        resp_mask = np.asarray(_gather(roll.mask))
+        t0 = time.perf_counter()
+        roll = self._rollout(batch, rng_sample)
         t_roll = time.perf_counter()
+        scored = self._score(batch, roll)
+        t_rew = time.perf_counter()
+        full, stats = self._logprobs(roll, scored)
+        t_lp = time.perf_counter()
+        upd = self._update(full, rng_loss)
+        t_upd = time.perf_counter()
+        metrics = self._metrics(batch, roll, scored, stats, upd)
+        metrics.update({"time/rollout": t_roll - t0, "time/reward": t_rew - t_roll, "time/logprob": t_lp - t_rew,
+                        "time/update": t_upd - t_lp, "time/step": t_upd - t0,
+                        "tokens_per_s": scored["tokens"] / max(t_roll - t0, 1e-9)})
+        return metrics
 
-        # Reward -------------------------------------------------------------
-        indices = np.repeat(_allgather_local(batch.indices), n)
+    def _rollout(self, batch, rng) -> dict:
+        """rollout.n responses per prompt, in sampler calls of at most `rollout.slots` rows.
+
+        Returns the rollout's arrays as global arrays of all R rows, in the step's row order: shard-major
+        (each data shard's rows of every call, call after call), so joining the calls moves no data;
+        `order[r]` = the row's position in the calls' concatenation (call-major, process-major inside).
+        """
+        cfg, c = self.cfg, self.c
+        n, local = cfg.rollout.n, len(batch.indices)
+        calls = (cfg.train.prompts_per_step * n) // cfg.rollout.slots if cfg.rollout.slots else 1
+        per_call = local // calls  # this process's prompts per call
+        parts = []
+        for k in range(calls):
+            rows = slice(k * per_call, (k + 1) * per_call)
+            ids, pmask = batch.input_ids[rows], batch.attention_mask[rows]
+            if c.mesh is not None:
+                from entrl.sharding import shard_batch
+
+                ids, pmask = shard_batch(ids, c.mesh), shard_batch(pmask, c.mesh)
+            roll = c.sampler.sample((c.graphdef, self.params), ids, pmask, jax.random.fold_in(rng, k))
+            parts.append({f.name: getattr(roll, f.name) for f in dataclasses.fields(roll)})
+        shards = self.settings.shards
+        joined = parts[0] if calls == 1 else _join_shardwise(parts, shards)
+        # Host bookkeeping in the same order: prompt index of each row.
+        call_rows = per_call * jax.process_count() * n
+        order = np.arange(calls * call_rows).reshape(calls, shards, call_rows // shards).transpose(1, 0, 2).ravel()
+        local_idx = np.asarray(batch.indices).reshape(calls, per_call)
+        prompt_of_call_row = np.concatenate([np.repeat(_allgather_local(local_idx[k]), n) for k in range(calls)])
+        joined["row_prompt"] = prompt_of_call_row[order]
+        return joined
+
+    def _score(self, batch, roll: dict) -> dict:
+        """Decode and verify every response, GRPO advantages, the update mask (host side)."""
+        cfg, c = self.cfg, self.c
+        n = cfg.rollout.n
+        tokens = np.asarray(_gather(roll["tokens"]))
+        resp_mask = np.asarray(_gather(roll["mask"]))
         texts = decode_responses(c.tokenizer, tokens, resp_mask)
-        refs = [c.records[int(i)].answer for i in indices]
-        res = c.verifier.score(texts, refs)
+        res = c.verifier.score(texts, [c.records[int(i)].answer for i in roll["row_prompt"]])
         rewards = np.asarray(res.rewards, np.float32)
         adv = np.asarray(A.grpo_advantages(jnp.asarray(rewards), n, normalize_std=cfg.loss.advantage == "grpo"))
         update_mask = resp_mask.astype(np.float32)
         if cfg.train.only_mixed_groups:
             mixed = np.repeat(rewards.reshape(-1, n).std(1) > 0, n)
             update_mask = update_mask * mixed[:, None]
-        t_rew = time.perf_counter()
+        return {"result": res, "rewards": rewards, "advantages": adv, "update_mask": update_mask,
+                "resp_mask": resp_mask, "texts": texts, "tokens": int(resp_mask.sum())}
 
-        # Old / reference log-probs -------------------------------------------
+    def _logprobs(self, roll: dict, scored: dict) -> tuple[dict, dict]:
+        """The update's batch: old (and reference) log-probs and entropies of every response token."""
+        cfg, c = self.cfg, self.c
         full = {
-            "prompt_ids": roll.prompt_ids,
-            "prompt_mask": roll.prompt_mask,
-            "resp_ids": roll.tokens,
-            "resp_mask": _to_device(update_mask, c.mesh),
-            "advantages": _to_device(adv, c.mesh),
+            "prompt_ids": roll["prompt_ids"],
+            "prompt_mask": roll["prompt_mask"],
+            "resp_ids": roll["tokens"],
+            "resp_mask": _to_device(scored["update_mask"], c.mesh),
+            "advantages": _to_device(scored["advantages"], c.mesh),
         }
-        num_micro_all = tokens.shape[0] // cfg.train.microbatch_seqs
-        stats = dict(temperature=self.settings.temperature, num_micro=num_micro_all,
-                     chunk_size=self.settings.chunk_size)
+        rows = roll["tokens"].shape[0]
+        stats = dict(temperature=self.settings.temperature, chunk_size=self.settings.chunk_size,
+                     num_micro=rows // (self.settings.shards * C.microbatch_per_shard(cfg, self.settings.shards)),
+                     shards=self.settings.shards)
         if cfg.rollout.reuse_sampler_logprobs:
-            old_logp = jnp.asarray(roll.logprobs)
+            old_logp = jnp.asarray(roll["logprobs"])
             _, entropy = S.compute_logprobs(c.graphdef, self.params, full, **stats)
         else:
             old_logp, entropy = S.compute_logprobs(c.graphdef, self.params, full, **stats)
@@ -245,52 +286,51 @@ class Trainer:
             full["ref_logp"], _ = S.compute_logprobs(c.graphdef, c.ref_params, full, **stats)
         else:
             full["ref_logp"] = jnp.zeros_like(old_logp)
-        entropy_np = np.asarray(_gather(entropy))
-        old_np = np.asarray(_gather(old_logp))
-        samp_np = np.asarray(_gather(roll.logprobs))
-        t_lp = time.perf_counter()
+        host = {"entropy": np.asarray(_gather(entropy)), "old_logp": np.asarray(_gather(old_logp)),
+                "sampler_logp": np.asarray(_gather(roll["logprobs"]))}
+        return full, host
 
-        # Updates ------------------------------------------------------------
-        rows = cfg.train.minibatch_prompts * n
-        upd_metrics = []
+    def _update(self, full: dict, rng) -> dict:
+        """ppo_epochs passes over the step's mini-batches (each shard's j-th block of rows), one optimizer
+        step each; returns the update metrics averaged over them."""
+        cfg = self.cfg
+        total = full["resp_ids"].shape[0]
+        n_mini = total // (cfg.train.minibatch_prompts * cfg.rollout.n)
+        metrics = []
         for _ in range(cfg.train.ppo_epochs):
-            for start in range(0, tokens.shape[0], rows):
-                mb = {k: v[start:start + rows] for k, v in full.items()}
+            for j in range(n_mini):
+                mb = _minibatch(full, j, n_mini, self.settings.shards)
                 self.params, self.opt_state, m = self.update(self.params, self.opt_state, mb,
-                                                             jax.random.fold_in(rng_loss, start))
-                upd_metrics.append(m)
-        upd_metrics = [{k: float(_gather(v)) for k, v in m.items()} for m in upd_metrics]
-        upd = {k: float(np.mean([m[k] for m in upd_metrics])) for k in upd_metrics[0]}
-        skipped = max(float(m["skipped_nonfinite"]) for m in upd_metrics)
-        t_upd = time.perf_counter()
+                                                             jax.random.fold_in(rng, j))
+                metrics.append(m)
+        metrics = [{k: float(_gather(v)) for k, v in m.items()} for m in metrics]
+        out = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+        out["skipped_nonfinite"] = max(m["skipped_nonfinite"] for m in metrics)
+        return out
 
-        # Metrics ------------------------------------------------------------
+    def _metrics(self, batch, roll: dict, scored: dict, stats: dict, upd: dict) -> dict:
+        """SENT.md section 11 diagnostics of the step."""
+        n = self.cfg.rollout.n
+        res, rewards, resp_mask = scored["result"], scored["rewards"], scored["resp_mask"]
         valid = resp_mask.astype(bool)
         n_tok = int(valid.sum())
-        finish = np.asarray(_gather(roll.finish_code))
-        metrics = {
+        finish = np.asarray(_gather(roll["finish_code"]))
+        gap = np.abs(stats["old_logp"] - stats["sampler_logp"])[valid]
+        return {
             "reward": float(rewards.mean()),
             "accuracy": float(np.mean(res.correct)),
-            "entropy": float(entropy_np[valid].mean()) if n_tok else 0.0,
+            "entropy": float(stats["entropy"][valid].mean()) if n_tok else 0.0,
             "response_length": float(resp_mask.sum(1).mean()),
             "truncation_rate": float(np.mean(finish == _LENGTH)),
-            "sampler_logprob_gap": float(np.abs(old_np - samp_np)[valid].max()) if n_tok else 0.0,
-            "batch_semantic_entropy": batch_semantic_entropy(res.answers, n, c.verifier),
+            "sampler_logprob_gap": float(gap.max()) if n_tok else 0.0,
+            "batch_semantic_entropy": batch_semantic_entropy(res.answers, n, self.c.verifier),
             "stage": float(batch.stage),
             "epoch": float(batch.epoch),
-            "no_answer_frac": res.counts.get("no_answer", 0) / max(len(texts), 1),
+            "no_answer_frac": res.counts.get("no_answer", 0) / max(len(scored["texts"]), 1),
             "verify_timeouts": float(res.counts.get("timeout", 0)),
             **group_stats(rewards, n),
             **{k if k in _PASS_THROUGH else f"update/{k}": v for k, v in upd.items()},
-            "skipped_nonfinite": skipped,
-            "time/rollout": t_roll - t0,
-            "time/reward": t_rew - t_roll,
-            "time/logprob": t_lp - t_rew,
-            "time/update": t_upd - t_lp,
-            "time/step": t_upd - t0,
-            "tokens_per_s": n_tok / max(t_roll - t0, 1e-9),
         }
-        return metrics
 
     # -- the loop ------------------------------------------------------------
 
@@ -391,7 +431,7 @@ class Trainer:
 
 
 _PASS_THROUGH = {"loss", "grad_norm", "clip_frac", "penalized_frac", "abs_logratio_mean", "cov_mean", "cov_max",
-                 "ref_kl", "pg_loss", "policy_entropy"}
+                 "ref_kl", "pg_loss", "policy_entropy", "skipped_nonfinite"}
 _LENGTH = 0  # finish code of a response cut at max_new_tokens (entrl.sampling.FINISH_REASONS)
 
 
@@ -435,5 +475,20 @@ def _to_device(x, mesh):
     return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda index: x[index])
 
 
-def save_json(path: Path, obj: Any):
-    path.write_text(json.dumps(obj, indent=2, default=float))
+@partial(jax.jit, static_argnums=(1,))
+def _join_shardwise(parts: list[dict], shards: int) -> dict:
+    """Concatenate per-call arrays [R_c, ...] so that each shard's rows of every call stay on that shard:
+    [S, R_c/S] blocks joined along the second axis, then flattened (shard-major row order)."""
+    def join(*xs):
+        blocks = [x.reshape((shards, x.shape[0] // shards) + x.shape[1:]) for x in xs]
+        out = jnp.concatenate(blocks, axis=1)
+        return out.reshape((-1,) + out.shape[2:])
+
+    return jax.tree.map(join, *parts)
+
+
+@partial(jax.jit, static_argnums=(2, 3))
+def _minibatch(full: dict, j, n_mini: int, shards: int) -> dict:
+    """Mini-batch j of the step: the j-th block of every shard's rows (`entrl.rl.step.micro_rows`)."""
+    return {k: jax.lax.dynamic_index_in_dim(S.micro_rows(v, n_mini, shards), j, keepdims=False)
+            for k, v in full.items()}
