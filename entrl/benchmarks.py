@@ -71,11 +71,14 @@ class Benchmark:
 
 
 def _answer_text(value: Any) -> str:
-    """A hub answer cell as a reference string: lists joined with ", ", integral floats as ints, no `$`."""
+    """A hub answer cell as a reference string: lists joined with ", ", numbers exactly as written
+    (`number_text`: 27.0 -> "27", 1e23 -> "1" and 23 zeros), no `$`."""
+    from entrl.data.sources import number_text
+
     if isinstance(value, (list, tuple)):
         return ", ".join(_answer_text(v) for v in value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        value = number_text(value)
     return str(value).replace("$", "").strip().rstrip(".").strip()
 
 
