@@ -293,6 +293,21 @@ def _as_problem(value: Any, what: str) -> tuple[str, tuple[dict[str, str], ...]]
     return _as_text(value, what), ()
 
 
+def source_columns(source: str | Path, *, split: str = "train") -> list[str]:
+    """Column names of a file, a directory's first file or a hub dataset (what `load_records` would check)."""
+    path = Path(source)
+    if path.exists():
+        f = _files_of(path)[0]
+        if f.suffix in _PARQUET_SUFFIXES:
+            import pyarrow.parquet as pq
+
+            return list(pq.ParquetFile(f).schema_arrow.names)
+        return _json_rows(f)[0] or []
+    if str(source).endswith(_SUFFIXES) or str(source).startswith((".", "/", "~")):
+        raise ValueError(f"{source}: file not found (and it does not look like a hub id)")
+    return _hub_rows(str(source), split)[0]
+
+
 def load_records(
     source: str | Path,
     *,
