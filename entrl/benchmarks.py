@@ -51,7 +51,7 @@ class BenchmarkSource:
 
 
 # The hub ids and columns follow their dataset cards as of 2025; they are NOT exercised offline (tests
-# and CI use `data_dir` = ../shared/data, whose files were built from the same upstream sets).
+# and CI pass `data_dir`: a directory of <name>.jsonl files, e.g. from `entrl data prepare-benchmarks`).
 BENCHMARKS: dict[str, BenchmarkSource] = {
     "aime24": BenchmarkSource("AIME24", "HuggingFaceH4/aime_2024", "train", "problem", "answer", "id"),
     "aime25": BenchmarkSource("AIME25", "yentinglin/aime_2025", "train", "problem", "answer", "id"),

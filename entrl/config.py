@@ -150,7 +150,7 @@ class RolloutSection:
 @dataclass(frozen=True)
 class LossSection:
     name: str = "sent"  # policy loss: grpo | sent | sent_released | kl_cov | kl_cov_verl | clip_cov | entropy_bonus | entropy_adv | high_entropy_mask | high_en
-    params: dict[str, Any] = field(default_factory=dict)  # overrides of that loss's preset hyperparameters (see SENT.md)
+    params: dict[str, Any] = field(default_factory=dict)  # overrides of that loss's preset hyperparameters (README: Supported models and losses)
     agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
     scope: str = "global"  # token-selection scope: global (whole mini-batch) | microbatch
     advantage: str = "grpo"  # grpo (group mean/std) | drgrpo (no std division)
@@ -527,6 +527,7 @@ ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
     "actor_rollout_ref.actor.optim.weight_decay": (("optim.weight_decay",), "verl"),
     "actor_rollout_ref.actor.optim.clip_grad": (("optim.grad_clip",), "verl"),
     "actor_rollout_ref.actor.optim.lr_warmup_steps": (("optim.warmup_steps",), "verl"),
+    "actor_rollout_ref.actor.optim.lr_scheduler_type": (("optim.schedule",), "verl"),
     "trainer.total_training_steps": (("train.steps",), "verl"),
     "trainer.default_local_dir": (("train.out_dir",), "verl"),
     "algorithm.filter_groups.enable": (("train.only_mixed_groups",), "verl"),
