@@ -76,11 +76,11 @@ class DataSection:
     task: str = "math"  # math (text problems with reference answers) | arithmetic (built-in synthetic task)
     train: str = ""  # JSONL/Parquet path or hub id of the training prompts
     split: str = "train"  # split name for hub datasets
-    id_key: str = "id"  # column holding a row id ("" = row index)
-    problem_key: str = "problem"  # column holding the problem text
-    answer_key: str = "answer"  # column holding the reference answer
-    prompt_suffix: str = "Please reason step by step, and put your final answer within \\boxed{}."  # appended to each problem
-    chat_template: bool = True  # wrap prompts with the tokenizer's chat template
+    id_key: str = "id"  # column holding a row id ("" = row index; dotted for nested, e.g. extra_info.index)
+    problem_key: str = "problem"  # column holding the problem: text, or chat messages (verl / TRL `prompt`)
+    answer_key: str = "answer"  # column holding the reference answer (dotted for nested, e.g. reward_model.ground_truth)
+    prompt_suffix: str = "Please reason step by step, and put your final answer within \\boxed{}."  # appended to each plain-text problem (never to chat-message prompts)
+    chat_template: bool = True  # wrap prompts with the tokenizer's chat template (chat-message prompts need it)
     max_prompt_len: int = 1024  # prompts longer than this (tokens) are dropped or rejected
     on_long_prompt: str = "drop"  # drop (counted, logged) | error
     on_bad_row: str = "error"  # error | skip (counted, logged) for rows with a missing/empty problem or answer
