@@ -42,7 +42,7 @@ def _train_rows() -> list[dict]:
             _verl("Compute \x0crac{6}{3}\x0c.", "2", 10 * copy + 1),  # form feed + rac = damaged \frac; PDF debris
             _verl("What is $2\times 3$?", "6", 10 * copy + 2),  # tab + imes = damaged \times
             _verl(RESTATED, "9", 10 * copy + 3),
-            _verl("设 $x=1$，求 $x+1$。" + DAPO_ZH, "2", 10 * copy + 4, template="{}"),
+            _verl("设 $x=1$，求 $x+1$。" + DAPO_ZH, "2", 10 * copy + 4),  # as on the hub: inside the English one
         ]
     rows += [_verl("How many primes are below 10?", "4", 97), _verl("How many primes are below 10?", "5", 98)]
     return rows
@@ -63,9 +63,10 @@ def test_repairs_and_templates():
         {"\\frac": 1, "\\tfrac": 1, "\\times": 1, "\\theta": 1, "\\nabla": 1, "\\beta": 1})
     # A real newline or tab stays (\neq / \nu look like a newline before "equal"/"u"); debris is deleted.
     assert repair_latex("a\nequal b\n\tu and fi\x0crst\x14") == ("a\nequal b\n\tu and first", {"deleted": 2})
-    assert strip_instructions(DAPO_EN.format("Find 1+1.")) == ("Find 1+1.", "dapo_en")
-    assert strip_instructions("求 1+1。" + DAPO_ZH) == ("求 1+1。", "dapo_zh")
-    assert strip_instructions("Find 1+1.") == ("Find 1+1.", None)
+    assert strip_instructions(DAPO_EN.format("Find 1+1.")) == ("Find 1+1.", ["dapo_en"])
+    assert strip_instructions("求 1+1。" + DAPO_ZH) == ("求 1+1。", ["dapo_zh"])
+    assert strip_instructions(DAPO_EN.format("求 1+1。" + DAPO_ZH)) == ("求 1+1。", ["dapo_en", "dapo_zh"])
+    assert strip_instructions("Find 1+1.") == ("Find 1+1.", [])
 
 
 def test_prepare_verl_parquet_offline(tmp_path, bench_dir, capsys):
@@ -76,7 +77,7 @@ def test_prepare_verl_parquet_offline(tmp_path, bench_dir, capsys):
                  "--benchmarks", "amc23,math500", "--id-prefix", "t"]) == 0
     log = capsys.readouterr().out
     assert "problem: 'prompt', answer: 'reward_model.ground_truth', id: 'row index'" in log
-    assert "read 17 rows" in log and "instruction templates removed from 17 problems (dapo_en 14, dapo_zh 3)" in log
+    assert "read 17 rows" in log and "instruction templates removed from 17 problems (dapo_en 17, dapo_zh 3)" in log
     assert "encoding repairs in 6 problems (\\frac 3, \\times 3, deleted 3)" in log
     assert "17 rows -> 6 distinct problems; dropped 1 with conflicting answers -> 5" in log
     assert "removed 1 (amc23 1) -> 4" in log and "wrote 4 problems" in log

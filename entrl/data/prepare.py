@@ -118,13 +118,16 @@ _ESCAPE_RE = re.compile("(" + "|".join(re.escape(c) for c in _ESCAPES) + ")([A-Z
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 except tab and newline
 
 
-def strip_instructions(text: str) -> tuple[str, str | None]:
-    """(problem without a known instruction template, the template's name or None)."""
+def strip_instructions(text: str) -> tuple[str, list[str]]:
+    """(problem without the known instruction templates, the names of those removed). Templates are tried in
+    order, each once: DAPO's Chinese problems sit inside the English wrapper with their own suffix."""
+    names = []
     for name, pattern in INSTRUCTION_TEMPLATES:
         m = pattern.match(text)
         if m and m.group(1).strip():
-            return m.group(1).strip(), name
-    return text, None
+            text = m.group(1).strip()
+            names.append(name)
+    return text, names
 
 
 def repair_latex(text: str) -> tuple[str, collections.Counter]:
@@ -225,6 +228,39 @@ def find_overlaps(train_problems: Sequence[str], benchmarks: dict[str, Sequence[
 # ---------------------------------------------------------------------------
 
 
+def clean_problems(records: Sequence[Record], echo: Callable[[str], None] = print) -> list[tuple[Record, str]]:
+    """(record, its problem without instruction templates and escape damage, stripped), with a line per stage."""
+    templates: collections.Counter = collections.Counter()
+    repairs: collections.Counter = collections.Counter()
+    changed = stripped = 0
+    cleaned = []
+    for rec in records:
+        text, names = strip_instructions(rec.problem)
+        templates.update(names)
+        stripped += bool(names)
+        fixed, counts = repair_latex(text)
+        changed += fixed != text
+        repairs.update(counts)
+        cleaned.append((rec, fixed.strip()))
+    echo(f"instruction templates removed from {stripped} problems "
+         f"({', '.join(f'{k} {v}' for k, v in templates.items() if v) or 'none found'})")
+    echo(f"encoding repairs in {changed} problems "
+         f"({', '.join(f'{k} {v}' for k, v in sorted(repairs.items())) or 'none needed'})")
+    return cleaned
+
+
+def deduplicate(cleaned: Sequence[tuple[Record, str]]) -> tuple[list[tuple[Record, str]], int, int]:
+    """(first occurrence of every problem text whose answers agree, number of distinct texts, number dropped
+    for conflicting answers)."""
+    first: dict[str, tuple[Record, str]] = {}
+    answers: dict[str, set[str]] = collections.defaultdict(set)
+    for rec, text in cleaned:
+        first.setdefault(text, (rec, text))
+        answers[text].add(rec.answer.strip())
+    conflicting = {t for t, a in answers.items() if len(a) > 1}
+    return [v for t, v in first.items() if t not in conflicting], len(first), len(conflicting)
+
+
 @dataclasses.dataclass(frozen=True)
 class PrepareResult:
     rows: list[dict[str, Any]]  # the written rows
@@ -275,36 +311,16 @@ def prepare(source: str, out: str | Path, *, split: str = "train", problem_key: 
         res = load_records(where, split=split, id_key=ikey, problem_key=pkey, answer_key=akey,
                            on_bad_row=on_bad_row, max_rows=max_rows)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        hint = "; number the rows instead with --id-key ''" if "duplicate id" in str(e) else ""
+        raise ConfigError(f"{e}{hint}") from None
     records = res.records
     echo(f"read {len(records) + res.skipped} rows; skipped {res.skipped} with a missing/empty problem or answer")
     prefix = id_prefix or (preset.id_prefix if preset else Path(where).stem.replace("/", "_").lower())
     consumed = {k.split(".", 1)[0] for k in (pkey, akey, ikey) if k}
 
-    templates: collections.Counter = collections.Counter()
-    repairs: collections.Counter = collections.Counter()
-    changed = 0
-    cleaned: list[tuple[Record, str]] = []
-    for rec in records:
-        text, name = strip_instructions(rec.problem)
-        templates[name] += name is not None
-        fixed, counts = repair_latex(text)
-        changed += fixed != text
-        repairs.update(counts)
-        cleaned.append((rec, fixed.strip()))
-    echo(f"instruction templates removed from {sum(templates.values())} problems "
-         f"({', '.join(f'{k} {v}' for k, v in templates.items() if v) or 'none found'})")
-    echo(f"encoding repairs in {changed} problems "
-         f"({', '.join(f'{k} {v}' for k, v in sorted(repairs.items())) or 'none needed'})")
-
-    first: dict[str, tuple[Record, str]] = {}
-    answers: dict[str, set[str]] = collections.defaultdict(set)
-    for rec, text in cleaned:
-        first.setdefault(text, (rec, text))
-        answers[text].add(rec.answer.strip())
-    conflicting = {t for t, a in answers.items() if len(a) > 1}
-    unique = [v for t, v in first.items() if t not in conflicting]
-    echo(f"deduplicated: {len(cleaned)} rows -> {len(first)} distinct problems; dropped {len(conflicting)} with "
+    cleaned = clean_problems(records, echo)
+    unique, distinct, conflicting = deduplicate(cleaned)
+    echo(f"deduplicated: {len(cleaned)} rows -> {distinct} distinct problems; dropped {conflicting} with "
          f"conflicting answers -> {len(unique)}")
 
     matched: dict[int, list[Overlap]] = collections.defaultdict(list)
@@ -324,8 +340,8 @@ def prepare(source: str, out: str | Path, *, split: str = "train", problem_key: 
 
     def row(rec: Record, text: str) -> dict[str, Any]:
         extra = {k: v for k, v in rec.extra.items() if k not in consumed}
-        own = extra.pop("source", None) or extra.pop("data_source", None)
-        src = source_name or (preset.source if preset else None) or own or prefix
+        own = [extra.pop(k, None) for k in ("source", "data_source")]  # the input's own source column, if any
+        src = source_name or (preset.source if preset else None) or own[0] or own[1] or prefix
         return {"id": f"{prefix}-{rec.id}", "problem": text, "answer": rec.answer.strip(), "source": src,
                 "lang": language(text), **{k: v for k, v in extra.items() if k not in ("id", "problem", "answer")}}
 
@@ -338,7 +354,7 @@ def prepare(source: str, out: str | Path, *, split: str = "train", problem_key: 
         write_records(out.with_name(out.name + ".decontam.jsonl"), removed)
     langs = collections.Counter(r["lang"] for r in rows)
     echo(f"wrote {len(rows)} problems to {out} ({', '.join(f'{k} {v}' for k, v in sorted(langs.items()))})")
-    counts = {"read": len(records) + res.skipped, "unique": len(first), "consistent": len(unique), "kept": len(rows)}
+    counts = {"read": len(records) + res.skipped, "unique": distinct, "consistent": len(unique), "kept": len(rows)}
 
     if se_config:
         from entrl import config as C
