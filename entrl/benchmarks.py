@@ -51,7 +51,7 @@ class BenchmarkSource:
 
 
 # The hub ids and columns follow their dataset cards as of 2025; they are NOT exercised offline (tests
-# and CI use `data_dir` = ../shared/data, whose files were built from the same upstream sets).
+# and CI pass `data_dir`: a directory of <name>.jsonl files, e.g. from `entrl data prepare-benchmarks`).
 BENCHMARKS: dict[str, BenchmarkSource] = {
     "aime24": BenchmarkSource("AIME24", "HuggingFaceH4/aime_2024", "train", "problem", "answer", "id"),
     "aime25": BenchmarkSource("AIME25", "yentinglin/aime_2025", "train", "problem", "answer", "id"),
@@ -71,11 +71,14 @@ class Benchmark:
 
 
 def _answer_text(value: Any) -> str:
-    """A hub answer cell as a reference string: lists joined with ", ", integral floats as ints, no `$`."""
+    """A hub answer cell as a reference string: lists joined with ", ", numbers exactly as written
+    (`number_text`: 27.0 -> "27", 1e23 -> "1" and 23 zeros), no `$`."""
+    from entrl.data.sources import number_text
+
     if isinstance(value, (list, tuple)):
         return ", ".join(_answer_text(v) for v in value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        value = number_text(value)
     return str(value).replace("$", "").strip().rstrip(".").strip()
 
 

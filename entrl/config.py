@@ -79,11 +79,11 @@ class DataSection:
     task: str = "math"  # math (text problems with reference answers) | arithmetic (built-in synthetic task)
     train: str = ""  # JSONL/Parquet path or hub id of the training prompts
     split: str = "train"  # split name for hub datasets
-    id_key: str = "id"  # column holding a row id ("" = row index)
-    problem_key: str = "problem"  # column holding the problem text
-    answer_key: str = "answer"  # column holding the reference answer
-    prompt_suffix: str = "Please reason step by step, and put your final answer within \\boxed{}."  # appended to each problem
-    chat_template: bool = True  # wrap prompts with the tokenizer's chat template
+    id_key: str = "id"  # column holding a row id ("" = row index; dotted for nested, e.g. extra_info.index)
+    problem_key: str = "problem"  # column holding the problem: text, or chat messages (verl / TRL `prompt`)
+    answer_key: str = "answer"  # column holding the reference answer (dotted for nested, e.g. reward_model.ground_truth)
+    prompt_suffix: str = "Please reason step by step, and put your final answer within \\boxed{}."  # appended to each plain-text problem (never to chat-message prompts)
+    chat_template: bool = True  # wrap prompts with the tokenizer's chat template (chat-message prompts need it)
     max_prompt_len: int = 1024  # prompts longer than this (tokens) are dropped or rejected
     on_long_prompt: str = "drop"  # drop (counted, logged) | error
     on_bad_row: str = "error"  # error | skip (counted, logged) for rows with a missing/empty problem or answer
@@ -158,7 +158,7 @@ class RolloutSection:
 @dataclass(frozen=True)
 class LossSection:
     name: str = "sent"  # policy loss: grpo | sent | sent_released | kl_cov | kl_cov_verl | clip_cov | entropy_bonus | entropy_adv | high_entropy_mask | high_en
-    params: dict[str, Any] = field(default_factory=dict)  # overrides of that loss's preset hyperparameters (see SENT.md)
+    params: dict[str, Any] = field(default_factory=dict)  # overrides of that loss's preset hyperparameters (README: Supported models and losses)
     agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
     scope: str = "global"  # token-selection scope: global (whole mini-batch) | microbatch
     advantage: str = "grpo"  # grpo (group mean/std) | drgrpo (no std division)
@@ -486,9 +486,106 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
-    """Load a YAML preset (or the defaults when `path` is None) and apply dotted overrides."""
+    """Load a YAML preset (or the defaults when `path` is None) and apply dotted overrides (TRL / verl
+    option names in `ALIASES` are accepted and logged)."""
+    import logging
+
+    overrides, notes = expand_aliases(list(overrides))
+    for note in notes:
+        logging.getLogger(__name__).info(note)
     data = read_yaml(path) if path else {}
-    return from_dict(apply_overrides(data, list(overrides)))
+    return from_dict(apply_overrides(data, overrides))
+
+
+# ---------------------------------------------------------------------------
+# Option names of TRL and verl
+# ---------------------------------------------------------------------------
+
+# Option names of TRL's GRPOConfig (and the TrainingArguments it extends) and of verl's ppo_trainer.yaml that
+# mean one entrl key with the same value convention. As command-line overrides they are rewritten to that key
+# (with a one-line note). A second target is set too unless the same command line sets it: TRL's `epsilon`
+# and verl's `clip_ratio` clip both sides unless the upper bound is given. Options whose values mean
+# something else (verl's top_k=-1, save_freq=-1; TRL's loss_type, scale_rewards) are only in the README table.
+ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
+    # TRL GRPOConfig / TrainingArguments
+    "num_generations": (("rollout.n",), "TRL"),
+    "max_completion_length": (("rollout.max_new_tokens",), "TRL"),
+    "max_prompt_length": (("data.max_prompt_len",), "TRL"),
+    "temperature": (("rollout.temperature",), "TRL"),
+    "top_p": (("rollout.top_p",), "TRL"),
+    "top_k": (("rollout.top_k",), "TRL"),
+    "beta": (("loss.kl_coef",), "TRL"),
+    "epsilon": (("loss.params.clip_low", "loss.params.clip_high"), "TRL"),
+    "epsilon_high": (("loss.params.clip_high",), "TRL"),
+    "num_iterations": (("train.ppo_epochs",), "TRL"),
+    "learning_rate": (("optim.lr",), "TRL"),
+    "weight_decay": (("optim.weight_decay",), "TRL"),
+    "max_grad_norm": (("optim.grad_clip",), "TRL"),
+    "adam_beta1": (("optim.b1",), "TRL"),
+    "adam_beta2": (("optim.b2",), "TRL"),
+    "warmup_steps": (("optim.warmup_steps",), "TRL"),
+    "lr_scheduler_type": (("optim.schedule",), "TRL"),
+    "max_steps": (("train.steps",), "TRL"),
+    "seed": (("train.seed",), "TRL"),
+    "output_dir": (("train.out_dir",), "TRL"),
+    "save_steps": (("train.checkpoint_every",), "TRL"),
+    "save_total_limit": (("train.keep_checkpoints",), "TRL"),
+    "logging_steps": (("train.log_every",), "TRL"),
+    "eval_steps": (("train.eval_every",), "TRL"),
+    "gradient_checkpointing": (("model.remat",), "TRL"),
+    # verl ppo_trainer.yaml
+    "data.train_files": (("data.train",), "verl"),
+    "data.prompt_key": (("data.problem_key",), "verl"),
+    "data.max_prompt_length": (("data.max_prompt_len",), "verl"),
+    "data.max_response_length": (("rollout.max_new_tokens",), "verl"),
+    "data.train_batch_size": (("train.prompts_per_step",), "verl"),
+    "actor_rollout_ref.model.path": (("model.path",), "verl"),
+    "actor_rollout_ref.model.enable_gradient_checkpointing": (("model.remat",), "verl"),
+    "actor_rollout_ref.rollout.n": (("rollout.n",), "verl"),
+    "actor_rollout_ref.rollout.temperature": (("rollout.temperature",), "verl"),
+    "actor_rollout_ref.rollout.top_p": (("rollout.top_p",), "verl"),
+    "actor_rollout_ref.rollout.response_length": (("rollout.max_new_tokens",), "verl"),
+    "actor_rollout_ref.actor.ppo_mini_batch_size": (("train.minibatch_prompts",), "verl"),
+    "actor_rollout_ref.actor.ppo_epochs": (("train.ppo_epochs",), "verl"),
+    "actor_rollout_ref.actor.clip_ratio": (("loss.params.clip_low", "loss.params.clip_high"), "verl"),
+    "actor_rollout_ref.actor.clip_ratio_low": (("loss.params.clip_low",), "verl"),
+    "actor_rollout_ref.actor.clip_ratio_high": (("loss.params.clip_high",), "verl"),
+    "actor_rollout_ref.actor.loss_agg_mode": (("loss.agg",), "verl"),
+    "actor_rollout_ref.actor.kl_loss_coef": (("loss.kl_coef",), "verl"),
+    "actor_rollout_ref.actor.optim.lr": (("optim.lr",), "verl"),
+    "actor_rollout_ref.actor.optim.weight_decay": (("optim.weight_decay",), "verl"),
+    "actor_rollout_ref.actor.optim.clip_grad": (("optim.grad_clip",), "verl"),
+    "actor_rollout_ref.actor.optim.lr_warmup_steps": (("optim.warmup_steps",), "verl"),
+    "actor_rollout_ref.actor.optim.lr_scheduler_type": (("optim.schedule",), "verl"),
+    "trainer.total_training_steps": (("train.steps",), "verl"),
+    "trainer.default_local_dir": (("train.out_dir",), "verl"),
+    "algorithm.filter_groups.enable": (("train.only_mixed_groups",), "verl"),
+}
+
+_ALIAS_HINTS = {
+    "beta": " (SENT's and KL-Cov's own beta is loss.params.beta)",
+    "algorithm.filter_groups.enable": " (entrl updates on the mixed groups only; it does not sample more to refill "
+                                      "the batch)",
+}
+
+
+def expand_aliases(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """TRL / verl option names in `overrides` rewritten to entrl keys (see `ALIASES`); returns the
+    overrides and one note per alias used."""
+    keyed = [(text.split("=", 1)[0].strip(), text) for text in overrides]
+    explicit = {ALIASES[k][0][0] if k in ALIASES else k for k, _ in keyed}
+    out, notes = [], []
+    for key, text in keyed:
+        if key not in ALIASES or "=" not in text:
+            out.append(text)
+            continue
+        targets, origin = ALIASES[key]
+        value = text.split("=", 1)[1]
+        used = [targets[0]] + [t for t in targets[1:] if t not in explicit]
+        out += [f"{t}={value}" for t in used]
+        notes.append(f"{key} is {origin}'s name: using {' and '.join(f'{t}={value}' for t in used)}"
+                     f"{_ALIAS_HINTS.get(key, '')}")
+    return out, notes
 
 
 def replace(cfg: Any, **changes) -> Any:

@@ -383,7 +383,9 @@ def annotate_cli(cfg, *, data: str, out: str, n: int | None = None) -> None:
     with build_verifier(cfg) as verifier:
         stats = annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, verifier=verifier,
                                  out_path=out_p.with_name(out_p.name + ".progress.jsonl"), n=n, mesh=mesh)
-    rows = [{**r.to_row(), **s} for r, s in zip(records, stats)]
+    d = cfg.data  # the input's own column layout: the same config reads the annotated file back
+    rows = [{**r.to_row(id_key=d.id_key, problem_key=d.problem_key, answer_key=d.answer_key), **s}
+            for r, s in zip(records, stats)]
     write_records(out_p, rows)
     plot_se_histogram([s["se"] for s in stats], out_p.with_name(out_p.name + ".se_hist.png"))
     print(f"wrote {len(rows)} annotated prompts to {out_p}")

@@ -16,6 +16,10 @@ Design decisions:
   ENTRL_NOTEBOOK_ABLATE_OUT, finds every run done and trains nothing. Run alone
   (no quickstart output), it trains its own tiny runs.
 - Committed notebooks must carry no outputs (they would come from another machine).
+- Every notebook opens with an Open-in-Colab badge pointing at itself and the same install cell. Its helpers
+  are run outside `__main__` (so nothing is installed): a clone of the repository is found from the
+  notebooks directory, and on CPU no accelerator extra is asked of pip. The device decisions of the
+  accelerator path are tested with faked devices in test_colab.py.
 - The tiny run takes the CPU demo path only; the quickstart's accelerator path (a
   real model from the hub) cannot run here, so every entrl name the notebooks
   import or reach through a module (`demo.QUICK`) is checked to exist, which
@@ -27,6 +31,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -102,6 +107,32 @@ def test_committed_without_outputs(name):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(not c.outputs and c.execution_count is None for c in code), f"{name}: strip the outputs"
     assert "ENTRL_NOTEBOOK_TINY" in "".join(c.source for c in code)
+
+
+def _install_cell(name: str) -> str:
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    return next(c for c in nb.cells if c.cell_type == "code").source
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_colab_badge_and_install_source(name, tmp_path):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    intro = next(c for c in nb.cells if c.cell_type == "markdown").source
+    assert re.search(r"\(https://colab\.research\.google\.com/github/[\w.-]+/[\w.-]+/blob/main/notebooks/"
+                     + re.escape(name) + r"\)", intro), f"{name}: no Open-in-Colab badge pointing at itself"
+    install = _install_cell(name)
+    assert install == _install_cell(NAMES[0]), "the notebooks' install cells differ"
+    assert "ENTRL_SOURCE" in install and "/dev/accel" not in install and "COLAB_TPU_ADDR" not in install
+    ns = {"__name__": "install_cell_under_test"}  # defines the helpers; installs nothing outside __main__
+    exec(compile(install, name, "exec"), ns)
+    assert ns["entrl_checkout"](NOTEBOOKS) == NOTEBOOKS.parent  # inside a clone: the clone is installed
+    assert ns["entrl_checkout"](tmp_path) is None
+
+
+def test_install_cell_keeps_the_backend_jax_sees():
+    ns = {"__name__": "install_cell_under_test"}
+    exec(compile(_install_cell(NAMES[0]), NAMES[0], "exec"), ns)
+    assert ns["jax_requirement"]() is None  # CPU here: no accelerator extra for pip
 
 
 def _is_module(path: str) -> bool:

@@ -146,3 +146,107 @@ def test_hub_path_through_datasets(monkeypatch):
         load_records("org/set", id_key="", problem_key="question")
     load_records("org/set", split="test", id_key="", problem_key="question", answer_key="final", max_rows=1)
     assert calls[-1] == ("org/set", "test[:1]")
+
+
+# -- verl / TRL formats, dotted keys, exact float answers ----------------------
+
+VERL_KEYS = dict(id_key="extra_info.index", problem_key="prompt", answer_key="reward_model.ground_truth")
+
+
+def _verl_rows():
+    return [
+        {"data_source": "math_dapo", "ability": "MATH",
+         "prompt": [{"role": "system", "content": "Think."}, {"role": "user", "content": "1+1?"}],
+         "reward_model": {"ground_truth": "2", "style": "rule"}, "extra_info": {"index": 7, "split": "train"}},
+        {"data_source": "math_dapo", "ability": "MATH", "prompt": [{"role": "user", "content": "2+2?"}],
+         "reward_model": {"ground_truth": "4", "style": "rule"}, "extra_info": {"index": 9, "split": "train"}},
+    ]
+
+
+def test_verl_parquet_by_dotted_keys(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "verl.parquet"
+    pq.write_table(pa.Table.from_pylist(_verl_rows()), path)
+    res = load_records(path, **VERL_KEYS)
+    a, b = res.records
+    assert (a.id, a.problem, a.answer) == ("7", "1+1?", "2") and (b.id, b.problem, b.answer) == ("9", "2+2?", "4")
+    assert a.messages == ({"role": "system", "content": "Think."}, {"role": "user", "content": "1+1?"})
+    assert a.prompt == [{"role": "system", "content": "Think."}, {"role": "user", "content": "1+1?"}]
+    # The consumed flat column is gone; the nested ones stay (they hold more than the key read).
+    assert set(a.extra) == {"data_source", "ability", "reward_model", "extra_info"}
+    assert a.extra["reward_model"]["style"] == "rule"
+    # Written back with the same keys, the file has the verl layout and reads back to the same records.
+    rows = [r.to_row(**VERL_KEYS) for r in res.records]
+    assert rows[0]["prompt"] == _verl_rows()[0]["prompt"] and rows[0]["reward_model"]["ground_truth"] == "2"
+    assert rows[0]["extra_info"] == {"index": 7, "split": "train"} and "problem" not in rows[0]
+    again = load_records(write_records(tmp_path / "back.parquet", rows), **VERL_KEYS).records
+    assert again == res.records
+    # The default keys write the flat entrl layout: problem = the messages, answer and id flat.
+    flat = a.to_row()
+    assert flat["id"] == "7" and flat["problem"] == a.prompt and flat["answer"] == "2"
+    assert load_records(write_records(tmp_path / "flat.jsonl", [r.to_row() for r in res.records])).records \
+        == res.records
+
+
+def test_trl_conversational_jsonl(tmp_path):
+    p = _write_jsonl(tmp_path / "trl.jsonl", [
+        {"prompt": [{"role": "user", "content": "What is 3*3?"}], "solution": 9.0},
+        {"prompt": [{"role": "user", "content": "What is 1e23?"}], "solution": 1e23},
+    ])
+    res = load_records(p, id_key="", problem_key="prompt", answer_key="solution")
+    assert [(r.id, r.problem, r.answer) for r in res.records] == [
+        ("0", "What is 3*3?", "9"), ("1", "What is 1e23?", "100000000000000000000000")]
+    assert res.records[0].messages == ({"role": "user", "content": "What is 3*3?"},)
+
+
+def test_format_errors_name_the_fix(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "verl.parquet"
+    pq.write_table(pa.Table.from_pylist(_verl_rows()), path)
+    with pytest.raises(ValueError, match=r"column 'id'.*looks like a verl dataset: set data.problem_key=prompt "
+                                         r"data.answer_key=reward_model.ground_truth"):
+        load_records(path)
+    with pytest.raises(ValueError, match=r"'reward_model.truth' \(answer_key\) not found in the first row; "
+                                         r"'reward_model' has keys \['ground_truth', 'style'\]"):
+        load_records(path, **{**VERL_KEYS, "answer_key": "reward_model.truth"})
+    with pytest.raises(ValueError, match=r"column 'answers.x' \(answer_key\) not found"):
+        load_records(path, **{**VERL_KEYS, "answer_key": "answers.x"})
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [
+        {"id": "sft", "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+         "answer": "1"},
+        {"id": "parts", "prompt": [{"role": "user", "content": [{"type": "text", "text": "q"}]}], "answer": "1"},
+        {"id": "none", "prompt": [], "answer": "1"},
+        {"id": "dict", "prompt": {"role": "user"}, "answer": "1"},
+        {"id": "inf", "prompt": "q", "answer": float("inf")},
+        {"id": "ok", "prompt": [{"role": "user", "content": "q"}], "answer": 1},
+    ])
+    with pytest.raises(ValueError, match=r"row id='sft'.*last message is from 'assistant'.*SFT data"):
+        load_records(bad, problem_key="prompt")
+    res = load_records(bad, problem_key="prompt", on_bad_row="skip")
+    assert [r.id for r in res.records] == ["ok"] and res.skipped_ids == ["sft", "parts", "none", "dict", "inf"]
+
+
+def test_float_answers_are_exact(tmp_path):
+    """Integral floats are not converted through binary: 1e23 is 1 followed by 23 zeros (issue 15)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from entrl.benchmarks import _answer_text
+    from entrl.data.sources import number_text
+
+    values = [1e23, 27.0, 2.5, 1e-7, -0.0, 0.1, 123456789012345678.0, np.float32(0.1), np.int64(-4)]
+    want = ["100000000000000000000000", "27", "2.5", "0.0000001", "0", "0.1", "123456789012345680", "0.1", "-4"]
+    assert [number_text(v) for v in values] == want
+    assert int(1e23) == 99999999999999991611392  # what a trip through binary gives
+    p = _write_jsonl(tmp_path / "x.jsonl", [{"id": str(i), "problem": "p", "answer": float(v)}
+                                            for i, v in enumerate(values[:7])])
+    assert [r.answer for r in load_records(p).records] == want[:7]
+    q = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "problem": ["p", "q"], "answer": pa.array([1e23, 0.5], pa.float64())}), q)
+    assert [r.answer for r in load_records(q).records] == ["100000000000000000000000", "0.5"]
+    assert _answer_text(1e23) == "100000000000000000000000" and _answer_text([27.0, 1e-7]) == "27, 0.0000001"
+    assert _answer_text("$5$.") == "5"

@@ -23,7 +23,7 @@ def hf_tok(tmp_path_factory):
     from tokenizers import models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = "<unk> <pad> <|endoftext|> <|im_start|> <|im_end|> user assistant what is 1 2 + ? Please".split()
+    words = "<unk> <pad> <|endoftext|> <|im_start|> <|im_end|> user assistant what is 1 2 + ? Please system".split()
     raw = RawTokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="<|endoftext|>",
@@ -83,6 +83,80 @@ class _BosFirst(CharTokenizer):
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
         return "<bos>" + super().apply_chat_template(messages, tokenize, add_generation_prompt)
+
+
+# -- chat-message prompts (verl / TRL datasets) ---------------------------------
+
+VERL_ROWS = [
+    {"prompt": [{"role": "system", "content": "Please"}, {"role": "user", "content": "what is 1 + 2 ?"}],
+     "reward_model": {"ground_truth": "3", "style": "rule"}, "extra_info": {"index": 0}, "data_source": "t"},
+    {"prompt": [{"role": "user", "content": "what is 2 ?"}],
+     "reward_model": {"ground_truth": "2", "style": "rule"}, "extra_info": {"index": 1}, "data_source": "t"},
+]
+
+
+def _write_verl(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(VERL_ROWS), path)
+    return path
+
+
+def test_chat_prompt_rendered_as_given_without_suffix(hf_tok, tmp_path):
+    """A verl parquet's chat prompt goes through the chat template as given: no suffix, system turn kept."""
+    from entrl.data.sources import load_records
+
+    recs = load_records(_write_verl(tmp_path / "v.parquet"), id_key="extra_info.index", problem_key="prompt",
+                        answer_key="reward_model.ground_truth").records
+    tokens, kept, dropped = tokenize_prompts(recs, hf_tok, max_prompt_len=64)  # default suffix: SENT's
+    text = "<|im_start|>system\nPlease<|im_end|>\n<|im_start|>user\nwhat is 1 + 2 ?<|im_end|>\n<|im_start|>assistant\n"
+    assert build_prompt(recs[0].prompt, hf_tok) == text
+    vocab = hf_tok.hf.get_vocab()
+    want = [vocab[w] for w in "<|im_start|> system Please <|im_end|> <|im_start|> user what is 1 + 2 ? <|im_end|> "
+            "<|im_start|> assistant".split()]
+    assert tokens[0] == want and dropped == 0 and [r.id for r in kept] == ["0", "1"]
+    # The plain-text problem of the same record still gets the suffix (today's behaviour).
+    assert build_prompt(recs[1].problem, hf_tok).endswith(f"what is 2 ?\n{SENT_SUFFIX}<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match=r"row 0 \(id='0'\): a chat-message prompt needs the tokenizer's chat template"):
+        tokenize_prompts(recs, hf_tok, max_prompt_len=64, chat_template=False)
+
+
+def test_chat_prompt_with_char_tokenizer():
+    """The character tokenizer's template joins the turns with newlines and appends `=`."""
+    tok = CharTokenizer()
+    rec = Record("a", "3+4", "7", messages=({"role": "system", "content": "add"}, {"role": "user", "content": "3+4"}))
+    tokens, _, _ = tokenize_prompts([rec], tok, max_prompt_len=32)
+    assert tokens == [tok.encode("add\n3+4=")]
+    assert tokenize_prompts([Record("b", "3+4", "7")], tok, max_prompt_len=32, suffix="").tokens == [tok.encode("3+4=")]
+
+
+def test_config_keys_reach_the_prompts(tmp_path):
+    """`data.*_key` dotted keys and a TRL JSONL through the training setup's build_records / tokenize."""
+    import json
+
+    from entrl import config as C
+    from entrl.rl.setup import build_records, tokenize
+
+    base = ["model.tokenizer=char", "data.max_prompt_len=64", "rollout.prompt_buckets=[64]"]
+    verl = _write_verl(tmp_path / "v.parquet")
+    cfg = C.load_config(None, base + [f"data.train={verl}", "data.problem_key=prompt", "data.id_key=extra_info.index",
+                                      "data.answer_key=reward_model.ground_truth"])
+    records, _ = build_records(cfg)
+    assert [(r.id, r.answer) for r in records] == [("0", "3"), ("1", "2")]
+    tok = CharTokenizer()
+    tokens, kept = tokenize(cfg, records, tok)
+    assert tok.decode(tokens[0]) == "Please\nwhat is 1 + 2 ?=" and tok.decode(tokens[1]) == "what is 2 ?="
+    trl = tmp_path / "t.jsonl"
+    trl.write_text(json.dumps({"prompt": [{"role": "user", "content": "what is 2 ?"}], "solution": 2.0}) + "\n")
+    cfg = C.load_config(None, base + [f"data.train={trl}", "data.problem_key=prompt", "data.id_key=",
+                                      "data.answer_key=solution"])
+    records, _ = build_records(cfg)
+    assert records[0].answer == "2" and tok.decode(tokenize(cfg, records, tok)[0][0]) == "what is 2 ?="
+    with pytest.raises(C.ConfigError, match="chat-message prompt needs the tokenizer's chat template"):
+        tokenize(C.replace(cfg, **{"data.chat_template": False}), records, tok)
+    with pytest.raises(C.ConfigError, match="looks like a verl dataset"):
+        build_records(C.load_config(None, base + [f"data.train={verl}"]))
 
 
 # -- arithmetic task ---------------------------------------------------------

@@ -1,10 +1,24 @@
 """Problem/answer records from JSONL, JSON, Parquet files or Hugging Face hub datasets.
 
 Design decisions:
-- A `Record` is (id, problem, answer, extra): the three fields every task needs
-  plus every other column untouched in `extra` (e.g. `se`, `pass_rate`,
-  `level`), so a dataset annotated with semantic entropy round-trips through
-  `load_records` / `write_records`.
+- A `Record` is (id, problem, answer, extra, messages): the three fields every
+  task needs plus every other column untouched in `extra` (e.g. `se`,
+  `pass_rate`, `level`), so a dataset annotated with semantic entropy
+  round-trips through `load_records` / `write_records`.
+- The problem column holds either text or a chat prompt: a list of
+  `{"role": ..., "content": ...}` messages (verl's `prompt` column, TRL's
+  conversational `prompt`). A chat prompt is kept as given in
+  `Record.messages` (role and content of each turn, other keys dropped) and its
+  last user message becomes `Record.problem`, the text that deduplication,
+  decontamination and logs read. It must end with a user turn: a trailing
+  assistant turn means a full conversation (SFT data), whose answer would
+  otherwise sit inside the prompt.
+- Every column name (`id_key`, `problem_key`, `answer_key`) may be a dotted
+  path into nested columns: `reward_model.ground_truth`, `extra_info.index`.
+  A column literally named with the dots is found first. A dotted key leaves
+  its top-level column in `extra` (it holds more, e.g. verl's
+  `reward_model.style`); `Record.to_row(...)` with the same keys writes the
+  values back to the same places, so an annotated verl file keeps its layout.
 - Local files are read directly (JSON lines with `json`, Parquet with
   `pyarrow`), not through `datasets.load_dataset`: errors can then name the
   file and line, mixed-type columns do not break schema inference, and no
@@ -16,9 +30,13 @@ Design decisions:
   single row with a missing/empty problem or answer is either a ValueError
   naming the row (id, file and line or index) or, with `on_bad_row="skip"`, a
   counted, logged skip.
-- Answers may be numbers: ints become `"27"`, integral floats `27.0` become
-  `"27"` (several benchmark dumps store integers as floats), other floats use
-  `repr`. Lists, dicts and bools are bad rows: there is no safe string form.
+- Answers may be numbers (`number_text`): ints become `"27"`; a float becomes
+  the decimal its shortest round-trip repr denotes, never a trip through
+  binary: `27.0` -> `"27"` (several benchmark dumps store integers as floats),
+  `1e23` -> `"100000000000000000000000"` (not `int(1e23)`,
+  99999999999999991611392), `2.5` -> `"2.5"`, `1e-07` -> `"0.0000001"`
+  (positional: LaTeX parsers read `e` as Euler's number). Infinite floats,
+  lists, dicts and bools are bad rows: there is no safe string form.
 - `id_key=""` uses the global row index as the id. Duplicate ids are an error:
   the semantic-entropy annotation resumes by id.
 - `write_records` writes JSONL or Parquet by suffix through a temporary file
@@ -27,11 +45,12 @@ Design decisions:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,13 +69,26 @@ class Record:
     """One problem with its reference answer; `extra` holds every other column."""
 
     id: str
-    problem: str
+    problem: str  # the problem text (for a chat prompt: its last user message)
     answer: str
     extra: dict[str, Any] = field(default_factory=dict)
+    messages: tuple[dict[str, str], ...] = ()  # the chat prompt as given; () for a plain-text problem
 
-    def to_row(self) -> dict[str, Any]:
-        """The flat row written by `write_records` (`id`, `problem`, `answer`, then the extras)."""
-        return {"id": self.id, "problem": self.problem, "answer": self.answer, **self.extra}
+    @property
+    def prompt(self) -> str | list[dict[str, str]]:
+        """What the prompt is built from: the chat messages when there are any, else the problem text."""
+        return [dict(m) for m in self.messages] if self.messages else self.problem
+
+    def to_row(self, *, id_key: str = "id", problem_key: str = "problem", answer_key: str = "answer") -> dict[str, Any]:
+        """The row written by `write_records`: id, prompt (text or messages) and answer under the given
+        (possibly dotted) keys, plus the extras; `id_key=""` writes the id as `id`."""
+        fields = ((id_key or "id", self.id), (problem_key, self.prompt), (answer_key, self.answer))
+        row: dict[str, Any] = {key: value for key, value in fields if "." not in key}  # flat keys lead the row
+        row.update({k: v for k, v in self.extra.items() if k not in row})
+        for key, value in fields:
+            if "." in key and not (key == id_key and str(_plain(_lookup(row, key))) == self.id):  # keeps an int id int
+                _put(row, key, value)
+        return row
 
 
 @dataclass(frozen=True)
@@ -74,6 +106,44 @@ class _RawRow:
 
 class _BadRow(ValueError):
     pass
+
+
+_MISSING = object()
+
+
+def _lookup(row: dict[str, Any], key: str) -> Any:
+    """`row[key]`, or the nested value at the dotted path `key`; `_MISSING` when absent."""
+    if key in row:
+        return row[key]
+    node: Any = row
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _put(row: dict[str, Any], key: str, value: Any) -> None:
+    """Set `row[key]`, or the nested value at the dotted path (copying the dicts on the way)."""
+    parts = key.split(".") if key not in row else [key]
+    node = row
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, dict) else {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def number_text(value: int | float | np.integer | np.floating) -> str:
+    """A number as text without a trip through binary (see the module docstring): 27.0 -> "27",
+    1e23 -> "100000000000000000000000", 1e-07 -> "0.0000001". ValueError for inf."""
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{value!r} is not a finite number")
+    # The shortest digits that round-trip (what the data's author wrote), in positional form.
+    text = np.format_float_positional(value, unique=True, trim="-")
+    return "0" if text == "-0" else text
 
 
 # ---------------------------------------------------------------------------
@@ -147,28 +217,95 @@ def _hub_rows(name: str, split: str) -> tuple[list[str], Iterator[_RawRow]]:
     return list(ds.column_names), (_RawRow(r, f"hub:{name}[{split}] index {i}") for i, r in enumerate(ds))
 
 
-def _check_columns(columns: list[str] | None, required: dict[str, str], origin: str) -> None:
+def _format_hint(columns: list[str]) -> str:
+    """The keys that read a verl-style or TRL conversational dataset, when `columns` look like one."""
+    if "prompt" not in columns:
+        return ""
+    if "reward_model" in columns:
+        return (" (this looks like a verl dataset: set data.problem_key=prompt "
+                "data.answer_key=reward_model.ground_truth, and data.id_key=extra_info.index or \"\")")
+    return " (a TRL-style dataset? set data.problem_key=prompt and data.answer_key=<its answer column>)"
+
+
+def _check_columns(columns: list[str] | None, first: dict[str, Any] | None, required: dict[str, str],
+                   origin: str) -> None:
+    """Every configured key names a column (a dotted key: its top-level column, and its path in the first row)."""
     if columns is None:
         return
     for what, key in required.items():
-        if key and key not in columns:
-            hint = " (set data.id_key=\"\" to use the row index)" if what == "id_key" else ""
+        if not key:
+            continue
+        top = key if key in columns or "." not in key else key.split(".", 1)[0]
+        if top not in columns:
+            hint = _format_hint(columns) or (" (set data.id_key=\"\" to use the row index)" if what == "id_key" else "")
             raise ValueError(
                 f"{origin}: column {key!r} ({what}) not found; available columns: {columns}{hint}"
             )
+        if first is not None and _lookup(first, key) is _MISSING:
+            parent = key.rsplit(".", 1)[0]
+            node = _lookup(first, parent)
+            has = f"{parent!r} has keys {sorted(node)}" if isinstance(node, dict) else f"{parent!r} is not a mapping"
+            raise ValueError(f"{origin}: column {key!r} ({what}) not found in the first row; {has}")
 
 
 def _as_text(value: Any, what: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or value is _MISSING or (isinstance(value, float) and math.isnan(value)):
         raise _BadRow(f"{what} is missing")
     if isinstance(value, bool) or not isinstance(value, (str, int, float, np.integer, np.floating)):
         raise _BadRow(f"{what} is a {type(value).__name__} ({value!r:.60}), expected a string or a number")
-    if isinstance(value, (float, np.floating)):
-        value = int(value) if float(value).is_integer() else repr(float(value))
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        try:
+            value = number_text(value)
+        except ValueError as e:
+            raise _BadRow(f"{what}: {e}") from None
     text = str(value)
     if not text.strip():
         raise _BadRow(f"{what} is empty")
     return text
+
+
+def _as_messages(value: Sequence[Any], what: str) -> tuple[dict[str, str], ...]:
+    """A chat prompt: `{"role", "content"}` strings per turn, ending with a user turn."""
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise _BadRow(f"{what}: message {i} is {m!r:.80}, expected {{'role': str, 'content': str}}")
+        messages.append({"role": m["role"], "content": m["content"]})
+    if not messages:
+        raise _BadRow(f"{what} is an empty list of messages")
+    if messages[-1]["role"] != "user":
+        raise _BadRow(f"{what}: the last message is from {messages[-1]['role']!r}; a prompt must end with the "
+                      "user's turn (is this a full conversation, e.g. SFT data?)")
+    if not messages[-1]["content"].strip():
+        raise _BadRow(f"{what}: the last user message is empty")
+    return tuple(messages)
+
+
+def _as_problem(value: Any, what: str) -> tuple[str, tuple[dict[str, str], ...]]:
+    """(problem text, chat messages or ()) of a problem cell: a string or a list of chat messages."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        messages = _as_messages(value, what)
+        return messages[-1]["content"], messages
+    if not isinstance(value, str) and value is not None and value is not _MISSING:
+        raise _BadRow(f"{what} is a {type(value).__name__}, expected a string or a list of chat messages")
+    return _as_text(value, what), ()
+
+
+def source_columns(source: str | Path, *, split: str = "train") -> list[str]:
+    """Column names of a file, a directory's first file or a hub dataset (what `load_records` would check)."""
+    path = Path(source)
+    if path.exists():
+        f = _files_of(path)[0]
+        if f.suffix in _PARQUET_SUFFIXES:
+            import pyarrow.parquet as pq
+
+            return list(pq.ParquetFile(f).schema_arrow.names)
+        return _json_rows(f)[0] or []
+    if str(source).endswith(_SUFFIXES) or str(source).startswith((".", "/", "~")):
+        raise ValueError(f"{source}: file not found (and it does not look like a hub id)")
+    return _hub_rows(str(source), split)[0]
 
 
 def load_records(
@@ -205,23 +342,22 @@ def load_records(
     seen: dict[str, str] = {}
     index = 0
     for origin, columns, rows in sources:
-        _check_columns(columns, required, origin)
-        for raw in rows:
+        first = next(rows, None)
+        _check_columns(columns, first.row if first is not None else None, required, origin)
+        for raw in itertools.chain([first] if first is not None else [], rows):
             if max_rows and index >= max_rows:
                 break
             row = raw.row
-            rid = str(row.get(id_key)) if id_key and row.get(id_key) not in (None, "") else None
+            rid_value = _plain(_lookup(row, id_key)) if id_key else _MISSING
+            rid = None if rid_value is _MISSING or rid_value is None or rid_value == "" else str(rid_value)
             if rid is None and not id_key:
                 rid = str(index)
             index += 1
             try:
                 if rid is None:
                     raise _BadRow(f"id column {id_key!r} is missing/empty")
-                problem = row.get(problem_key)
-                if not isinstance(problem, str) and problem is not None:
-                    raise _BadRow(f"problem column {problem_key!r} is a {type(problem).__name__}, expected a string")
-                problem = _as_text(problem, f"problem column {problem_key!r}")
-                answer = _as_text(row.get(answer_key), f"answer column {answer_key!r}")
+                problem, messages = _as_problem(_lookup(row, problem_key), f"problem column {problem_key!r}")
+                answer = _as_text(_lookup(row, answer_key), f"answer column {answer_key!r}")
             except _BadRow as e:
                 label = f"row id={rid!r} ({raw.where})" if rid is not None else f"row {raw.where}"
                 if on_bad_row == "error":
@@ -232,7 +368,7 @@ def load_records(
                 raise ValueError(f"duplicate id {rid!r}: {seen[rid]} and {raw.where}; ids must be unique")
             seen[rid] = raw.where
             extra = {k: v for k, v in row.items() if k not in (id_key, problem_key, answer_key)}
-            records.append(Record(rid, problem, answer, extra))
+            records.append(Record(rid, problem, answer, extra, messages))
         if max_rows and index >= max_rows:
             break
 

@@ -1,11 +1,18 @@
 """Prompt construction, prompt tokenization, and the synthetic arithmetic task of the demo.
 
 Design decisions:
-- A prompt is the problem, a separator and the SENT instruction suffix
-  (SENT.md section 10), rendered as one user message of the tokenizer's chat
-  template with a generation prompt. The separator is a newline; an empty
-  suffix adds nothing, so the demo's prompt for `3+4*2` with the character
-  tokenizer is exactly `3+4*2=` (its chat template appends `=`).
+- A plain-text problem becomes the problem, a separator and the SENT
+  instruction suffix (SENT.md section 10), rendered as one user message of the
+  tokenizer's chat template with a generation prompt. The separator is a
+  newline; an empty suffix adds nothing, so the demo's prompt for `3+4*2` with
+  the character tokenizer is exactly `3+4*2=` (its chat template appends `=`).
+- A chat prompt (a record with `messages`: verl's and TRL's conversational
+  datasets) is rendered through the chat template exactly as given, with a
+  generation prompt, and the suffix is NOT added: such prompts carry their
+  own instruction (DAPO's asks for an `Answer:` line, which the verifier
+  reads), and appending another one would give the model two competing
+  formats. A chat prompt cannot be used with `chat_template=False` (there is
+  no faithful plain-text form of a list of turns): that is a ValueError.
 - Token ids come from rendering the text and encoding it without adding
   special tokens (`encode_prompt`): chat templates write their own BOS/role
   tokens as text. No BOS is prepended by default, so `encode_prompt` and
@@ -43,7 +50,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -61,8 +68,17 @@ SENT_SUFFIX = "Please reason step by step, and put your final answer within \\bo
 # ---------------------------------------------------------------------------
 
 
-def build_prompt(problem: str, tokenizer, *, suffix: str = SENT_SUFFIX, chat_template: bool = True) -> str:
-    """Problem + newline + suffix, as a single user turn of the chat template when `chat_template`."""
+Prompt = str | Sequence[Mapping[str, str]]  # a plain-text problem, or chat messages ({"role", "content"})
+
+
+def build_prompt(problem: Prompt, tokenizer, *, suffix: str = SENT_SUFFIX, chat_template: bool = True) -> str:
+    """Problem + newline + suffix, as a single user turn of the chat template when `chat_template`;
+    chat messages through the chat template as given (no suffix; see the module docstring)."""
+    if not isinstance(problem, str):
+        if not chat_template:
+            raise ValueError("a chat-message prompt needs the tokenizer's chat template: set "
+                             "data.chat_template=true, or read a plain-text problem column")
+        return tokenizer.apply_chat_template([dict(m) for m in problem], tokenize=False, add_generation_prompt=True)
     content = f"{problem}\n{suffix}" if suffix else problem
     if not chat_template:
         return content
@@ -71,7 +87,7 @@ def build_prompt(problem: str, tokenizer, *, suffix: str = SENT_SUFFIX, chat_tem
     return text
 
 
-def encode_prompt(problem: str, tokenizer, *, suffix: str = SENT_SUFFIX, chat_template: bool = True,
+def encode_prompt(problem: Prompt, tokenizer, *, suffix: str = SENT_SUFFIX, chat_template: bool = True,
                   add_bos: bool = False) -> list[int]:
     """Token ids of `build_prompt(...)`, with the tokenizer's BOS prepended (once) when `add_bos`."""
     ids = tokenizer.encode(build_prompt(problem, tokenizer, suffix=suffix, chat_template=chat_template))
@@ -106,7 +122,10 @@ def tokenize_prompts(
     kept: list[Record] = []
     dropped: list[str] = []
     for i, rec in enumerate(records):
-        ids = encode_prompt(rec.problem, tokenizer, suffix=suffix, chat_template=chat_template, add_bos=add_bos)
+        try:
+            ids = encode_prompt(rec.prompt, tokenizer, suffix=suffix, chat_template=chat_template, add_bos=add_bos)
+        except ValueError as e:
+            raise ValueError(f"row {i} (id={rec.id!r}): {e}") from None
         if len(ids) > max_prompt_len:
             if on_long_prompt == "error":
                 raise ValueError(

@@ -1,7 +1,7 @@
 """Policy losses of SENT and of every baseline in its comparison; KL estimators; aggregation.
 
-The math is in ../shared/SENT.md sections 5-8; each function's docstring repeats
-the formula it implements.
+The math follows the SENT paper (Cao et al., arXiv 2512.04359) and the papers of
+its baselines; each function's docstring states the formula it implements.
 
 Design decisions:
 - optax style: every loss is a pure function of per-token arrays `[B, T]` plus

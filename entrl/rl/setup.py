@@ -8,6 +8,7 @@ shards) fail fast with a one-line error saying what to change.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -180,9 +181,12 @@ def tokenize(cfg: C.RunConfig, records, tokenizer):
     d = cfg.data
     suffix = "" if d.task == "arithmetic" else d.prompt_suffix
     max_len = min(d.max_prompt_len, max(cfg.rollout.prompt_buckets))
-    tokens, kept, dropped = tokenize_prompts(records, tokenizer, max_prompt_len=max_len,
-                                             on_long_prompt=d.on_long_prompt, suffix=suffix,
-                                             chat_template=d.chat_template)
+    try:
+        tokens, kept, dropped = tokenize_prompts(records, tokenizer, max_prompt_len=max_len,
+                                                 on_long_prompt=d.on_long_prompt, suffix=suffix,
+                                                 chat_template=d.chat_template)
+    except ValueError as e:  # a prompt the settings cannot take (too long, chat prompt without a template, ...)
+        raise C.ConfigError(str(e)) from None
     if dropped:
         log.warning("dropped %d prompts longer than %d tokens", dropped, max_len)
     if not kept:
@@ -268,7 +272,7 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
         stats = annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, verifier=verifier,
                                  out_path=Path(cfg.train.out_dir) / "semantic_entropy.jsonl", mesh=mesh)
         se_values = [s["se"] for s in stats]
-        records = [type(r)(r.id, r.problem, r.answer, {**r.extra, **s}) for r, s in zip(records, stats)]
+        records = [dataclasses.replace(r, extra={**r.extra, **s}) for r, s in zip(records, stats)]
     curriculum = build_curriculum(cfg, records, se_values)
     per_process = cfg.train.prompts_per_step // jax.process_count()
     pipeline = PromptPipeline(prompt_tokens, curriculum, batch_size=per_process, pad_id=tokenizer.pad_token_id,
