@@ -378,6 +378,10 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{path}: unsupported field type {tp}")
 
 
+# Values read as another value: booleans of the old boolean `model.remat` (and of TRL's / verl's
+# gradient-checkpointing flags, aliased to it) name a policy.
+VALUE_MAPS = {"model.remat": {True: "full", False: "none"}}
+
 # Keys that were renamed: old dotted key -> what to write instead.
 RENAMED = {
     "train.microbatch_seqs": "train.microbatch_per_shard (sequences per data shard, not per mini-batch: "
@@ -397,6 +401,8 @@ def _build(cls: type, data: Any, prefix: str = ""):
         path = f"{prefix}.{key}" if prefix else str(key)
         if path in RENAMED:
             raise ConfigError(f"config key {path!r} was renamed: use {RENAMED[path]}")
+        if path in VALUE_MAPS and isinstance(value, bool):
+            value = VALUE_MAPS[path][value]
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
@@ -547,6 +553,7 @@ ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
     "actor_rollout_ref.rollout.response_length": (("rollout.max_new_tokens",), "verl"),
     "actor_rollout_ref.actor.ppo_mini_batch_size": (("train.minibatch_prompts",), "verl"),
     "actor_rollout_ref.actor.ppo_epochs": (("train.ppo_epochs",), "verl"),
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": (("train.microbatch_per_shard",), "verl"),
     "actor_rollout_ref.actor.clip_ratio": (("loss.params.clip_low", "loss.params.clip_high"), "verl"),
     "actor_rollout_ref.actor.clip_ratio_low": (("loss.params.clip_low",), "verl"),
     "actor_rollout_ref.actor.clip_ratio_high": (("loss.params.clip_high",), "verl"),
