@@ -371,7 +371,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, *, labels: list[s
         path = out_dir / filename
         with path.open("wb") as f:
             fig.savefig(f, format="png")
-        written.append(path)
+        written.append(R.native(path))
     return written
 
 

@@ -103,6 +103,13 @@ def as_path(path: Any, what: str = "path", *, schemes: tuple[str, ...] = REMOTE_
     return epath.Path(text)
 
 
+def native(path: Any) -> Any:
+    """A `pathlib.Path` for a local path (what callers had before), the epath for a remote one."""
+    import pathlib
+
+    return path if is_remote(path) else pathlib.Path(os.fspath(path))
+
+
 def absolute(path: epath.Path) -> epath.Path:
     return path if is_remote(path) else epath.Path(os.path.abspath(path))
 

@@ -12,6 +12,7 @@ update. The 2-process test runs `entrl train` in subprocesses (one with 2 device
 """
 
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -247,8 +248,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, caplog):
 def cli_run(tmp_path_factory):
     """`entrl train` (real verifier, TensorBoard on) that receives SIGTERM during step 2 of 4."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    args = ["train", DEMO, *TINY, *MESH, f"train.out_dir={out}", "train.steps=4", "loss.name=entropy_bonus",
-            "train.only_mixed_groups=false", "train.tensorboard=true"]
+    args = _cli_args(out)
     real = Trainer.rl_step
     calls = []
     before = signal.getsignal(signal.SIGTERM)
@@ -261,24 +261,38 @@ def cli_run(tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(Trainer, "rl_step", rl_step)
+    stderr = io.StringIO()
+    mp.setattr(sys, "stderr", stderr)
     try:
         code = cli.main(args)
     finally:
         mp.undo()
     assert signal.getsignal(signal.SIGTERM) == before  # the trainer put the previous handler back
-    return code, out, calls
+    return code, out, calls, stderr.getvalue().strip()
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(cli_run):
-    code, out, calls = cli_run
-    assert code == 0
+def _cli_args(out):
+    return ["train", DEMO, *TINY, *MESH, f"train.out_dir={out}", "train.steps=4", "loss.name=entropy_bonus",
+            "train.only_mixed_groups=false", "train.tensorboard=true"]
+
+
+def test_sigterm_writes_a_checkpoint_and_no_policy(cli_run, tmp_path, capsys):
+    code, out, calls, err = cli_run
+    assert code == cli.PREEMPTED_EXIT == 143
     assert calls == [0, 1]  # finished the step it was in, then stopped
     mgr = CheckpointManager(out / "checkpoints")
     assert mgr.latest_step() == 2
     mgr.close()
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
-    assert (out / "policy" / "config.json").exists()
+    assert not (out / "policy").exists()  # the run did not finish: no policy as if it had
     assert list((out / "tb").glob("events.*"))
+    assert "\n" not in err and "SIGTERM" in err and "step 2" in err and "run the same command again" in err, err
+    # ... and the same command resumes it to the end, then writes the policy.
+    run = tmp_path / "resumed"
+    shutil.copytree(out, run)
+    assert cli.main(_cli_args(run)) == 0
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+    assert (run / "policy" / "config.json").exists()
 
 
 def test_export_loads_in_transformers_with_matching_logits(cli_run, tmp_path):
@@ -289,12 +303,12 @@ def test_export_loads_in_transformers_with_matching_logits(cli_run, tmp_path):
     from entrl.rl.setup import build_model, build_tokenizer
     from entrl.sharding import make_mesh
 
-    _, run, _ = cli_run
+    _, run, _, _ = cli_run
     assert cli.main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
 
     # The policy of the latest checkpoint, on the export's own layout (so its init program is reused).
-    cfg = C.from_dict(json.loads((run / "config.json").read_text()))
+    cfg = C.from_dict(json.loads((run / "entrl_run.json").read_text()))
     tok = build_tokenizer(cfg)
     graphdef, init_params = build_model(cfg, make_mesh(data=1, fsdp=-1), tok)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), init_params)
@@ -313,7 +327,7 @@ def test_export_loads_in_transformers_with_matching_logits(cli_run, tmp_path):
 
 
 def test_plot_writes_pngs(cli_run, capsys):
-    _, run, _ = cli_run
+    _, run, _, _ = cli_run
     assert cli.main(["plot", str(run)]) == 0
     pngs = sorted(p.name for p in (run / "plots").glob("*.png"))
     assert pngs == ["entropy.png", "response_length.png", "reward.png"]

@@ -351,7 +351,7 @@ def save_policy(graphdef, params, tokenizer, out_dir, *, dtype: str | None = Non
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("entrl_save_policy")
-    return out
+    return R.native(out)
 
 
 def source_dtype(cfg: C.RunConfig) -> str:
@@ -430,4 +430,4 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: st
     dtype = dtype or source_dtype(cfg)
     save_policy(graphdef, restored.params, tokenizer, out, dtype=dtype)
     log.info("exported step %d of %s to %s (%s)", restored.step, run_dir, out, dtype)
-    return out
+    return R.native(out)
