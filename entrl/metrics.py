@@ -52,6 +52,7 @@ import json
 import logging
 import math
 import numbers
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -190,7 +191,10 @@ class _TensorBoard:
 
             self._remote, self._staging = logdir, tempfile.TemporaryDirectory(prefix="entrl-tb-")
             logdir = self._staging.name
-        self._writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step)
+        # A session-unique file name: two sessions within one second would otherwise share one (and
+        # the second upload would replace the first session's events).
+        self._writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step,
+                                     filename_suffix="." + secrets.token_hex(4))
         if config is not None:
             self._writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
 

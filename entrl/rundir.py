@@ -451,10 +451,11 @@ class RunDir:
                     clear_run_dir(path)
                 if config is not None:
                     (path / RUN_CONFIG).write_text(json.dumps(config, indent=2))
-            except ConfigError as e:
+            except Exception as e:  # noqa: BLE001 - any filesystem failure (auth, network, missing gcsfs)
                 if lock is not None:
                     lock.release()
-                error = str(e)
+                error = str(e) if isinstance(e, ConfigError) else \
+                    f"train.out_dir={str(out_dir)!r} cannot be used: {_one_line(e)}"
         error = _broadcast_text(error)
         if error:
             raise ConfigError(error if primary else f"(from process 0) {error}")
