@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fake_gcs import fake_gcs  # noqa: F401  (fixture)
 
 from entrl import cli
 from entrl import config as C
@@ -324,6 +325,66 @@ def test_export_loads_in_transformers_with_matching_logits(cli_run, tmp_path):
     # ... and it is the trained policy, not the initial one.
     init = np.asarray(forward(init_params, jnp.asarray(ids, jnp.int32)))
     assert np.abs(init - want).max() > 10 * max(np.abs(got - want).max(), 1e-5)
+
+
+def _safetensors_dtypes(path):
+    """{tensor name: dtype} from a safetensors header (8-byte little-endian length, then JSON)."""
+    raw = Path(path).read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+def test_export_steps_dtypes_buckets_and_read_only(cli_run, tmp_path, capsys, fake_gcs):
+    from etils import epath
+
+    _, run, _, _ = cli_run
+    # The default dtype is the source model's (float32 for the demo model); --dtype overrides it.
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "f32")]) == 0
+    assert set(_safetensors_dtypes(tmp_path / "f32" / "model.safetensors").values()) == {"F32"}
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "bf16"), "--step", "2", "--dtype", "bfloat16"]) == 0
+    assert set(_safetensors_dtypes(tmp_path / "bf16" / "model.safetensors").values()) == {"BF16"}
+    # A step that is not kept: one line naming the kept ones.
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "x"), "--step", "7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no checkpoint of step 7" in err and "kept steps: 2" in err, err
+    # gs:// output (in-memory fake of GCS): the same bytes as the local export.
+    assert cli.main(["export", str(run), "--out", "gs://bucket/hf"]) == 0
+    for name in ("model.safetensors", "config.json", "char_tokenizer.json"):
+        assert epath.Path(f"gs://bucket/hf/{name}").read_bytes() == (tmp_path / "f32" / name).read_bytes()
+    # Read-only: a run whose only checkpoint never committed cannot be exported, and nothing in it moves.
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "checkpoints" / "2" / "commit_success.txt").unlink()
+    before = sorted(str(p.relative_to(broken)) for p in broken.rglob("*"))
+    assert cli.main(["export", str(broken), "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no restorable checkpoint" in err, err
+    assert sorted(str(p.relative_to(broken)) for p in broken.rglob("*")) == before
+
+
+def test_model_path_accepts_a_run_directory(cli_run, tmp_path):
+    """`model.path=<run dir>`: its policy/ when the run finished, else its latest checkpoint."""
+    from entrl.rl.setup import build_mesh, build_model, build_tokenizer, resolve_model_dir
+
+    _, run, _, _ = cli_run  # stopped by SIGTERM: no policy/, checkpoint of step 2
+    cfg = make_cfg(tmp_path / "next", f"model.path={run}")
+    mesh = build_mesh(cfg)
+    graphdef, params = build_model(cfg, mesh, build_tokenizer(cfg))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+    mgr = CheckpointManager(run / "checkpoints", read_only=True)
+    saved = mgr.restore_latest(params_target=abstract)
+    mgr.close()
+    assert saved.step == 2
+    assert_same_params(saved.params, params, tol=0)
+    _, init = build_model(make_cfg(tmp_path / "next"), mesh, build_tokenizer(cfg))
+    assert max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(init), jax.tree.leaves(params))) > 0
+
+    finished = tmp_path / "finished"  # a run with policy/ (also one written before entrl_run.json existed)
+    shutil.copytree(run, finished)
+    assert cli.main(["export", str(finished), "--out", str(finished / "policy")]) == 0
+    assert resolve_model_dir(str(finished)) == finished / "policy"
+    (finished / "entrl_run.json").rename(finished / "config.json")
+    assert resolve_model_dir(str(finished)) == finished / "policy"
 
 
 def test_plot_writes_pngs(cli_run, capsys):
