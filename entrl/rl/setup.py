@@ -224,7 +224,7 @@ def build_records(cfg: C.RunConfig):
                            answer_key=d.answer_key, on_bad_row=d.on_bad_row, max_rows=d.max_rows)
     except FileNotFoundError as e:
         raise C.ConfigError(f"data.train={d.train!r}: {e}") from e
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, ImportError) as e:  # ImportError: a gs:// path without gcsfs installed
         raise C.ConfigError(f"data.train={d.train!r}: {e}") from e
     if res.skipped:
         log.warning("skipped %d bad rows of %s", res.skipped, d.train)
@@ -327,7 +327,7 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
                       pipeline=pipeline, sampler=sampler, verifier=verifier, heldout=held)
 
 
-def save_policy(graphdef, params, tokenizer, out_dir, *, dtype: str | None = None) -> R.Path:
+def save_policy(graphdef, params, tokenizer, out_dir, *, dtype: str | None = None) -> Path:
     """Write the policy as an HF checkpoint (plus its tokenizer) to `out_dir` (local or gs://).
 
     Every process must call this: gathering sharded params to the host is a collective.
@@ -403,7 +403,7 @@ def train_from_config(cfg: C.RunConfig, *, resume: bool = True, overwrite: bool 
     return trainer
 
 
-def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None) -> R.Path:
+def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None) -> Path:
     """`entrl export`: a kept checkpoint of a run (latest by default) as an HF checkpoint directory.
 
     Read-only on the run. `dtype` defaults to the dtype of the run's source model (`source_dtype`).
@@ -429,5 +429,6 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: st
     restored = restore_run_params(source, (graphdef, params), step=step)
     dtype = dtype or source_dtype(cfg)
     save_policy(graphdef, restored.params, tokenizer, out, dtype=dtype)
-    log.info("exported step %d of %s to %s (%s)", restored.step, run_dir, out, dtype)
+    if jax.process_index() == 0:
+        log.info("exported step %d of %s to %s (%s)", restored.step, run_dir, out, dtype)
     return R.native(out)
