@@ -8,7 +8,8 @@ the `entropy_bonus` loss, whose gradient needs no reward signal.
 
 Every run shares one set of shapes (4 prompts x 4 samples x 12 tokens, mini-batches of 8 rows in
 micro-batches of 4), so the sampler and log-prob programs compile once; each loss compiles its own
-update. The 2-process test runs `entrl train` in subprocesses (one with 2 devices, two with 1 each).
+update. The 2-process tests run `entrl train` in subprocesses: one with 2 devices against two with 1 each,
+and 2 processes x 4 devices with the params sharded over both (policy/ and `entrl export` under the launcher).
 """
 
 import importlib.util
