@@ -159,16 +159,6 @@ def test_no_resume_on_a_used_run_refuses_unless_overwrite(tmp_path, capsys):
         assert json.loads((run / R.RUN_CONFIG).read_text()) == {"new": True}
 
 
-def test_a_fresh_trainer_refuses_a_directory_with_checkpoints(tmp_path):
-    """Below the CLI too: a fresh start could never save over the old steps (orbax skips them)."""
-    from entrl.checkpoint import CheckpointManager
-
-    run = _used_run(tmp_path / "run")
-    mgr = CheckpointManager(run / "checkpoints", read_only=True)
-    assert mgr.latest_step() == 3
-    mgr.close()
-
-
 def test_run_directories_are_told_from_model_directories(tmp_path):
     legacy = tmp_path / "legacy"  # a run written before entrl_run.json: its config.json is a RunConfig
     legacy.mkdir()

@@ -188,6 +188,22 @@ def test_corrupt_latest_checkpoint_falls_back(resume_runs, tmp_path, caplog):
     assert_same_params(straight_params, resumed.params)
 
 
+@pytest.mark.parametrize("resume_runs", ["plain"], indirect=True)
+def test_fresh_start_refuses_a_directory_with_checkpoints(resume_runs, tmp_path):
+    """A fresh start could never save over the old steps (orbax skips them): refused, nothing written."""
+    extra, _, _, half, _ = resume_runs
+    run = tmp_path / "used"
+    shutil.copytree(half, run)
+    metrics = (run / "metrics.jsonl").read_text()
+    trainer = Trainer(setup(make_cfg(run, *extra), verifier=ParityVerifier()))
+    try:
+        with pytest.raises(C.ConfigError, match="already holds checkpoints up to step 2"):
+            trainer.run(resume=False)
+    finally:
+        trainer.close()
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+
 # ---------------------------------------------------------------------------
 # Non-finite steps
 # ---------------------------------------------------------------------------
