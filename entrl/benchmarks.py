@@ -114,13 +114,14 @@ def load_benchmark(name: str, *, data_dir: str | None = None, max_problems: int 
 
     from entrl.config import ConfigError
     from entrl.data.sources import load_records
+    from entrl.rundir import READ_SCHEMES, as_path
 
     if max_problems < 0:
         raise ValueError(f"max_problems={max_problems}: must be >= 0 (0 = all)")
     if name in BENCHMARKS:
         src = BENCHMARKS[name]
         if data_dir:
-            path = Path(data_dir) / f"{name}.jsonl"
+            path = as_path(data_dir, "--data-dir", schemes=READ_SCHEMES) / f"{name}.jsonl"  # local or gs://
             if not path.is_file():
                 raise ConfigError(f"benchmark {name!r}: {path} not found (--data-dir {data_dir})")
             records = load_records(path).records
@@ -215,11 +216,15 @@ def _read_samples(path, n: int) -> dict[tuple[str, str], list[dict]]:
     if torn or partial:
         logging.getLogger(__name__).warning("%s: dropping %d problems with fewer than %d samples%s; they are "
                                             "sampled again", path, partial, n, " and a torn last line" if torn else "")
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for rows in complete.values():
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        os.replace(tmp, path)
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for rows in complete.values() for r in rows)
+        from entrl.rundir import is_remote
+
+        if is_remote(path):  # an object store replaces whole objects atomically anyway
+            path.write_text(text)
+        else:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
     return complete
 
 
@@ -294,9 +299,10 @@ def _sample_benchmark(bench: Benchmark, prompts: list[list[int]], todo: list[int
     """Sample and grade the `todo` problems of one benchmark, appending each batch to samples_file."""
     import json
     import logging
-    import os
     import time
     import zlib
+
+    from entrl.rundir import append_text
 
     import jax
 
@@ -313,17 +319,16 @@ def _sample_benchmark(bench: Benchmark, prompts: list[list[int]], todo: list[int
         g = sample_and_grade(sampler, graphdef, params, tokenizer, [prompts[i] for i in idx],
                              [r.answer for r in recs], verifier=verifier, rng=jax.random.fold_in(bkey, idx[0]),
                              pad_to=pad_to, buckets=buckets)
-        with samples_file.open("a", encoding="utf-8") as f:
-            for r_i, rec in enumerate(recs):
-                for j in range(n):
-                    s = r_i * n + j
-                    f.write(json.dumps({
-                        "benchmark": bench.key, "id": rec.id, "sample": j, "reference": rec.answer,
-                        "answer": g.answers[s], "correct": bool(g.correct_PxN[r_i, j]), "status": g.status[s],
-                        "finish_reason": FINISH_REASONS[int(g.finish_code[s])], "length": int(g.lengths[s]),
-                        "response": g.responses[s]}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        lines = []
+        for r_i, rec in enumerate(recs):
+            for j in range(n):
+                s = r_i * n + j
+                lines.append(json.dumps({
+                    "benchmark": bench.key, "id": rec.id, "sample": j, "reference": rec.answer,
+                    "answer": g.answers[s], "correct": bool(g.correct_PxN[r_i, j]), "status": g.status[s],
+                    "finish_reason": FINISH_REASONS[int(g.finish_code[s])], "length": int(g.lengths[s]),
+                    "response": g.responses[s]}, ensure_ascii=False) + "\n")
+        append_text(samples_file, "".join(lines), fsync=True)
         log.info("%s: %d/%d problems sampled (%.0f s)", bench.key, min(b0 + batch_size, len(todo)), len(todo),
                  time.perf_counter() - t0)
 
@@ -341,7 +346,6 @@ def run_eval_cli(*, model: str, benchmarks: Sequence[str], n: int = 32, ks: Sequ
     length buckets of the sampler. Returns the results.json content. See the section comment above.
     """
     import json
-    from pathlib import Path
 
     import jax
 
@@ -349,6 +353,7 @@ def run_eval_cli(*, model: str, benchmarks: Sequence[str], n: int = 32, ks: Sequ
     from entrl.data.tasks import SENT_SUFFIX, tokenize_prompts
     from entrl.rewards import Verifier
     from entrl.rl.setup import resolve_model_dir
+    from entrl.rundir import as_path
     from entrl.sampling import DEFAULT_BUCKETS
     from entrl.tokenizer import load_tokenizer
 
@@ -363,7 +368,7 @@ def run_eval_cli(*, model: str, benchmarks: Sequence[str], n: int = 32, ks: Sequ
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be >= 1")
     buckets = tuple(buckets or DEFAULT_BUCKETS)
-    out = Path(out_dir)
+    out = as_path(out_dir, "--out")  # local or gs://
     out.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_dir(str(model))
     tok_name = str(tokenizer or model_dir)
@@ -372,7 +377,7 @@ def run_eval_cli(*, model: str, benchmarks: Sequence[str], n: int = 32, ks: Sequ
                 "seed": seed, "dtype": dtype, "chat_template": chat_template, "prompt_suffix": SENT_SUFFIX}
     samples_file = out / "samples.jsonl"
     # Settings first: reading with another n would take every problem on disk for a partial one.
-    _check_run_settings(out, settings, have_samples=samples_file.exists() and samples_file.stat().st_size > 0)
+    _check_run_settings(out, settings, have_samples=samples_file.exists() and samples_file.stat().length > 0)
     done = _read_samples(samples_file, n)
 
     suites = [load_benchmark(b, data_dir=data_dir, max_problems=max_problems) for b in benchmarks]

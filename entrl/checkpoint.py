@@ -35,6 +35,11 @@ Design decisions:
   one and the resumed run must be able to write those steps again.
 - A target whose shapes or tree differ from the checkpoint is a configuration
   error, not corruption: it raises at once and moves nothing.
+- `read_only=True` (what `entrl export` and `model.path=<run dir>` use) never
+  creates, cleans, renames or saves anything: unusable steps are skipped with
+  the same warning and left where they are.
+- The directory is an `etils.epath` path (`entrl.rundir.as_path`): local, or
+  `gs://` (orbax writes the arrays with TensorStore's GCS driver).
 - When to save is the trainer's decision (`train.checkpoint_every`), so the
   orbax interval is 1; `force` is passed through.
 - Left out: best-k retention by metric, and the grain-native iterator handler
@@ -49,6 +54,8 @@ import logging
 import time
 from pathlib import Path
 from typing import Any
+
+from entrl import rundir as R
 
 import jax
 import jax.numpy as jnp
@@ -77,15 +84,17 @@ class Restored:
 class CheckpointManager:
     """Save and restore (params, opt_state, rng, meta, data_state) per RL step."""
 
-    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
         if keep < 1:
             raise ValueError(f"keep={keep}: must keep at least one checkpoint")
-        self.directory = Path(directory).absolute()
+        self.directory = R.absolute(R.as_path(directory, "checkpoint directory"))
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            max_to_keep=None if read_only else keep,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # leftovers of a crashed save are never checkpoints
-            create=True,
+            cleanup_tmp_directories=not read_only,  # leftovers of a crashed save are never checkpoints
+            create=not read_only,
+            read_only=read_only,
         )
         # Handlers named up front: a fresh manager (a resumed run) must read metadata before any save.
         handlers = {name: ocp.StandardCheckpointHandler() for name in ("params", "opt_state")}
@@ -94,7 +103,7 @@ class CheckpointManager:
 
     # -- listing -----------------------------------------------------------
 
-    def _step_dir(self, step: int) -> Path:
+    def _step_dir(self, step: int) -> R.Path:
         return self.directory / str(step)
 
     def _committed(self, step: int) -> bool:
@@ -119,6 +128,8 @@ class CheckpointManager:
         floating leaf of params or opt_state is NaN/inf or meta/data_state is
         not JSON.
         """
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only")
         if int(step) in self._manager.all_steps():
             log.info("checkpoint step %d already saved; skipping", step)
             return False
@@ -150,18 +161,25 @@ class CheckpointManager:
     # -- restore -----------------------------------------------------------
 
     def restore_latest(self, *, params_target: Any, opt_state_target: Any = None,
-                       strict: bool = False) -> Restored | None:
-        """Restore the newest good checkpoint onto the targets' shardings.
+                       strict: bool = False, step: int | None = None) -> Restored | None:
+        """Restore the newest good checkpoint (or only `step`) onto the targets' shardings.
 
         Targets are abstract trees (`jax.eval_shape` results or
         `ShapeDtypeStruct`s with `.sharding`; concrete arrays also work).
         Returns None for an empty directory. Bad steps are skipped with a
-        warning and moved aside; if none restores, returns None with a warning,
-        or raises RuntimeError when `strict`.
+        warning and moved aside (left in place when read-only); if none
+        restores, returns None with a warning, or raises RuntimeError when
+        `strict`. A `step` that is not on disk raises ValueError naming the
+        kept steps.
         """
         self.wait()
         self._manager.reload()
         candidates = sorted(self._manager.all_steps(), reverse=True)
+        if step is not None:
+            if int(step) not in candidates:
+                kept = ", ".join(map(str, sorted(candidates))) or "none"
+                raise ValueError(f"{self.directory} has no checkpoint of step {step} (kept steps: {kept})")
+            candidates = [int(step)]
         bad: list[int] = []
         for step in candidates:
             problem, out = self._try_restore(step, params_target, opt_state_target)
@@ -229,7 +247,7 @@ class CheckpointManager:
 
     def _quarantine(self, steps: list[int]) -> None:
         """Rename bad step directories so orbax forgets them and the run can save those steps anew."""
-        if not steps:
+        if not steps or self.read_only:
             return
         if jax.process_index() == 0:
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -344,7 +362,7 @@ def _check_same_layout(name: str, step: int, stored: dict, wanted: dict) -> None
 def _json_default(x: Any) -> Any:
     if isinstance(x, (np.generic, np.ndarray, jax.Array)):
         return np.asarray(x).tolist()
-    if isinstance(x, Path):
+    if isinstance(x, (Path, R.Path)):
         return str(x)
     raise TypeError(f"{type(x).__name__} is not JSON-serialisable")
 

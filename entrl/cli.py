@@ -11,13 +11,21 @@ every such command takes dotted overrides (`loss.name=grpo`) anywhere on the
 line, also after options. TRL / verl option names that map to one entrl key
 (`max_completion_length=2048`, `actor_rollout_ref.rollout.n=8`;
 `entrl.config.ALIASES`) are accepted as overrides with a one-line note.
+
+Exit codes: 0 done; 2 a configuration error (one line on stderr, nothing
+compiled; includes a run directory in use by another run); 3 training stopped
+on non-finite steps; 143 (128 + SIGTERM) stopped by SIGTERM after writing a
+checkpoint: rerun the same command to resume; anything else is a crash.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+
+PREEMPTED_EXIT = 128 + signal.SIGTERM  # 143: what a shell reports for a process ended by SIGTERM
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -78,7 +86,7 @@ def cmd_train(args) -> int:
     from entrl.rl.setup import train_from_config
 
     cfg = C.load_config(*_config_and_overrides(args))
-    train_from_config(cfg, resume=not args.no_resume)
+    train_from_config(cfg, resume=not (args.no_resume or args.overwrite), overwrite=args.overwrite)
     return 0
 
 
@@ -112,7 +120,7 @@ def cmd_semantic_entropy(args) -> int:
 def cmd_export(args) -> int:
     from entrl.rl.setup import export_run
 
-    export_run(args.run_dir, args.out)
+    export_run(args.run_dir, args.out, step=args.step, dtype=args.dtype)
     return 0
 
 
@@ -185,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run RL training from a YAML config")
     t.add_argument("config", help="YAML config (e.g. configs/paper/r1-distill-qwen-1.5b/sent.yaml) or a preset name")
     t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in train.out_dir")
+    t.add_argument("--no-resume", action="store_true",
+                   help="start from scratch (refused when train.out_dir holds a run, unless --overwrite)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="delete the run in train.out_dir (checkpoints, metrics, policy) and start from scratch")
     t.set_defaults(fn=cmd_train)
 
     d = sub.add_parser("demo", help="the embedded CPU demo: warm-start, SE curriculum, SENT RL, before/after eval")
@@ -222,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a run's policy as a Hugging Face checkpoint")
     x.add_argument("run_dir")
-    x.add_argument("--out", required=True)
+    x.add_argument("--out", required=True, help="output directory (local or gs://)")
+    x.add_argument("--step", type=int, default=None, help="checkpoint step to export (default: the latest)")
+    x.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="tensor dtype (default: the dtype of the run's source model; float32 for the demo model)")
     x.set_defaults(fn=cmd_export)
 
     pl = sub.add_parser("plot", help="entropy / reward / length curves of one or more runs")
@@ -291,8 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"entrl: config error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
+        from entrl.rl.setup import Preempted
         from entrl.rl.trainer import NonFiniteError
 
+        if isinstance(e, Preempted):
+            print(f"entrl: {e}", file=sys.stderr)
+            return PREEMPTED_EXIT
         if not isinstance(e, NonFiniteError):
             raise
         print(f"entrl: training stopped: {e}", file=sys.stderr)

@@ -183,11 +183,11 @@ def plan_run(info: DeviceInfo, *, lora_available: bool = False, force_demo: bool
 
 
 def _overrides(spec: ModelSpec, lora: bool, prompts: int, new: int, info: DeviceInfo) -> tuple[str, ...]:
-    micro = info.count * (2 if info.memory_bytes and info.memory_bytes >= 60 * GiB else 1)
-    out = [f"model.path={spec.name}", "model.dtype=bfloat16", "model.remat=true", "rollout.cache_dtype=bfloat16",
+    micro = 2 if info.memory_bytes and info.memory_bytes >= 60 * GiB else 1  # sequences per device per pass
+    out = [f"model.path={spec.name}", "model.dtype=bfloat16", "model.remat=full", "rollout.cache_dtype=bfloat16",
            f"rollout.n={N_SAMPLES}", f"rollout.max_new_tokens={new}", f"rollout.prompt_buckets=[{PROMPT_BUCKET}]",
            f"data.max_prompt_len={PROMPT_BUCKET}", f"train.prompts_per_step={prompts}",
-           f"train.minibatch_prompts={prompts // 2}", f"train.microbatch_seqs={micro}",
+           f"train.minibatch_prompts={prompts // 2}", f"train.microbatch_per_shard={micro}",
            "mesh.data=1", f"mesh.fsdp={info.count}", "mesh.tensor=1"]
     if lora:
         out += ["model.lora_rank=16", "model.lora_alpha=32"]

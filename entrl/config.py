@@ -438,16 +438,18 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     """Read a YAML preset, resolving `base:` chains (paths relative to the file)."""
+    given = str(path)
     path = Path(path)
     if not path.exists():
-        builtin = Path(__file__).parent / "configs" / path.name
-        repo = Path(__file__).parent.parent / "configs" / path.name
-        for cand in (repo, builtin):
-            if cand.exists():
-                path = cand
-                break
-        else:
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        # Only a bare preset name (`demo`, `demo.yaml`) may mean a built-in: `/home/me/exp/demo.yaml` that does
+        # not exist is a typo or a missing file, never silently the packaged demo.
+        name = path.name if path.suffix in (".yaml", ".yml") else path.name + ".yaml"
+        bare = _is_bare_name(given) and not _seen
+        cands = [Path(__file__).parent.parent / "configs" / name, Path(__file__).parent / "configs" / name]
+        found = next((c for c in cands if c.exists()), None) if bare else None
+        if found is None:
+            raise ConfigError(f"config file {given!r} does not exist")
+        path = found
     if path.resolve() in _seen:
         raise ConfigError(f"config file {path}: circular `base:` chain")
     try:
@@ -461,6 +463,11 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
         parent = read_yaml(path.parent / base, _seen + (path.resolve(),))
         data = _deep_merge(parent, data)
     return data
+
+
+def _is_bare_name(text: str) -> bool:
+    """`demo` or `demo.yaml`: no directory part (a name a built-in preset may answer to)."""
+    return bool(text) and os.sep not in text and "/" not in text and not text.startswith(("~", "."))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -158,7 +158,7 @@ def rl_and_evaluate(ctx: DemoContext, out_dir: Path, overrides=()) -> tuple[obje
                                     f"model.tokenizer={ctx.warm_dir}", f"train.out_dir={out_dir}", *overrides])
     print(f"[demo] RL: {cfg.loss.name}, SE curriculum ({cfg.curriculum.stages} stages), {cfg.train.steps} steps",
           flush=True)
-    trainer = train_from_config(cfg, resume=False)
+    trainer = train_from_config(cfg, resume=False, overwrite=True)  # the demo always starts its RL afresh
     return trainer, ctx.evaluate(trainer.params, f"after RL ({cfg.loss.name})")
 
 

@@ -29,7 +29,12 @@ Design decisions:
 - Resume: the trainer calls `truncate_after(checkpoint_step)` before logging,
   which drops the JSONL lines of the steps the resumed run will redo and
   makes TensorBoard purge its events from the next step on, so no step
-  appears twice.
+  appears twice. The file is rewritten in place and every `log` opens it by
+  name (`entrl.rundir.append_text`): no write ever goes to a replaced inode.
+- Run directories may be `gs://` paths (`entrl.rundir`): the JSONL object is
+  rewritten whole per step (objects cannot be appended to), TensorBoard
+  writes to a local staging directory whose event files are uploaded after
+  each step, and W&B keeps its own files in its default local directory.
 - Only the primary process logs (`primary=None` asks `jax.process_index()`).
 - W&B is imported lazily and keeps one run id per run directory
   (`wandb_run_id`), so a resumed run continues the same W&B run; enabling it
@@ -47,10 +52,12 @@ import json
 import logging
 import math
 import numbers
-import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+from entrl import rundir as R
 
 JSONL_NAME = "metrics.jsonl"
 _WANDB_ID_FILE = "wandb_run_id"
@@ -71,7 +78,7 @@ class MetricsLogger:
         if primary is None:
             import jax  # only here: plotting and reading need no JAX
             primary = jax.process_index() == 0
-        self.run_dir = Path(run_dir)
+        self.run_dir = R.as_path(run_dir, "run directory")
         self.primary = primary
         self.console = console
         self.total_steps = total_steps
@@ -82,7 +89,6 @@ class MetricsLogger:
         self._purge_step: int | None = None
         self._wandb = None
         self._start: tuple[float, int] | None = None  # (time, step) of this session's first log
-        self._file = None
         if not primary:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +96,7 @@ class MetricsLogger:
             self._wandb = _start_wandb(self.run_dir, wandb_project, config)
 
     @property
-    def jsonl_path(self) -> Path:
+    def jsonl_path(self) -> R.Path:
         return self.run_dir / JSONL_NAME
 
     def truncate_after(self, step: int) -> None:
@@ -100,15 +106,7 @@ class MetricsLogger:
         """
         if not self.primary:
             return
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        path = self.jsonl_path
-        if path.exists():
-            kept = [line for line, rec in _parse_lines(path) if rec["step"] <= step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+        R.truncate_lines(self.jsonl_path, lambda line: (_record(line) or {"step": step + 1})["step"] <= step)
         self._purge_step = step + 1
         if self._tb is not None:  # already open: reopen so the purge applies
             self._tb.close()
@@ -123,10 +121,7 @@ class MetricsLogger:
         record = {"step": step, "time": round(time.time(), 3)}
         record.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                        for k, v in values.items()})
-        if self._file is None:
-            self._file = open(self.jsonl_path, "a", encoding="utf-8")
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        R.append_text(self.jsonl_path, json.dumps(record) + "\n")
 
         numeric = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tensorboard:
@@ -137,9 +132,6 @@ class MetricsLogger:
             self._print(step, numeric)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
@@ -185,12 +177,24 @@ class MetricsLogger:
 
 
 class _TensorBoard:
-    """tensorboardX writer that flushes every step (RL steps are seconds apart)."""
+    """tensorboardX writer that flushes every step (RL steps are seconds apart).
 
-    def __init__(self, logdir: Path, purge_step: int | None, config: dict | None):
+    A remote `logdir` gets a local staging directory whose event files are uploaded after each flush.
+    """
+
+    def __init__(self, logdir: R.Path, purge_step: int | None, config: dict | None):
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step)
+        self._remote, self._staging = None, None
+        if R.is_remote(logdir):
+            import tempfile
+
+            self._remote, self._staging = logdir, tempfile.TemporaryDirectory(prefix="entrl-tb-")
+            logdir = self._staging.name
+        # A session-unique file name: two sessions within one second would otherwise share one (and
+        # the second upload would replace the first session's events).
+        self._writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step,
+                                     filename_suffix="." + secrets.token_hex(4))
         if config is not None:
             self._writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
 
@@ -199,12 +203,23 @@ class _TensorBoard:
             if math.isfinite(value):
                 self._writer.add_scalar(key, value, step)
         self._writer.flush()
+        self._upload()
+
+    def _upload(self) -> None:
+        if self._remote is None:
+            return
+        self._remote.mkdir(parents=True, exist_ok=True)
+        for f in Path(self._staging.name).iterdir():
+            R.Path(f).copy(self._remote / f.name, overwrite=True)
 
     def close(self) -> None:
         self._writer.close()
+        if self._remote is not None:
+            self._upload()
+            self._staging.cleanup()
 
 
-def _start_wandb(run_dir: Path, project: str, config: dict | None) -> Any:
+def _start_wandb(run_dir: R.Path, project: str, config: dict | None) -> Any:
     global _warned_no_wandb
     try:
         import wandb
@@ -218,7 +233,7 @@ def _start_wandb(run_dir: Path, project: str, config: dict | None) -> Any:
     run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
     id_file.write_text(run_id)
     return wandb.init(project=project, id=run_id, resume="allow", name=run_dir.name,
-                      dir=str(run_dir), config=config)
+                      dir=None if R.is_remote(run_dir) else str(run_dir), config=config)
 
 
 # ---------------------------------------------------------------------------
@@ -260,17 +275,25 @@ def _progress(step: int, total: int | None, width: int = 20) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _parse_lines(path: Path) -> Iterable[tuple[str, dict]]:
+def _record(line: str) -> dict | None:
+    """The metrics record on `line`, or None when it is not one (blank, torn by a crash, not JSON)."""
+    try:
+        record = json.loads(line)
+        int(record["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return record
+
+
+def _parse_lines(path: R.Path) -> Iterable[tuple[str, dict]]:
     """(line, record) for every well-formed line; a torn last line (a crash mid-write) is skipped."""
-    with open(path, encoding="utf-8") as f:
+    with path.open("r") as f:
         for number, line in enumerate(f, 1):
             line = line.rstrip("\n")
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-                int(record["step"])
-            except (ValueError, KeyError, TypeError):
+            record = _record(line)
+            if record is None:
                 log.warning("%s:%d is not a metrics record; skipped", path, number)
                 continue
             yield line, record
@@ -281,7 +304,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
     Records sharing a step are merged, later keys winning (train + eval lines of one step).
     """
-    path = Path(run_dir)
+    path = R.as_path(run_dir, "run directory")
     if path.is_dir():
         path = path / JSONL_NAME
     by_step: dict[int, dict] = {}
@@ -312,7 +335,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, *, labels: list[s
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    run_dirs = [Path(d) for d in run_dirs]
+    run_dirs = [R.as_path(d, "run directory") for d in run_dirs]
     if labels is None:
         labels = [d.name for d in run_dirs]
         if len(set(labels)) < len(labels):
@@ -320,7 +343,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, *, labels: list[s
     if len(labels) != len(run_dirs):
         raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
     runs = [read_metrics(d) for d in run_dirs]
-    out_dir = Path(out_dir)
+    out_dir = R.as_path(out_dir, "plot directory")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     written = []
@@ -350,8 +373,9 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, *, labels: list[s
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / filename
-        fig.savefig(path)
-        written.append(path)
+        with path.open("wb") as f:
+            fig.savefig(f, format="png")
+        written.append(R.native(path))
     return written
 
 

@@ -257,10 +257,11 @@ SE_COLUMNS = ("se", "se_norm", "n_classes", "class_sizes", "pass_rate")
 def _read_done(path) -> dict[str, dict]:
     """Rows already annotated in a progress JSONL (a torn last line is ignored)."""
     import json
-    from pathlib import Path
+
+    from entrl.rundir import as_path
 
     done: dict[str, dict] = {}
-    p = Path(path)
+    p = as_path(path, "progress file")
     if not p.exists():
         return done
     for line in p.read_text().splitlines():
@@ -285,9 +286,10 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
     import json
     import logging
     import time
-    from pathlib import Path
 
     import jax
+
+    from entrl.rundir import append_text, as_path
 
     from entrl.rl.setup import build_sampler
     from entrl.sampling import pad_prompts
@@ -296,7 +298,7 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
     n = n or cfg.curriculum.samples
     seed = cfg.train.seed if seed is None else seed
     sampler = build_sampler(cfg, tokenizer, mesh, n=n)
-    out_path = Path(out_path)
+    out_path = as_path(out_path, "progress file")  # local or gs://
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = _read_done(out_path)
     todo = [i for i, r in enumerate(records) if str(r.id) not in done]
@@ -305,40 +307,37 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
                  len(records), out_path)
     key = jax.random.key(seed + 7919)
     t0 = time.perf_counter()
-    writer = open(out_path, "a") if jax.process_index() == 0 else None
-    try:
-        for b0 in range(0, len(todo), batch_prompts):
-            idx = todo[b0:b0 + batch_prompts]
-            chunk = [prompt_tokens[i] for i in idx]
-            real = len(chunk)
-            if len(todo) > batch_prompts:  # fixed batch shape: pad with copies, discarded below
-                chunk += [chunk[0]] * (batch_prompts - real)
-            ids, mask = pad_prompts(chunk, pad_id=tokenizer.pad_token_id, buckets=cfg.rollout.prompt_buckets)
-            if mesh is not None:
-                from jax.sharding import NamedSharding, PartitionSpec
+    primary = jax.process_index() == 0
+    # Appended by name once per batch (no long-lived handle that could point at a replaced file).
+    for b0 in range(0, len(todo), batch_prompts):
+        idx = todo[b0:b0 + batch_prompts]
+        chunk = [prompt_tokens[i] for i in idx]
+        real = len(chunk)
+        if len(todo) > batch_prompts:  # fixed batch shape: pad with copies, discarded below
+            chunk += [chunk[0]] * (batch_prompts - real)
+        ids, mask = pad_prompts(chunk, pad_id=tokenizer.pad_token_id, buckets=cfg.rollout.prompt_buckets)
+        if mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec
 
-                ids, mask = (jax.device_put(x, NamedSharding(mesh, PartitionSpec())) for x in (ids, mask))
-            # Keyed by the prompt's position in `records`, so a resumed run draws the same samples.
-            roll = sampler.sample((graphdef, params), ids, mask, jax.random.fold_in(key, idx[0]))
-            toks, rmask = np.asarray(roll.tokens)[: real * n], np.asarray(roll.mask)[: real * n]
-            texts = [tokenizer.decode([int(t) for t in row[: int(m.sum())]]) for row, m in zip(toks, rmask)]
-            res = verifier.score(texts, [records[i].answer for i in idx for _ in range(n)])
-            groups = [res.answers[j * n:(j + 1) * n] for j in range(real)]
-            corr = [list(res.correct[j * n:(j + 1) * n]) for j in range(real)]
-            stats = batch_prompt_stats(groups, corr, pairs_equivalent=verifier.equivalent_pairs)
-            for i, st in zip(idx, stats):
-                done[str(records[i].id)] = st
-                if writer is not None:
-                    writer.write(json.dumps({"id": str(records[i].id), **st}) + "\n")
-            if writer is not None:
-                writer.flush()
-            finished = min(b0 + batch_prompts, len(todo))
-            rate = finished / max(time.perf_counter() - t0, 1e-9)
-            log.info("semantic entropy: %d/%d prompts (%.1f prompts/s, ETA %.0f s)", len(records) - len(todo)
-                     + finished, len(records), rate, (len(todo) - finished) / max(rate, 1e-9))
-    finally:
-        if writer is not None:
-            writer.close()
+            ids, mask = (jax.device_put(x, NamedSharding(mesh, PartitionSpec())) for x in (ids, mask))
+        # Keyed by the prompt's position in `records`, so a resumed run draws the same samples.
+        roll = sampler.sample((graphdef, params), ids, mask, jax.random.fold_in(key, idx[0]))
+        toks, rmask = np.asarray(roll.tokens)[: real * n], np.asarray(roll.mask)[: real * n]
+        texts = [tokenizer.decode([int(t) for t in row[: int(m.sum())]]) for row, m in zip(toks, rmask)]
+        res = verifier.score(texts, [records[i].answer for i in idx for _ in range(n)])
+        groups = [res.answers[j * n:(j + 1) * n] for j in range(real)]
+        corr = [list(res.correct[j * n:(j + 1) * n]) for j in range(real)]
+        stats = batch_prompt_stats(groups, corr, pairs_equivalent=verifier.equivalent_pairs)
+        lines = []
+        for i, st in zip(idx, stats):
+            done[str(records[i].id)] = st
+            lines.append(json.dumps({"id": str(records[i].id), **st}) + "\n")
+        if primary:
+            append_text(out_path, "".join(lines))
+        finished = min(b0 + batch_prompts, len(todo))
+        rate = finished / max(time.perf_counter() - t0, 1e-9)
+        log.info("semantic entropy: %d/%d prompts (%.1f prompts/s, ETA %.0f s)", len(records) - len(todo)
+                 + finished, len(records), rate, (len(todo) - finished) / max(rate, 1e-9))
     return [done[str(r.id)] for r in records]
 
 
@@ -363,16 +362,19 @@ def annotate_cli(cfg, *, data: str, out: str, n: int | None = None) -> None:
     """`entrl semantic-entropy`: annotate a dataset with the policy of `cfg.model` and write it out.
 
     Writes `out` (.jsonl or .parquet: the input columns plus `SE_COLUMNS`) and `<out>.se_hist.png`.
-    Progress lives in `<out>.progress.jsonl`; rerunning the same command resumes from it.
+    Progress lives in `<out>.progress.jsonl`; rerunning the same command resumes from it. `out` may be a
+    gs:// path (the outputs are written locally, then uploaded).
     """
     import dataclasses
+    import os
     from pathlib import Path
 
     from entrl.data.sources import write_records
     from entrl.rl.setup import build_mesh, build_model, build_records, build_tokenizer, build_verifier, tokenize
+    from entrl.rundir import as_path, local_copy_for_upload
 
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=data))
-    out_p = Path(out)
+    out_p = as_path(out, "--out")
     if out_p.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"--out {out!r}: must end in .jsonl or .parquet")
     mesh = build_mesh(cfg)
@@ -386,6 +388,8 @@ def annotate_cli(cfg, *, data: str, out: str, n: int | None = None) -> None:
     d = cfg.data  # the input's own column layout: the same config reads the annotated file back
     rows = [{**r.to_row(id_key=d.id_key, problem_key=d.problem_key, answer_key=d.answer_key), **s}
             for r, s in zip(records, stats)]
-    write_records(out_p, rows)
-    plot_se_histogram([s["se"] for s in stats], out_p.with_name(out_p.name + ".se_hist.png"))
+    with local_copy_for_upload(out_p.parent) as local_dir:
+        local = Path(os.fspath(local_dir)) / out_p.name
+        write_records(local, rows)
+        plot_se_histogram([s["se"] for s in stats], local.with_name(local.name + ".se_hist.png"))
     print(f"wrote {len(rows)} annotated prompts to {out_p}")

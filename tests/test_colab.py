@@ -7,6 +7,7 @@ import pytest
 from entrl import colab
 from entrl import config as C
 from entrl.colab import GiB, describe_devices, plan_run
+from entrl.rl.setup import check_batch_layout
 
 R1, QWEN = colab.MODELS["r1-1.5b"].name, colab.MODELS["qwen-0.5b"].name
 
@@ -71,9 +72,7 @@ def test_plan_fits_the_device(name, lora):
     if plan.lora and not colab.lora_supported():
         return  # LoRA settings arrive with LoRA; the plan is only offered when they exist
     cfg = C.load_config(None, list(plan.overrides))  # a valid config, whose batch splits over the devices
-    shards = info.count
-    assert cfg.train.prompts_per_step % shards == 0 and cfg.train.microbatch_seqs % shards == 0
-    assert cfg.train.minibatch_prompts * cfg.rollout.n % cfg.train.microbatch_seqs == 0
+    check_batch_layout(cfg, shards=info.count)  # raises ConfigError when the batch does not split
 
 
 def test_plan_explains_itself():

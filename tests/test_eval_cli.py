@@ -11,6 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
+from fake_gcs import fake_gcs  # noqa: F401  (fixture)
 
 from entrl import benchmarks as E
 from entrl import evaluation
@@ -173,6 +174,25 @@ def test_resume_samples_only_missing_problems(first_run, model_dir, shared_data,
     calls.clear()
     _run(model_dir, out, data_dir=str(shared_data))
     assert calls == []
+
+
+def test_bucket_data_and_output(first_run, model_dir, shared_data, fake_gcs):
+    """--data-dir and --out on gs:// (in-memory fake of GCS): the same samples and results as on disk,
+    and a torn samples object is repaired and resumed like a file."""
+    from etils import epath
+
+    out0, res0, text0 = first_run
+    for name in BENCHES:
+        epath.Path(f"gs://bucket/data/{name}.jsonl").write_text((shared_data / f"{name}.jsonl").read_text())
+    res = _run(model_dir, "gs://bucket/eval", data_dir="gs://bucket/data")
+    samples = epath.Path("gs://bucket/eval/samples.jsonl")
+    assert samples.read_text() == text0
+    assert res["benchmarks"] == res0["benchmarks"]
+    assert json.loads(epath.Path("gs://bucket/eval/results.json").read_text())["benchmarks"] == res0["benchmarks"]
+    lines = text0.splitlines(keepends=True)
+    samples.write_text("".join(lines[:-N]) + lines[-1][:10])  # the last problem lost, then a torn line
+    _run(model_dir, "gs://bucket/eval", data_dir="gs://bucket/data")
+    assert sorted(samples.read_text().splitlines()) == sorted(text0.splitlines())
 
 
 def test_errors(first_run, model_dir, shared_data, tmp_path):

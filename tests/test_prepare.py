@@ -148,7 +148,7 @@ def test_prepare_with_semantic_entropy_column(tmp_path):
                    "data: {prompt_suffix: '', max_prompt_len: 8}\n"
                    "rollout: {prompt_buckets: [8], max_new_tokens: 6}\n"
                    "reward: {workers: 1}\n"
-                   "train: {prompts_per_step: 8, minibatch_prompts: 8, microbatch_seqs: 8}\n")
+                   "train: {prompts_per_step: 8, minibatch_prompts: 8, microbatch_per_shard: 0}\n")
     out = tmp_path / "se.jsonl"
     assert main(["data", "prepare", str(src), "--out", str(out), "--benchmarks", "", "--se-config", str(cfg),
                  "curriculum.samples=4"]) == 0

@@ -8,10 +8,12 @@ the `entropy_bonus` loss, whose gradient needs no reward signal.
 
 Every run shares one set of shapes (4 prompts x 4 samples x 12 tokens, mini-batches of 8 rows in
 micro-batches of 4), so the sampler and log-prob programs compile once; each loss compiles its own
-update. The 2-process test runs `entrl train` in subprocesses (one with 2 devices, two with 1 each).
+update. The 2-process tests run `entrl train` in subprocesses: one with 2 devices against two with 1 each,
+and 2 processes x 4 devices with the params sharded over both (policy/ and `entrl export` under the launcher).
 """
 
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fake_gcs import fake_gcs  # noqa: F401  (fixture)
 
 from conftest import CPU_TEST_XLA_FLAGS
 from entrl import cli
@@ -206,6 +209,22 @@ def test_corrupt_latest_checkpoint_falls_back(resume_runs, tmp_path, caplog):
     assert_same_params(straight_params, resumed.params)
 
 
+@pytest.mark.parametrize("resume_runs", ["plain"], indirect=True)
+def test_fresh_start_refuses_a_directory_with_checkpoints(resume_runs, tmp_path):
+    """A fresh start could never save over the old steps (orbax skips them): refused, nothing written."""
+    extra, _, _, half, _ = resume_runs
+    run = tmp_path / "used"
+    shutil.copytree(half, run)
+    metrics = (run / "metrics.jsonl").read_text()
+    trainer = Trainer(setup(make_cfg(run, *extra), verifier=ParityVerifier()))
+    try:
+        with pytest.raises(C.ConfigError, match="already holds checkpoints up to step 2"):
+            trainer.run(resume=False)
+    finally:
+        trainer.close()
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+
 # ---------------------------------------------------------------------------
 # Non-finite steps
 # ---------------------------------------------------------------------------
@@ -268,8 +287,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, caplog):
 def cli_run(tmp_path_factory):
     """`entrl train` (real verifier, TensorBoard on) that receives SIGTERM during step 2 of 4."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    args = ["train", DEMO, *TINY, *MESH, f"train.out_dir={out}", "train.steps=4", "loss.name=entropy_bonus",
-            "train.only_mixed_groups=false", "train.tensorboard=true"]
+    args = _cli_args(out)
     real = Trainer.rl_step
     calls = []
     before = signal.getsignal(signal.SIGTERM)
@@ -282,24 +300,38 @@ def cli_run(tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(Trainer, "rl_step", rl_step)
+    stderr = io.StringIO()
+    mp.setattr(sys, "stderr", stderr)
     try:
         code = cli.main(args)
     finally:
         mp.undo()
     assert signal.getsignal(signal.SIGTERM) == before  # the trainer put the previous handler back
-    return code, out, calls
+    return code, out, calls, stderr.getvalue().strip()
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(cli_run):
-    code, out, calls = cli_run
-    assert code == 0
+def _cli_args(out):
+    return ["train", DEMO, *TINY, *MESH, f"train.out_dir={out}", "train.steps=4", "loss.name=entropy_bonus",
+            "train.only_mixed_groups=false", "train.tensorboard=true"]
+
+
+def test_sigterm_writes_a_checkpoint_and_no_policy(cli_run, tmp_path, capsys):
+    code, out, calls, err = cli_run
+    assert code == cli.PREEMPTED_EXIT == 143
     assert calls == [0, 1]  # finished the step it was in, then stopped
     mgr = CheckpointManager(out / "checkpoints")
     assert mgr.latest_step() == 2
     mgr.close()
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
-    assert (out / "policy" / "config.json").exists()
+    assert not (out / "policy").exists()  # the run did not finish: no policy as if it had
     assert list((out / "tb").glob("events.*"))
+    assert "\n" not in err and "SIGTERM" in err and "step 2" in err and "run the same command again" in err, err
+    # ... and the same command resumes it to the end, then writes the policy.
+    run = tmp_path / "resumed"
+    shutil.copytree(out, run)
+    assert cli.main(_cli_args(run)) == 0
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+    assert (run / "policy" / "config.json").exists()
 
 
 def test_export_loads_in_transformers_with_matching_logits(cli_run, tmp_path):
@@ -310,12 +342,12 @@ def test_export_loads_in_transformers_with_matching_logits(cli_run, tmp_path):
     from entrl.rl.setup import build_model, build_tokenizer
     from entrl.sharding import make_mesh
 
-    _, run, _ = cli_run
+    _, run, _, _ = cli_run
     assert cli.main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
 
     # The policy of the latest checkpoint, on the export's own layout (so its init program is reused).
-    cfg = C.from_dict(json.loads((run / "config.json").read_text()))
+    cfg = C.from_dict(json.loads((run / "entrl_run.json").read_text()))
     tok = build_tokenizer(cfg)
     graphdef, init_params = build_model(cfg, make_mesh(data=1, fsdp=-1), tok)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), init_params)
@@ -333,8 +365,68 @@ def test_export_loads_in_transformers_with_matching_logits(cli_run, tmp_path):
     assert np.abs(init - want).max() > 10 * max(np.abs(got - want).max(), 1e-5)
 
 
+def _safetensors_dtypes(path):
+    """{tensor name: dtype} from a safetensors header (8-byte little-endian length, then JSON)."""
+    raw = Path(path).read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+def test_export_steps_dtypes_buckets_and_read_only(cli_run, tmp_path, capsys, fake_gcs):
+    from etils import epath
+
+    _, run, _, _ = cli_run
+    # The default dtype is the source model's (float32 for the demo model); --dtype overrides it.
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "f32")]) == 0
+    assert set(_safetensors_dtypes(tmp_path / "f32" / "model.safetensors").values()) == {"F32"}
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "bf16"), "--step", "2", "--dtype", "bfloat16"]) == 0
+    assert set(_safetensors_dtypes(tmp_path / "bf16" / "model.safetensors").values()) == {"BF16"}
+    # A step that is not kept: one line naming the kept ones.
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "x"), "--step", "7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no checkpoint of step 7" in err and "kept steps: 2" in err, err
+    # gs:// output (in-memory fake of GCS): the same bytes as the local export.
+    assert cli.main(["export", str(run), "--out", "gs://bucket/hf"]) == 0
+    for name in ("model.safetensors", "config.json", "char_tokenizer.json"):
+        assert epath.Path(f"gs://bucket/hf/{name}").read_bytes() == (tmp_path / "f32" / name).read_bytes()
+    # Read-only: a run whose only checkpoint never committed cannot be exported, and nothing in it moves.
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "checkpoints" / "2" / "commit_success.txt").unlink()
+    before = sorted(str(p.relative_to(broken)) for p in broken.rglob("*"))
+    assert cli.main(["export", str(broken), "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no restorable checkpoint" in err, err
+    assert sorted(str(p.relative_to(broken)) for p in broken.rglob("*")) == before
+
+
+def test_model_path_accepts_a_run_directory(cli_run, tmp_path):
+    """`model.path=<run dir>`: its policy/ when the run finished, else its latest checkpoint."""
+    from entrl.rl.setup import build_mesh, build_model, build_tokenizer, resolve_model_dir
+
+    _, run, _, _ = cli_run  # stopped by SIGTERM: no policy/, checkpoint of step 2
+    cfg = make_cfg(tmp_path / "next", f"model.path={run}")
+    mesh = build_mesh(cfg)
+    graphdef, params = build_model(cfg, mesh, build_tokenizer(cfg))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+    mgr = CheckpointManager(run / "checkpoints", read_only=True)
+    saved = mgr.restore_latest(params_target=abstract)
+    mgr.close()
+    assert saved.step == 2
+    assert_same_params(saved.params, params, tol=0)
+    _, init = build_model(make_cfg(tmp_path / "next"), mesh, build_tokenizer(cfg))
+    assert max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(init), jax.tree.leaves(params))) > 0
+
+    finished = tmp_path / "finished"  # a run with policy/ (also one written before entrl_run.json existed)
+    shutil.copytree(run, finished)
+    assert cli.main(["export", str(finished), "--out", str(finished / "policy")]) == 0
+    assert resolve_model_dir(str(finished)) == finished / "policy"
+    (finished / "entrl_run.json").rename(finished / "config.json")
+    assert resolve_model_dir(str(finished)) == finished / "policy"
+
+
 def test_plot_writes_pngs(cli_run, capsys):
-    _, run, _ = cli_run
+    _, run, _, _ = cli_run
     assert cli.main(["plot", str(run)]) == 0
     pngs = sorted(p.name for p in (run / "plots").glob("*.png"))
     assert pngs == ["entropy.png", "response_length.png", "reward.png"]
@@ -425,3 +517,61 @@ def test_two_processes_match_one_process(tmp_path):
     assert "process 1 of 2" in logs["process_1.log"], logs
     assert [r["step"] for r in read_metrics(tmp_path / "two")] == [1, 2]
     assert_same_metrics(tmp_path / "one", tmp_path / "two", tol=1e-4)
+
+
+def test_params_sharded_across_processes_write_policy_and_export(tmp_path):
+    """launch/local.py, 2 processes x 4 CPU devices, `mesh.data=1 mesh.fsdp=8`: every param is split over
+    both processes. Writing the HF policy gathers them, a collective every process must join (before,
+    only process 0 called it and the run hung in the shutdown barrier). The end-of-run policy/ and
+    `entrl export` under the launcher both finish, and the policy has the trained params' logits.
+    Kept small: 1 layer, 1 step, one micro-batch, no reference KL, the same shapes in both commands.
+    """
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from flax import nnx
+
+    from entrl.rl.setup import build_model, build_tokenizer
+    from entrl.sharding import make_mesh
+
+    run = tmp_path / "run"
+    overrides = ["model.demo_layers=1", "model.demo_hidden=32", "model.demo_heads=2", "rollout.n=2",
+                 "rollout.max_new_tokens=8", "train.prompts_per_step=8", "train.minibatch_prompts=8",
+                 "train.microbatch_per_shard=2", "data.arithmetic_train_size=64", "curriculum.enabled=false",
+                 "reward.workers=1", "loss.kl_coef=0.0", "optim.lr=1e-3", "train.tensorboard=false", "mesh.data=1",
+                 "mesh.fsdp=8", "mesh.tensor=1", "train.steps=1", "loss.name=entropy_bonus",
+                 "train.only_mixed_groups=false", f"train.out_dir={run}"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cache = jax.config.jax_compilation_cache_dir
+    if cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    launch = _load_launcher().launch
+    cmd = [sys.executable, "-m", "entrl.cli"]
+    code = launch([*cmd, "train", DEMO, *overrides], 2, devices_per_process=4, log_dir=str(tmp_path / "logs"),
+                  timeout=300, env=env)
+    logs = {p.name: p.read_text()[-3000:] for p in sorted((tmp_path / "logs").glob("*"))}
+    assert code == 0, logs
+    assert (run / "policy" / "model.safetensors").exists()
+    code = launch([*cmd, "export", str(run), "--out", str(tmp_path / "hf")], 2, devices_per_process=4,
+                  log_dir=str(tmp_path / "logs_export"), timeout=300, env=env)
+    logs = {p.name: p.read_text()[-3000:] for p in sorted((tmp_path / "logs_export").glob("*"))}
+    assert code == 0, logs
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (run / "policy" / "model.safetensors").read_bytes()
+
+    # The trained params (the step-1 checkpoint), on this process's 8 devices, against transformers.
+    cfg = C.from_dict(json.loads((run / "entrl_run.json").read_text()))
+    tok = build_tokenizer(cfg)
+    graphdef, init_params = build_model(cfg, make_mesh(data=1, fsdp=-1), tok)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), init_params)
+    mgr = CheckpointManager(run / "checkpoints", read_only=True)
+    trained = mgr.restore_latest(params_target=abstract)
+    mgr.close()
+    assert trained.step == 1
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run / "policy", dtype=torch.float32).eval()
+    ids = np.asarray([tok.encode("12+7*3="), tok.encode("4*5-16=")], np.int64)
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    forward = jax.jit(lambda params, ids: nnx.merge(graphdef, params)(ids))
+    got = np.asarray(forward(trained.params, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    init = np.asarray(forward(init_params, jnp.asarray(ids, jnp.int32)))
+    assert np.abs(init - want).max() > 10 * max(np.abs(got - want).max(), 1e-5)  # trained, not initial

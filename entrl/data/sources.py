@@ -57,6 +57,8 @@ from typing import Any
 
 import numpy as np
 
+from entrl.rundir import READ_SCHEMES, as_path, is_remote
+
 log = logging.getLogger(__name__)
 
 _JSON_SUFFIXES = (".jsonl", ".json")
@@ -192,7 +194,7 @@ def _json_rows(path: Path) -> tuple[list[str] | None, Iterator[_RawRow]]:
 def _parquet_rows(path: Path, max_rows: int) -> tuple[list[str], Iterator[_RawRow]]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(path.open("rb") if is_remote(path) else path)
     columns = list(pf.schema_arrow.names)
 
     def rows() -> Iterator[_RawRow]:
@@ -324,13 +326,14 @@ def load_records(
     if max_rows < 0:
         raise ValueError(f"max_rows={max_rows}: must be >= 0 (0 = all rows)")
     required = {"id_key": id_key, "problem_key": problem_key, "answer_key": answer_key}
-    path = Path(source)
+    # gs:// (any etils.epath filesystem) reads through the same code as a local path.
+    path = as_path(source, "data path", schemes=READ_SCHEMES) if is_remote(source) else Path(source)
     sources: list[tuple[str, list[str] | None, Iterator[_RawRow]]] = []
     if path.exists():
         for f in _files_of(path):
             columns, rows = _parquet_rows(f, max_rows) if f.suffix in _PARQUET_SUFFIXES else _json_rows(f)
             sources.append((str(f), columns, rows))
-    elif str(source).endswith(_SUFFIXES) or str(source).startswith((".", "/", "~")):
+    elif str(source).endswith(_SUFFIXES) or str(source).startswith((".", "/", "~")) or is_remote(source):
         raise ValueError(f"{source}: file not found (and it does not look like a hub id)")
     else:
         split_spec = f"{split}[:{max_rows}]" if max_rows else split

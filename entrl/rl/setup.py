@@ -4,10 +4,16 @@ Everything here runs on the host before the first compile, so configuration
 mistakes (a missing model path, a dataset without the answer column, a mesh
 that does not match the devices, a batch that does not split over the data
 shards) fail fast with a one-line error saying what to change.
+
+The run directory (`entrl.rundir`) is checked and locked before anything is
+written to it, and the final `policy/` is written only when the run finished
+(a SIGTERM leaves a checkpoint and raises `Preempted`). Writing an HF policy
+is a collective: every process joins the parameter gather, process 0 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from entrl import config as C
+from entrl import rundir as R
 from entrl.sharding import data_shards
 
 log = logging.getLogger("entrl.setup")
@@ -82,13 +89,20 @@ def check_batch_layout(cfg: C.RunConfig, shards: int, processes: int = 1) -> Non
 
 
 def resolve_model_dir(path: str) -> Path:
-    """A local HF checkpoint dir, an entrl run dir (its exported policy), or a hub id (downloaded)."""
+    """A local HF checkpoint dir, an entrl run dir's `policy/`, or a hub id (downloaded).
+
+    A run directory without `policy/` has no HF checkpoint: `build_model` restores its latest
+    checkpoint instead (`run_checkpoint_source`); here it is an error saying how to export one.
+    """
     p = Path(path)
     if p.is_dir():
+        if R.is_run_dir(p):  # before config.json: an old run dir's config.json is the run's, not a model's
+            if (p / "policy" / "config.json").exists():
+                return p / "policy"
+            raise C.ConfigError(f"model.path={path!r} is an entrl run directory without policy/ (the run did not "
+                                f"finish); write one with `entrl export {path} --out DIR` and use DIR")
         if (p / "config.json").exists():
             return p
-        if (p / "policy" / "config.json").exists():  # entrl run dir after `export` / end of training
-            return p / "policy"
         raise C.ConfigError(f"model.path={path!r} is a directory without config.json (not an HF checkpoint "
                             "nor an entrl run directory)")
     if p.suffix or path.startswith((".", "/")) or path.count("/") != 1:
@@ -112,9 +126,60 @@ def demo_model_config(vocab_size: int, cfg: C.RunConfig, eos_id: int, pad_id: in
                        eos_token_id=eos_id, pad_token_id=pad_id)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSource:
+    """`model.path` naming an entrl run directory without `policy/`: the policy is its checkpoint."""
+
+    path: R.Path
+    cfg: C.RunConfig  # the run's own config (its model.path is the model it started from)
+
+
+def run_checkpoint_source(path: str) -> RunSource | None:
+    """The run behind `path` when it is a run directory without `policy/`, else None."""
+    if path == "demo" or (not R.is_remote(path) and not Path(path).is_dir()):
+        return None
+    p = R.absolute(R.as_path(path, "model.path"))
+    stored = R.read_run_config(p)
+    if stored is None or (p / "policy" / "config.json").exists():
+        return None
+    run_cfg = C.from_dict(stored)
+    if R.is_run_dir(run_cfg.model.path) and R.absolute(R.as_path(run_cfg.model.path)) == p:
+        raise C.ConfigError(f"model.path={path!r}: the run names itself as its model")
+    return RunSource(p, run_cfg)
+
+
+def _as_run_model(cfg: C.RunConfig, run: RunSource) -> C.RunConfig:
+    """`cfg` with the model identity (path, demo shape, tokenizer) of the run's own model."""
+    m = run.cfg.model
+    tok = cfg.model.tokenizer or m.tokenizer or ("char" if m.path == "demo" else "")
+    return C.replace(cfg, **{"model.path": m.path, "model.tokenizer": tok, "model.demo_hidden": m.demo_hidden,
+                             "model.demo_layers": m.demo_layers, "model.demo_heads": m.demo_heads})
+
+
+def restore_run_params(run: RunSource, graphdef_params, *, step: int | None = None):
+    """Params of `run`'s checkpoint (latest, or `step`) restored onto the layout of `graphdef_params`."""
+    from entrl.checkpoint import CheckpointManager
+
+    _, params = graphdef_params
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+    mgr = CheckpointManager(run.path / "checkpoints", read_only=True)  # never renames anything in the run
+    try:
+        restored = mgr.restore_latest(params_target=abstract, step=step)
+    except ValueError as e:
+        raise C.ConfigError(str(e)) from None
+    finally:
+        mgr.close()
+    if restored is None:
+        raise C.ConfigError(f"{str(run.path)!r} has no restorable checkpoint")
+    return restored
+
+
 def build_tokenizer(cfg: C.RunConfig):
     from entrl.tokenizer import load_tokenizer
 
+    run = run_checkpoint_source(cfg.model.path)
+    if run is not None:
+        return build_tokenizer(_as_run_model(cfg, run))
     name = cfg.model.tokenizer or ("char" if cfg.model.path == "demo" else str(resolve_model_dir(cfg.model.path)))
     if name != "char" and Path(name).is_dir() and (Path(name) / "char_tokenizer.json").exists():
         from entrl.tokenizer import CharTokenizer
@@ -127,6 +192,10 @@ def build_model(cfg: C.RunConfig, mesh, tokenizer):
     """(graphdef, params) of the policy, placed on `mesh`."""
     from entrl.models import create_model, load_pretrained
 
+    run = run_checkpoint_source(cfg.model.path)
+    if run is not None:  # an unfinished run: its model, with the params of its latest checkpoint
+        graphdef, params = build_model(_as_run_model(cfg, run), mesh, tokenizer)
+        return graphdef, restore_run_params(run, (graphdef, params)).params
     m = cfg.model
     if m.path == "demo":
         # Exactly the tokenizer's vocabulary: padding it would let the sampler emit ids no tokenizer decodes.
@@ -168,7 +237,7 @@ def build_records(cfg: C.RunConfig):
                            answer_key=d.answer_key, on_bad_row=d.on_bad_row, max_rows=d.max_rows)
     except FileNotFoundError as e:
         raise C.ConfigError(f"data.train={d.train!r}: {e}") from e
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, ImportError) as e:  # ImportError: a gs:// path without gcsfs installed
         raise C.ConfigError(f"data.train={d.train!r}: {e}") from e
     if res.skipped:
         log.warning("skipped %d bad rows of %s", res.skipped, d.train)
@@ -269,8 +338,9 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
             build_curriculum(cfg, records)  # raises the missing-column error
         from entrl.semantic_entropy import annotate_prompts
 
+        out_path = R.as_path(cfg.train.out_dir, "train.out_dir") / "semantic_entropy.jsonl"
         stats = annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, verifier=verifier,
-                                 out_path=Path(cfg.train.out_dir) / "semantic_entropy.jsonl", mesh=mesh)
+                                 out_path=out_path, mesh=mesh)
         se_values = [s["se"] for s in stats]
         records = [dataclasses.replace(r, extra={**r.extra, **s}) for r, s in zip(records, stats)]
     curriculum = build_curriculum(cfg, records, se_values)
@@ -287,46 +357,98 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
                       pipeline=pipeline, sampler=sampler, verifier=verifier, heldout=held)
 
 
-def save_policy(graphdef, params, tokenizer, out_dir: str | Path) -> Path:
-    """Write the policy as an HF checkpoint (plus its tokenizer) to `out_dir`."""
+def save_policy(graphdef, params, tokenizer, out_dir, *, dtype: str | None = None) -> Path:
+    """Write the policy as an HF checkpoint (plus its tokenizer) to `out_dir` (local or gs://).
+
+    Every process must call this: gathering sharded params to the host is a collective.
+    Process 0 writes. `dtype` casts the floating params first (None keeps theirs).
+    """
+    import jax.numpy as jnp
+
     from entrl.models import save_pretrained
 
-    out = Path(out_dir)
+    out = R.as_path(out_dir, "policy directory")
+    if dtype is not None:
+        want = jnp.dtype(dtype)
+        params = jax.tree.map(lambda x: x.astype(want) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     model = nnx.merge(graphdef, params)
-    if jax.process_index() == 0:
-        save_pretrained(model, out)
-        tokenizer.save(out)
-    return out
+    primary = jax.process_index() == 0
+    with R.local_copy_for_upload(out) if primary else contextlib.nullcontext(out) as local:
+        save_pretrained(model, Path(os.fspath(local)))  # every process: its gather is a collective
+        if primary:
+            tokenizer.save(Path(os.fspath(local)))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("entrl_save_policy")
+    return R.native(out)
 
 
-def train_from_config(cfg: C.RunConfig, *, resume: bool = True, max_steps: int | None = None):
-    """Set up, train, write the final policy to `<out_dir>/policy`; returns the Trainer (closed)."""
+def source_dtype(cfg: C.RunConfig) -> str:
+    """The dtype the policy's model came in: its HF config's torch_dtype (float32 for the demo model)."""
+    run = run_checkpoint_source(cfg.model.path)
+    if run is not None:
+        return source_dtype(run.cfg)
+    if cfg.model.path == "demo":
+        return "float32"
+    hf = json.loads((resolve_model_dir(cfg.model.path) / "config.json").read_text())
+    dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
+class Preempted(RuntimeError):
+    """The run stopped on SIGTERM after writing a checkpoint; rerunning the same command resumes it."""
+
+    def __init__(self, step: int, out_dir):
+        super().__init__(f"stopped by SIGTERM after step {step}; its checkpoint is in {out_dir}; "
+                         "run the same command again to resume")
+        self.step = step
+
+
+def train_from_config(cfg: C.RunConfig, *, resume: bool = True, overwrite: bool = False,
+                      max_steps: int | None = None):
+    """Lock the run directory, set up, train, write the final policy to `<out_dir>/policy`.
+
+    Returns the Trainer (closed). `resume=False` in a directory that already holds a run raises
+    ConfigError unless `overwrite` (which deletes that run first). Raises `Preempted` when the run
+    stopped on SIGTERM (a checkpoint is written, `policy/` is not).
+    """
     from entrl.rl.trainer import Trainer
 
-    comps = setup(cfg)
-    out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=2))
-    trainer = Trainer(comps)
+    maybe_initialize_distributed()
+    run_dir = R.RunDir.open(cfg.train.out_dir, resume=resume, overwrite=overwrite, config=C.to_dict(cfg))
     try:
-        trainer.run(max_steps=max_steps, resume=resume)
-        save_policy(comps.graphdef, trainer.params, comps.tokenizer, out / "policy")
+        comps = setup(cfg)
+        trainer = Trainer(comps, run_dir=run_dir)
+        try:
+            trainer.run(max_steps=max_steps, resume=resume and not overwrite)
+            if trainer.preempted:
+                raise Preempted(trainer.step, run_dir.path / "checkpoints")
+            save_policy(comps.graphdef, trainer.params, comps.tokenizer, run_dir.path / "policy")
+        finally:
+            trainer.close()
+            comps.verifier.close()
     finally:
-        trainer.close()
-        comps.verifier.close()
+        run_dir.close()
     return trainer
 
 
-def export_run(run_dir: str, out_dir: str) -> Path:
-    """`entrl export`: the latest checkpoint of a run as an HF checkpoint directory."""
-    from entrl.checkpoint import CheckpointManager
-    from entrl.rl.trainer import Trainer  # noqa: F401  (keeps import graph uniform)
+def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None) -> Path:
+    """`entrl export`: a kept checkpoint of a run (latest by default) as an HF checkpoint directory.
 
-    run = Path(run_dir)
-    cfg_path = run / "config.json"
-    if not cfg_path.exists():
-        raise C.ConfigError(f"{run_dir!r} is not an entrl run directory (no config.json)")
-    cfg = C.from_dict(json.loads(cfg_path.read_text()))
+    Read-only on the run. `dtype` defaults to the dtype of the run's source model (`source_dtype`).
+    Runs under `launch/` too: every process restores and joins the gather, process 0 writes.
+    """
+    maybe_initialize_distributed()
+    run = R.absolute(R.as_path(run_dir, "run directory"))
+    stored = R.read_run_config(run)
+    if stored is None:
+        raise C.ConfigError(f"{run_dir!r} is not an entrl run directory (no {R.RUN_CONFIG})")
+    out = R.as_path(out_dir, "--out")
+    if out.exists() and any(True for _ in out.iterdir()) and not R.is_model_dir(out):
+        raise C.ConfigError(f"--out {out_dir!r} is a non-empty directory that is not a model directory")
+    source = RunSource(run, C.from_dict(stored))
+    cfg = _as_run_model(source.cfg, source)
     tokenizer = build_tokenizer(cfg)
     # Params FSDP-sharded over whatever devices this machine has: the run's batch layout (build_mesh's
     # checks) is irrelevant to an export, which may run on a different machine than the training.
@@ -334,12 +456,9 @@ def export_run(run_dir: str, out_dir: str) -> Path:
 
     mesh = make_mesh(data=1, fsdp=-1, tensor=1)
     graphdef, params = build_model(cfg, mesh, tokenizer)
-    ckpt = CheckpointManager(run / "checkpoints")
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
-    restored = ckpt.restore_latest(params_target=abstract, opt_state_target=None)
-    if restored is None:
-        raise C.ConfigError(f"{run_dir!r} has no restorable checkpoint")
-    out = save_policy(graphdef, restored.params, tokenizer, out_dir)
-    ckpt.close()
-    log.info("exported step %d of %s to %s", restored.step, run_dir, out)
-    return out
+    restored = restore_run_params(source, (graphdef, params), step=step)
+    dtype = dtype or source_dtype(cfg)
+    save_policy(graphdef, restored.params, tokenizer, out, dtype=dtype)
+    if jax.process_index() == 0:
+        log.info("exported step %d of %s to %s (%s)", restored.step, run_dir, out, dtype)
+    return R.native(out)

@@ -19,8 +19,14 @@ Design decisions:
   and stops the run after `train.max_nonfinite_steps` in a row. A checkpoint is
   never written from a step that was skipped (the state is the previous one,
   which was finite) and the checkpoint writer re-checks finiteness.
-- SIGTERM (preemption) sets a flag; the loop writes a checkpoint after the
-  current step and exits cleanly.
+- SIGTERM (preemption) sets a flag; the loop finishes the current step, writes
+  a checkpoint and returns with `preempted` set. The run did not finish, so
+  `train_from_config` writes no `policy/` and raises `Preempted` (the CLI
+  exits 143 = 128 + SIGTERM, the shell's code for a SIGTERM'd process).
+- The run directory is locked for as long as the Trainer lives
+  (`entrl.rundir.RunDir`, taken by `train_from_config` before setup, or by
+  the Trainer itself when built directly). A fresh start (`run(resume=False)`)
+  in a directory holding checkpoints is refused: it could never save over them.
 """
 
 from __future__ import annotations
@@ -121,15 +127,18 @@ def step_settings(cfg: C.RunConfig, shards: int = 1) -> S.StepSettings:
 class Trainer:
     """Runs `cfg` to completion (or `max_steps`), checkpointing and logging as it goes."""
 
-    def __init__(self, comps: Components):
+    def __init__(self, comps: Components, run_dir=None):
         from entrl.checkpoint import CheckpointManager
         from entrl.metrics import MetricsLogger
+        from entrl.rundir import RunDir
 
         self.c = comps
         cfg = comps.cfg
         self.cfg = cfg
-        self.out = Path(cfg.train.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        # A caller that built the components itself gets the lock here (train_from_config passes its own).
+        self._own_run_dir = run_dir is None
+        self.run_dir = run_dir or RunDir.open(cfg.train.out_dir, resume=True, config=C.to_dict(cfg), adopt=True)
+        self.out = self.run_dir.path
         self.settings = step_settings(cfg, data_shards(comps.mesh))
         total_opt_steps = max(cfg.train.steps, 1) * cfg.train.ppo_epochs * (
             cfg.train.prompts_per_step // cfg.train.minibatch_prompts)
@@ -154,6 +163,7 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.key = jax.random.key(cfg.train.seed)
         self._stop = False
+        self.preempted = False  # set when run() stopped on SIGTERM
         self._eval_sampler = None
         self._warned_eval = False
         self.history: list[dict] = []
@@ -337,20 +347,22 @@ class Trainer:
     def run(self, *, max_steps: int | None = None, resume: bool = True) -> list[dict]:
         cfg = self.cfg
         if not (resume and self.restore()):
-            # A fresh start in a used directory: drop the old run's metric lines (they would interleave).
-            self.logger.truncate_after(self.step)
             old = self.ckpt.latest_step()
-            if old is not None and old >= self.step:
-                log.warning("%s already holds checkpoints up to step %d; orbax will not overwrite them, so this "
-                            "run saves only after step %d; use a fresh train.out_dir", self.ckpt.directory, old, old)
+            if old is not None:
+                raise C.ConfigError(f"{self.ckpt.directory} already holds checkpoints up to step {old}: a fresh "
+                                    "run cannot save over them; resume, or start over with --overwrite")
+            self.logger.truncate_after(self.step)  # metric lines of a run that never checkpointed
         prev = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         try:
             it = iter(self.c.pipeline)
             ran = 0
-            while not self._should_stop():
+            while True:
                 if cfg.train.steps and self.step >= cfg.train.steps:
                     break
                 if max_steps is not None and ran >= max_steps:
+                    break
+                if self._should_stop():
+                    self.preempted = True
                     break
                 try:
                     batch = next(it)
@@ -387,9 +399,13 @@ class Trainer:
         return self.history
 
     def close(self):
-        self.ckpt.wait()
-        self.ckpt.close()
-        self.logger.close()
+        try:
+            self.ckpt.wait()
+            self.ckpt.close()
+            self.logger.close()
+        finally:
+            if self._own_run_dir:
+                self.run_dir.close()
 
     def evaluate(self) -> dict:
         """Held-out pass@1 (one sample per problem at the rollout temperature)."""
@@ -426,7 +442,7 @@ class Trainer:
             self.opt_state = self._init_opt(self.params)
 
     def _on_sigterm(self, signum, frame):
-        log.warning("SIGTERM: finishing the current step, writing a checkpoint and exiting")
+        log.warning("SIGTERM: finishing the current step, writing a checkpoint and stopping")
         self._stop = True
 
 
