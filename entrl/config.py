@@ -250,9 +250,11 @@ class EvalSection:
     top_p: float = 1.0  # nucleus mass
     max_new_tokens: int = 8000  # response budget
     max_problems: int = 0  # evaluate only the first N problems per benchmark (0 = all)
+    batch_problems: int = 0  # problems per sampler call (0 = 64)
 
     def __post_init__(self):
         _positive("eval.n", self.n)
+        _non_negative("eval.batch_problems", self.batch_problems)
         if any(k < 1 or k > self.n for k in self.k):
             raise ConfigError(f"eval.k={self.k}: every k must be in [1, eval.n={self.n}]")
 

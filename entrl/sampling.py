@@ -542,6 +542,13 @@ class Sampler:
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             return _sample(graphdef, params, ids, mask, rng, cfg=cfg, mesh=self.mesh)
 
+    def lower(self, graphdef, params, prompt_ids_BxP, prompt_mask_BxP):
+        """The jitted program `sample` runs, lowered for (possibly abstract) inputs: ShapeDtypeStructs
+        with shardings give the program without allocating anything (`entrl plan`)."""
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            return _sample.lower(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, jax.random.key(0),
+                                 cfg=self.config, mesh=self.mesh)
+
 
 def _as_id_tuple(ids) -> tuple[int, ...]:
     if ids is None:
