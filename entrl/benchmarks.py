@@ -17,8 +17,17 @@ Design decisions:
   inequalities, decimals and `4.5e33`-style numbers are listed under `flagged` in results.json with
   their accuracy (`answer_format_flags`); they are graded like every other problem, never dropped.
 - Averages over benchmarks are unweighted means of the per-benchmark numbers (the paper's "Average").
-Left out on purpose: multi-device sampling (one device; raise batch_size instead), tolerance
-grading of rounded physics answers and LLM judges (plug in through `verifier=`).
+- Driven by a run config like every other command: `eval.*` (benchmarks, n, k, temperature, top_p,
+  max_new_tokens, batch_problems, cache_dtype, seed), `model.*` (path, tokenizer, compute dtype: the
+  weights are loaded in it, half the bytes of float32 masters under bfloat16), `mesh.*` (the model is
+  placed on the mesh; each sampler call's rows are split over the data shards), `data.*` (chat
+  template, prompt suffix) and `rollout.prompt_buckets`. `eval.batch_problems=0` sizes the batch from
+  the memory plan on an accelerator (`entrl.plan.auto_eval_batch`).
+- Multi-host (`launch/`): every process runs the same loop; each decodes and grades the rows its own
+  devices hold (`entrl.evaluation.sample_and_grade`), process 0 alone writes samples.jsonl, run.json
+  and the results: one results file, resumable like a single-process run.
+Left out on purpose: tolerance grading of rounded physics answers and LLM judges (plug in through
+`verifier=`).
 """
 
 from __future__ import annotations
@@ -32,10 +41,9 @@ import numpy as np
 from entrl.evaluation import _check_k, sample_and_grade, summarize
 from entrl.semantic_entropy import PairsEquivalent
 
-EVAL_DEFAULTS = {"n": 32, "ks": (1, 8, 16, 32), "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8000}
 # Settings that must not change when an evaluation directory is resumed (see run.json).
 RESUME_KEYS = ("model", "tokenizer", "n", "temperature", "top_p", "max_new_tokens", "seed", "dtype",
-               "chat_template", "prompt_suffix")
+               "cache_dtype", "chat_template", "prompt_suffix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +251,10 @@ def _check_run_settings(out, settings: dict, have_samples: bool) -> None:
             raise ConfigError(f"{out} holds samples drawn with other settings ({lines}); use another --out "
                              "or delete its samples.jsonl")
         return
-    path.write_text(json.dumps({"settings": settings}, indent=2) + "\n")
+    import jax
+
+    if jax.process_index() == 0:
+        path.write_text(json.dumps({"settings": settings}, indent=2) + "\n")
 
 
 # -- metrics and tables -------------------------------------------------------
@@ -328,106 +339,139 @@ def _sample_benchmark(bench: Benchmark, prompts: list[list[int]], todo: list[int
                     "answer": g.answers[s], "correct": bool(g.correct_PxN[r_i, j]), "status": g.status[s],
                     "finish_reason": FINISH_REASONS[int(g.finish_code[s])], "length": int(g.lengths[s]),
                     "response": g.responses[s]}, ensure_ascii=False) + "\n")
-        append_text(samples_file, "".join(lines), fsync=True)
+        if jax.process_index() == 0:  # every process holds every graded row (sample_and_grade gathers them)
+            append_text(samples_file, "".join(lines), fsync=True)
         log.info("%s: %d/%d problems sampled (%.0f s)", bench.key, min(b0 + batch_size, len(todo)), len(todo),
                  time.perf_counter() - t0)
 
 
-def run_eval_cli(*, model: str, benchmarks: Sequence[str], n: int = 32, ks: Sequence[int] = (1, 8, 16, 32),
-                 out_dir: str = "eval_out", data_dir: str | None = None, max_new_tokens: int = 8000,
-                 temperature: float = 1.0, top_p: float = 1.0, max_problems: int = 0, batch_size: int = 64,
-                 seed: int = 0, tokenizer: str | None = None, dtype: str = "bfloat16", chat_template: bool = True,
-                 buckets: Sequence[int] | None = None, verifier=None) -> dict:
-    """`entrl eval`: sample n responses per benchmark problem, grade, write results.{md,json} and samples.jsonl.
+def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
+    """`entrl eval`: sample `eval.n` responses per benchmark problem, grade, write results.{md,json} and
+    samples.jsonl to `out_dir` (default `eval.out_dir`). Returns the results.json content.
 
-    `model` is an HF checkpoint dir, an entrl run dir (its `policy/`) or a hub id; `tokenizer` defaults to
-    the model's. Prompts are problem + `SENT_SUFFIX` as one user turn of the chat template. `verifier`
-    (default: a `entrl.rewards.Verifier` worker pool, closed at the end) grades; `buckets` are the prompt
-    length buckets of the sampler. Returns the results.json content. See the section comment above.
+    The model is `model.path` (an HF checkpoint dir, an entrl run dir's `policy/`, or a hub id), the
+    tokenizer `model.tokenizer` or the model's. Prompts are problem + `data.prompt_suffix` as one user
+    turn of the chat template (`data.chat_template`). `verifier` (default: an `entrl.rewards.Verifier`
+    pool, closed at the end) grades. See the module docstring.
     """
     import json
 
     import jax
+    from flax import nnx
+    from jax.experimental import multihost_utils
 
     from entrl.config import ConfigError
-    from entrl.data.tasks import SENT_SUFFIX, tokenize_prompts
+    from entrl.data.tasks import tokenize_prompts
+    from entrl.models import load_pretrained
     from entrl.rewards import Verifier
-    from entrl.rl.setup import resolve_model_dir
+    from entrl.rl.setup import build_tokenizer, cache_dtype, maybe_initialize_distributed, resolve_model_dir
     from entrl.rundir import as_path
-    from entrl.sampling import DEFAULT_BUCKETS
-    from entrl.tokenizer import load_tokenizer
+    from entrl.sampling import Sampler, SamplingConfig
+    from entrl.sharding import data_shards, make_mesh
 
-    ks = sorted({int(k) for k in ks})
-    if not benchmarks:
-        raise ConfigError("no benchmarks given")
+    e, m = cfg.eval, cfg.model
+    ks = sorted({int(k) for k in e.k})
+    if not e.benchmarks:
+        raise ConfigError("eval.benchmarks is empty")
     try:
         for k in ks:
-            _check_k(n, k)
-    except ValueError as e:
-        raise ConfigError(f"{e}; raise --n or drop that k") from None
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size}: must be >= 1")
-    buckets = tuple(buckets or DEFAULT_BUCKETS)
+            _check_k(e.n, k)
+    except ValueError as err:
+        raise ConfigError(f"eval.k: {err}; raise eval.n or drop that k") from None
+    out_dir = out_dir or e.out_dir
+    if not out_dir:
+        raise ConfigError("no output directory: give --out or eval.out_dir")
+    maybe_initialize_distributed()
+    buckets = tuple(cfg.rollout.prompt_buckets)
     out = as_path(out_dir, "--out")  # local or gs://
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = resolve_model_dir(str(model))
-    tok_name = str(tokenizer or model_dir)
+    model_dir = resolve_model_dir(m.path)
+    tok = build_tokenizer(cfg)
+    tok_name = m.tokenizer or str(model_dir)
+    kv_dtype = cache_dtype(cfg, e.cache_dtype)
+    suffix = cfg.data.prompt_suffix
     settings = {"model": str(model_dir.resolve()) if model_dir.exists() else str(model_dir), "tokenizer": tok_name,
-                "n": n, "temperature": float(temperature), "top_p": float(top_p), "max_new_tokens": max_new_tokens,
-                "seed": seed, "dtype": dtype, "chat_template": chat_template, "prompt_suffix": SENT_SUFFIX}
+                "n": e.n, "temperature": float(e.temperature), "top_p": float(e.top_p),
+                "max_new_tokens": e.max_new_tokens, "seed": e.seed, "dtype": m.dtype, "cache_dtype": kv_dtype,
+                "chat_template": cfg.data.chat_template, "prompt_suffix": suffix}
     samples_file = out / "samples.jsonl"
     # Settings first: reading with another n would take every problem on disk for a partial one.
     _check_run_settings(out, settings, have_samples=samples_file.exists() and samples_file.stat().length > 0)
-    done = _read_samples(samples_file, n)
+    done = _read_samples(samples_file, e.n)
 
-    suites = [load_benchmark(b, data_dir=data_dir, max_problems=max_problems) for b in benchmarks]
+    suites = [load_benchmark(b, data_dir=e.data_dir or None, max_problems=e.max_problems) for b in e.benchmarks]
     if len({s.key for s in suites}) != len(suites):
-        raise ConfigError(f"benchmarks {list(benchmarks)} name the same benchmark twice")
-    tok = load_tokenizer(tok_name)
+        raise ConfigError(f"eval.benchmarks {list(e.benchmarks)} name the same benchmark twice")
     prompts = {s.key: tokenize_prompts(s.records, tok, max_prompt_len=max(buckets), on_long_prompt="error",
-                                       chat_template=chat_template).tokens for s in suites}
+                                       suffix=suffix, chat_template=cfg.data.chat_template).tokens for s in suites}
     todo = {s.key: [i for i, r in enumerate(s.records) if (s.key, r.id) not in done] for s in suites}
 
     own_verifier = verifier is None
-    verifier = Verifier() if own_verifier else verifier
+    verifier = Verifier(workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s) if own_verifier else verifier
     try:
         if any(todo.values()):
-            from flax import nnx
-
-            from entrl.models import load_pretrained
-            from entrl.sampling import Sampler, SamplingConfig
-
-            net = load_pretrained(model_dir, dtype=dtype)
+            try:
+                mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            batch = eval_batch_problems(cfg, mesh)
+            net = load_pretrained(model_dir, dtype=m.dtype, param_dtype=m.dtype, mesh=mesh)
             banned = {tok.pad_token_id} | ({tok.bos_token_id} if tok.bos_token_id is not None else set())
-            sc = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            sc = SamplingConfig(n=e.n, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
                                 eos_ids=tuple(tok.stop_token_ids), pad_id=tok.pad_token_id,
-                                banned_ids=tuple(sorted(banned)))
+                                banned_ids=tuple(sorted(banned)), cache_dtype=kv_dtype)
             sc.check_vocab(net.cfg.vocab_size)
             graphdef, params = nnx.split(net)
+            log = __import__("logging").getLogger(__name__)
+            log.info("eval: %d problems x %d samples per sampler call, on %d devices (%d data shards)", batch,
+                     e.n, mesh.size, data_shards(mesh))
             for s in suites:
                 if todo[s.key]:
-                    _sample_benchmark(s, prompts[s.key], todo[s.key], sampler=Sampler(sc), graphdef=graphdef,
-                                      params=params, tokenizer=tok, verifier=verifier, key=jax.random.key(seed),
-                                      batch_size=batch_size, buckets=buckets, samples_file=samples_file)
-            done = _read_samples(samples_file, n)
+                    _sample_benchmark(s, prompts[s.key], todo[s.key], sampler=Sampler(sc, mesh=mesh),
+                                      graphdef=graphdef, params=params, tokenizer=tok, verifier=verifier,
+                                      key=jax.random.key(e.seed), batch_size=batch, buckets=buckets,
+                                      samples_file=samples_file)
+            if jax.process_count() > 1:  # process 0's appends are on disk before anyone reads them
+                multihost_utils.sync_global_devices("entrl_eval_samples_written")
+            done = _read_samples(samples_file, e.n)
 
         per: dict[str, dict] = {}
         hook = getattr(verifier, "equivalent_pairs", None)
         for s in suites:
             rows = [done[(s.key, r.id)] for r in s.records]
-            m = benchmark_metrics(rows, ks, pairs_equivalent=hook)
-            m["flagged"] = [{"id": r.id, "answer": r.answer, "reasons": f,
-                             "accuracy": float(np.mean([x["correct"] for x in rs]))}
-                            for r, rs in zip(s.records, rows) if (f := answer_format_flags(r.answer))]
-            per[s.key] = {"label": s.label, **m}
+            metrics = benchmark_metrics(rows, ks, pairs_equivalent=hook)
+            metrics["flagged"] = [{"id": r.id, "answer": r.answer, "reasons": f,
+                                   "accuracy": float(np.mean([x["correct"] for x in rs]))}
+                                  for r, rs in zip(s.records, rows) if (f := answer_format_flags(r.answer))]
+            per[s.key] = {"label": s.label, **metrics}
     finally:
         if own_verifier:
             verifier.close()
-    results = {"settings": {**settings, "ks": ks, "benchmarks": [s.key for s in suites], "data_dir": data_dir,
-                            "max_problems": max_problems},
+    results = {"settings": {**settings, "ks": ks, "benchmarks": [s.key for s in suites], "data_dir": e.data_dir,
+                            "max_problems": e.max_problems},
                "ks": ks, "benchmarks": per, "average": average_metrics(per, ks)}
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    table = results_markdown(results)
-    (out / "results.md").write_text(table)
-    print(table)
+    if jax.process_index() == 0:
+        (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        (out / "results.md").write_text(results_markdown(results))
     return results
+
+
+def eval_batch_problems(cfg, mesh) -> int:
+    """Problems per sampler call: `eval.batch_problems`, or (0) the most that fit the accelerator's memory
+    (`entrl.plan.auto_eval_batch`), or 64 where the devices report no memory (CPU). The call's rows
+    (problems x eval.n) must split over the data shards."""
+    from entrl.config import ConfigError
+    from entrl.sharding import data_shards
+
+    e = cfg.eval
+    shards = data_shards(mesh)
+    batch = e.batch_problems
+    if not batch:
+        from entrl.plan import auto_eval_batch, device_budget
+
+        budget, _ = device_budget()
+        batch = auto_eval_batch(cfg, budget) if budget else 64
+    if batch * e.n % shards:
+        raise ConfigError(f"eval.batch_problems={batch} x eval.n={e.n} rows per sampler call do not split over the "
+                          f"{shards} data shards (mesh.data * mesh.fsdp)")
+    return batch

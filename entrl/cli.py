@@ -98,13 +98,30 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from entrl.benchmarks import run_eval_cli
+    """`entrl eval [CONFIG] [overrides]`: the config's `eval.*`; each flag is a shortcut for a key."""
+    from entrl import config as C
+    from entrl.benchmarks import results_markdown, run_eval
 
-    run_eval_cli(model=args.model, benchmarks=args.benchmarks.split(","), n=args.n,
-                 ks=[int(k) for k in args.k.split(",")], out_dir=args.out, data_dir=args.data_dir,
-                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                 max_problems=args.max_problems, batch_size=args.batch_size, seed=args.seed,
-                 tokenizer=args.tokenizer)
+    config, overrides = _config_and_overrides(args, required=False)
+    shortcuts = {"model": "model.path", "tokenizer": "model.tokenizer", "dtype": "model.dtype",
+                 "benchmarks": "eval.benchmarks", "data_dir": "eval.data_dir", "n": "eval.n", "k": "eval.k",
+                 "max_new_tokens": "eval.max_new_tokens", "temperature": "eval.temperature", "top_p": "eval.top_p",
+                 "max_problems": "eval.max_problems", "batch_size": "eval.batch_problems", "seed": "eval.seed",
+                 "out": "eval.out_dir"}
+    flags = []
+    for name, key in shortcuts.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name in ("benchmarks", "k"):
+            value = "[" + ", ".join(v.strip() for v in str(value).split(",") if v.strip()) + "]"
+        flags.append(f"{key}={value}")
+    if not config and not args.model:
+        raise C.ConfigError("entrl eval: give a config (its model.path is evaluated) or --model")
+    cfg = C.load_config(config, [*flags, *overrides])
+    if not cfg.eval.out_dir:
+        cfg = C.replace(cfg, **{"eval.out_dir": "eval_out"})
+    print(results_markdown(run_eval(cfg)))
     return 0
 
 
@@ -168,7 +185,8 @@ def cmd_plan(args) -> int:
         devices = args.devices or (target.devices if target else None)
         budget = int(args.hbm_gb * GIB) if args.hbm_gb else (target.hbm_bytes if target else None)
         source = "--hbm-gb" if args.hbm_gb else (str(target) if target else "")
-        results.append((label, _plan_one(config, ovr, devices, budget, source, args.headroom, not args.no_eval)))
+        results.append((label, _plan_one(config, ovr, devices, budget, source, args.headroom, not args.no_eval,
+                                         args.eval)))
     if args.json:
         out = results[0][1] if len(results) == 1 else {"plans": [{"target": lbl, **r} for lbl, r in results],
                                                         "fits": all(r["fits"] for _, r in results)}
@@ -183,7 +201,7 @@ def cmd_plan(args) -> int:
     return 0 if all(fits) else 3
 
 
-def _plan_one(config, overrides, devices, budget, source, headroom, with_eval) -> dict:
+def _plan_one(config, overrides, devices, budget, source, headroom, with_eval, eval_only=False) -> dict:
     """One plan as a JSON-able dict (with its `table`), in this process when its devices are these, else
     in a subprocess with `devices` simulated CPU devices."""
     import json
@@ -205,7 +223,7 @@ def _plan_one(config, overrides, devices, budget, source, headroom, with_eval) -
 
     if devices and jax.device_count() != devices:
         cmd = [sys.executable, "-m", "entrl.cli", "plan", config, *overrides, "--devices", str(devices), "--json",
-               "--headroom", str(headroom)] + ([] if with_eval else ["--no-eval"])
+               "--headroom", str(headroom)] + ([] if with_eval else ["--no-eval"]) + (["--eval"] if eval_only else [])
         if budget:
             cmd += ["--hbm-gb", repr(budget / 2**30)]
         env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -219,12 +237,15 @@ def _plan_one(config, overrides, devices, budget, source, headroom, with_eval) -
             out["budget_source"] = source
         return out
     from entrl import config as C
-    from entrl.plan import device_budget, plan_run
+    from entrl.plan import device_budget, plan_eval, plan_run
 
     if budget is None:
         budget, source = device_budget()
     cfg = C.load_config(config, overrides)
-    plan = plan_run(cfg, budget_bytes=budget, budget_source=source, headroom=headroom, with_eval=with_eval)
+    if eval_only:
+        plan = plan_eval(cfg, budget_bytes=budget, budget_source=source, headroom=headroom)
+    else:
+        plan = plan_run(cfg, budget_bytes=budget, budget_source=source, headroom=headroom, with_eval=with_eval)
     return {**plan.to_json(), "table": plan.table()}
 
 
@@ -290,20 +311,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="dotted overrides of the demo's RL config")
     d.set_defaults(fn=cmd_demo)
 
-    e = sub.add_parser("eval", help="pass@k / avg@k / maj@k on the paper's benchmarks")
-    e.add_argument("--model", required=True, help="HF checkpoint dir, hub id, or entrl run dir")
-    e.add_argument("--benchmarks", default="aime24,aime25,amc23,math500,minerva,olympiadbench")
-    e.add_argument("--data-dir", default=None, help="directory of <benchmark>.jsonl files (default: hub datasets)")
-    e.add_argument("--n", type=int, default=32)
-    e.add_argument("--k", default="1,8,16,32")
-    e.add_argument("--out", default="eval_out")
-    e.add_argument("--max-new-tokens", type=int, default=8000)
-    e.add_argument("--temperature", type=float, default=1.0)
-    e.add_argument("--top-p", type=float, default=1.0)
-    e.add_argument("--max-problems", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=64, help="problems per sampler call")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--tokenizer", default=None)
+    e = sub.add_parser("eval", help="pass@k / avg@k / maj@k on the paper's benchmarks (the config's eval.*)")
+    e.add_argument("config", nargs="?", help="YAML config: its eval.*, model.*, mesh.* and data.* settings")
+    e.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    e.add_argument("--config", dest="config_opt", metavar="CONFIG", help="the config, as an option")
+    e.add_argument("--model", default=None, help="model.path: HF checkpoint dir, hub id, or entrl run dir")
+    e.add_argument("--benchmarks", default=None, help="eval.benchmarks, comma-separated names or paths "
+                                                      f"(default {BENCHMARKS})")
+    e.add_argument("--data-dir", default=None, help="eval.data_dir: directory of <benchmark>.jsonl files "
+                                                    "(default: hub datasets)")
+    e.add_argument("--n", type=int, default=None, help="eval.n: samples per problem (default 32)")
+    e.add_argument("--k", default=None, help="eval.k, comma-separated (default 1,8,16,32)")
+    e.add_argument("--out", default=None, help="eval.out_dir (default eval_out)")
+    e.add_argument("--max-new-tokens", type=int, default=None, help="eval.max_new_tokens (default 8000)")
+    e.add_argument("--temperature", type=float, default=None, help="eval.temperature (default 1.0)")
+    e.add_argument("--top-p", type=float, default=None, help="eval.top_p (default 1.0)")
+    e.add_argument("--max-problems", type=int, default=None, help="eval.max_problems per benchmark (0 = all)")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="eval.batch_problems: problems per sampler call (0 = sized from the memory plan)")
+    e.add_argument("--seed", type=int, default=None, help="eval.seed")
+    e.add_argument("--tokenizer", default=None, help="model.tokenizer (default: the model's)")
+    e.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="model.dtype: compute and weight dtype of evaluation (default float32, or the config's)")
     e.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("semantic-entropy", help="annotate a dataset with per-prompt semantic entropy")
@@ -353,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--suggested", action="store_true",
                     help="plan every mesh suggested in the config's YAML comments (`#   TPU v5p-8 (4 chips): mesh...`)")
     pn.add_argument("--no-eval", action="store_true", help="skip the evaluation sampler")
+    pn.add_argument("--eval", action="store_true", help="plan `entrl eval` with this config instead of training")
     pn.add_argument("--json", action="store_true", help="print one JSON object (keys include fits, per_device_bytes)")
     pn.set_defaults(fn=cmd_plan)
 

@@ -250,11 +250,15 @@ class EvalSection:
     top_p: float = 1.0  # nucleus mass
     max_new_tokens: int = 8000  # response budget
     max_problems: int = 0  # evaluate only the first N problems per benchmark (0 = all)
-    batch_problems: int = 0  # problems per sampler call (0 = 64)
+    batch_problems: int = 0  # problems per sampler call (0 = the most that fit the accelerator's memory; 64 on CPU)
+    cache_dtype: str = "auto"  # KV-cache dtype of evaluation: auto (= model.dtype) | float32 | bfloat16
+    seed: int = 0  # sampling seed of `entrl eval`
+    out_dir: str = ""  # where `entrl eval` writes samples.jsonl and results (--out)
 
     def __post_init__(self):
         _positive("eval.n", self.n)
         _non_negative("eval.batch_problems", self.batch_problems)
+        _choice("eval.cache_dtype", self.cache_dtype, ("auto", "float32", "bfloat16"))
         if any(k < 1 or k > self.n for k in self.k):
             raise ConfigError(f"eval.k={self.k}: every k must be in [1, eval.n={self.n}]")
 

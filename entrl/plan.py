@@ -360,13 +360,12 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
         step_batch_bytes
     per["rollout_peak"] = resident + programs["rollout"].extra(params_bytes)
     notes = []
-    if with_eval:
+    if with_eval and cfg.train.eval_every:  # periodic evaluation is part of the run only when it is on
         e = cfg.eval
         eval_prompts = _eval_call_prompts(cfg, shards)
-        esc = dataclasses.replace(sc, n=e.n, temperature=e.temperature, top_p=e.top_p, top_k=0,
-                                  max_new_tokens=e.max_new_tokens)
         eprompts = rows_of(eval_prompts, plen)
-        programs["eval"] = _analyse("eval", Sampler(esc, mesh=mesh).lower(graphdef, params, eprompts, eprompts))
+        programs["eval"] = _analyse("eval", Sampler(_eval_sampling(cfg, mcfg), mesh=mesh).lower(
+            graphdef, params, eprompts, eprompts))
         per["eval_peak"] = resident + programs["eval"].extra(params_bytes)
         notes.append(f"eval: {eval_prompts} problems x {e.n} samples per sampler call")
     if jax.default_backend() == "cpu":
@@ -380,6 +379,75 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
         programs={k: {**dataclasses.asdict(p), "extra": p.extra(0)} for k, p in programs.items()},
         tokens_per_step={"rows": step_rows, "prompt": step_rows * plen, "response": step_rows * L},
         steps_per_stage=steps, steps_note=steps_note, notes=notes)
+
+
+def _eval_sampling(cfg: C.RunConfig, mcfg: ModelConfig):
+    from entrl.rl.setup import cache_dtype
+    from entrl.sampling import SamplingConfig
+
+    e = cfg.eval
+    eos = mcfg.eos_token_ids or (0,)
+    pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else eos[0]
+    return SamplingConfig(n=e.n, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
+                          eos_ids=tuple(eos), pad_id=pad, cache_dtype=cache_dtype(cfg, e.cache_dtype))
+
+
+def plan_eval(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source: str = "",
+              headroom: float = DEFAULT_HEADROOM, batch_problems: int | None = None) -> MemoryPlan:
+    """The memory plan of `entrl eval` with `cfg`: the weights in the compute dtype (all `entrl eval`
+    loads) and one sampler call of `batch_problems` (default `eval.batch_problems`, else 64) problems."""
+    from entrl.sampling import Sampler
+    from entrl.sharding import make_mesh
+
+    try:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    except ValueError as e:
+        raise C.ConfigError(str(e)) from None
+    shards = data_shards(mesh)
+    mcfg = model_config(cfg)
+    m, e = cfg.model, cfg.eval
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: Transformer(mcfg, rngs=nnx.Rngs(0), dtype=m.dtype, param_dtype=m.dtype)))
+    params = _abstract(state, param_shardings(state, mesh))
+    batch = batch_problems or e.batch_problems or 64
+    if batch * e.n % shards:
+        raise C.ConfigError(f"{batch} problems x eval.n={e.n} rows do not split over the {shards} data shards")
+    plen = max(cfg.rollout.prompt_buckets)
+    prompts = jax.ShapeDtypeStruct((batch, plen), jnp.int32, sharding=batch_sharding(mesh, 2)
+                                   if batch % shards == 0 else NamedSharding(mesh, PartitionSpec()))
+    program = _analyse("eval", Sampler(_eval_sampling(cfg, mcfg), mesh=mesh).lower(graphdef, params, prompts, prompts))
+    params_bytes = _per_device_bytes(params)
+    rows = batch * e.n
+    return MemoryPlan(
+        model=cfg.model.path, num_params=mcfg.num_params(), mesh=dict(mesh.shape), devices=mesh.size,
+        platform=jax.default_backend(), budget_bytes=budget_bytes, budget_source=budget_source, headroom=headroom,
+        per_device_bytes={"params": params_bytes, "eval_peak": params_bytes + program.extra(params_bytes)},
+        programs={"eval": {**dataclasses.asdict(program), "extra": program.extra(0)}},
+        tokens_per_step={"rows": rows, "prompt": rows * plen, "response": rows * e.max_new_tokens},
+        steps_per_stage=None, steps_note="entrl eval",
+        notes=[f"entrl eval: {batch} problems x {e.n} samples per sampler call, weights in {m.dtype}"])
+
+
+def auto_eval_batch(cfg: C.RunConfig, budget_bytes: int, headroom: float = DEFAULT_HEADROOM) -> int:
+    """The most problems per evaluation sampler call that fit `budget_bytes` per device.
+
+    One probe compile at the smallest batch gives the bytes per problem (KV cache, logits: linear in
+    the batch; the probe's fixed costs make the estimate conservative); the chosen size is then planned
+    itself and shrunk by a quarter until it fits.
+    """
+    from entrl.sharding import make_mesh
+
+    shards = data_shards(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    step = shards // math.gcd(shards, cfg.eval.n)  # the smallest batch whose rows split over the shards
+    probe = plan_eval(cfg, budget_bytes=budget_bytes, batch_problems=step, headroom=headroom)
+    params = probe.per_device_bytes["params"]
+    per_problem = max((probe.per_device_bytes["eval_peak"] - params) / step, 1.0)
+    batch = int((budget_bytes * (1 - headroom) - params) // per_problem) // step * step
+    batch = min(max(batch, step), 4096)
+    while batch > step and not plan_eval(cfg, budget_bytes=budget_bytes, batch_problems=batch,
+                                         headroom=headroom).fits:
+        batch = max(step, batch * 3 // 4 // step * step)
+    return batch
 
 
 def _eval_call_prompts(cfg: C.RunConfig, shards: int) -> int:
@@ -402,3 +470,27 @@ def device_budget() -> tuple[int | None, str]:
     return None, f"{dev.device_kind}: no memory_stats"
 
 
+
+
+def plan_suggested(paths: list[str | Path], devices: int, *, with_eval: bool = True) -> list[dict]:
+    """Plan every (preset, suggested mesh) among `paths` whose suggested slice has `devices` devices, on
+    this process's devices (which must number `devices`): one summary dict per pair, with `error` set
+    when the preset does not validate on that mesh. Programs shared between presets compile once."""
+    if jax.device_count() != devices:
+        raise ValueError(f"plan_suggested({devices}) needs {devices} devices, this process has {jax.device_count()}")
+    out = []
+    for path in paths:
+        for label, target, overrides in mesh_suggestions(path):
+            if target.devices != devices:
+                continue
+            row = {"config": str(path), "target": label, "overrides": overrides, "hbm_bytes": target.hbm_bytes}
+            try:
+                cfg = C.load_config(path, overrides)
+                plan = plan_run(cfg, budget_bytes=target.hbm_bytes, budget_source=str(target), with_eval=with_eval)
+            except C.ConfigError as e:
+                row["error"] = str(e)
+            else:
+                row.update(fits=plan.fits, per_device_bytes=plan.per_device_bytes, peak_bytes=plan.peak_bytes,
+                           compile_s={k: v["compile_s"] for k, v in plan.programs.items()}, table=plan.table())
+            out.append(row)
+    return out

@@ -14,6 +14,7 @@ import pytest
 from fake_gcs import fake_gcs  # noqa: F401  (fixture)
 
 from entrl import benchmarks as E
+from entrl import config as C
 from entrl import evaluation
 from entrl.cli import main
 from entrl.config import ConfigError
@@ -59,12 +60,19 @@ class StubVerifier:
         return RewardResult(correct.astype(np.float32), correct, answers, status, {})
 
 
+_KEYS = {"benchmarks": "eval.benchmarks", "n": "eval.n", "ks": "eval.k", "data_dir": "eval.data_dir",
+         "max_new_tokens": "eval.max_new_tokens", "max_problems": "eval.max_problems",
+         "batch_size": "eval.batch_problems", "seed": "eval.seed", "temperature": "eval.temperature",
+         "buckets": "rollout.prompt_buckets", "dtype": "model.dtype"}
+
+
 def _run(model_dir, out, **kw):
-    args = dict(model=str(model_dir), benchmarks=BENCHES, n=N, ks=KS, out_dir=str(out), data_dir=kw.pop("data_dir"),
-                max_new_tokens=NEW_TOKENS, max_problems=3, batch_size=2, seed=0, buckets=BUCKETS,
-                verifier=StubVerifier())
-    args.update(kw)
-    return E.run_eval_cli(**args)
+    """`run_eval` with this module's settings (the config `entrl eval` would build), `kw` overriding them."""
+    args = {**dict(benchmarks=BENCHES, n=N, ks=KS, max_new_tokens=NEW_TOKENS, max_problems=3, batch_size=2,
+                    seed=0, buckets=BUCKETS, dtype="bfloat16"), **kw}
+    overrides = [f"model.path={model_dir}", "mesh.data=-1"]
+    overrides += [f"{_KEYS[k]}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in args.items()]
+    return E.run_eval(C.load_config(None, overrides), out_dir=str(out), verifier=StubVerifier())
 
 
 def _rows(path):
@@ -202,7 +210,7 @@ def test_errors(first_run, model_dir, shared_data, tmp_path):
     with pytest.raises(ValueError, match="other settings.*n: 4"):
         _run(model_dir, out0, data_dir=str(shared_data), n=2, ks=(1,))
     assert (out0 / "samples.jsonl").read_text() == text0  # nothing was rewritten
-    with pytest.raises(ConfigError, match="k=8"):
+    with pytest.raises(ConfigError, match=r"eval.k=\[1, 8\]: every k must be in \[1, eval.n=4\]"):
         _run(model_dir, tmp_path / "a", data_dir=str(shared_data), ks=(1, 8))
     with pytest.raises(ConfigError, match="aime24"):
         _run(model_dir, tmp_path / "b", data_dir=str(tmp_path), benchmarks=["aime24"])
@@ -234,7 +242,7 @@ def test_cli_smoke(model_dir, shared_data, tmp_path):
     # the shapes and dtype of the runs above (2 minerva prompts fill the 1024 bucket): no new compile
     rc = main(["eval", "--model", str(model_dir), "--benchmarks", "minerva", "--data-dir", str(shared_data),
                "--n", str(N), "--k", "1,4", "--out", str(out), "--max-new-tokens", str(NEW_TOKENS),
-               "--max-problems", "2", "--batch-size", "2"])
+               "--max-problems", "2", "--batch-size", "2", "--dtype", "bfloat16", "rollout.prompt_buckets=[1024]"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["benchmarks"]["minerva"]["problems"] == 2 and res["settings"]["max_new_tokens"] == NEW_TOKENS

@@ -1,0 +1,122 @@
+"""`entrl plan`: memory plans from the compiled programs, targets, exit codes, and train's memory check.
+
+Small configs on the 8 test devices (the demo model at demo sizes); the paper presets on their suggested
+meshes are planned in tests/test_presets.py.
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from entrl import cli
+from entrl import config as C
+from entrl import plan as P
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = str(REPO / "configs" / "demo.yaml")
+SMALL = ["model.demo_layers=2", "model.demo_hidden=64", "model.demo_heads=4", "rollout.n=4",
+         "rollout.max_new_tokens=64", "rollout.prompt_buckets=[16]", "data.max_prompt_len=16",
+         "train.prompts_per_step=8", "train.minibatch_prompts=4", "mesh.data=4", "mesh.tensor=2",
+         "data.arithmetic_train_size=64", "loss.kl_coef=0.001"]
+
+
+def test_targets_and_suggestions():
+    assert P.parse_target("tpu-v5p-8") == P.Target("tpu-v5p", 4)  # v5p names count TensorCores
+    assert P.parse_target("v5e-16") == P.Target("tpu-v5e", 16)
+    assert P.parse_target("8xH100") == P.Target("h100", 8)
+    assert P.parse_target("a100-80gb").hbm_bytes == 80 * P.GIB
+    for bad in ("v5p-7", "tpu-v9-8", "8xb200"):
+        with pytest.raises(C.ConfigError):
+            P.parse_target(bad)
+    found = P.mesh_suggestions(REPO / "configs" / "paper" / "r1-distill-qwen-1.5b" / "sent.yaml")
+    assert len(found) >= 2 and {t.kind for _, t, _ in found} >= {"tpu-v5p", "h100"}
+    for label, target, overrides in found:
+        assert [o.split("=")[0] for o in overrides] == ["mesh.data", "mesh.fsdp", "mesh.tensor"], label
+        sizes = [int(o.split("=")[1]) for o in overrides]
+        assert int(np.prod(sizes)) == target.devices, label
+
+
+@pytest.fixture(scope="module")
+def small_plan():
+    cfg = C.load_config(DEMO, SMALL)
+    return cfg, P.plan_run(cfg, budget_bytes=P.GIB, budget_source="test")
+
+
+def test_plan_accounts_state_and_phases(small_plan):
+    cfg, plan = small_plan
+    per = plan.per_device_bytes
+    assert set(per) == {"params", "optimizer", "reference", "update_peak", "logprob_peak", "rollout_peak"}
+    # float32 params split over the mesh; AdamW holds two moments of the same layout (+ two counters)
+    mcfg = P.model_config(cfg)
+    assert per["params"] >= mcfg.num_params() * 4 / 8 and per["params"] <= mcfg.num_params() * 4
+    assert 2 * per["params"] <= per["optimizer"] <= 2 * per["params"] + 64
+    assert per["reference"] == per["params"]  # float32 compute: a float32 copy
+    resident = per["params"] + per["optimizer"] + per["reference"]
+    for phase in ("update_peak", "logprob_peak", "rollout_peak"):
+        assert per[phase] > resident, phase
+    assert plan.fits and plan.peak_bytes == max(per[k] for k in per if k.endswith("_peak"))
+    assert plan.tokens_per_step == {"rows": 32, "prompt": 32 * 16, "response": 32 * 64}
+    assert plan.steps_per_stage == [64 // 2 // 8] * 2  # two equal SE stages of 32 prompts, 8 per step
+    assert "DOES NOT FIT" not in plan.table() and "update peak" in plan.table()
+
+
+def test_bf16_compute_halves_the_reference_and_remat_shrinks_the_update(small_plan):
+    cfg, base = small_plan
+    bf16 = P.plan_run(C.replace(cfg, **{"model.dtype": "bfloat16"}))
+    assert bf16.per_device_bytes["params"] == base.per_device_bytes["params"]  # float32 masters either way
+    assert bf16.per_device_bytes["reference"] * 2 == base.per_device_bytes["reference"]
+    long = C.replace(cfg, **{"rollout.max_new_tokens": 256, "train.microbatch_per_shard": 4})
+    peak = {r: P.plan_run(C.replace(long, **{"model.remat": r})).per_device_bytes["update_peak"]
+            for r in ("none", "full")}
+    assert peak["full"] < peak["none"], peak
+
+
+def test_plan_cli_json_exit_codes_and_one_line_errors(capsys):
+    assert cli.main(["plan", DEMO, *SMALL, "--hbm-gb", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is True and set(out["per_device_bytes"]) >= {"params", "optimizer", "update_peak",
+                                                                    "rollout_peak"}
+    assert cli.main(["plan", DEMO, *SMALL, "--hbm-gb", "0.001"]) == 3
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    for bad, needle in ((["mesh.data=3"], "mesh"), (["--target", "v5p-7"], "whole chips"), ([], "no memory budget")):
+        args = ["plan", DEMO, *SMALL, *bad] + ([] if "--target" in bad or bad == [] else ["--hbm-gb", "4"])
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("entrl: config error:") and "\n" not in err and needle in err, err
+
+
+def test_plan_simulates_another_device_count(capsys):
+    """--devices 4 from a process holding 8 devices: the plan runs in a subprocess on 4 simulated CPUs."""
+    assert jax.device_count() == 8
+    assert cli.main(["plan", DEMO, *SMALL, "mesh.data=2", "--devices", "4", "--hbm-gb", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["devices"] == 4 and out["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+
+
+def test_eval_plan_and_auto_batch():
+    cfg = C.load_config(DEMO, [*SMALL, "eval.n=4", "eval.max_new_tokens=128"])
+    small = P.plan_eval(cfg, batch_problems=2)
+    big = P.plan_eval(cfg, batch_problems=16)
+    assert big.per_device_bytes["eval_peak"] > small.per_device_bytes["eval_peak"]
+    budget = (small.per_device_bytes["eval_peak"] + big.per_device_bytes["eval_peak"]) // 2
+    batch = P.auto_eval_batch(cfg, int(budget / (1 - P.DEFAULT_HEADROOM)))
+    assert 2 <= batch < 16  # between the two probes (4 samples per problem split over 4 data shards at any size)
+    assert P.plan_eval(cfg, budget_bytes=int(budget / (1 - P.DEFAULT_HEADROOM)), batch_problems=batch).fits
+
+
+def test_train_refuses_a_run_that_cannot_fit(tmp_path, monkeypatch, capsys):
+    import entrl.plan
+
+    monkeypatch.setattr(entrl.plan, "device_budget", lambda: (1 << 20, "a 1 MiB test device"))
+    code = cli.main(["train", DEMO, *SMALL, f"train.out_dir={tmp_path / 'run'}", "train.steps=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("entrl: config error: the run needs") and "\n" not in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    from entrl.rl.setup import check_memory
+
+    check_memory(C.load_config(DEMO, [*SMALL, "train.memory_check=false"]))  # opted out: no plan, no refusal
+    monkeypatch.setattr(entrl.plan, "device_budget", lambda: (None, "cpu"))
+    check_memory(C.load_config(DEMO, SMALL))  # no budget known (CPU): nothing to check against
