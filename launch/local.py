@@ -23,8 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cmd: list[str], num_processes: int, *, devices_per_process: int = 1, log_dir: str = "launch_logs",
-           timeout: float | None = None, env: dict | None = None) -> int:
+def start(cmd: list[str], num_processes: int, *, devices_per_process: int = 1, log_dir: str = "launch_logs",
+          env: dict | None = None) -> list[tuple[subprocess.Popen, object]]:
+    """Start the processes of one cluster; returns (process, its open log file) pairs."""
     port = free_port()
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     procs = []
@@ -43,6 +44,13 @@ def launch(cmd: list[str], num_processes: int, *, devices_per_process: int = 1, 
         })
         out = open(Path(log_dir) / f"process_{i}.log", "w")
         procs.append((subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT), out))
+    return procs
+
+
+def launch(cmd: list[str], num_processes: int, *, devices_per_process: int = 1, log_dir: str = "launch_logs",
+           timeout: float | None = None, env: dict | None = None) -> int:
+    """Run `cmd` as `num_processes` processes of one cluster; the first non-zero exit code, else 0."""
+    procs = start(cmd, num_processes, devices_per_process=devices_per_process, log_dir=log_dir, env=env)
     code = 0
     try:
         for p, out in procs:

@@ -12,14 +12,12 @@ update. The 2-process tests run `entrl train` in subprocesses: one with 2 device
 and 2 processes x 4 devices with the params sharded over both (policy/ and `entrl export` under the launcher).
 """
 
-import importlib.util
 import io
 import json
 import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -30,7 +28,6 @@ import numpy as np
 import pytest
 from fake_gcs import fake_gcs  # noqa: F401  (fixture)
 
-from conftest import CPU_TEST_XLA_FLAGS
 from entrl import cli
 from entrl import config as C
 from entrl.checkpoint import CheckpointManager, nonfinite_leaves
@@ -475,103 +472,4 @@ def test_bad_input_fails_before_any_compile(tmp_path, capsys, case, overrides, n
     assert err.startswith("entrl: config error:") and "\n" not in err and needle in err, err
     assert not _COMPILES, f"{case}: compiled before failing"
 
-
-# ---------------------------------------------------------------------------
-# Multi-process
-# ---------------------------------------------------------------------------
-
-
-def _load_launcher():
-    spec = importlib.util.spec_from_file_location("entrl_launch_local", REPO / "launch" / "local.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_two_processes_match_one_process(tmp_path):
-    """launch/local.py: 2 CPU processes x 1 device == 1 process x 2 devices, step for step.
-
-    Both runs see the same global batch row for row (contiguous per-process slices) and run the same
-    sharded programs on a 2-device mesh; only the transport of the collectives differs (in-process vs
-    gloo), so the metrics agree to float round-off (in practice exactly).
-    """
-    # One micro-batch per mini-batch and no reference KL keep the three cold compiles small; the
-    # cross-process parts (sampling, log-probs, sharded gradients, checkpoints) are all there.
-    args = ["-m", "entrl.cli", "train", DEMO, *TINY, "mesh.data=-1", "train.steps=2", "loss.name=entropy_bonus",
-            "train.only_mixed_groups=false", "train.microbatch_per_shard=4", "loss.kl_coef=0.0"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {CPU_TEST_XLA_FLAGS}")
-    cache = jax.config.jax_compilation_cache_dir
-    if cache:
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    with open(tmp_path / "one.log", "w") as log_one:
-        one = subprocess.Popen([sys.executable, *args, f"train.out_dir={tmp_path / 'one'}"], env=env,
-                               stdout=log_one, stderr=subprocess.STDOUT, cwd=tmp_path)
-        try:
-            code = _load_launcher().launch([sys.executable, *args, f"train.out_dir={tmp_path / 'two'}"], 2,
-                                           log_dir=str(tmp_path / "logs"), timeout=600, env=env)
-        finally:
-            one_code = one.wait(timeout=600)
-    logs = {p.name: p.read_text()[-3000:] for p in [tmp_path / "one.log", *sorted((tmp_path / "logs").glob("*"))]}
-    assert code == 0 and one_code == 0, logs
-    assert "process 1 of 2" in logs["process_1.log"], logs
-    assert [r["step"] for r in read_metrics(tmp_path / "two")] == [1, 2]
-    assert_same_metrics(tmp_path / "one", tmp_path / "two", tol=1e-4)
-
-
-def test_params_sharded_across_processes_write_policy_and_export(tmp_path):
-    """launch/local.py, 2 processes x 4 CPU devices, `mesh.data=1 mesh.fsdp=8`: every param is split over
-    both processes. Writing the HF policy gathers them, a collective every process must join (before,
-    only process 0 called it and the run hung in the shutdown barrier). The end-of-run policy/ and
-    `entrl export` under the launcher both finish, and the policy has the trained params' logits.
-    Kept small: 1 layer, 1 step, one micro-batch, no reference KL, the same shapes in both commands.
-    """
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from flax import nnx
-
-    from entrl.rl.setup import build_model, build_tokenizer
-    from entrl.sharding import make_mesh
-
-    run = tmp_path / "run"
-    overrides = ["model.demo_layers=1", "model.demo_hidden=32", "model.demo_heads=2", "rollout.n=2",
-                 "rollout.max_new_tokens=8", "train.prompts_per_step=8", "train.minibatch_prompts=8",
-                 "train.microbatch_per_shard=2", "data.arithmetic_train_size=64", "curriculum.enabled=false",
-                 "reward.workers=1", "loss.kl_coef=0.0", "optim.lr=1e-3", "train.tensorboard=false", "mesh.data=1",
-                 "mesh.fsdp=8", "mesh.tensor=1", "train.steps=1", "loss.name=entropy_bonus",
-                 "train.only_mixed_groups=false", f"train.out_dir={run}"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cache = jax.config.jax_compilation_cache_dir
-    if cache:
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    launch = _load_launcher().launch
-    cmd = [sys.executable, "-m", "entrl.cli"]
-    code = launch([*cmd, "train", DEMO, *overrides], 2, devices_per_process=4, log_dir=str(tmp_path / "logs"),
-                  timeout=300, env=env)
-    logs = {p.name: p.read_text()[-3000:] for p in sorted((tmp_path / "logs").glob("*"))}
-    assert code == 0, logs
-    assert (run / "policy" / "model.safetensors").exists()
-    code = launch([*cmd, "export", str(run), "--out", str(tmp_path / "hf")], 2, devices_per_process=4,
-                  log_dir=str(tmp_path / "logs_export"), timeout=300, env=env)
-    logs = {p.name: p.read_text()[-3000:] for p in sorted((tmp_path / "logs_export").glob("*"))}
-    assert code == 0, logs
-    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (run / "policy" / "model.safetensors").read_bytes()
-
-    # The trained params (the step-1 checkpoint), on this process's 8 devices, against transformers.
-    cfg = C.from_dict(json.loads((run / "entrl_run.json").read_text()))
-    tok = build_tokenizer(cfg)
-    graphdef, init_params = build_model(cfg, make_mesh(data=1, fsdp=-1), tok)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), init_params)
-    mgr = CheckpointManager(run / "checkpoints", read_only=True)
-    trained = mgr.restore_latest(params_target=abstract)
-    mgr.close()
-    assert trained.step == 1
-    hf = transformers.AutoModelForCausalLM.from_pretrained(run / "policy", dtype=torch.float32).eval()
-    ids = np.asarray([tok.encode("12+7*3="), tok.encode("4*5-16=")], np.int64)
-    with torch.no_grad():
-        want = hf(input_ids=torch.tensor(ids)).logits.numpy()
-    forward = jax.jit(lambda params, ids: nnx.merge(graphdef, params)(ids))
-    got = np.asarray(forward(trained.params, jnp.asarray(ids, jnp.int32)))
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    init = np.asarray(forward(init_params, jnp.asarray(ids, jnp.int32)))
-    assert np.abs(init - want).max() > 10 * max(np.abs(got - want).max(), 1e-5)  # trained, not initial
+# Multi-process runs (training, annotation, evaluation, export, kill and resume): tests/test_multihost.py

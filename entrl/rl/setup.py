@@ -339,8 +339,11 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
         from entrl.semantic_entropy import annotate_prompts
 
         out_path = R.as_path(cfg.train.out_dir, "train.out_dir") / "semantic_entropy.jsonl"
+        # Batches of a rollout call's prompts: with curriculum.samples == rollout.n (the paper's 8 and 8) the
+        # annotation runs the rollout's own sampler program (one compile, and the memory the plan checked).
+        per_call = cfg.rollout.slots // cfg.rollout.n if cfg.rollout.slots else cfg.train.prompts_per_step
         stats = annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, verifier=verifier,
-                                 out_path=out_path, mesh=mesh)
+                                 out_path=out_path, mesh=mesh, batch_prompts=per_call)
         se_values = [s["se"] for s in stats]
         records = [dataclasses.replace(r, extra={**r.extra, **s}) for r, s in zip(records, stats)]
     curriculum = build_curriculum(cfg, records, se_values)

@@ -41,13 +41,11 @@ import logging
 import signal
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from entrl import config as C
 from entrl.rl import advantages as A
