@@ -14,7 +14,8 @@
 # to $ENTRL_LOG_DIR/process_<id>.log (default launch_logs/; <id> is the process id, 0 on one host),
 # and the exit code is the command's (`entrl train` stopped by SIGTERM exits 143 after a checkpoint).
 # A multi-host setting that is half there (ENTRL_NUM_PROCESSES without ENTRL_COORDINATOR, a process id
-# out of range, ENTRL_DISTRIBUTED=1 alone outside SLURM) is refused with one line and exit 2.
+# out of range, ENTRL_DISTRIBUTED=1 alone where JAX cannot find the cluster itself, several SLURM tasks
+# per node) is refused with one line and exit 2, before anything starts.
 #
 # Environment set here unless already set:
 #   XLA_PYTHON_CLIENT_MEM_FRACTION=0.92   JAX preallocates 92% of each GPU (its default is 75%); lower
@@ -31,6 +32,7 @@ set -euo pipefail
 
 fail() { printf 'gpu_host.sh: %s\n' "$1" >&2; exit 2; }
 
+case ${1-} in -h | --help) sed -n '2,/^set -euo pipefail$/{/^set /d;s/^# \{0,1\}//;p;}' "$0"; exit 0 ;; esac
 [ $# -gt 0 ] || fail "missing COMMAND; usage: launch/gpu_host.sh COMMAND... (e.g. launch/gpu_host.sh entrl train CONFIG)"
 if [ "$1" = -- ]; then shift; [ $# -gt 0 ] || fail "missing COMMAND after --"; fi
 

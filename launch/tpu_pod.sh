@@ -25,8 +25,8 @@
 # the remote shell, so overrides with spaces or quotes (data.prompt_suffix='Think step by step.') survive.
 # Every worker writes its output to ~/entrl-logs/NAME/worker-<i>.log (appended, with a header line and a
 # closing `=== exit CODE` line); worker 0 also streams its output here. NAME defaults to run-<UTC time>.
-# The exit code is gcloud's (non-zero when a worker's command failed; a failing worker prints the end
-# of its log). With --detach the command keeps running after this script returns (follow it with logs).
+# The exit code is gcloud's; a worker whose command fails prints `worker <i>: exit CODE` and the end of
+# its log. With --detach the command keeps running after this script returns (follow it with logs).
 # Whether Ctrl-C here stops the workers depends on your ssh session: use stop, which sends SIGTERM to
 # the command on every worker (`entrl train` then writes a checkpoint and exits 143; rerun to resume).
 # Every worker reads data.train and writes to train.out_dir: use gs:// paths (or a shared filesystem).

@@ -432,6 +432,8 @@ def test_gpu_host_usage(tmp_path):
     for args in ([], ["--"]):
         r = _gpu_host(tmp_path, *args)
         assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "missing COMMAND" in r.stderr
+    r = _gpu_host(tmp_path, "--help")
+    assert r.returncode == 0 and "srun --nodes=2 --ntasks-per-node=1" in r.stdout
 
 
 def test_gpu_host_multi_host_sees_every_gpu(tmp_path):
