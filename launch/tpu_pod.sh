@@ -22,7 +22,8 @@
 # run (on every worker): from ~/entrl with the venv first on PATH and ENTRL_DISTRIBUTED=1, so entrl
 # calls jax.distributed.initialize() and JAX reads the coordinator, process count and process id from
 # the TPU VM metadata. COMMAND reaches every worker exactly as you typed it: each argument is quoted for
-# the remote shell, so overrides with spaces or quotes (data.prompt_suffix='Think step by step.') survive.
+# the remote shell, so overrides with spaces or quotes (data.prompt_suffix='Think step by step.') survive
+# (and are never run by a shell: set a variable with `-- env LIBTPU_INIT_ARGS=... entrl train ...`).
 # Every worker writes its output to ~/entrl-logs/NAME/worker-<i>.log (appended, with a header line and a
 # closing `=== exit CODE` line); worker 0 also streams its output here. NAME defaults to run-<UTC time>.
 # The exit code is gcloud's; a worker whose command fails prints `worker <i>: exit CODE` and the end of
@@ -50,8 +51,9 @@ USAGE="usage: launch/tpu_pod.sh {setup|run|logs|stop} TPU ZONE [--project P] [--
 
 die() { printf 'tpu_pod.sh: %s; %s\n' "$1" "$USAGE" >&2; exit 2; }
 
-# One word for any POSIX shell, whatever bytes it holds: single quotes, each ' written as '\''.
-shquote() { printf "'%s'" "${1//\'/\'\\\'\'}"; }
+# One word for any POSIX shell, whatever bytes it holds: single quotes, each ' written as '\''. (The
+# replacement comes from a variable: bash before 4.3 keeps the quotes of a literal one inside "...".)
+shquote() { local q="'\\''"; printf "'%s'" "${1//\'/$q}"; }
 
 quote_words() {
   local out="" a
