@@ -318,7 +318,7 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
         g = sample_and_grade(sampler, graphdef, params, tokenizer, [prompt_tokens[i] for i in idx],
                              [records[i].answer for i in idx], verifier=verifier,
                              rng=jax.random.fold_in(key, idx[0]), buckets=cfg.rollout.prompt_buckets,
-                             pad_to=batch_prompts)  # one shape for every batch (the last one padded)
+                             pad_to=batch_prompts if len(todo) > batch_prompts else 0)  # the last one padded
         groups = [g.answers[j * n:(j + 1) * n] for j in range(real)]
         corr = [list(g.correct_PxN[j]) for j in range(real)]
         stats = batch_prompt_stats(groups, corr, pairs_equivalent=verifier.equivalent_pairs)
