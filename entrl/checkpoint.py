@@ -6,6 +6,7 @@ A step directory `<directory>/<step>/` holds
   rng/         JSON: the host RNG key (`jax.random.key_data`, its impl, shape)
   meta/        JSON: the caller's metadata (step, curriculum position, config, metrics)
   data_state/  JSON: {"process_count": n, "states": [iterator state of process 0, ...]}
+  integrity/   JSON: a fingerprint of every array leaf and a SHA-256 of each JSON item
   commit_success.txt   written by orbax as the last act of a finished save
 
 Design decisions:
@@ -33,6 +34,34 @@ Design decisions:
   logged with a warning and moved aside to `<step>.corrupt-<time>` (renamed,
   not deleted), because orbax refuses to save a step at or below its latest
   one and the resumed run must be able to write those steps again.
+- Silent corruption is caught by an end-to-end fingerprint, because nothing
+  below us checks the data bytes: orbax 0.12.8 writes zarr2 arrays (zstd, no
+  checksum) into OCDBT files (no checksum either; zarr3 would only checksum
+  the shard index), and a 4-byte flip inside a data file restored without
+  complaint. `save` computes, on device and before anything is written,
+  `fingerprint_leaves` of params and opt_state: per leaf, two sums mod 2^32 of
+  a bijective 32-bit mix of each 32-bit word of the value's bit pattern XOR a
+  mix of its global flat position. Integer sums are exact in any order, so
+  the result is the same for any mesh, sharding or process count (a run may
+  resume on another mesh); the mix is a bijection, so a change of any single
+  word (any single bit flip) always changes both sums, and any other change is
+  missed with odds ~2^-64; the position mix makes it order-sensitive. It is one
+  jitted pass over the arrays (no extra disk read), computed by every process
+  as a collective, so all processes agree on the verdict. File hashes were the
+  alternative: they also cover metadata, but depend on the mesh and process
+  count that wrote the files, cost a second read of every byte, and corrupt
+  metadata that matters already fails to parse or changes shapes or values.
+  The fingerprints and a SHA-256 of each JSON item go to `integrity/`, saved
+  and committed with the step; `restore_latest` recomputes them and treats a
+  mismatch like any unreadable step. A step written before `integrity/`
+  existed (its orbax `_CHECKPOINT_METADATA` names no such item) is restored
+  unverified, with a warning.
+- A leaf is restored in the dtype it was stored in (verified), then cast to
+  the target's dtype, so a run resumed with another `model.dtype` is not
+  mistaken for corruption.
+- Every warning is one line: exception texts are cut to their first line
+  without TensorStore's spec dump, and the "Event loop is closed" noise that
+  orbax's tensorstore callbacks raise after a failed read is swallowed.
 - A target whose shapes or tree differ from the checkpoint is a configuration
   error, not corruption: it raises at once and moves nothing.
 - `read_only=True` (what `entrl export` and `model.path=<run dir>` use) never
@@ -49,8 +78,11 @@ Design decisions:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -65,6 +97,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 COMMIT_MARKER = "commit_success.txt"
+INTEGRITY_ITEM = "integrity"
+_ARRAY_ITEMS = ("params", "opt_state")
+_JSON_ITEMS = ("rng", "meta", "data_state")
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +133,7 @@ class CheckpointManager:
         )
         # Handlers named up front: a fresh manager (a resumed run) must read metadata before any save.
         handlers = {name: ocp.StandardCheckpointHandler() for name in ("params", "opt_state")}
-        handlers.update({name: ocp.JsonCheckpointHandler() for name in ("rng", "meta", "data_state")})
+        handlers.update({name: ocp.JsonCheckpointHandler() for name in (*_JSON_ITEMS, INTEGRITY_ITEM)})
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     # -- listing -----------------------------------------------------------
@@ -126,27 +161,32 @@ class CheckpointManager:
         Returns False when orbax skips the step (already saved, or not after the
         latest saved step). Raises ValueError, before writing anything, when a
         floating leaf of params or opt_state is NaN/inf or meta/data_state is
-        not JSON.
+        not JSON. The fingerprints of `integrity/` are computed here, from the
+        arrays as they are now.
         """
         if self.read_only:
             raise RuntimeError(f"{self.directory} was opened read-only")
         if int(step) in self._manager.all_steps():
             log.info("checkpoint step %d already saved; skipping", step)
             return False
-        params, opt_state = _to_pure(params), _to_pure(opt_state)
-        bad = nonfinite_leaves({"params": params, "opt_state": opt_state})
+        arrays = {"params": _to_pure(params), "opt_state": _to_pure(opt_state)}
+        bad = nonfinite_leaves(arrays)
         if bad:
             shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
             raise ValueError(f"refusing to checkpoint step {step}: non-finite values in {shown}")
+        docs = {
+            "rng": _rng_to_json(rng),
+            "meta": _as_json(meta, "meta"),
+            "data_state": {"process_count": jax.process_count(),
+                           "states": _gather_json(_as_json(data_state, "data_state"))},
+        }
+        integrity = {"format": 1,
+                     "arrays": {name: fingerprint_leaves(tree) for name, tree in arrays.items()},
+                     "json": {name: _json_digest(doc) for name, doc in docs.items()}}
         args = ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            rng=ocp.args.JsonSave(_rng_to_json(rng)),
-            meta=ocp.args.JsonSave(_as_json(meta, "meta")),
-            data_state=ocp.args.JsonSave({
-                "process_count": jax.process_count(),
-                "states": _gather_json(_as_json(data_state, "data_state")),
-            }),
+            **{name: ocp.args.StandardSave(tree) for name, tree in arrays.items()},
+            **{name: ocp.args.JsonSave(doc) for name, doc in docs.items()},
+            **{INTEGRITY_ITEM: ocp.args.JsonSave(integrity)},
         )
         return bool(self._manager.save(int(step), args=args, force=force))
 
@@ -157,6 +197,7 @@ class CheckpointManager:
     def close(self) -> None:
         self.wait()
         self._manager.close()
+        _ClosedLoopNoiseFilter.remove()
 
     # -- restore -----------------------------------------------------------
 
@@ -187,6 +228,7 @@ class CheckpointManager:
             if problem is None:
                 self._quarantine(bad)
                 return self._finish(step, out, params_target, opt_state_target)
+            _ClosedLoopNoiseFilter.install()
             log.warning("checkpoint step %d in %s cannot be restored (%s); falling back to the "
                         "previous one", step, self.directory, problem)
             bad.append(step)
@@ -209,21 +251,45 @@ class CheckpointManager:
             metadata = self._manager.item_metadata(step)
             if any(metadata[name] is None for name in targets):
                 raise FileNotFoundError("no array metadata")
-            stored = {name: _shapes_by_path(metadata[name]) for name in targets}
+            stored = {name: _leaves_by_path(metadata[name]) for name in targets}
+            verified = self._has_integrity_record(step)
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore/json raise many types
-            return f"unreadable metadata: {type(e).__name__}: {e}", None
+            return f"unreadable metadata: {_one_line(e)}", None
         for name, target in targets.items():
-            _check_same_layout(name, step, stored[name], _shapes_by_path(target))
-        args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
-        args.update({name: ocp.args.JsonRestore() for name in ("rng", "meta", "data_state")})
+            _check_same_layout(name, step, {p: s for p, (s, _) in stored[name].items()}, _shapes_by_path(target))
+        # Restore each leaf in its stored dtype, so the fingerprint sees the bytes that were written.
+        as_stored = {name: _with_dtypes(target, stored[name]) for name, target in targets.items()}
+        args = {name: ocp.args.StandardRestore(target) for name, target in as_stored.items()}
+        args.update({name: ocp.args.JsonRestore() for name in (*_JSON_ITEMS, *([INTEGRITY_ITEM] * verified))})
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # noqa: BLE001 - see above
-            return f"{type(e).__name__}: {e}", None
+            return _one_line(e), None
+        if verified:
+            problem = _integrity_problem(out[INTEGRITY_ITEM], {name: out[name] for name in targets},
+                                         {name: out[name] for name in _JSON_ITEMS})
+            if problem:
+                return problem, None
+        else:
+            log.warning("checkpoint step %d in %s has no integrity record (written by an older entrl): "
+                        "restored without verifying its bytes", step, self.directory)
         bad = nonfinite_leaves({name: out[name] for name in targets})
         if bad:
             return f"non-finite values in {', '.join(bad[:3])}", None
-        return None, out
+        restored = {name: _cast_like(out[name], target) for name, target in targets.items()}
+        return None, {**{k: out[k] for k in _JSON_ITEMS}, **restored}
+
+    def _has_integrity_record(self, step: int) -> bool:
+        """Whether the step was saved with `integrity/` (orbax lists every saved item in its metadata).
+
+        A step that lists it but lost the directory is corrupt (raises, caught as unreadable).
+        """
+        listed = json.loads((self._step_dir(step) / "_CHECKPOINT_METADATA").read_text())
+        if INTEGRITY_ITEM not in listed.get("item_handlers", {}):
+            return False
+        if not (self._step_dir(step) / INTEGRITY_ITEM).is_dir():
+            raise FileNotFoundError(f"{INTEGRITY_ITEM}/ is missing")
+        return True
 
     def _finish(self, step: int, out: Any, params_target: Any, opt_state_target: Any) -> Restored:
         stored = out["data_state"]
@@ -283,18 +349,103 @@ def nonfinite_leaves(tree: Any) -> list[str]:
     """
     named = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)
              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
-    groups: dict[Any, list[int]] = {}
-    for i, (_, x) in enumerate(named):
-        committed = isinstance(x, jax.Array) and x.committed
-        key = frozenset(d.id for d in x.sharding.device_set) if committed else None
-        groups.setdefault(key, []).append(i)
     bad = set()
-    for indices in groups.values():
+    for indices in _by_device_set([x for _, x in named]).values():
         flags = _finite_flags([named[i][1] for i in indices])
         # The result is replicated; read the local copy so this also works when it spans processes.
         flags = np.asarray(flags.addressable_data(0))
         bad.update(i for i, ok in zip(indices, flags) if not ok)
     return [named[i][0] for i in sorted(bad)]
+
+
+def _by_device_set(leaves: list[Any]) -> dict[Any, list[int]]:
+    """Indices of `leaves` grouped by the devices they are committed to (None: uncommitted/host)."""
+    groups: dict[Any, list[int]] = {}
+    for i, x in enumerate(leaves):
+        committed = isinstance(x, jax.Array) and x.committed
+        key = frozenset(d.id for d in x.sharding.device_set) if committed else None
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+# ---------------------------------------------------------------------------
+# Fingerprints
+# ---------------------------------------------------------------------------
+
+_SEEDS = (0x9E3779B9, 0x7F4A7C15)  # two independent lanes: a 64-bit fingerprint per leaf
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+    """murmur3's 32-bit finaliser: a bijection of uint32 with full avalanche."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bit pattern of `x` as uint32 words (8-byte types give a trailing axis of 2)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size in (1, 2):
+        return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes -> [..., 2]
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    """[2] uint32: sum over words w_i at global flat position i of mix(w_i ^ mix(i + seed)), mod 2^32."""
+    w = _words(x)
+    pos = jnp.zeros(w.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(w.ndim)):
+        pos = pos + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= w.shape[axis]
+    return jnp.stack([jnp.sum(_mix32(w ^ _mix32(pos + jnp.uint32(seed))), dtype=jnp.uint32) for seed in _SEEDS])
+
+
+@jax.jit
+def _fingerprints(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([_leaf_fingerprint(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+
+
+def fingerprint_leaves(tree: Any) -> dict[str, list]:
+    """{leaf path: [dtype, lane0, lane1]} for every array leaf of `tree` (see the module docstring).
+
+    Independent of sharding, mesh and process count; a collective when the
+    arrays span processes (every process gets the same answer).
+    """
+    named = [("/".join(_path_names(path)), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+             if hasattr(x, "dtype") and hasattr(x, "shape")]
+    values: dict[int, np.ndarray] = {}
+    for indices in _by_device_set([x for _, x in named]).values():
+        fps = np.asarray(_fingerprints([named[i][1] for i in indices]).addressable_data(0))
+        values.update(zip(indices, fps))
+    return {name: [str(np.dtype(x.dtype)) if not jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else str(x.dtype),
+                   int(values[i][0]), int(values[i][1])] for i, (name, x) in enumerate(named)}
+
+
+def _json_digest(doc: Any) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _integrity_problem(record: dict, arrays: dict[str, Any], docs: dict[str, Any]) -> str | None:
+    """Why the restored items differ from what was saved, or None when every fingerprint matches."""
+    mismatched = []
+    for name, tree in arrays.items():
+        saved, now = record["arrays"][name], fingerprint_leaves(tree)
+        mismatched += [f"{name}/{path}" for path in sorted(saved.keys() | now.keys())
+                       if saved.get(path) != now.get(path)]
+    mismatched += [f"{name} (JSON)" for name, doc in docs.items() if record["json"][name] != _json_digest(doc)]
+    if not mismatched:
+        return None
+    more = f" (+{len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+    return f"integrity check failed: {', '.join(mismatched[:3])}{more} changed on disk since the save"
 
 
 # ---------------------------------------------------------------------------
@@ -337,9 +488,31 @@ def _path_names(path: tuple) -> tuple[str, ...]:
 
 
 def _shapes_by_path(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+    return {p: shape for p, (shape, _) in _leaves_by_path(tree).items()}
+
+
+def _leaves_by_path(tree: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], Any]]:
+    """{path: (shape, dtype)} of the array leaves of a tree or of orbax's metadata of one."""
     tree = getattr(tree, "tree", tree)  # orbax TreeMetadata wraps the tree
-    return {_path_names(path): tuple(leaf.shape)
+    return {_path_names(path): (tuple(leaf.shape), getattr(leaf, "dtype", None))
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree) if hasattr(leaf, "shape")}
+
+
+def _with_dtypes(target: Any, stored: dict) -> Any:
+    """`target` with each array leaf whose stored dtype differs replaced by a struct of the stored dtype."""
+    def leaf(path, x):
+        dtype = stored.get(_path_names(path), (None, None))[1]
+        if dtype is None or not hasattr(x, "dtype") or np.dtype(x.dtype) == np.dtype(dtype):
+            return x
+        return jax.ShapeDtypeStruct(x.shape, dtype, sharding=getattr(x, "sharding", None))
+
+    return jax.tree_util.tree_map_with_path(leaf, target)
+
+
+def _cast_like(restored: Any, target: Any) -> Any:
+    """Cast restored leaves to their target's dtype (a no-op when they already match)."""
+    return jax.tree.map(lambda r, t: r.astype(t.dtype) if hasattr(t, "dtype") and r.dtype != t.dtype else r,
+                        restored, target)
 
 
 def _check_same_layout(name: str, step: int, stored: dict, wanted: dict) -> None:
@@ -385,6 +558,46 @@ def _gather_json(obj: Any) -> list[Any]:
     padded[:raw.size] = raw
     everyone = np.asarray(multihost_utils.process_allgather(padded))
     return [json.loads(bytes(everyone[i, :n])) for i, n in enumerate(lengths)]
+
+
+_SPEC_DUMP = re.compile(r"\s*\[tensorstore_spec=.*$", re.DOTALL)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line: TensorStore's spec dump dropped, whitespace collapsed, cut at `limit`."""
+    text = " ".join(_SPEC_DUMP.sub("", str(e)).split())
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _ClosedLoopNoiseFilter:
+    """An unraisable hook that drops the 'Event loop is closed' errors of tensorstore callbacks.
+
+    orbax runs each restore in its own event loop; when one array fails, the
+    reads still in flight complete later (milliseconds to seconds) and report
+    to the closed loop, which Python prints as multi-line "Exception ignored"
+    tracebacks. Nothing is lost: the failure itself is reported by the restore.
+    Installed at the first failed restore, removed by `CheckpointManager.close`.
+    """
+
+    def __init__(self):
+        self.previous = sys.unraisablehook
+
+    def __call__(self, unraisable) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+            return
+        self.previous(unraisable)
+
+    @classmethod
+    def install(cls) -> None:
+        if not isinstance(sys.unraisablehook, cls):
+            sys.unraisablehook = cls()
+
+    @classmethod
+    def remove(cls) -> None:
+        if isinstance(sys.unraisablehook, cls):
+            sys.unraisablehook = sys.unraisablehook.previous
 
 
 def _agree(problem: str | None) -> str | None:

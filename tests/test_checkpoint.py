@@ -221,3 +221,140 @@ def test_leftover_temp_dir_is_not_a_checkpoint(tmp_path):
     assert mgr.all_steps() == [1]
     assert mgr.restore_latest(params_target=params, opt_state_target=opt_state).step == 1
     mgr.close()
+
+
+# ---------------------------------------------------------------------------
+# Silent corruption: the integrity record
+# ---------------------------------------------------------------------------
+
+
+def _wide_model_and_opt():
+    """Leaves above OCDBT's 1 KiB inline limit, with random (incompressible) Adam moments."""
+    model = nnx.Linear(32, 24, rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tx = optax.adamw(1e-2)
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
+    updates, opt_state = tx.update(grads, tx.init(params), params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+@pytest.mark.parametrize("item", ["params", "opt_state"])
+@pytest.mark.parametrize("damage", ["flip4", "random64"])
+def test_bytes_changed_inside_a_data_file_fall_back(tmp_path, caplog, item, damage):
+    params, opt_state = _wide_model_and_opt()
+    mgr = CheckpointManager(tmp_path, keep=3, async_save=False)
+    for step in (1, 2):
+        _save(mgr, step, jax.tree.map(lambda p, s=step: p + s, params), opt_state)
+    # The largest data file this process wrote for the item: the compressed chunks of its biggest arrays
+    # (the item's top-level d/ holds the OCDBT tree, whose damage was always caught as unreadable).
+    target = max(_data_files(tmp_path / "2" / item / "ocdbt.process_0"), key=lambda f: f.stat().st_size)
+    raw = bytearray(target.read_bytes())
+    mid = len(raw) // 2
+    if damage == "flip4":
+        raw[mid:mid + 4] = bytes(b ^ 0xFF for b in raw[mid:mid + 4])
+    else:
+        raw[mid:mid + 64] = np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8).tobytes()
+    target.write_bytes(bytes(raw))
+
+    with caplog.at_level(logging.WARNING, logger="entrl.checkpoint"):
+        got = mgr.restore_latest(params_target=params, opt_state_target=opt_state)
+    assert got.step == 1
+    _assert_trees_equal(got.params, jax.tree.map(lambda p: p + 1, params))
+    _assert_trees_equal(got.opt_state, opt_state)
+    falls = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
+    assert len(falls) == 1 and "step 2" in falls[0] and "\n" not in falls[0] and len(falls[0]) < 600
+    assert not (tmp_path / "2").exists() and any(p.name.startswith("2.corrupt-") for p in tmp_path.iterdir())
+    mgr.close()
+
+
+@pytest.mark.parametrize("damage", ["json_item", "integrity_deleted"])
+def test_json_items_and_the_record_itself_are_checked(tmp_path, damage):
+    params, opt_state = _model_and_opt()
+    mgr = CheckpointManager(tmp_path, async_save=False)
+    for step in (1, 2):
+        _save(mgr, step, params, opt_state)
+    if damage == "json_item":  # valid JSON, another value: only the digest can tell
+        path = tmp_path / "2" / "data_state" / "metadata"
+        path.write_text(path.read_text().replace('"position": 14', '"position": 15'))
+    else:
+        import shutil
+
+        shutil.rmtree(tmp_path / "2" / "integrity")
+    assert mgr.restore_latest(params_target=params, opt_state_target=opt_state).step == 1
+    mgr.close()
+
+
+def test_clean_restore_is_bitwise_across_dtypes_and_meshes(tmp_path):
+    mesh_a = jax.make_mesh((2, 4), ("x", "y"))
+    mesh_b = jax.make_mesh((8, 1), ("x", "y"))
+    rng = np.random.default_rng(0)
+    values = {"f32": rng.standard_normal((16, 8)).astype(np.float32),
+              "bf16": rng.standard_normal((16, 8)).astype(jnp.bfloat16),
+              "i32": rng.integers(-9, 9, (8, 4)).astype(np.int32),
+              "u8": rng.integers(0, 255, (8,)).astype(np.uint8),
+              "flag": np.array([True, False, True, True, False, True, False, False])}
+
+    def put(mesh):
+        return {k: jax.device_put(v, NamedSharding(mesh, P("x") if v.ndim == 1 else P("x", "y")))
+                for k, v in values.items()}
+
+    params = put(mesh_a)
+    mgr = CheckpointManager(tmp_path, async_save=True)
+    count = {"count": jnp.array(7, jnp.int32)}
+    mgr.save(1, params=params, opt_state=count, rng=jax.random.key(0), meta={}, data_state={})
+    mgr.wait()
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), put(mesh_b))
+    got = mgr.restore_latest(params_target=target, opt_state_target=count)
+    for k, v in values.items():
+        assert got.params[k].dtype == v.dtype
+        np.testing.assert_array_equal(np.asarray(got.params[k]).view(np.uint8), v.view(np.uint8))
+    # Resuming with another model.dtype is a cast after a verified restore, not corruption.
+    as_bf16 = dict(target, f32=jax.ShapeDtypeStruct((16, 8), jnp.bfloat16, sharding=target["f32"].sharding))
+    again = mgr.restore_latest(params_target=as_bf16, opt_state_target=count)
+    assert again.step == 1 and again.params["f32"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(again.params["f32"]), values["f32"].astype(jnp.bfloat16))
+    mgr.close()
+
+
+def test_fingerprint_sees_every_bit_and_every_position_but_not_the_mesh():
+    from entrl.checkpoint import fingerprint_leaves
+
+    x = np.random.default_rng(1).standard_normal((8, 16)).astype(np.float32)
+    base = fingerprint_leaves({"w": jnp.asarray(x)})
+    bits = x.view(np.uint32).copy()
+    seen = {tuple(base["w"][1:])}
+    for bit in range(32):  # every single bit of one word
+        flipped = bits.copy()
+        flipped[3, 5] ^= np.uint32(1 << bit)
+        fp = fingerprint_leaves({"w": jnp.asarray(flipped.view(np.float32))})["w"]
+        assert fp[1] != base["w"][1] and fp[2] != base["w"][2]
+        seen.add(tuple(fp[1:]))
+    assert len(seen) == 33
+    swapped = x.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # same values, other positions
+    assert fingerprint_leaves({"w": jnp.asarray(swapped)}) != base
+    assert fingerprint_leaves({"w": jnp.asarray(x.T.copy().T)}) == base
+    for spec in (P("x", "y"), P(None, "x"), P()):
+        mesh = jax.make_mesh((4, 2), ("x", "y"))
+        assert fingerprint_leaves({"w": jax.device_put(x, NamedSharding(mesh, spec))}) == base
+    assert fingerprint_leaves({"w": jnp.asarray(x, jnp.bfloat16)})["w"][0] == "bfloat16"
+
+
+def test_legacy_checkpoint_without_record_restores_with_a_warning(tmp_path, caplog):
+    import json
+    import shutil
+
+    params, opt_state = _model_and_opt()
+    mgr = CheckpointManager(tmp_path, async_save=False)
+    _save(mgr, 1, params, opt_state)
+    shutil.rmtree(tmp_path / "1" / "integrity")  # what a checkpoint of entrl before the record looks like
+    meta_path = tmp_path / "1" / "_CHECKPOINT_METADATA"
+    meta = json.loads(meta_path.read_text())
+    del meta["item_handlers"]["integrity"]
+    meta_path.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="entrl.checkpoint"):
+        got = mgr.restore_latest(params_target=params, opt_state_target=opt_state)
+    assert got.step == 1
+    _assert_trees_equal(got.params, params)
+    assert any("no integrity record" in r.getMessage() for r in caplog.records)
+    mgr.close()
