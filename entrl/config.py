@@ -10,7 +10,11 @@ Design decisions:
   rules (`1e-6` -> float, `true` -> bool, `[1, 2]` -> list).
 - Errors are explicit: unknown keys name the closest valid key, values of the
   wrong type name the expected type, invalid values say what is allowed. All of
-  this happens before anything touches a device.
+  this happens before anything touches a device. Every float field must be
+  finite (no section has a setting where NaN or inf means something; a NaN
+  slips through every `<`/`>` check, e.g. `reward.timeout_s=nan` would disable
+  every verification deadline). Loss hyperparameters, where `.inf` does mean
+  something (`dual_clip`), have their own ranges.
 - Loss hyperparameters are a free-form mapping (`loss.params`) because each loss
   has its own; they are validated against that loss's preset table in
   `entrl.rl.losses` when the config is built.
@@ -118,6 +122,7 @@ class CurriculumSection:
     seed: int = 0  # seed of the tie-break and per-epoch within-stage shuffles
 
     def __post_init__(self):
+        _all_finite(self, "curriculum")
         _choice("curriculum.mode", self.mode, ("staged", "continuous"))
         _positive("curriculum.stages", self.stages)
         _positive("curriculum.epochs_per_stage", self.epochs_per_stage)
@@ -139,6 +144,7 @@ class RolloutSection:
     reuse_sampler_logprobs: bool = False  # use the sampler's log-probs as old log-probs instead of a recompute
 
     def __post_init__(self):
+        _all_finite(self, "rollout")
         _positive("rollout.n", self.n)
         if self.temperature < 0:
             raise ConfigError(f"rollout.temperature={self.temperature}: must be >= 0 (0 = greedy)")
@@ -166,6 +172,7 @@ class LossSection:
     kl_estimator: str = "k3"  # k1 | k2 | k3 (low_var_kl)
 
     def __post_init__(self):
+        _all_finite(self, "loss")
         _choice("loss.agg", self.agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"))
         _choice("loss.scope", self.scope, ("global", "microbatch"))
         _choice("loss.advantage", self.advantage, ("grpo", "drgrpo"))
@@ -185,8 +192,13 @@ class OptimSection:
     warmup_steps: int = 0  # linear warm-up optimizer steps
 
     def __post_init__(self):
+        _all_finite(self, "optim")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr}: must be > 0")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)}: must be in [0, 1)")
+        _non_negative("optim.weight_decay", self.weight_decay)
         _choice("optim.schedule", self.schedule, ("constant", "cosine", "linear"))
         _non_negative("optim.warmup_steps", self.warmup_steps)
         if self.grad_clip < 0:
@@ -201,6 +213,7 @@ class RewardSection:
     workers: int = 0  # verification processes (0 = number of CPUs, capped at 8)
 
     def __post_init__(self):
+        _all_finite(self, "reward")
         if self.timeout_s <= 0:
             raise ConfigError(f"reward.timeout_s={self.timeout_s}: must be > 0")
         _non_negative("reward.workers", self.workers)
@@ -256,9 +269,16 @@ class EvalSection:
     out_dir: str = ""  # where `entrl eval` writes samples.jsonl and results (--out)
 
     def __post_init__(self):
+        _all_finite(self, "eval")
         _positive("eval.n", self.n)
         _non_negative("eval.batch_problems", self.batch_problems)
         _choice("eval.cache_dtype", self.cache_dtype, ("auto", "float32", "bfloat16"))
+        if self.temperature < 0:
+            raise ConfigError(f"eval.temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"eval.top_p={self.top_p}: must be in (0, 1]")
+        _positive("eval.max_new_tokens", self.max_new_tokens)
+        _non_negative("eval.max_problems", self.max_problems)
         if any(k < 1 or k > self.n for k in self.k):
             raise ConfigError(f"eval.k={self.k}: every k must be in [1, eval.n={self.n}]")
 
@@ -316,6 +336,23 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{name}={value!r}: must be one of {', '.join(map(str, allowed))}{hint}")
+
+
+def _all_finite(section: Any, prefix: str) -> None:
+    """Raise ConfigError for a NaN or infinite value in any float (or list of float) field of `section`."""
+    import math
+
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if hints[f.name] is float:
+            values = [value]
+        elif hints[f.name] == list[float]:
+            values = list(value)
+        else:
+            continue
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{prefix}.{f.name}={value}: must be a finite number")
 
 
 def _positive(name: str, value: int | float) -> None:

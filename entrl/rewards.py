@@ -27,12 +27,25 @@ Design decisions:
   `__main__` (for the `entrl` console script that means the trainer and JAX),
   and fork is unsafe under JAX's threads. A worker imports only this module,
   numpy and math-verify. It lives in its own session so Ctrl-C reaches only the
-  parent, and exits when its stdin closes (parent gone).
+  parent, and exits when its stdin closes (parent gone, between jobs).
+- A worker never outlives its parent, even mid-job (a SIGKILLed or OOM-killed
+  trainer leaves no worker burning a CPU inside sympy): on Linux it asks the
+  kernel for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG; this works
+  while the job holds the GIL in C code), and everywhere a daemon thread polls
+  `os.getppid()` every 0.2 s and exits when it changed. The kernel signal fires
+  when the parent *thread* that spawned the worker exits, so it is only asked
+  for when the pool is started from the main thread; other threads rely on the
+  poll. The parent's pid is passed in, so a parent that died before the worker
+  got this far is noticed too.
+- Timeouts are finite and > 0 (`timeout_s=nan` would disable every deadline).
 - Answers longer than `MAX_ANSWER_CHARS` or nested deeper than
   `MAX_BRACE_DEPTH` braces are rejected before parsing: math-verify needs ~10 s
   for 10 bare nested braces and minutes for more. The longest reference answer
   in the six benchmarks is 210 characters with depth 3.
 - Identical (answer, reference) pairs in one call are verified once.
+- A lone surrogate (`"\\boxed{\\ud800}"`, invalid Unicode that no tokenizer
+  emits but a caller's string may hold) never raises: extraction reads it like
+  any character and the answer is graded `rejected`.
 
 Left out on purpose: relative-tolerance grading of rounded physics answers
 (Minerva) and LLM judges; both plug in through `Verifier(equivalent=...)`.
@@ -41,12 +54,14 @@ Left out on purpose: relative-tolerance grading of rounded physics answers
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pickle
 import re
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from fractions import Fraction
@@ -70,7 +85,7 @@ _ANSWER_RE = re.compile(r"answer[ \t*]*[:：][ \t]*([^\n]*)", re.IGNORECASE)
 
 def _prefix_depth(text: str) -> np.ndarray:
     """Brace depth after each character of `text` (int32, same length)."""
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     step = (codes == ord("{")).astype(np.int32) - (codes == ord("}")).astype(np.int32)
     return np.cumsum(step, dtype=np.int32)
 
@@ -191,9 +206,12 @@ def fast_equivalence(pred: str, gold: str) -> bool | None:
     return None
 
 
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
 def is_pathological(answer: str) -> bool:
-    """True for answers math-verify must not see (too long or too deeply nested)."""
-    if len(answer) > MAX_ANSWER_CHARS:
+    """True for answers math-verify must not see (too long, too deeply nested, or not valid Unicode)."""
+    if len(answer) > MAX_ANSWER_CHARS or _SURROGATE_RE.search(answer):
         return True
     depth = deepest = 0
     for ch in answer:
@@ -287,6 +305,8 @@ def answers_equivalent_both(a: str, b: str) -> bool:
 
 _HEADER = struct.Struct(">I")
 _BOOT = "from entrl.rewards import _worker_main; _worker_main()"
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_PARENT_POLL_S = 0.2
 
 
 def _write_frame(fd: int, obj) -> None:
@@ -315,8 +335,36 @@ def _read_frame(fd: int):
     return None if body is None else pickle.loads(body)
 
 
+def _die_with_parent(parent_pid: int, kernel_signal: bool) -> None:
+    """Exit as soon as the parent process is gone, even in the middle of a job (module docstring)."""
+    if kernel_signal and sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl (unusual libc): the poll below still works
+    if os.getppid() != parent_pid:  # died before the signal was armed
+        os._exit(1)
+
+    def poll() -> None:
+        while True:
+            time.sleep(_PARENT_POLL_S)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=poll, name="entrl-parent-watchdog", daemon=True).start()
+
+
 def _worker_main() -> None:
-    """Loop of a verification worker: read (job, pred, gold, both) frames, answer (job, status)."""
+    """Loop of a verification worker: read (job, pred, gold, both) frames, answer (job, status).
+
+    argv: the parent's pid, then 1 when the parent-death signal may be used (spawned from the main thread).
+    """
+    if len(sys.argv) >= 3:
+        _die_with_parent(int(sys.argv[1]), sys.argv[2] == "1")
     out_fd = os.dup(1)
     os.dup2(2, 1)  # stray prints from parsers must not corrupt the result pipe
     in_fd = sys.stdin.fileno()
@@ -406,8 +454,9 @@ class Verifier:
         equivalent: Equivalent | None = None,
         start_timeout_s: float = 120.0,
     ):
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s={timeout_s}: must be > 0")
+        for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name}={value!r}: must be a finite number of seconds > 0")
         if workers is not None and workers < 0:
             raise ValueError(f"workers={workers}: must be >= 0 or None (serial)")
         self.n_workers = None if workers is None else (workers or min(os.cpu_count() or 1, 8))
@@ -496,8 +545,9 @@ class Verifier:
         env = dict(os.environ)
         # the child sees the parent's import path (editable installs, test dirs)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        main_thread = threading.current_thread() is threading.main_thread()
         proc = subprocess.Popen(
-            [sys.executable, "-c", _BOOT],
+            [sys.executable, "-c", _BOOT, str(os.getpid()), "1" if main_thread else "0"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=0,

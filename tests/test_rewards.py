@@ -278,6 +278,11 @@ def test_workers_do_not_import_jax():
 def test_bad_arguments():
     with pytest.raises(ValueError):
         Verifier(timeout_s=0)
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="finite"):
+            Verifier(timeout_s=bad)
+    with pytest.raises(ValueError, match="finite"):
+        Verifier(start_timeout_s=float("inf"))
     with pytest.raises(ValueError):
         Verifier(workers=-1)
     with pytest.raises(ValueError):
@@ -289,3 +294,89 @@ def test_pool_plugs_into_clustering(pool):
 
     answers = ["\\sqrt{117}", "3\\sqrt{13}", "(1,2)", "1<x<2", None, "(1, 2)"]
     assert cluster_answers(answers, pairs_equivalent=pool.equivalent_pairs) == [0, 0, 1, 2, 3, 1]
+
+
+# -- workers never outlive their parent -------------------------------------------
+
+_PARENT_SCRIPT = """
+import sys, threading
+sys.path.insert(0, {tmp!r})
+from stuck import stuck_equivalent
+from entrl.rewards import Verifier
+
+def grade():
+    Verifier(workers=1, timeout_s=3600, equivalent=stuck_equivalent).check(["x"], ["y"])
+
+if {from_thread!r}:
+    t = threading.Thread(target=grade)
+    t.start()
+    t.join()
+else:
+    grade()
+"""
+
+_STUCK_MODULE = """
+import os, re, time
+
+def stuck_equivalent(pred, gold):
+    with open({pid_file!r}, "w") as f:
+        f.write(str(os.getpid()))
+    if {hold_gil!r}:
+        # catastrophic backtracking inside the C regex engine: holds the GIL for ever
+        return re.match(r"(a+)+$", "a" * 64 + "b") is not None
+    while True:  # pure Python: the GIL is released every few ms
+        time.sleep(0)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie nobody reaps is dead
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("case", ["main_thread_gil_held", "other_thread_python"])
+def test_worker_dies_with_its_parent_mid_job(tmp_path, case):
+    """SIGKILL the trainer while its worker is stuck in a job: the worker is gone within seconds.
+
+    From the main thread the kernel's parent-death signal does it (the job holds the GIL, so no
+    Python code of the worker can run); from another thread the worker's watchdog thread does it.
+    """
+    import signal
+    import subprocess
+
+    pid_file = tmp_path / "worker.pid"
+    hold_gil = case == "main_thread_gil_held"
+    (tmp_path / "stuck.py").write_text(_STUCK_MODULE.format(pid_file=str(pid_file), hold_gil=hold_gil))
+    script = _PARENT_SCRIPT.format(tmp=str(tmp_path), from_thread=not hold_gil)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert parent.poll() is None, "the parent exited before its worker started the job"
+            assert time.monotonic() < deadline, "the worker never started the job"
+            time.sleep(0.05)
+        worker = int(pid_file.read_text())
+        time.sleep(0.5)
+        assert _alive(worker)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        t0 = time.monotonic()
+        while _alive(worker) and time.monotonic() - t0 < 5:
+            time.sleep(0.05)
+        assert not _alive(worker), f"worker {worker} outlived its SIGKILLed parent"
+    finally:
+        parent.kill()
+        if pid_file.exists() and pid_file.read_text() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_lone_surrogates_are_graded_not_raised(pool):
+    result = pool.score(["so \\boxed{\ud800}", "Answer: 1\udfff", _respond("2")], ["1", "1", "2"])
+    assert result.status == ["rejected", "rejected", "correct"]
+    assert result.counts["rejected"] == 2
+    assert pool.check(["\ud800"], ["1"]) == ["rejected"]
