@@ -130,7 +130,7 @@ def cmd_semantic_entropy(args) -> int:
     from entrl.semantic_entropy import annotate_cli
 
     cfg = C.load_config(*_config_and_overrides(args))
-    annotate_cli(cfg, data=args.data, out=args.out, n=args.n)
+    annotate_cli(cfg, data=args.data, out=args.out, n=args.n, resume=not args.no_resume)
     return 0
 
 
@@ -341,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="JSONL/Parquet path or hub id (read with the config's data.* keys)")
     s.add_argument("--out", required=True, help="output .jsonl or .parquet (resumable)")
     s.add_argument("--n", type=int, default=None, help="samples per prompt (default curriculum.samples)")
+    s.add_argument("--no-resume", action="store_true",
+                   help="sample every prompt again (the old progress file is moved aside, not deleted)")
     s.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     s.set_defaults(fn=cmd_semantic_entropy)
 

@@ -252,36 +252,83 @@ def batch_prompt_stats(
 # ---------------------------------------------------------------------------
 
 SE_COLUMNS = ("se", "se_norm", "n_classes", "class_sizes", "pass_rate")
+PROGRESS_FORMAT = 1  # version of the progress file's header line
 
 
-def _read_done(path) -> dict[str, dict]:
-    """Rows already annotated in a progress JSONL (a torn last line is ignored)."""
+def se_provenance(cfg, params, tokenizer, prompt_tokens, records, *, n: int, seed: int) -> dict:
+    """What an annotation's values depend on: cached values are reused only when all of it is equal.
+
+    model: `model.path`, its dtype and a fingerprint of the parameter values themselves (the
+    checkpoint's `fingerprint_leaves`: two runs of the same weights agree wherever they were loaded
+    from; a fine-tuned or re-initialised model never does). tokenizer: its name and size, plus a
+    hash of the prompt tokens (which also covers the prompt suffix and chat template). Sampling: n,
+    temperature, top-p, top-k, max new tokens, KV-cache dtype, seed. dataset: a hash of every
+    record's (id, problem, answer) in order (sample keys depend on a prompt's position).
+    """
+    import hashlib
+    import json
+
+    from entrl.checkpoint import fingerprint_leaves
+
+    def digest(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
+    r = cfg.rollout
+    return {
+        "model": {"path": cfg.model.path, "dtype": cfg.model.dtype, "params": digest(fingerprint_leaves(params))},
+        "tokenizer": {"name": cfg.model.tokenizer or cfg.model.path, "vocab_size": int(tokenizer.vocab_size),
+                      "prompt_tokens": digest([list(map(int, t)) for t in prompt_tokens])},
+        "n": int(n), "temperature": float(r.temperature), "top_p": float(r.top_p), "top_k": int(r.top_k),
+        "max_new_tokens": int(r.max_new_tokens), "cache_dtype": r.cache_dtype, "seed": int(seed),
+        "dataset": digest([[str(x.id), x.problem, x.answer] for x in records]),
+    }
+
+
+def _read_progress(path) -> tuple[dict | None, dict[str, dict]]:
+    """(provenance of the header line or None, {id: SE row}) of a progress JSONL (local or gs://).
+
+    A torn last line is ignored; a file without a header (written before provenance was recorded)
+    has provenance None.
+    """
     import json
 
     from entrl.rundir import as_path
 
-    done: dict[str, dict] = {}
+    header, done = None, {}
     p = as_path(path, "progress file")
     if not p.exists():
-        return done
-    for line in p.read_text().splitlines():
+        return header, done
+    for i, line in enumerate(p.read_text().splitlines()):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        done[str(row["id"])] = {k: row[k] for k in SE_COLUMNS}
-    return done
+        if i == 0 and "provenance" in row:
+            header = row["provenance"]
+        elif "id" in row:
+            done[str(row["id"])] = {k: row[k] for k in SE_COLUMNS}
+    return header, done
 
 
-def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *, verifier, out_path,
-                     n: int | None = None, batch_prompts: int = 64, mesh=None, seed: int | None = None) -> list[dict]:
-    """SE statistics of every prompt from `n` samples of the policy (SENT.md section 2).
+def _read_done(path) -> dict[str, dict]:
+    """Rows already annotated in a progress JSONL (a torn last line is ignored)."""
+    return _read_progress(path)[1]
 
-    Samples with the rollout settings of `cfg` (`curriculum.samples` responses per prompt, T and top-p
-    of `cfg.rollout`), grades them against the references (for `pass_rate`), clusters the answers and
-    returns one dict of `SE_COLUMNS` per record, aligned with `records`. Progress is appended to
-    `out_path` (JSONL, one row per finished prompt, flushed per batch), so an interrupted annotation
-    resumes where it stopped and never recomputes finished prompts. Logs prompts done, rate and ETA.
+
+def _provenance_diff(old: dict | None, new: dict) -> str:
+    if old is None:
+        return "no provenance record (an older entrl)"
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k)!r} on disk vs {new.get(k)!r} now" for k in keys)[:400]
+
+
+def open_progress(path, provenance: dict, *, resume: bool = True) -> dict[str, dict]:
+    """The finished rows of the progress file at `path` that can be reused for `provenance`.
+
+    With `resume` and an equal provenance header: its rows. Otherwise (another model, n,
+    temperature, dataset, ...; no header; or `resume=False`) the file is moved aside to
+    `<path>.stale-<time>` (never deleted: it may be hours of sampling) and a fresh one with this
+    header is started; a mismatch is logged in one line. Only process 0 writes.
     """
     import json
     import logging
@@ -289,7 +336,60 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
 
     import jax
 
-    from entrl.rundir import append_text, as_path
+    from entrl.rundir import as_path
+
+    log = logging.getLogger("entrl.semantic_entropy")
+    path = as_path(path, "progress file")
+    old, done = _read_progress(path)
+    if path.exists() and resume and old == provenance:
+        return done
+    primary = jax.process_index() == 0
+    if path.exists():
+        if resume:
+            log.warning("semantic entropy: %s holds values from other settings (%s); recomputing from scratch",
+                        path, _provenance_diff(old, provenance))
+        if primary:
+            stale = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+            path.rename(stale)
+            log.info("semantic entropy: moved the old progress file aside to %s", stale.name)
+    if primary:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"format": PROGRESS_FORMAT, "provenance": provenance}) + "\n")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("entrl_se_progress")
+    return {}
+
+
+def append_progress(path, rows: list[dict]) -> None:
+    """Append finished rows ({"id", *SE_COLUMNS}) to the progress file, opened by name for this write."""
+    import json
+
+    from entrl.rundir import append_text
+
+    append_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *, verifier, out_path,
+                     n: int | None = None, batch_prompts: int = 64, mesh=None, seed: int | None = None,
+                     resume: bool = True) -> list[dict]:
+    """SE statistics of every prompt from `n` samples of the policy (SENT.md section 2).
+
+    Samples with the rollout settings of `cfg` (`curriculum.samples` responses per prompt, T and top-p
+    of `cfg.rollout`), grades them against the references (for `pass_rate`), clusters the answers and
+    returns one dict of `SE_COLUMNS` per record, aligned with `records`. Progress is appended to
+    `out_path` (JSONL: a header line with `se_provenance`, then one row per finished prompt, appended
+    per batch), so an interrupted annotation resumes where it stopped and never recomputes finished
+    prompts; values computed with other settings are never reused (`open_progress`), nor any with
+    `resume=False`. Logs prompts done, rate and ETA.
+    """
+    import logging
+    import time
+
+    import jax
+
+    from entrl.rundir import as_path
 
     from entrl.evaluation import sample_and_grade
     from entrl.rl.setup import build_sampler
@@ -299,8 +399,8 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
     seed = cfg.train.seed if seed is None else seed
     sampler = build_sampler(cfg, tokenizer, mesh, n=n)
     out_path = as_path(out_path, "progress file")  # local or gs://
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = _read_done(out_path)
+    done = open_progress(out_path, se_provenance(cfg, params, tokenizer, prompt_tokens, records, n=n, seed=seed),
+                         resume=resume)
     todo = [i for i, r in enumerate(records) if str(r.id) not in done]
     if done:
         log.info("semantic entropy: %d of %d prompts already annotated in %s", len(records) - len(todo),
@@ -322,12 +422,10 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
         groups = [g.answers[j * n:(j + 1) * n] for j in range(real)]
         corr = [list(g.correct_PxN[j]) for j in range(real)]
         stats = batch_prompt_stats(groups, corr, pairs_equivalent=verifier.equivalent_pairs)
-        lines = []
         for i, st in zip(idx, stats):
             done[str(records[i].id)] = st
-            lines.append(json.dumps({"id": str(records[i].id), **st}) + "\n")
         if primary:
-            append_text(out_path, "".join(lines))
+            append_progress(out_path, [{"id": str(records[i].id), **st} for i, st in zip(idx, stats)])
         finished = min(b0 + batch_prompts, len(todo))
         rate = finished / max(time.perf_counter() - t0, 1e-9)
         log.info("semantic entropy: %d/%d prompts (%.1f prompts/s, ETA %.0f s)", len(records) - len(todo)
@@ -352,14 +450,17 @@ def plot_se_histogram(se_values: Sequence[float], path, *, bins: int = 30) -> No
     fig.savefig(path, dpi=120)
 
 
-def annotate_cli(cfg, *, data: str, out: str, n: int | None = None) -> None:
+def annotate_cli(cfg, *, data: str, out: str, n: int | None = None, resume: bool = True) -> None:
     """`entrl semantic-entropy`: annotate a dataset with the policy of `cfg.model` and write it out.
 
-    Writes `out` (.jsonl or .parquet: the input columns plus `SE_COLUMNS`) and `<out>.se_hist.png`.
-    Progress lives in `<out>.progress.jsonl`; rerunning the same command resumes from it. `out` may be a
-    gs:// path (the outputs are written locally, then uploaded).
+    Writes `out` (.jsonl or .parquet: the input columns plus `SE_COLUMNS`), `<out>.se_hist.png` and
+    `<out>.provenance.json` (what the values were computed with: `se_provenance`). Progress lives in
+    `<out>.progress.jsonl`; rerunning the same command resumes from it, unless the settings changed
+    or `resume=False` (`--no-resume`): then the old progress is moved aside and everything is sampled
+    again. `out` may be a gs:// path (the outputs are written locally, then uploaded).
     """
     import dataclasses
+    import json
     import os
     from pathlib import Path
 
@@ -376,9 +477,10 @@ def annotate_cli(cfg, *, data: str, out: str, n: int | None = None) -> None:
     records, _ = build_records(cfg)
     prompt_tokens, records = tokenize(cfg, records, tokenizer)
     graphdef, params = build_model(cfg, mesh, tokenizer)
+    progress = out_p.with_name(out_p.name + ".progress.jsonl")
     with build_verifier(cfg) as verifier:
         stats = annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, verifier=verifier,
-                                 out_path=out_p.with_name(out_p.name + ".progress.jsonl"), n=n, mesh=mesh)
+                                 out_path=progress, n=n, mesh=mesh, resume=resume)
     d = cfg.data  # the input's own column layout: the same config reads the annotated file back
     rows = [{**r.to_row(id_key=d.id_key, problem_key=d.problem_key, answer_key=d.answer_key), **s}
             for r, s in zip(records, stats)]
@@ -386,4 +488,6 @@ def annotate_cli(cfg, *, data: str, out: str, n: int | None = None) -> None:
         local = Path(os.fspath(local_dir)) / out_p.name
         write_records(local, rows)
         plot_se_histogram([s["se"] for s in stats], local.with_name(local.name + ".se_hist.png"))
+        local.with_name(local.name + ".provenance.json").write_text(json.dumps(
+            {"provenance": _read_progress(progress)[0], "data": data, "prompts": len(rows)}, indent=2) + "\n")
     print(f"wrote {len(rows)} annotated prompts to {out_p}")

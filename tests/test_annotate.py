@@ -18,12 +18,15 @@ def small_dataset(tmp_path):
     return path, rows
 
 
+def _overrides():
+    return ["model.path=demo", "model.tokenizer=char", "model.demo_layers=1", "model.demo_hidden=32",
+            "model.demo_heads=2", "data.task=math", "data.prompt_suffix=", "data.max_prompt_len=8",
+            "rollout.prompt_buckets=[8]", "rollout.max_new_tokens=6", "curriculum.samples=4", "reward.workers=1",
+            "train.prompts_per_step=8", "train.minibatch_prompts=8", "train.microbatch_per_shard=8"]
+
+
 def _cfg():
-    return C.load_config(None, [
-        "model.path=demo", "model.tokenizer=char", "model.demo_layers=1", "model.demo_hidden=32",
-        "model.demo_heads=2", "data.task=math", "data.prompt_suffix=", "data.max_prompt_len=8",
-        "rollout.prompt_buckets=[8]", "rollout.max_new_tokens=6", "curriculum.samples=4", "reward.workers=1",
-        "train.prompts_per_step=8", "train.minibatch_prompts=8", "train.microbatch_per_shard=8"])
+    return C.load_config(None, _overrides())
 
 
 def test_annotate_writes_columns_histogram_and_resumes(small_dataset, tmp_path, monkeypatch):
@@ -90,3 +93,61 @@ def test_annotate_reads_and_writes_a_bucket(small_dataset, tmp_path, fake_gcs, m
                         lambda self, *a: calls.append(a[1].shape[0]) or real(self, *a))
     annotate_cli(_cfg(), data="gs://bucket/data.jsonl", out=out)
     assert calls == [2] and epath.Path(out).read_text() == local.read_text()
+
+
+def _count_sampling(monkeypatch):
+    calls = []
+    real = sampling.Sampler.sample
+
+    def counting(self, model, ids, mask, rng):
+        calls.append(ids.shape[0])
+        return real(self, model, ids, mask, rng)
+
+    monkeypatch.setattr(sampling.Sampler, "sample", counting)
+    return calls
+
+
+@pytest.mark.parametrize("change", ["n", "model", "dataset", "temperature", "no_resume", "legacy_file"])
+def test_stale_progress_is_never_reused(small_dataset, tmp_path, monkeypatch, caplog, change):
+    """Same prompt ids, other settings: everything is sampled again, the old progress is kept aside."""
+    import logging
+
+    path, rows = small_dataset
+    out = tmp_path / "annotated.jsonl"
+    progress = tmp_path / "annotated.jsonl.progress.jsonl"
+    annotate_cli(_cfg(), data=str(path), out=str(out))
+    provenance = json.loads((tmp_path / "annotated.jsonl.provenance.json").read_text())["provenance"]
+    assert provenance["n"] == 4 and provenance["dataset"] and provenance["model"]["params"]
+
+    cfg, kwargs = _cfg(), {}
+    if change == "n":
+        kwargs["n"] = 2
+    elif change == "model":  # another init of the same architecture: only the weights differ
+        cfg = C.load_config(None, [*_overrides(), "train.seed=1"])
+    elif change == "dataset":  # same ids, other problems and answers
+        path.write_text("".join(json.dumps({**r, "problem": r["problem"] + "+1"}) + "\n" for r in rows))
+    elif change == "temperature":
+        cfg = C.load_config(None, [*_overrides(), "rollout.temperature=0.5"])
+    elif change == "no_resume":
+        kwargs["resume"] = False
+    else:  # a progress file from before provenance was recorded: rows only
+        lines = progress.read_text().splitlines()
+        progress.write_text("\n".join(lines[1:]) + "\n")
+    calls = _count_sampling(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="entrl.semantic_entropy"):
+        annotate_cli(cfg, data=str(path), out=str(out), **kwargs)
+    assert sum(calls) == len(rows), "every prompt must be sampled again"
+    assert len(list(tmp_path.glob("annotated.jsonl.progress.jsonl.stale-*"))) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if change == "no_resume":
+        assert warnings == []  # asked for: no warning
+    else:
+        assert len(warnings) == 1 and "recomputing" in warnings[0] and "\n" not in warnings[0]
+    new = json.loads((tmp_path / "annotated.jsonl.provenance.json").read_text())["provenance"]
+    if change == "n":
+        assert new["n"] == 2 and all(sum(g["class_sizes"]) == 2 for g in map(json.loads, out.read_text().splitlines()))
+    assert (new == provenance) == (change in ("no_resume", "legacy_file"))
+    # The fresh progress file resumes like any other.
+    calls.clear()
+    annotate_cli(cfg, data=str(path), out=str(out), **{k: v for k, v in kwargs.items() if k != "resume"})
+    assert calls == []
