@@ -61,7 +61,12 @@ Design decisions:
   mistaken for corruption.
 - Every warning is one line: exception texts are cut to their first line
   without TensorStore's spec dump, and the "Event loop is closed" noise that
-  orbax's tensorstore callbacks raise after a failed read is swallowed.
+  orbax's tensorstore callbacks raise after a failed read or write is
+  swallowed while a manager is open.
+- A save that fails in orbax (disk full, read-only, quota) raises
+  `CheckpointWriteError`, an `OSError` with a one-line message naming the
+  directory and the reason, from `save` or `wait`, whichever sees it first
+  (orbax writes in a background thread); `entrl` prints it as one line.
 - A target whose shapes or tree differ from the checkpoint is a configuration
   error, not corruption: it raises at once and moves nothing.
 - `read_only=True` (what `entrl export` and `model.path=<run dir>` use) never
@@ -77,6 +82,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -102,6 +108,10 @@ _ARRAY_ITEMS = ("params", "opt_state")
 _JSON_ITEMS = ("rng", "meta", "data_state")
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only file system, ...); the message is one line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +145,8 @@ class CheckpointManager:
         handlers = {name: ocp.StandardCheckpointHandler() for name in ("params", "opt_state")}
         handlers.update({name: ocp.JsonCheckpointHandler() for name in (*_JSON_ITEMS, INTEGRITY_ITEM)})
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        _ClosedLoopNoiseFilter.install()
+        self._closed = False
 
     # -- listing -----------------------------------------------------------
 
@@ -188,16 +200,35 @@ class CheckpointManager:
             **{name: ocp.args.JsonSave(doc) for name, doc in docs.items()},
             **{INTEGRITY_ITEM: ocp.args.JsonSave(integrity)},
         )
-        return bool(self._manager.save(int(step), args=args, force=force))
+        with self._writing():
+            return bool(self._manager.save(int(step), args=args, force=force))
 
     def wait(self) -> None:
-        """Block until every started save is committed."""
-        self._manager.wait_until_finished()
+        """Block until every started save is committed; CheckpointWriteError when one failed."""
+        with self._writing():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self.wait()
-        self._manager.close()
-        _ClosedLoopNoiseFilter.remove()
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._manager.close()
+            _ClosedLoopNoiseFilter.remove()
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Turn whatever orbax/tensorstore raise for a failed write into one CheckpointWriteError."""
+        try:
+            yield
+        except CheckpointWriteError:
+            raise
+        except Exception as e:  # noqa: BLE001 - OSError, tensorstore's ValueError, orbax's wrappers
+            errno = getattr(e, "errno", None)
+            message = f"cannot write checkpoints to {self.directory}: {_one_line(e)}"
+            raise (CheckpointWriteError(errno, message) if errno else CheckpointWriteError(message)) from e
 
     # -- restore -----------------------------------------------------------
 
@@ -228,7 +259,6 @@ class CheckpointManager:
             if problem is None:
                 self._quarantine(bad)
                 return self._finish(step, out, params_target, opt_state_target)
-            _ClosedLoopNoiseFilter.install()
             log.warning("checkpoint step %d in %s cannot be restored (%s); falling back to the "
                         "previous one", step, self.directory, problem)
             bad.append(step)
@@ -573,12 +603,15 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 class _ClosedLoopNoiseFilter:
     """An unraisable hook that drops the 'Event loop is closed' errors of tensorstore callbacks.
 
-    orbax runs each restore in its own event loop; when one array fails, the
-    reads still in flight complete later (milliseconds to seconds) and report
-    to the closed loop, which Python prints as multi-line "Exception ignored"
-    tracebacks. Nothing is lost: the failure itself is reported by the restore.
-    Installed at the first failed restore, removed by `CheckpointManager.close`.
+    orbax runs each save and restore in its own event loop; when one array
+    fails, the reads or writes still in flight complete later and report to the
+    closed loop, which Python prints as multi-line "Exception ignored"
+    tracebacks (dozens for one full disk). Nothing is lost: the failure itself
+    is raised by the restore or save. Installed while any CheckpointManager is
+    open (counted), removed when the last one closes.
     """
+
+    open_managers = 0
 
     def __init__(self):
         self.previous = sys.unraisablehook
@@ -591,12 +624,14 @@ class _ClosedLoopNoiseFilter:
 
     @classmethod
     def install(cls) -> None:
+        cls.open_managers += 1
         if not isinstance(sys.unraisablehook, cls):
             sys.unraisablehook = cls()
 
     @classmethod
     def remove(cls) -> None:
-        if isinstance(sys.unraisablehook, cls):
+        cls.open_managers = max(cls.open_managers - 1, 0)
+        if cls.open_managers == 0 and isinstance(sys.unraisablehook, cls):
             sys.unraisablehook = sys.unraisablehook.previous
 
 

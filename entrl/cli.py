@@ -12,10 +12,14 @@ line, also after options. TRL / verl option names that map to one entrl key
 (`max_completion_length=2048`, `actor_rollout_ref.rollout.n=8`;
 `entrl.config.ALIASES`) are accepted as overrides with a one-line note.
 
-Exit codes: 0 done; 2 a configuration error (one line on stderr, nothing
-compiled; includes a run directory in use by another run); 3 training stopped
-on non-finite steps; 143 (128 + SIGTERM) stopped by SIGTERM after writing a
-checkpoint: rerun the same command to resume; anything else is a crash.
+A user mistake or a broken environment ends in one line on stderr, never a
+traceback (`-v` shows the traceback of an I/O error). Exit codes: 0 done; 2 a
+configuration error (one line on stderr, nothing compiled; includes a run
+directory in use by another run); 3 training stopped on non-finite steps; 4 an
+I/O error (an output path cannot be written: disk full, read-only, not a
+directory; one line naming the path and the reason); 143 (128 + SIGTERM)
+stopped by SIGTERM after writing a checkpoint: rerun the same command to
+resume; anything else is a crash.
 """
 
 from __future__ import annotations
@@ -28,11 +32,43 @@ import sys
 PREEMPTED_EXIT = 128 + signal.SIGTERM  # 143: what a shell reports for a process ended by SIGTERM
 
 
+EXIT_CONFIG, EXIT_NONFINITE, EXIT_IO = 2, 3, 4
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src", "orbax", "httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        # orbax logs the traceback of a failed background write from every thread it touched (hundreds of
+        # lines for a full disk) and then raises the same error in the caller: keep only the raise. Its
+        # messages start with "[process=N]"; `-v` shows them.
+        import absl.logging  # noqa: F401  (absl replaces a plain "absl" logger made before its import)
+
+        logging.getLogger("absl").addFilter(
+            lambda r: not (r.exc_info and r.levelno >= logging.ERROR and str(r.msg).startswith("[process=")))
+
+
+def _quiet_after_io_error() -> None:
+    """After the one-line I/O error, drop the same disk's OSErrors from other threads and atexit handlers.
+
+    Writers with their own threads (TensorBoard's event writer) fail on the same full or read-only disk
+    and would print their tracebacks while the process exits.
+    """
+    import threading
+
+    thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+    threading.excepthook = lambda a: None if issubclass(a.exc_type, OSError) else thread_hook(a)
+    sys.unraisablehook = lambda u: None if isinstance(u.exc_value, OSError) else unraisable_hook(u)
+
+
+def _io_error_line(e: OSError) -> str:
+    """`path: reason` for an OSError (its first line only)."""
+    if e.filename is not None and e.strerror:
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+        return f"{where}: {e.strerror}"
+    return " ".join(str(e).split())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,6 +122,7 @@ def cmd_train(args) -> int:
     from entrl.rl.setup import train_from_config
 
     cfg = C.load_config(*_config_and_overrides(args))
+    args.output_dir = cfg.train.out_dir  # named in a one-line I/O error
     train_from_config(cfg, resume=not (args.no_resume or args.overwrite), overwrite=args.overwrite)
     return 0
 
@@ -435,8 +472,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as e:
-        print(f"entrl: config error: {e}", file=sys.stderr)
-        return 2
+        print(f"entrl: config error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as e:
+        if args.verbose:
+            raise
+        out = getattr(args, "output_dir", None) or getattr(args, "out", None)
+        where = f" (writing under {out})" if out and e.filename is None else ""
+        print(f"entrl: I/O error: {_io_error_line(e)}{where}", file=sys.stderr)
+        _quiet_after_io_error()
+        return EXIT_IO
     except RuntimeError as e:
         from entrl.rl.setup import Preempted
         from entrl.rl.trainer import NonFiniteError
@@ -447,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, NonFiniteError):
             raise
         print(f"entrl: training stopped: {e}", file=sys.stderr)
-        return 3
+        return EXIT_NONFINITE
 
 
 if __name__ == "__main__":

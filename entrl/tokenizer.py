@@ -20,7 +20,7 @@ Design decisions:
   for the synthetic arithmetic task: 57 entries, `<pad>`=0, `<bos>`=1, `<eos>`=2, digits,
   the arithmetic operators, whitespace, `\\ { }` for `\\boxed{}`, the lowercase
   alphabet and a few punctuation marks (so the SENT prompt suffix also
-  encodes). Unknown characters raise a ValueError naming the character. Its
+  encodes). Unknown characters raise a ValueError naming all of them. Its
   chat template joins the message contents with newlines and, for a
   generation prompt, appends `=`: `3+4*2` becomes the prompt `3+4*2=`, after
   which the model writes its worked solution. It saves to / loads from a
@@ -103,16 +103,15 @@ class CharTokenizer:
         return [self.eos_token_id]
 
     def encode(self, text: str) -> list[int]:
-        ids = []
-        for pos, ch in enumerate(text):
-            tid = self._stoi.get(ch)
-            if tid is None:
-                raise ValueError(
-                    f"CharTokenizer: character {ch!r} at position {pos} of {text[:60]!r} is not in its vocabulary "
-                    f"(allowed: specials {CHAR_SPECIALS} and {self.alphabet!r})"
-                )
-            ids.append(tid)
-        return ids
+        try:
+            return [self._stoi[ch] for ch in text]
+        except KeyError:
+            unknown = sorted({ch for ch in text if ch not in self._stoi})
+            first = min(text.index(ch) for ch in unknown)
+            raise ValueError(
+                f"CharTokenizer: characters {''.join(unknown)!r} (first at position {first} of {text[:60]!r}) are "
+                f"not in its vocabulary {self.alphabet!r}"
+            ) from None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         out = []

@@ -188,9 +188,24 @@ def build_tokenizer(cfg: C.RunConfig):
     return load_tokenizer(name)
 
 
+def check_context_length(cfg: C.RunConfig, max_position_embeddings: int) -> None:
+    """ConfigError when the longest sequence the sampler can build exceeds the model's context.
+
+    That sequence is the largest prompt bucket plus `rollout.max_new_tokens` (the KV cache is
+    allocated for it); checked from the model's config.json, before weights are read or anything
+    is compiled (a 100,000-token setting otherwise compiles for minutes and then asks for ~1 TB).
+    """
+    bucket, new = max(cfg.rollout.prompt_buckets), cfg.rollout.max_new_tokens
+    if bucket + new > max_position_embeddings:
+        raise C.ConfigError(
+            f"rollout.max_new_tokens={new} + the largest rollout.prompt_buckets entry {bucket} = {bucket + new} "
+            f"tokens exceeds the model's context of {max_position_embeddings} tokens (max_position_embeddings of "
+            f"{cfg.model.path!r}); lower rollout.max_new_tokens or rollout.prompt_buckets")
+
+
 def build_model(cfg: C.RunConfig, mesh, tokenizer):
-    """(graphdef, params) of the policy, placed on `mesh`."""
-    from entrl.models import create_model, load_pretrained
+    """(graphdef, params) of the policy, placed on `mesh` (after `check_context_length`)."""
+    from entrl.models import ModelConfig, create_model, load_pretrained
 
     run = run_checkpoint_source(cfg.model.path)
     if run is not None:  # an unfinished run: its model, with the params of its latest checkpoint
@@ -200,10 +215,13 @@ def build_model(cfg: C.RunConfig, mesh, tokenizer):
     if m.path == "demo":
         # Exactly the tokenizer's vocabulary: padding it would let the sampler emit ids no tokenizer decodes.
         mcfg = demo_model_config(tokenizer.vocab_size, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)
+        check_context_length(cfg, mcfg.max_position_embeddings)
         model = create_model(mcfg, seed=cfg.train.seed, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh,
                              remat=m.remat)
     else:
-        model = load_pretrained(resolve_model_dir(m.path), dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh,
+        model_dir = resolve_model_dir(m.path)
+        check_context_length(cfg, ModelConfig.from_pretrained(model_dir).max_position_embeddings)
+        model = load_pretrained(model_dir, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh,
                                 remat=m.remat)
     graphdef, params = nnx.split(model)
     return graphdef, params
