@@ -87,6 +87,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -227,8 +228,11 @@ class CheckpointManager:
             raise
         except Exception as e:  # noqa: BLE001 - OSError, tensorstore's ValueError, orbax's wrappers
             errno = getattr(e, "errno", None)
-            message = f"cannot write checkpoints to {self.directory}: {_one_line(e)}"
-            raise (CheckpointWriteError(errno, message) if errno else CheckpointWriteError(message)) from e
+            if errno is None and (m := _OS_ERROR_CODE.search(str(e))):  # tensorstore: [os_error_code='28']
+                errno = int(m.group(1))
+            if errno:
+                raise CheckpointWriteError(errno, os.strerror(errno), str(self.directory)) from e
+            raise CheckpointWriteError(f"cannot write checkpoints to {self.directory}: {_one_line(e)}") from e
 
     # -- restore -----------------------------------------------------------
 
@@ -590,6 +594,7 @@ def _gather_json(obj: Any) -> list[Any]:
     return [json.loads(bytes(everyone[i, :n])) for i, n in enumerate(lengths)]
 
 
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
 _SPEC_DUMP = re.compile(r"\s*\[tensorstore_spec=.*$", re.DOTALL)
 
 

@@ -50,17 +50,37 @@ def _setup_logging(verbose: bool) -> None:
             lambda r: not (r.exc_info and r.levelno >= logging.ERROR and str(r.msg).startswith("[process=")))
 
 
-def _quiet_after_io_error() -> None:
-    """After the one-line I/O error, drop the same disk's OSErrors from other threads and atexit handlers.
+class _BackgroundIOErrors:
+    """OSErrors of background threads (TensorBoard's event writer, ...) held back for one line at the end.
 
-    Writers with their own threads (TensorBoard's event writer) fail on the same full or read-only disk
-    and would print their tracebacks while the process exits.
+    Such a writer fails on the same full or read-only disk as the main thread, usually first, and
+    would print its traceback; after any I/O error, the same disk's OSErrors from atexit handlers
+    (writers flushing on exit) are dropped too. Installed by `main` unless `-v`.
     """
-    import threading
 
-    thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
-    threading.excepthook = lambda a: None if issubclass(a.exc_type, OSError) else thread_hook(a)
-    sys.unraisablehook = lambda u: None if isinstance(u.exc_value, OSError) else unraisable_hook(u)
+    def __init__(self):
+        import threading
+
+        self.first: OSError | None = None
+        self._thread_hook, self._unraisable_hook = threading.excepthook, sys.unraisablehook
+        threading.excepthook, sys.unraisablehook = self._on_thread_error, self._on_unraisable
+
+    def _on_thread_error(self, a) -> None:
+        if not issubclass(a.exc_type, OSError):
+            return self._thread_hook(a)
+        self.first = self.first or a.exc_value
+
+    def _on_unraisable(self, u) -> None:
+        if self.first is not None and isinstance(u.exc_value, OSError):
+            return
+        self._unraisable_hook(u)
+
+    def restore(self) -> None:
+        """Put the previous hooks back (kept after an I/O error: atexit handlers still have to run)."""
+        import threading
+
+        if self.first is None:
+            threading.excepthook, sys.unraisablehook = self._thread_hook, self._unraisable_hook
 
 
 def _io_error_line(e: OSError) -> str:
@@ -469,8 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     from entrl.config import ConfigError
 
+    background = None if args.verbose else _BackgroundIOErrors()
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        if background is not None and background.first is not None:
+            raise background.first
+        return code
     except ConfigError as e:
         print(f"entrl: config error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_CONFIG
@@ -480,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         out = getattr(args, "output_dir", None) or getattr(args, "out", None)
         where = f" (writing under {out})" if out and e.filename is None else ""
         print(f"entrl: I/O error: {_io_error_line(e)}{where}", file=sys.stderr)
-        _quiet_after_io_error()
+        if background is not None:
+            background.first = background.first or e
         return EXIT_IO
     except RuntimeError as e:
         from entrl.rl.setup import Preempted
@@ -493,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"entrl: training stopped: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    finally:
+        if background is not None:
+            background.restore()
 
 
 if __name__ == "__main__":

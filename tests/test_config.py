@@ -1,3 +1,6 @@
+import dataclasses
+import re
+
 import pytest
 
 from entrl import config as C
@@ -74,3 +77,22 @@ def test_loss_name_and_params_validated_at_load():
         C.load_config(None, ["loss.name=sent", "loss.params={rhoo: 0.5}"])
     cfg = C.load_config(None, ["loss.name=kl_cov", "loss.params={kcov: 0.01}"])
     assert cfg.loss.params == {"kcov": 0.01}
+
+
+def _float_keys():
+    import typing
+
+    for section in dataclasses.fields(C.RunConfig):
+        cls = typing.get_type_hints(C.RunConfig)[section.name]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] in (float, list[float]):
+                yield f"{section.name}.{f.name}", hints[f.name] is float
+
+
+@pytest.mark.parametrize("key,scalar", list(_float_keys()))
+@pytest.mark.parametrize("bad", [".nan", ".inf", "-.inf"])
+def test_every_float_field_must_be_finite(key, scalar, bad):
+    value = bad if scalar else f"[{bad}]"
+    with pytest.raises(C.ConfigError, match=rf"^{re.escape(key)}=.*finite"):
+        C.load_config(None, [f"{key}={value}"])

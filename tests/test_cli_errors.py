@@ -1,0 +1,167 @@
+"""Bad settings and broken disks end in exactly one line on stderr and a documented exit code (issue 15).
+
+The cases run through `entrl.cli.main` in a child process that points file descriptor 2 at a file
+for each case, so everything written to stderr counts: log lines, warnings, tracebacks of
+background threads. One child runs all the configuration cases (one JAX start-up); the disk cases
+need their own process because the limit on file size is per process.
+
+A full disk without root: RLIMIT_FSIZE makes every write past the limit fail with EFBIG (SIGXFSZ
+ignored), from the first checkpoint on, which exercises the same code paths as ENOSPC (orbax's
+background writers, TensorBoard's writer thread, metrics appends). Where unprivileged user
+namespaces work, a real 256 KiB tmpfs gives ENOSPC as well (skipped otherwise).
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = str(REPO / "configs" / "demo.yaml")
+TINY = ["model.demo_layers=1", "model.demo_hidden=32", "model.demo_heads=2", "rollout.n=4",
+        "rollout.max_new_tokens=12", "train.prompts_per_step=4", "train.minibatch_prompts=2",
+        "train.microbatch_per_shard=4", "data.arithmetic_train_size=64", "data.arithmetic_heldout_size=16",
+        "curriculum.enabled=false", "reward.workers=1", "mesh.data=1"]
+
+_CHILD = r"""
+import json, os, sys, threading
+import jax
+from entrl import cli
+
+compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: compiles.append(event) if "compil" in event else None)
+results = []
+for argv in json.loads(sys.argv[1]):
+    compiles.clear()
+    read_end, write_end = os.pipe()  # a pipe, not a file: the disk cases limit file sizes
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_end, 65536), b"")))
+    reader.start()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        code = cli.main(argv)
+    except BaseException as e:  # a crash is a result too: the test shows it
+        import traceback
+        traceback.print_exc()
+        code = f"raised {type(e).__name__}"
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+    reader.join()
+    os.close(read_end)
+    results.append({"code": code, "err": b"".join(chunks).decode(errors="replace"), "compiled": len(compiles)})
+print("RESULTS " + json.dumps(results), flush=True)
+"""
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env.pop("XLA_FLAGS", None)  # one CPU device is enough; keep the child's start-up short
+    return env
+
+
+def _run_cases(cases: list[list[str]], *, prefix: list[str] = (), timeout: int = 600) -> list[dict]:
+    out = subprocess.run([*prefix, sys.executable, "-c", _CHILD, json.dumps(cases)], env=_env(),
+                         capture_output=True, text=True, timeout=timeout)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULTS ")]
+    assert line, f"child failed (rc {out.returncode}):\n{out.stderr[-3000:]}"
+    return json.loads(line[0][len("RESULTS "):])
+
+
+def _assert_one_line(result: dict, code: int, prefix: str, *needles: str, progress_logs: bool = False) -> None:
+    """Exactly one line on stderr; with `progress_logs`, after the INFO lines of a run that got going."""
+    err = result["err"]
+    if progress_logs:
+        err = "".join(line for line in err.splitlines(keepends=True) if not _INFO.match(line))
+    assert result["code"] == code, err
+    assert "Traceback" not in err, err
+    assert err.endswith("\n") and err.count("\n") == 1, f"expected one line on stderr, got:\n{err}"
+    assert err.startswith(prefix), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+_INFO = re.compile(r"\d\d:\d\d:\d\d INFO ")
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_bad_settings_are_one_line_config_errors(tmp_path):
+    unknown_chars = _jsonl(tmp_path / "chars.jsonl", [{"id": "a", "problem": "1+2", "answer": "3"},
+                                                      {"id": "b", "problem": "3#4 & 5", "answer": "7"}])
+    long_prompt = _jsonl(tmp_path / "long.jsonl", [{"id": "short", "problem": "1+2", "answer": "3"},
+                                                   {"id": "very-long", "problem": "1+" * 40 + "1", "answer": "41"}])
+    math_data = ["data.task=math", "model.tokenizer=char", "data.prompt_suffix="]
+    cases = {  # name: (overrides, words the line must contain)
+        "lr nan": (["optim.lr=nan"], ["optim.lr=nan", "finite"]),
+        "lr inf": (["optim.lr=.inf"], ["optim.lr=inf", "finite"]),
+        "rollout temperature nan": (["rollout.temperature=nan"], ["rollout.temperature"]),
+        "rollout temperature inf": (["rollout.temperature=inf"], ["rollout.temperature"]),
+        "rollout temperature negative": (["rollout.temperature=-0.5"], ["rollout.temperature=-0.5"]),
+        "eval temperature nan": (["eval.temperature=nan"], ["eval.temperature"]),
+        "eval temperature negative": (["eval.temperature=-1"], ["eval.temperature"]),
+        "verifier timeout nan": (["reward.timeout_s=nan"], ["reward.timeout_s"]),
+        "verifier timeout inf": (["reward.timeout_s=inf"], ["reward.timeout_s"]),
+        "kl coefficient nan": (["loss.kl_coef=nan"], ["loss.kl_coef"]),
+        "adam beta": (["optim.b2=1.0"], ["optim.b2"]),
+        "threshold nan": (["curriculum.thresholds=[0.5, .nan]"], ["curriculum.thresholds"]),
+        "char tokenizer": ([*math_data, f"data.train={unknown_chars}"], ["row 1", "'b'", "#&"]),
+        "long prompt": ([*math_data, f"data.train={long_prompt}", "data.on_long_prompt=error",
+                         "data.max_prompt_len=16", "rollout.prompt_buckets=[16]"], ["'very-long'", "82 tokens"]),
+        "context length": (["rollout.max_new_tokens=100000"], ["rollout.max_new_tokens=100000", "512"]),
+    }
+    argvs = [["train", DEMO, *TINY, f"train.out_dir={tmp_path / name.replace(' ', '_')}", *over]
+             for name, (over, _) in cases.items()]
+    argvs.append(["config", DEMO, "optim.lr=nan"])
+    results = _run_cases(argvs)
+    for (name, (_, needles)), result in zip(cases.items(), results):
+        _assert_one_line(result, 2, "entrl: config error:", *needles)
+        assert result["compiled"] == 0, f"{name}: compiled before failing"
+    _assert_one_line(results[-1], 2, "entrl: config error:", "optim.lr")
+
+
+_DISK_RUN = ["train", DEMO, *TINY, "train.steps=2", "train.checkpoint_every=1", "train.tensorboard=true"]
+
+
+@pytest.mark.parametrize("limit", [0, 4_000, 20_000])
+def test_full_disk_is_one_line_io_error(tmp_path, limit):
+    """Writes fail from the first byte (the run directory's probe refuses it), at the metrics and
+    TensorBoard files, or in the middle of orbax's background checkpoint writers. A run that got going
+    has written its INFO lines before; after them comes exactly one line."""
+    prefix = [sys.executable, "-c",
+              "import resource, signal, sys, os; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); os.execv(sys.argv[1], sys.argv[1:])"]
+    out_dir = tmp_path / "run"
+    (result,) = _run_cases([[*_DISK_RUN, f"train.out_dir={out_dir}"]], prefix=prefix)
+    if limit == 0:  # nothing can be written: the run directory's own probe refuses it before anything starts
+        _assert_one_line(result, 2, "entrl: config error:", str(out_dir))
+    else:
+        _assert_one_line(result, 4, "entrl: I/O error:", "too large", str(out_dir), progress_logs=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("unshare") is None,
+                    reason="needs Linux user namespaces (unshare -rm) for an unprivileged tmpfs")
+def test_real_enospc_on_a_tiny_tmpfs(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=256k tmpfs {mnt}"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no unprivileged tmpfs here: {probe.stderr.strip()}")
+    # The child mounts its own tmpfs in a new user + mount namespace, then runs the cases.
+    prefix = ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=256k tmpfs {mnt} && exec "$@"', "sh"]
+    (result,) = _run_cases([[*_DISK_RUN, f"train.out_dir={mnt / 'run'}"]], prefix=prefix)
+    _assert_one_line(result, 4, "entrl: I/O error:", "No space left on device", str(mnt / "run"), progress_logs=True)
