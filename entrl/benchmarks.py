@@ -257,6 +257,23 @@ def _check_run_settings(out, settings: dict, have_samples: bool) -> None:
         path.write_text(json.dumps({"settings": settings}, indent=2) + "\n")
 
 
+def _check_context(model_dir, prompts: dict, buckets: Sequence[int], max_new_tokens: int) -> None:
+    """ConfigError when the longest prompt's bucket plus the response budget exceeds the model's context.
+
+    Checked from config.json before any weight is read or anything compiled.
+    """
+    from entrl.config import ConfigError
+    from entrl.models import ModelConfig
+
+    longest = max((len(t) for tokens in prompts.values() for t in tokens), default=0)
+    bucket = min((b for b in buckets if b >= longest), default=max(buckets))
+    context = ModelConfig.from_pretrained(model_dir).max_position_embeddings
+    if bucket + max_new_tokens > context:
+        raise ConfigError(f"eval.max_new_tokens={max_new_tokens} + the longest prompt's bucket {bucket} = "
+                          f"{bucket + max_new_tokens} tokens exceeds the model's context of {context} tokens "
+                          "(max_position_embeddings); lower eval.max_new_tokens (--max-new-tokens)")
+
+
 # -- metrics and tables -------------------------------------------------------
 
 
@@ -405,6 +422,7 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
     prompts = {s.key: tokenize_prompts(s.records, tok, max_prompt_len=max(buckets), on_long_prompt="error",
                                        suffix=suffix, chat_template=cfg.data.chat_template).tokens for s in suites}
     todo = {s.key: [i for i, r in enumerate(s.records) if (s.key, r.id) not in done] for s in suites}
+    _check_context(model_dir, prompts, buckets, e.max_new_tokens)
 
     own_verifier = verifier is None
     verifier = Verifier(workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s) if own_verifier else verifier

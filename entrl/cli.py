@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="entrl", description="RL for LLM reasoning with semantic and token entropy (SENT).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"entrl {__version__}", help="print the version and exit")
+    p.add_argument("--portable-cpu", action="store_true",
+                   help="CPU numbers that do not depend on the machine: XLA:CPU capped at AVX2 and one core "
+                        "(slower; see README, 'Which numbers depend on the machine')")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="run RL training from a YAML config")
@@ -484,9 +487,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def portable_cpu() -> None:
+    """Make XLA:CPU results independent of the host's instruction set and core count (`--portable-cpu`).
+
+    Caps code generation at AVX2 with FMA (what every x86 CPU since 2013-2015 has: AVX-512 and AMX
+    give the same bits on the demo but other shapes differ) and pins the process to one core
+    (XLA:CPU splits loops and matmuls by the number of cores it sees, which changes the order of
+    additions). Both are read when JAX creates its CPU backend, so this must run before the first
+    JAX computation; later it only warns. The verifier's worker processes inherit the core.
+    """
+    import os
+
+    log = logging.getLogger("entrl.cli")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_cpu_max_isa" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_max_isa=AVX2".strip()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    backends = getattr(sys.modules.get("jax._src.xla_bridge"), "_backends", None)
+    if backends:
+        log.warning("--portable-cpu: JAX's CPU backend already exists in this process; the cap and the core "
+                    "count apply to new processes only")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    if args.portable_cpu:
+        portable_cpu()
     from entrl.config import ConfigError
 
     background = None if args.verbose else _BackgroundIOErrors()

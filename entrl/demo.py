@@ -189,7 +189,30 @@ def summarize_demo(ctx: DemoContext, trainer, after: dict, wall: float) -> dict:
         "rl_steps": trainer.step,
         "sft_final_loss": ctx.sft_losses[-1] if ctx.sft_losses else None,
         "wall_seconds": wall,
+        "machine": machine_info(),
     }
+
+
+def machine_info() -> dict:
+    """What the numbers may depend on (README, 'Which numbers depend on the machine')."""
+    import os
+    import platform
+
+    import jax
+
+    cpu, isa = platform.processor(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not isa:
+                    isa = sorted(x for x in line.split(":", 1)[1].split() if x.startswith(("avx", "amx", "fma")))
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "isa": isa, "cores": cores, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "jax": jax.__version__, "backend": jax.default_backend()}
 
 
 def run_demo(out_dir: str | Path = "demo_out", *, overrides=(), seed: int = 0, quick: bool = False) -> dict:

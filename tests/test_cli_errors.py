@@ -126,11 +126,13 @@ def test_bad_settings_are_one_line_config_errors(tmp_path):
     argvs = [["train", DEMO, *TINY, f"train.out_dir={tmp_path / name.replace(' ', '_')}", *over]
              for name, (over, _) in cases.items()]
     argvs.append(["config", DEMO, "optim.lr=nan"])
+    argvs.append(["eval", "--model", str(tmp_path / "no-model"), "--temperature", "nan", "--out", str(tmp_path / "ev")])
     results = _run_cases(argvs)
     for (name, (_, needles)), result in zip(cases.items(), results):
         _assert_one_line(result, 2, "entrl: config error:", *needles)
         assert result["compiled"] == 0, f"{name}: compiled before failing"
-    _assert_one_line(results[-1], 2, "entrl: config error:", "optim.lr")
+    _assert_one_line(results[-2], 2, "entrl: config error:", "optim.lr")
+    _assert_one_line(results[-1], 2, "entrl: config error:", "--temperature nan")
 
 
 _DISK_RUN = ["train", DEMO, *TINY, "train.steps=2", "train.checkpoint_every=1", "train.tensorboard=true"]
