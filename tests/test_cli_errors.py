@@ -72,7 +72,7 @@ def _env():
 
 def _run_cases(cases: list[list[str]], *, prefix: list[str] = (), timeout: int = 600) -> list[dict]:
     out = subprocess.run([*prefix, sys.executable, "-c", _CHILD, json.dumps(cases)], env=_env(),
-                         capture_output=True, text=True, timeout=timeout)
+                         capture_output=True, text=True, timeout=timeout, check=False)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULTS ")]
     assert line, f"child failed (rc {out.returncode}):\n{out.stderr[-3000:]}"
     return json.loads(line[0][len("RESULTS "):])
@@ -144,9 +144,10 @@ def test_full_disk_is_one_line_io_error(tmp_path, limit):
     """Writes fail from the first byte (the run directory's probe refuses it), at the metrics and
     TensorBoard files, or in the middle of orbax's background checkpoint writers. A run that got going
     has written its INFO lines before; after them comes exactly one line."""
-    prefix = [sys.executable, "-c",
-              "import resource, signal, sys, os; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); os.execv(sys.argv[1], sys.argv[1:])"]
+    limit_then_exec = ("import resource, signal, sys, os; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                       f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+                       "os.execv(sys.argv[1], sys.argv[1:])")
+    prefix = [sys.executable, "-c", limit_then_exec]
     out_dir = tmp_path / "run"
     (result,) = _run_cases([[*_DISK_RUN, f"train.out_dir={out_dir}"]], prefix=prefix)
     if limit == 0:  # nothing can be written: the run directory's own probe refuses it before anything starts
@@ -161,7 +162,7 @@ def test_real_enospc_on_a_tiny_tmpfs(tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=256k tmpfs {mnt}"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
     if probe.returncode != 0:
         pytest.skip(f"no unprivileged tmpfs here: {probe.stderr.strip()}")
     # The child mounts its own tmpfs in a new user + mount namespace, then runs the cases.

@@ -1,8 +1,12 @@
 """The README's main command (`entrl demo`) and `entrl ablate demo`, at their --quick sizes."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
 from entrl.cli import main
 from entrl.demo import paired_ci
@@ -48,3 +52,15 @@ def test_ablate_demo_quick_table(tmp_path, capsys):
     assert main(["ablate", "demo", "--quick", "--losses", "grpo,sent", "--out", str(out)]) == 0
     assert json.loads((out / "ablation.json").read_text()) == rows
     assert "| grpo |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_portable_cpu_caps_the_isa_and_pins_one_core():
+    """`entrl --portable-cpu`: set before JAX starts, visible to XLA (one core, AVX2), and JAX still computes."""
+    code = ("import os; from entrl.cli import portable_cpu; portable_cpu(); import jax, jax.numpy as jnp; "
+            "print(len(os.sched_getaffinity(0)), os.environ['XLA_FLAGS'], float(jnp.arange(4.0).sum()))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    cores, flags, total = out.stdout.split()
+    assert cores == "1" and flags == "--xla_cpu_max_isa=AVX2" and total == "6.0"
