@@ -1,4 +1,4 @@
-"""Checkpoints of an RL run: one orbax `CheckpointManager`, five items per step.
+"""Checkpoints of an RL run: one orbax `CheckpointManager`, six items per step.
 
 A step directory `<directory>/<step>/` holds
   params/      orbax StandardSave: the policy parameters (a pure dict pytree)
@@ -59,7 +59,7 @@ Design decisions:
 - A leaf is restored in the dtype it was stored in (verified), then cast to
   the target's dtype, so a run resumed with another `model.dtype` is not
   mistaken for corruption.
-- Every warning is one line: exception texts are cut to their first line
+- Every warning is one line: exception texts are collapsed to one line
   without TensorStore's spec dump, and the "Event loop is closed" noise that
   orbax's tensorstore callbacks raise after a failed read or write is
   swallowed while a manager is open.
