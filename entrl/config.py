@@ -135,7 +135,7 @@ class RolloutSection:
     max_new_tokens: int = 2048  # maximum response length
     prompt_buckets: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])  # left-pad prompts to the smallest fitting bucket
     cache_dtype: str = "auto"  # KV-cache dtype: auto (= model.dtype) | float32 | bfloat16
-    slots: int = 0  # at most this many (prompt, sample) rows decode at once, bounding the KV cache (0 = all rows of a step); a multiple of rollout.n
+    slots: int = 0  # at most this many (prompt, sample) rows decode at once, each slot refilled with the next row when its row stops; bounds the KV cache (0 = all rows of a step); a multiple of the data shards
     reuse_sampler_logprobs: bool = False  # use the sampler's log-probs as old log-probs instead of a recompute
 
     def __post_init__(self):
@@ -148,9 +148,6 @@ class RolloutSection:
         _positive("rollout.max_new_tokens", self.max_new_tokens)
         _choice("rollout.cache_dtype", self.cache_dtype, ("auto", "float32", "bfloat16"))
         _non_negative("rollout.slots", self.slots)
-        if self.slots % self.n:
-            raise ConfigError(f"rollout.slots={self.slots} must be a multiple of rollout.n={self.n} "
-                              "(a prompt's samples decode together)")
         if not self.prompt_buckets or list(self.prompt_buckets) != sorted(self.prompt_buckets):
             raise ConfigError(f"rollout.prompt_buckets={self.prompt_buckets}: must be a non-empty ascending list")
 
@@ -276,10 +273,6 @@ class RunConfig:
             raise ConfigError(
                 f"train.microbatch_per_shard={self.train.microbatch_per_shard} must divide one mini-batch of "
                 f"train.minibatch_prompts * rollout.n = {rows} sequences")
-        if self.rollout.slots and (self.train.prompts_per_step * self.rollout.n) % self.rollout.slots:
-            raise ConfigError(
-                f"rollout.slots={self.rollout.slots} must divide the {self.train.prompts_per_step * self.rollout.n} "
-                "rows of a step (train.prompts_per_step * rollout.n)")
         if _LOSS_VALIDATOR is None:
             import entrl.rl.losses  # noqa: F401  (registers the loss-name/hyperparameter validator)
         _LOSS_VALIDATOR(self.loss.name, dict(self.loss.params))

@@ -225,35 +225,23 @@ class Trainer:
         return metrics
 
     def _rollout(self, batch, rng) -> dict:
-        """rollout.n responses per prompt, in sampler calls of at most `rollout.slots` rows.
+        """rollout.n responses per prompt: one sampler call on the step's prompts.
 
-        Returns the rollout's arrays as global arrays of all R rows, in the step's row order: shard-major
-        (each data shard's rows of every call, call after call), so joining the calls moves no data;
-        `order[r]` = the row's position in the calls' concatenation (call-major, process-major inside).
+        With `rollout.slots` the sampler decodes at most that many rows at once, refilling each data
+        shard's slots from its own prompts (`entrl.sampling`). Returns the rollout's arrays as global
+        arrays of all R rows in the step's row order: prompt-major (rows of a prompt contiguous), the
+        prompts in process order, so each data shard's rows are contiguous.
         """
-        cfg, c = self.cfg, self.c
-        n, local = cfg.rollout.n, len(batch.indices)
-        calls = (cfg.train.prompts_per_step * n) // cfg.rollout.slots if cfg.rollout.slots else 1
-        per_call = local // calls  # this process's prompts per call
-        parts = []
-        for k in range(calls):
-            rows = slice(k * per_call, (k + 1) * per_call)
-            ids, pmask = batch.input_ids[rows], batch.attention_mask[rows]
-            if c.mesh is not None:
-                from entrl.sharding import shard_batch
+        c = self.c
+        ids, pmask = batch.input_ids, batch.attention_mask
+        if c.mesh is not None:
+            from entrl.sharding import shard_batch
 
-                ids, pmask = shard_batch(ids, c.mesh), shard_batch(pmask, c.mesh)
-            roll = c.sampler.sample((c.graphdef, self.params), ids, pmask, jax.random.fold_in(rng, k))
-            parts.append({f.name: getattr(roll, f.name) for f in dataclasses.fields(roll)})
-        shards = self.settings.shards
-        joined = parts[0] if calls == 1 else _join_shardwise(parts, shards)
-        # Host bookkeeping in the same order: prompt index of each row.
-        call_rows = per_call * jax.process_count() * n
-        order = np.arange(calls * call_rows).reshape(calls, shards, call_rows // shards).transpose(1, 0, 2).ravel()
-        local_idx = np.asarray(batch.indices).reshape(calls, per_call)
-        prompt_of_call_row = np.concatenate([np.repeat(_allgather_local(local_idx[k]), n) for k in range(calls)])
-        joined["row_prompt"] = prompt_of_call_row[order]
-        return joined
+            ids, pmask = shard_batch(ids, c.mesh), shard_batch(pmask, c.mesh)
+        roll = c.sampler.sample((c.graphdef, self.params), ids, pmask, rng)
+        out = {f.name: getattr(roll, f.name) for f in dataclasses.fields(roll)}
+        out["row_prompt"] = np.repeat(_allgather_local(np.asarray(batch.indices)), self.cfg.rollout.n)
+        return out
 
     def _score(self, batch, roll: dict) -> dict:
         """Decode and verify every response, GRPO advantages, the update mask (host side)."""
@@ -489,18 +477,6 @@ def _to_device(x, mesh):
 
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda index: x[index])
-
-
-@partial(jax.jit, static_argnums=(1,))
-def _join_shardwise(parts: list[dict], shards: int) -> dict:
-    """Concatenate per-call arrays [R_c, ...] so that each shard's rows of every call stay on that shard:
-    [S, R_c/S] blocks joined along the second axis, then flattened (shard-major row order)."""
-    def join(*xs):
-        blocks = [x.reshape((shards, x.shape[0] // shards) + x.shape[1:]) for x in xs]
-        out = jnp.concatenate(blocks, axis=1)
-        return out.reshape((-1,) + out.shape[2:])
-
-    return jax.tree.map(join, *parts)
 
 
 @partial(jax.jit, static_argnums=(2, 3))
