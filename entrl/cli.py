@@ -144,6 +144,90 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """`entrl plan`: the memory plan of a run, or of every mesh its YAML suggests (`--suggested`)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from entrl.config import ConfigError
+    from entrl.plan import GIB, mesh_suggestions, parse_target
+
+    config, overrides = _config_and_overrides(args)
+    runs = []  # (label, target or None, overrides)
+    if args.suggested:
+        found = mesh_suggestions(config) if Path(config).exists() else []
+        if not found:
+            raise ConfigError(f"{config}: no mesh suggestions (`#   <slice>: mesh.data=.. mesh.fsdp=.. mesh.tensor=..` "
+                              "lines) in it or its base files")
+        runs = [(label, target, [*ovr, *overrides]) for label, target, ovr in found]
+    else:
+        runs = [(args.target or "", parse_target(args.target) if args.target else None, overrides)]
+    results = []
+    for label, target, ovr in runs:
+        devices = args.devices or (target.devices if target else None)
+        budget = int(args.hbm_gb * GIB) if args.hbm_gb else (target.hbm_bytes if target else None)
+        source = "--hbm-gb" if args.hbm_gb else (str(target) if target else "")
+        results.append((label, _plan_one(config, ovr, devices, budget, source, args.headroom, not args.no_eval)))
+    if args.json:
+        out = results[0][1] if len(results) == 1 else {"plans": [{"target": lbl, **r} for lbl, r in results],
+                                                        "fits": all(r["fits"] for _, r in results)}
+        print(json.dumps(out, indent=2))
+    else:
+        for label, r in results:
+            print((f"== {label}\n" if label else "") + r["table"] + "\n")
+    fits = [r["fits"] for _, r in results]
+    if any(f is None for f in fits):
+        raise ConfigError("no memory budget: the devices report none; give --target (e.g. tpu-v5p-8) or --hbm-gb")
+    del os
+    return 0 if all(fits) else 3
+
+
+def _plan_one(config, overrides, devices, budget, source, headroom, with_eval) -> dict:
+    """One plan as a JSON-able dict (with its `table`), in this process when its devices are these, else
+    in a subprocess with `devices` simulated CPU devices."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from jax._src import xla_bridge
+
+    from entrl.config import ConfigError
+
+    here = xla_bridge.backends_are_initialized()
+    if devices and not here:  # nothing touched a device yet: simulate them in this process
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]
+        os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    if devices and jax.device_count() != devices:
+        cmd = [sys.executable, "-m", "entrl.cli", "plan", config, *overrides, "--devices", str(devices), "--json",
+               "--headroom", str(headroom)] + ([] if with_eval else ["--no-eval"])
+        if budget:
+            cmd += ["--hbm-gb", repr(budget / 2**30)]
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env.pop("XLA_FLAGS", None)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode not in (0, 3):
+            raise ConfigError(proc.stderr.strip().splitlines()[-1].removeprefix("entrl: config error: ")
+                              if proc.stderr.strip() else f"plan subprocess failed ({proc.returncode})")
+        out = json.loads(proc.stdout)
+        if source:
+            out["budget_source"] = source
+        return out
+    from entrl import config as C
+    from entrl.plan import device_budget, plan_run
+
+    if budget is None:
+        budget, source = device_budget()
+    cfg = C.load_config(config, overrides)
+    plan = plan_run(cfg, budget_bytes=budget, budget_source=source, headroom=headroom, with_eval=with_eval)
+    return {**plan.to_json(), "table": plan.table()}
+
+
 def cmd_config(args) -> int:
     import yaml
 
@@ -254,6 +338,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--quick", action="store_true", help="with the demo: its tiny --quick sizes")
     a.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     a.set_defaults(fn=cmd_ablate)
+
+    pn = sub.add_parser("plan", help="per-device memory of a run's phases (update, log-probs, rollout, eval), "
+                                     "compiled abstractly: no weights read, nothing allocated")
+    pn.add_argument("config", help="YAML config or preset name")
+    pn.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    pn.add_argument("--devices", type=int, default=None,
+                    help="simulate this many CPU devices (default: the target's, else the real devices)")
+    pn.add_argument("--target", default=None,
+                    help="accelerator slice whose HBM is the budget: tpu-v5p-8, v5e-16, v4-8, 8xh100, a100-80gb, ...")
+    pn.add_argument("--hbm-gb", type=float, default=None, help="HBM budget per device in GiB (overrides --target)")
+    pn.add_argument("--headroom", type=float, default=0.1,
+                    help="share of the budget kept free for what the estimate misses (default 0.1)")
+    pn.add_argument("--suggested", action="store_true",
+                    help="plan every mesh suggested in the config's YAML comments (`#   TPU v5p-8 (4 chips): mesh...`)")
+    pn.add_argument("--no-eval", action="store_true", help="skip the evaluation sampler")
+    pn.add_argument("--json", action="store_true", help="print one JSON object (keys include fits, per_device_bytes)")
+    pn.set_defaults(fn=cmd_plan)
 
     c = sub.add_parser("config", help="print the resolved config, or the configuration reference")
     c.add_argument("config", nargs="?", help="YAML config or preset name (default: the built-in defaults)")

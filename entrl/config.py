@@ -212,6 +212,7 @@ class TrainSection:
     minibatch_prompts: int = 128  # prompts per optimizer step
     microbatch_per_shard: int = 0  # sequences per data shard per forward/backward (gradient accumulation; verl's ppo_micro_batch_size_per_gpu); 0 = a shard's whole mini-batch at once
     ppo_epochs: int = 1  # passes over the rollout batch
+    length_buckets: int = 4  # the log-prob and update forwards run each micro-batch up to its longest response, rounded up to one of ceil(rollout.max_new_tokens * k / K), k = 1..K (one compiled branch each; 1 = always max_new_tokens)
     only_mixed_groups: bool = False  # update only on groups whose rewards are not all equal
     checkpoint_every: int = 50  # RL steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 3  # checkpoints kept on disk
@@ -229,6 +230,7 @@ class TrainSection:
         _positive("train.minibatch_prompts", self.minibatch_prompts)
         _non_negative("train.microbatch_per_shard", self.microbatch_per_shard)
         _positive("train.ppo_epochs", self.ppo_epochs)
+        _positive("train.length_buckets", self.length_buckets)
         _positive("train.keep_checkpoints", self.keep_checkpoints)
         _positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
         if self.prompts_per_step % self.minibatch_prompts:
@@ -247,9 +249,11 @@ class EvalSection:
     top_p: float = 1.0  # nucleus mass
     max_new_tokens: int = 8000  # response budget
     max_problems: int = 0  # evaluate only the first N problems per benchmark (0 = all)
+    batch_problems: int = 0  # problems per sampler call (0 = 64)
 
     def __post_init__(self):
         _positive("eval.n", self.n)
+        _non_negative("eval.batch_problems", self.batch_problems)
         if any(k < 1 or k > self.n for k in self.k):
             raise ConfigError(f"eval.k={self.k}: every k must be in [1, eval.n={self.n}]")
 

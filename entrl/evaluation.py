@@ -23,9 +23,12 @@ Definitions (k <= n; k > n is an error, never silently clipped):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from entrl.semantic_entropy import PairsEquivalent, cluster_answer_groups
@@ -161,7 +164,15 @@ class GradedBatch:
 def sample_and_grade(sampler, graphdef, params, tokenizer, prompt_tokens: Sequence[Sequence[int]],
                      references: Sequence[str], *, verifier, rng, pad_to: int = 0,
                      buckets: Sequence[int] | None = None) -> GradedBatch:
-    """One sampler call on a batch of prompts (padded with copies of the first up to `pad_to`), decoded and graded."""
+    """One sampler call on a batch of prompts (padded with copies of the first up to `pad_to`), decoded and graded.
+
+    Multi-host: every process calls it with the same prompts; each decodes and verifies only the rows
+    its own devices hold, and the graded results are gathered, so every process returns all of them.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from entrl.multihost import gather_rows, local_rows
     from entrl.sampling import DEFAULT_BUCKETS, pad_prompts
 
     n = sampler.config.n
@@ -171,14 +182,26 @@ def sample_and_grade(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
         raise ValueError(f"{real} prompts vs {len(references)} references (need equal, non-zero)")
     chunk += [chunk[0]] * max(pad_to - real, 0)
     ids, mask = pad_prompts(chunk, pad_id=sampler.config.pad_id, buckets=tuple(buckets or DEFAULT_BUCKETS))
+    if sampler.mesh is not None:  # the same host rows on every process: one global array, split when it can be
+        from entrl.sharding import batch_sharding, data_shards
+
+        split = len(chunk) % data_shards(sampler.mesh) == 0
+        sharding = batch_sharding(sampler.mesh, 2) if split else NamedSharding(sampler.mesh, PartitionSpec())
+        ids, mask = (jax.device_put(x, sharding) for x in (ids, mask))
     roll = sampler.sample((graphdef, params), ids, mask, rng)
-    toks = np.asarray(roll.tokens)[: real * n]
-    rmask = np.asarray(roll.mask)[: real * n]
+    rows, toks = local_rows(roll.tokens)
+    _, rmask = local_rows(roll.mask)
+    _, finish = local_rows(roll.finish_code)
+    keep = rows < real * n  # padding copies are dropped
+    rows, toks, rmask, finish = rows[keep], toks[keep], rmask[keep], finish[keep]
     texts = [tokenizer.decode([int(t) for t in row[: int(m.sum())]]) for row, m in zip(toks, rmask)]
-    res = verifier.score(texts, [references[i // n] for i in range(real * n)])
-    return GradedBatch(real, texts, list(res.answers), list(res.status),
-                       np.asarray(res.correct, bool).reshape(real, n), rmask.sum(1).astype(np.int64),
-                       np.asarray(roll.finish_code)[: real * n].astype(np.int64), roll)
+    res = verifier.score(texts, [references[int(r) // n] for r in rows])
+    full = gather_rows(rows, {"text": texts, "answer": list(res.answers), "status": list(res.status),
+                              "correct": [bool(c) for c in res.correct], "length": [int(m.sum()) for m in rmask],
+                              "finish": [int(f) for f in finish]}, total=real * n)
+    return GradedBatch(real, full["text"], full["answer"], full["status"],
+                       np.asarray(full["correct"], bool).reshape(real, n), np.asarray(full["length"], np.int64),
+                       np.asarray(full["finish"], np.int64), roll)
 
 
 def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequence[Sequence[int]],
@@ -196,6 +219,7 @@ def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
     """
     import jax
 
+    from entrl.multihost import gather
     from entrl.rl.step import compute_logprobs
     from entrl.sampling import DEFAULT_BUCKETS
 
@@ -217,7 +241,6 @@ def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
                              references[b0:b0 + batch_prompts], verifier=verifier, rng=jax.random.fold_in(key, b0),
                              pad_to=batch_prompts if P > batch_prompts else 0, buckets=buckets)
         real, roll = g.problems, g.rollout
-        rmask = np.asarray(roll.mask)[: real * n]
         correct[b0:b0 + real] = g.correct_PxN
         answers += [list(g.answers[i * n:(i + 1) * n]) for i in range(real)]
         responses += [g.responses[i * n:(i + 1) * n] for i in range(real)]
@@ -227,9 +250,9 @@ def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
             batch = {"prompt_ids": roll.prompt_ids, "prompt_mask": roll.prompt_mask, "resp_ids": roll.tokens}
             _, ent = compute_logprobs(graphdef, params, batch, temperature=sampler.config.logprob_temperature,
                                       num_micro=1, chunk_size=512)
-            ent = np.asarray(ent)[: real * n]
-            ent_sum += float((ent * rmask).sum())
-            ent_count += int(rmask.sum())
+            total, count = (float(gather(x)) for x in _entropy_sum(ent, roll.mask, real * n))
+            ent_sum += total
+            ent_count += int(count)
     hook = getattr(verifier, "equivalent_pairs", None)
     out = dict(summarize(correct, answers, ks, pairs_equivalent=hook))
     out.update(correct=correct, answers=answers, responses=responses,
@@ -239,3 +262,10 @@ def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
     if with_entropy:
         out["entropy"] = ent_sum / max(ent_count, 1)
     return out
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _entropy_sum(ent_RxL, mask_RxL, real_rows: int):
+    """(sum of entropy over the response tokens of the first `real_rows` rows, their count), on device."""
+    keep = (jnp.arange(mask_RxL.shape[0]) < real_rows)[:, None] & (mask_RxL > 0)
+    return jnp.where(keep, ent_RxL, 0.0).sum(), keep.sum()

@@ -72,6 +72,7 @@ per-token log-prob of every sampled token. Design decisions:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -326,17 +327,25 @@ def _is_stop(tokens, cfg: SamplingConfig):
     return jnp.isin(tokens, jnp.asarray(cfg.eos_ids, jnp.int32))
 
 
-def _shard_view(x, shards: int, mesh):
-    """[N, ...] -> [D, N/D, ...], the leading axis on the data shards (no data moves)."""
+def _shard_view(x, shards: int, mesh, names=None):
+    """[N, ...] -> [D, N/D, ...], the leading axis on the data shards (no data moves).
+
+    names: x's logical axes (default: a per-row array, ("batch", None, ...)).
+    """
+    names = names or ("batch",) + (None,) * (x.ndim - 1)
     x = x.reshape((shards, x.shape[0] // shards) + x.shape[1:])
-    return _constrain(x, mesh, ("batch",) + (None,) * (x.ndim - 1))
+    return _constrain(x, mesh, ("batch", None) + tuple(names[1:]))
 
 
-def _shard_take(x, index_DxM, mesh):
-    """Rows index_DxM[d] of shard d's rows of x [N, ...] -> [D*M, ...]; a batched gather, local to each shard."""
+def _shard_take(x, index_DxM, mesh, names=None):
+    """Rows index_DxM[d] of shard d's rows of x [N, ...] -> [D*M, ...]; a batched gather, local to each shard.
+
+    names: x's logical axes, kept on the result (a KV cache's heads stay on the tensor axis).
+    """
+    names = names or ("batch",) + (None,) * (x.ndim - 1)
     shards, m = index_DxM.shape
-    out = jax.vmap(lambda x_Nx, i_M: x_Nx[i_M])(_shard_view(x, shards, mesh), index_DxM)
-    return _rows(out.reshape((shards * m,) + x.shape[1:]), mesh)
+    out = jax.vmap(lambda x_Nx, i_M: x_Nx[i_M])(_shard_view(x, shards, mesh, names), index_DxM)
+    return _constrain(out.reshape((shards * m,) + x.shape[1:]), mesh, names)
 
 
 def _record(state: _DecodeState, tokens_S, logp_S, cfg: SamplingConfig, mesh, continuous: bool) -> _DecodeState:
@@ -473,7 +482,7 @@ def _refill(state: _DecodeState, prompts: _Prompts, cfg: SamplingConfig, mesh) -
     def copy(x_cache, x_prompt, names):
         axis = names.index("cache_seq")
         old = lax.slice_in_dim(x_cache, 0, plen, axis=axis)
-        new = _shard_take(x_prompt, prompt_DxM, mesh)
+        new = _shard_take(x_prompt, prompt_DxM, mesh, names)
         keep = take_S.reshape((slots,) + (1,) * (x_cache.ndim - 1))
         return _constrain(lax.dynamic_update_slice_in_dim(x_cache, jnp.where(keep, new, old), 0, axis), mesh, names)
 
@@ -563,6 +572,13 @@ def slot_layout(cfg: SamplingConfig, batch: int, mesh: Mesh | None) -> tuple[int
             "(mesh data * fsdp): each shard refills its own slots from its own prompts"
         )
     return cfg.slots, shards
+
+
+def _canonical(cfg: SamplingConfig, batch: int, mesh) -> SamplingConfig:
+    """cfg checked against the mesh (`slot_layout`), with slots = 0 when every row gets one anyway, so
+    settings that run the same program share its compilation."""
+    slots, _ = slot_layout(cfg, batch, mesh)
+    return cfg if slots < batch * cfg.n else dataclasses.replace(cfg, slots=0)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"))
@@ -720,7 +736,7 @@ class Sampler:
         mask = jnp.asarray(prompt_mask_BxP, jnp.int32)
         if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ValueError(f"prompt ids {ids.shape} and mask {mask.shape} must have the same non-empty [B, P] shape")
-        slot_layout(cfg, ids.shape[0], self.mesh)
+        cfg = _canonical(cfg, ids.shape[0], self.mesh)
         # Under the mesh the model's own activation constraints apply too.
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             return _sample(graphdef, params, ids, mask, rng, cfg=cfg, mesh=self.mesh)
@@ -730,16 +746,14 @@ class Sampler:
 
         params, prompt_ids_BxP, prompt_mask_BxP: arrays or `jax.ShapeDtypeStruct`s
         (int32 [B, P] prompts; give them the shardings `sample` would see,
-        e.g. `entrl.sharding.batch_sharding`); rng defaults to an abstract key.
+        e.g. `entrl.sharding.batch_sharding`); rng defaults to `jax.random.key(0)` (`entrl plan`).
         `.compile().memory_analysis()` of the result is the memory the call
         needs (KV caches included: `kv_cache_bytes`). ValueError as `sample`.
         """
-        batch = prompt_ids_BxP.shape[0]
-        slot_layout(self.config, batch, self.mesh)
-        rng = jax.eval_shape(jax.random.key, 0) if rng is None else rng
+        cfg = _canonical(self.config, prompt_ids_BxP.shape[0], self.mesh)
+        rng = jax.random.key(0) if rng is None else rng
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            return _sample.lower(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, cfg=self.config,
-                                 mesh=self.mesh)
+            return _sample.lower(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, cfg=cfg, mesh=self.mesh)
 
     def kv_cache_bytes(self, model_cfg, batch: int, prompt_len: int) -> dict[str, int]:
         """Bytes of the KV caches of one call on `batch` prompts of bucket `prompt_len`.

@@ -291,8 +291,8 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
 
     from entrl.rundir import append_text, as_path
 
+    from entrl.evaluation import sample_and_grade
     from entrl.rl.setup import build_sampler
-    from entrl.sampling import pad_prompts
 
     log = logging.getLogger("entrl.semantic_entropy")
     n = n or cfg.curriculum.samples
@@ -311,22 +311,16 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
     # Appended by name once per batch (no long-lived handle that could point at a replaced file).
     for b0 in range(0, len(todo), batch_prompts):
         idx = todo[b0:b0 + batch_prompts]
-        chunk = [prompt_tokens[i] for i in idx]
-        real = len(chunk)
-        if len(todo) > batch_prompts:  # fixed batch shape: pad with copies, discarded below
-            chunk += [chunk[0]] * (batch_prompts - real)
-        ids, mask = pad_prompts(chunk, pad_id=tokenizer.pad_token_id, buckets=cfg.rollout.prompt_buckets)
-        if mesh is not None:
-            from jax.sharding import NamedSharding, PartitionSpec
-
-            ids, mask = (jax.device_put(x, NamedSharding(mesh, PartitionSpec())) for x in (ids, mask))
-        # Keyed by the prompt's position in `records`, so a resumed run draws the same samples.
-        roll = sampler.sample((graphdef, params), ids, mask, jax.random.fold_in(key, idx[0]))
-        toks, rmask = np.asarray(roll.tokens)[: real * n], np.asarray(roll.mask)[: real * n]
-        texts = [tokenizer.decode([int(t) for t in row[: int(m.sum())]]) for row, m in zip(toks, rmask)]
-        res = verifier.score(texts, [records[i].answer for i in idx for _ in range(n)])
-        groups = [res.answers[j * n:(j + 1) * n] for j in range(real)]
-        corr = [list(res.correct[j * n:(j + 1) * n]) for j in range(real)]
+        real = len(idx)
+        # Every process samples the same batch; each decodes and grades the rows on its own devices
+        # (sample_and_grade gathers the results). Keyed by the prompt's position in `records`, so a
+        # resumed run draws the same samples.
+        g = sample_and_grade(sampler, graphdef, params, tokenizer, [prompt_tokens[i] for i in idx],
+                             [records[i].answer for i in idx], verifier=verifier,
+                             rng=jax.random.fold_in(key, idx[0]), buckets=cfg.rollout.prompt_buckets,
+                             pad_to=batch_prompts if len(todo) > batch_prompts else 0)
+        groups = [g.answers[j * n:(j + 1) * n] for j in range(real)]
+        corr = [list(g.correct_PxN[j]) for j in range(real)]
         stats = batch_prompt_stats(groups, corr, pairs_equivalent=verifier.equivalent_pairs)
         lines = []
         for i, st in zip(idx, stats):

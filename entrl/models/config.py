@@ -236,3 +236,11 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=151643, eos_token_id=151645,
     ),
 }
+
+
+# Hub ids of the paper's models -> their `PRESETS` entry, so `entrl plan` resolves them without a download.
+HUB_PRESETS: dict[str, str] = {
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "deepseek-r1-distill-qwen-1.5b",
+    "Qwen/Qwen2.5-Math-7B": "qwen2.5-math-7b",
+    "Qwen/Qwen3-14B": "qwen3-14b",
+}

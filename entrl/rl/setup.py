@@ -407,6 +407,31 @@ class Preempted(RuntimeError):
         self.step = step
 
 
+class DoesNotFit(C.ConfigError):
+    """The run's memory plan exceeds the devices' memory."""
+
+
+def check_memory(cfg: C.RunConfig) -> None:
+    """With `train.memory_check` on an accelerator that reports its memory, plan the run (`entrl.plan`,
+    no weights read) and raise `DoesNotFit` (after logging the plan's table) when it cannot fit."""
+    if not cfg.train.memory_check:
+        return
+    from entrl.plan import device_budget, plan_run
+
+    budget, source = device_budget()
+    if budget is None:  # CPU, or a backend without memory stats: nothing to check against
+        log.info("memory check skipped (%s)", source)
+        return
+    plan = plan_run(cfg, budget_bytes=budget, budget_source=source)
+    log.info("memory plan:\n%s", plan.table())
+    if not plan.fits:
+        worst = max((k for k in plan.per_device_bytes if k.endswith("_peak")), key=plan.per_device_bytes.get)
+        raise DoesNotFit(f"the run needs {plan.peak_bytes / 2**30:.1f} GiB per device ({worst}) of "
+                         f"{budget / 2**30:.1f} GiB ({plan.headroom:.0%} kept free); see the plan above "
+                         "(`entrl plan`): model.remat=full, a smaller train.microbatch_per_shard, rollout.slots or "
+                         "eval.batch_problems, or more devices (train.memory_check=false skips this check)")
+
+
 def train_from_config(cfg: C.RunConfig, *, resume: bool = True, overwrite: bool = False,
                       max_steps: int | None = None):
     """Lock the run directory, set up, train, write the final policy to `<out_dir>/policy`.
@@ -420,6 +445,7 @@ def train_from_config(cfg: C.RunConfig, *, resume: bool = True, overwrite: bool 
     maybe_initialize_distributed()
     run_dir = R.RunDir.open(cfg.train.out_dir, resume=resume, overwrite=overwrite, config=C.to_dict(cfg))
     try:
+        check_memory(cfg)
         comps = setup(cfg)
         trainer = Trainer(comps, run_dir=run_dir)
         try:

@@ -12,9 +12,14 @@ Design decisions:
   seeded random init of the built-in demo model); it is rebuilt, not stored,
   on resume. It is skipped entirely when `loss.kl_coef == 0`.
 - Multi-host: every process runs this same loop. Prompt batches are
-  process-local and assembled into global arrays; rollouts are gathered to every
-  host for decoding and verification (each host verifies the whole batch: simple,
-  and cheap next to sampling; noted as a shortcut).
+  process-local and assembled into global arrays. Each host decodes and
+  verifies only the responses its own devices hold (`entrl.multihost.local_rows`;
+  the host CPUs are the verifier), then the per-row rewards are gathered so
+  every host computes the same advantages. Token statistics for the metrics are
+  reduced on the devices; nothing [rows, length]-sized is fetched to a host.
+- Micro- and mini-batches take each data shard's block of rows
+  (`entrl.rl.step.micro_rows`), rollouts of several sampler calls are joined
+  shard-wise: rows never move between devices inside a step.
 - Non-finite steps are skipped inside the jitted update; the host counts them
   and stops the run after `train.max_nonfinite_steps` in a row. A checkpoint is
   never written from a step that was skipped (the state is the previous one,
@@ -47,6 +52,7 @@ from flax import nnx
 from entrl import config as C
 from entrl.rl import advantages as A
 from entrl.rl import step as S
+from entrl.multihost import allgather_local, gather, gather_rows, local_rows, to_device
 from entrl.sharding import data_shards
 
 log = logging.getLogger("entrl.train")
@@ -103,6 +109,27 @@ def batch_semantic_entropy(answers: list, n: int, verifier=None) -> float:
     return float(np.mean([s["se"] for s in stats])) if stats else 0.0
 
 
+def run_optimizer(cfg: C.RunConfig):
+    """The run's AdamW (schedule over train.steps' optimizer steps)."""
+    total_opt_steps = max(cfg.train.steps, 1) * cfg.train.ppo_epochs * (
+        cfg.train.prompts_per_step // cfg.train.minibatch_prompts)
+    o = cfg.optim
+    return S.make_optimizer(lr=o.lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
+                            schedule=o.schedule, warmup_steps=o.warmup_steps, total_steps=total_opt_steps)
+
+
+def opt_state_shardings(optimizer, params, mesh):
+    """Shardings of `optimizer.init(params)`: Adam moments laid out as their params, counters replicated.
+    `params` may be abstract (ShapeDtypeStructs with shardings). Without explicit shardings jit would put
+    the data-independent zeros on device 0."""
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    return optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params), param_sh,
+                                 transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))
+
+
 def step_settings(cfg: C.RunConfig, shards: int = 1) -> S.StepSettings:
     """The update's static settings; `shards` = data shards of the mesh (`entrl.sharding.data_shards`)."""
     rows = cfg.train.minibatch_prompts * cfg.rollout.n
@@ -116,6 +143,7 @@ def step_settings(cfg: C.RunConfig, shards: int = 1) -> S.StepSettings:
         temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
         num_micro=rows // (shards * C.microbatch_per_shard(cfg, shards)),
         shards=shards,
+        length_buckets=cfg.train.length_buckets,
     )
 
 
@@ -140,12 +168,7 @@ class Trainer:
         self.run_dir = run_dir or RunDir.open(cfg.train.out_dir, resume=True, config=C.to_dict(cfg), adopt=True)
         self.out = self.run_dir.path
         self.settings = step_settings(cfg, data_shards(comps.mesh))
-        total_opt_steps = max(cfg.train.steps, 1) * cfg.train.ppo_epochs * (
-            cfg.train.prompts_per_step // cfg.train.minibatch_prompts)
-        o = cfg.optim
-        self.optimizer = S.make_optimizer(lr=o.lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                                          grad_clip=o.grad_clip, schedule=o.schedule,
-                                          warmup_steps=o.warmup_steps, total_steps=total_opt_steps)
+        self.optimizer = run_optimizer(cfg)
         self.params = comps.params
         self.opt_state = self._init_opt(self.params)
         shardings = None
@@ -165,23 +188,15 @@ class Trainer:
         self._stop = False
         self.preempted = False  # set when run() stopped on SIGTERM
         self._eval_sampler = None
-        self._warned_eval = False
         self.history: list[dict] = []
 
     # -- state ---------------------------------------------------------------
 
     def _init_opt(self, params):
-        """Optimizer state laid out like the params (Adam moments sharded as their params, counters
-        replicated); without explicit shardings jit puts the data-independent zeros on device 0."""
+        """Optimizer state laid out like the params (see `opt_state_shardings`)."""
         if self.c.mesh is None:
             return jax.jit(self.optimizer.init)(params)
-        import optax
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        param_sh = jax.tree.map(lambda x: x.sharding, params)
-        opt_sh = optax.tree_map_params(self.optimizer, lambda _, sh: sh, jax.eval_shape(self.optimizer.init, params),
-                                       param_sh, transform_non_params=lambda _: NamedSharding(self.c.mesh, PartitionSpec()))
-        return jax.jit(self.optimizer.init, out_shardings=opt_sh)(params)
+        return jax.jit(self.optimizer.init, out_shardings=opt_state_shardings(self.optimizer, params, self.c.mesh))(params)
 
     def restore(self) -> bool:
         """Resume from the latest good checkpoint, if any. Returns True when resumed."""
@@ -221,7 +236,7 @@ class Trainer:
         metrics = self._metrics(batch, roll, scored, stats, upd)
         metrics.update({"time/rollout": t_roll - t0, "time/reward": t_rew - t_roll, "time/logprob": t_lp - t_rew,
                         "time/update": t_upd - t_lp, "time/step": t_upd - t0,
-                        "tokens_per_s": scored["tokens"] / max(t_roll - t0, 1e-9)})
+                        "tokens_per_s": stats["tokens"] / max(t_roll - t0, 1e-9)})
         return metrics
 
     def _rollout(self, batch, rng) -> dict:
@@ -240,42 +255,62 @@ class Trainer:
             ids, pmask = shard_batch(ids, c.mesh), shard_batch(pmask, c.mesh)
         roll = c.sampler.sample((c.graphdef, self.params), ids, pmask, rng)
         out = {f.name: getattr(roll, f.name) for f in dataclasses.fields(roll)}
-        out["row_prompt"] = np.repeat(_allgather_local(np.asarray(batch.indices)), self.cfg.rollout.n)
+        out["row_prompt"] = np.repeat(allgather_local(np.asarray(batch.indices)), self.cfg.rollout.n)
         return out
 
     def _score(self, batch, roll: dict) -> dict:
-        """Decode and verify every response, GRPO advantages, the update mask (host side)."""
+        """Rewards and GRPO advantages (host side). Each process decodes and verifies only the rows its
+        own devices hold; the per-row results are then gathered, so every process has all of them."""
         cfg, c = self.cfg, self.c
         n = cfg.rollout.n
-        tokens = np.asarray(_gather(roll["tokens"]))
-        resp_mask = np.asarray(_gather(roll["mask"]))
-        texts = decode_responses(c.tokenizer, tokens, resp_mask)
-        res = c.verifier.score(texts, [c.records[int(i)].answer for i in roll["row_prompt"]])
-        rewards = np.asarray(res.rewards, np.float32)
+        rows, tokens = local_rows(roll["tokens"])
+        _, mask = local_rows(roll["mask"])
+        texts = decode_responses(c.tokenizer, tokens, mask)
+        res = c.verifier.score(texts, [c.records[int(roll["row_prompt"][r])].answer for r in rows])
+        full = gather_rows(rows, {"reward": [float(x) for x in res.rewards], "correct": [bool(x) for x in res.correct],
+                                  "answer": list(res.answers), "status": list(res.status)},
+                           total=len(roll["row_prompt"]))
+        rewards = np.asarray(full["reward"], np.float32)
         adv = np.asarray(A.grpo_advantages(jnp.asarray(rewards), n, normalize_std=cfg.loss.advantage == "grpo"))
-        update_mask = resp_mask.astype(np.float32)
+        mixed = np.ones(len(rewards), np.float32)
         if cfg.train.only_mixed_groups:
-            mixed = np.repeat(rewards.reshape(-1, n).std(1) > 0, n)
-            update_mask = update_mask * mixed[:, None]
-        return {"result": res, "rewards": rewards, "advantages": adv, "update_mask": update_mask,
-                "resp_mask": resp_mask, "texts": texts, "tokens": int(resp_mask.sum())}
+            mixed = np.repeat(rewards.reshape(-1, n).std(1) > 0, n).astype(np.float32)
+        return {"rewards": rewards, "correct": np.asarray(full["correct"], bool), "answers": full["answer"],
+                "status": full["status"], "advantages": adv, "mixed": mixed}
 
     def _logprobs(self, roll: dict, scored: dict) -> tuple[dict, dict]:
-        """The update's batch: old (and reference) log-probs and entropies of every response token."""
+        """The update's batch: old (and reference) log-probs and entropies of every response token, plus
+        the step's token statistics (computed on the devices: nothing [rows, length]-sized is fetched).
+
+        Under the global selection scope with length buckets, each shard's rows of each mini-batch are
+        put in order of length first (`entrl.rl.step.length_order`: rows stay on their shard and in
+        their mini-batch, whose loss does not depend on row order), so most micro-batches run short.
+        """
         cfg, c = self.cfg, self.c
-        full = {
-            "prompt_ids": roll["prompt_ids"],
-            "prompt_mask": roll["prompt_mask"],
-            "resp_ids": roll["tokens"],
-            "resp_mask": _to_device(scored["update_mask"], c.mesh),
-            "advantages": _to_device(scored["advantages"], c.mesh),
-        }
+        sh = self.settings.shards
         rows = roll["tokens"].shape[0]
+        keys = ("prompt_ids", "prompt_mask", "tokens", "mask", "logprobs", "lengths", "finish_code")
+        arrays = {k: roll[k] for k in keys}
+        mixed, advantages = scored["mixed"], scored["advantages"]
+        if self.settings.scope == "global" and self.settings.length_buckets > 1:
+            n_mini = rows // (cfg.train.minibatch_prompts * cfg.rollout.n)
+            order = S.length_order(np.asarray(gather(roll["lengths"])), sh, n_mini)
+            local = order.reshape(sh, -1) - (np.arange(sh) * (rows // sh))[:, None]
+            arrays = _shard_permute(arrays, to_device(local.astype(np.int32), c.mesh))
+            mixed, advantages = mixed[order], advantages[order]
+        full = {
+            "prompt_ids": arrays["prompt_ids"],
+            "prompt_mask": arrays["prompt_mask"],
+            "resp_ids": arrays["tokens"],
+            "resp_len": arrays["lengths"],
+            "resp_mask": _masked(arrays["mask"], to_device(mixed, c.mesh)),
+            "advantages": to_device(advantages, c.mesh),
+        }
         stats = dict(temperature=self.settings.temperature, chunk_size=self.settings.chunk_size,
-                     num_micro=rows // (self.settings.shards * C.microbatch_per_shard(cfg, self.settings.shards)),
-                     shards=self.settings.shards)
+                     num_micro=rows // (sh * C.microbatch_per_shard(cfg, sh)), shards=sh,
+                     length_buckets=self.settings.length_buckets)
         if cfg.rollout.reuse_sampler_logprobs:
-            old_logp = jnp.asarray(roll["logprobs"])
+            old_logp = jnp.asarray(arrays["logprobs"])
             _, entropy = S.compute_logprobs(c.graphdef, self.params, full, **stats)
         else:
             old_logp, entropy = S.compute_logprobs(c.graphdef, self.params, full, **stats)
@@ -284,9 +319,8 @@ class Trainer:
             full["ref_logp"], _ = S.compute_logprobs(c.graphdef, c.ref_params, full, **stats)
         else:
             full["ref_logp"] = jnp.zeros_like(old_logp)
-        host = {"entropy": np.asarray(_gather(entropy)), "old_logp": np.asarray(_gather(old_logp)),
-                "sampler_logp": np.asarray(_gather(roll["logprobs"]))}
-        return full, host
+        token_stats = _token_metrics(entropy, old_logp, arrays["logprobs"], arrays["mask"], arrays["finish_code"])
+        return full, {k: float(gather(v)) for k, v in token_stats.items()}
 
     def _update(self, full: dict, rng) -> dict:
         """ppo_epochs passes over the step's mini-batches (each shard's j-th block of rows), one optimizer
@@ -301,31 +335,27 @@ class Trainer:
                 self.params, self.opt_state, m = self.update(self.params, self.opt_state, mb,
                                                              jax.random.fold_in(rng, j))
                 metrics.append(m)
-        metrics = [{k: float(_gather(v)) for k, v in m.items()} for m in metrics]
+        metrics = [{k: float(gather(v)) for k, v in m.items()} for m in metrics]
         out = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
         out["skipped_nonfinite"] = max(m["skipped_nonfinite"] for m in metrics)
         return out
 
     def _metrics(self, batch, roll: dict, scored: dict, stats: dict, upd: dict) -> dict:
-        """SENT.md section 11 diagnostics of the step."""
+        """SENT's entropy-collapse diagnostics of the step (see `entrl.metrics`)."""
         n = self.cfg.rollout.n
-        res, rewards, resp_mask = scored["result"], scored["rewards"], scored["resp_mask"]
-        valid = resp_mask.astype(bool)
-        n_tok = int(valid.sum())
-        finish = np.asarray(_gather(roll["finish_code"]))
-        gap = np.abs(stats["old_logp"] - stats["sampler_logp"])[valid]
+        rewards, status = scored["rewards"], scored["status"]
         return {
             "reward": float(rewards.mean()),
-            "accuracy": float(np.mean(res.correct)),
-            "entropy": float(stats["entropy"][valid].mean()) if n_tok else 0.0,
-            "response_length": float(resp_mask.sum(1).mean()),
-            "truncation_rate": float(np.mean(finish == _LENGTH)),
-            "sampler_logprob_gap": float(gap.max()) if n_tok else 0.0,
-            "batch_semantic_entropy": batch_semantic_entropy(res.answers, n, self.c.verifier),
+            "accuracy": float(np.mean(scored["correct"])),
+            "entropy": stats["entropy"],
+            "response_length": stats["response_length"],
+            "truncation_rate": stats["truncation_rate"],
+            "sampler_logprob_gap": stats["sampler_logprob_gap"],
+            "batch_semantic_entropy": batch_semantic_entropy(scored["answers"], n, self.c.verifier),
             "stage": float(batch.stage),
             "epoch": float(batch.epoch),
-            "no_answer_frac": res.counts.get("no_answer", 0) / max(len(scored["texts"]), 1),
-            "verify_timeouts": float(res.counts.get("timeout", 0)),
+            "no_answer_frac": status.count("no_answer") / max(len(status), 1),
+            "verify_timeouts": float(status.count("timeout")),
             **group_stats(rewards, n),
             **{k if k in _PASS_THROUGH else f"update/{k}": v for k, v in upd.items()},
         }
@@ -400,11 +430,6 @@ class Trainer:
         from entrl.evaluation import evaluate_prompts
         from entrl.rl.setup import build_sampler
 
-        if jax.process_count() > 1:  # evaluate_prompts reads rollouts as host-local arrays
-            if not self._warned_eval:
-                log.warning("periodic held-out evaluation is single-process only; skipped in this run")
-                self._warned_eval = True
-            return {}
         if self._eval_sampler is None:  # the rollout sampler draws rollout.n per prompt; this one draws 1
             self._eval_sampler = build_sampler(self.cfg, self.c.tokenizer, self.c.mesh, n=1)
         prompts, records = self.c.heldout
@@ -445,38 +470,35 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _gather(x):
-    """Full value of a (possibly multi-host sharded) array on every host."""
-    if jax.process_count() == 1 or not isinstance(x, jax.Array) or x.is_fully_addressable:
-        return x
-    if x.sharding.is_fully_replicated:  # e.g. the update's scalar metrics: every host holds it all
-        return np.asarray(x.addressable_data(0))
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(x, tiled=True)
+@jax.jit
+def _masked(mask_RxL, keep_R):
+    """The update's token mask: response tokens of the rows kept (e.g. only mixed groups)."""
+    return mask_RxL.astype(jnp.float32) * keep_R[:, None]
 
 
-def _allgather_local(x) -> np.ndarray:
-    """Every process's local rows of a host array, concatenated in process order (= global row order)."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
+@jax.jit
+def _token_metrics(entropy_RxL, old_logp_RxL, sampler_logp_RxL, mask_RxL, finish_R) -> dict:
+    """Per-step token statistics as replicated scalars: mean entropy over response tokens, the largest
+    |recomputed - sampler| log-prob gap, token count, mean length, share of length-capped rows."""
+    m = mask_RxL.astype(jnp.float32)
+    count = m.sum()
+    return {"entropy": (entropy_RxL * m).sum() / jnp.maximum(count, 1.0),
+            "sampler_logprob_gap": jnp.max(jnp.abs(old_logp_RxL - sampler_logp_RxL) * m),
+            "tokens": count, "response_length": m.sum(1).mean(),
+            "truncation_rate": (finish_R == _LENGTH).astype(jnp.float32).mean()}
 
-    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
 
+@jax.jit
+def _shard_permute(arrays: dict, local_SxM) -> dict:
+    """Each data shard's rows of every [R, ...] array reordered by its row of local indices [shards, R/shards]
+    (a gather batched over the shards: no row leaves its device)."""
+    shards = local_SxM.shape[0]
 
-def _to_device(x, mesh):
-    """A host array that every process holds in full, as one global array split over the batch axes.
+    def one(x):
+        x_SxM = x.reshape((shards, x.shape[0] // shards) + x.shape[1:])
+        return jax.vmap(lambda a, i: a[i])(x_SxM, local_SxM).reshape(x.shape)
 
-    `jnp.asarray` would make a process-local array, which cannot meet the global rollout arrays in
-    one jitted call when there are several processes.
-    """
-    if mesh is None:
-        return jnp.asarray(x)
-    from entrl.sharding import batch_sharding
-
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda index: x[index])
+    return {k: one(v) for k, v in arrays.items()}
 
 
 @partial(jax.jit, static_argnums=(2, 3))

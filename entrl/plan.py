@@ -1,0 +1,404 @@
+"""`entrl plan`: will a run fit in accelerator memory? Answered before any weight is read.
+
+The plan builds the run abstractly and compiles the very jitted functions
+`entrl train` runs, for the run's largest shapes, on the real devices or on N
+simulated CPU devices, and reads XLA's memory analysis of each:
+
+    update      `entrl.rl.step.make_update_fn` (one mini-batch, gradient accumulation, AdamW)
+    log-probs   `entrl.rl.step.compute_logprobs` (old and reference log-probs of the step's rows)
+    rollout     the rollout `Sampler` (one call of `rollout.slots` rows, or of the whole step)
+    eval        the periodic-evaluation sampler (`eval.n` samples, `eval.max_new_tokens`)
+
+Design decisions:
+- Nothing is allocated: params, optimizer state and batches are
+  `jax.ShapeDtypeStruct`s carrying the shardings `entrl train` would give them
+  (`nnx.eval_shape` + `entrl.sharding.param_shardings`), so planning a 14B
+  model on a laptop takes seconds of memory and no download (the paper models'
+  architectures are in `entrl.models.config.HUB_PRESETS`).
+- A phase's peak per device = the state resident through the whole run
+  (master params, optimizer moments, the reference copy) + what the phase's
+  program adds: its other arguments, its temporaries and its outputs (XLA's
+  `memory_analysis`, donated/aliased outputs counted once). The update also
+  holds the step's batch (rollout tokens, old/reference log-probs).
+- On simulated CPU devices the numbers are XLA:CPU's buffer assignment of the
+  same partitioned programs; TPU/GPU compilers fuse and schedule differently,
+  so the plan keeps `headroom` (10% by default) below the HBM budget. On the
+  real accelerator the plan reads the accelerator compiler's own analysis.
+  CPU compiles skip LLVM optimisation (`xla_backend_optimization_level=0`):
+  buffer assignment happens before it, so the memory numbers are the same and
+  compiling is ~30% faster.
+- Programs are compiled once per process for a given lowered text: presets
+  that differ only in things a program does not see (another loss, the
+  curriculum) share the sampler's and log-prob programs' analyses.
+Left out on purpose: host (CPU) memory, and the Python-side verifier pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from entrl import config as C
+from entrl.models import PRESETS, ModelConfig, Transformer
+from entrl.models.config import HUB_PRESETS
+from entrl.sharding import batch_sharding, data_shards, param_shardings
+
+GIB = 2**30
+DEFAULT_HEADROOM = 0.10
+
+# HBM per device (chip) of the accelerators the presets suggest, in GiB as sold. JAX's device is one
+# chip on every kind listed (v4/v5p megacore: two TensorCores, one device).
+HBM_GIB = {"tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32, "a100-40gb": 40, "a100-80gb": 80,
+           "h100": 80, "h200": 141, "l4": 24, "t4": 15}
+# Chips per slice: TPU v4/v5p names count TensorCores (2 per chip), v5e/v6e count chips.
+_CORES_PER_CHIP = {"tpu-v4": 2, "tpu-v5p": 2, "tpu-v5e": 1, "tpu-v6e": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """An accelerator slice: `kind` (a `HBM_GIB` key) x `devices`."""
+
+    kind: str
+    devices: int
+
+    @property
+    def hbm_bytes(self) -> int:
+        return int(HBM_GIB[self.kind] * GIB)
+
+    def __str__(self) -> str:
+        return f"{self.devices} x {self.kind} ({HBM_GIB[self.kind]} GiB each)"
+
+
+def parse_target(text: str) -> Target:
+    """`tpu-v5p-8` / `v5e-16` (TPU slice names), `8xh100` / `h100` (GPUs) -> Target; ConfigError otherwise."""
+    t = text.strip().lower().replace(" ", "").replace("_", "-")
+    m = re.fullmatch(r"(?:tpu-?)?(v4|v5p|v5e|v6e)-(\d+)", t)
+    if m:
+        kind = f"tpu-{m.group(1)}"
+        cores = int(m.group(2))
+        chips, rest = divmod(cores, _CORES_PER_CHIP[kind])
+        if rest or chips < 1:
+            raise C.ConfigError(f"target {text!r}: a {kind} slice of {cores} TensorCores is not whole chips")
+        return Target(kind, chips)
+    m = re.fullmatch(r"(?:(\d+)x)?(a100-40gb|a100-80gb|h100|h200|l4|t4)", t)
+    if m:
+        return Target(m.group(2), int(m.group(1) or 1))
+    raise C.ConfigError(f"unknown target {text!r}; use a TPU slice (tpu-v5p-8, v5e-16, v4-8, v6e-8) or GPUs "
+                        f"(8xh100, a100-80gb, h200, ...): {', '.join(HBM_GIB)}")
+
+
+_SUGGESTION = re.compile(r"^#\s+(?P<label>[^:]+?):\s+(?P<overrides>mesh\.data=\S+\s+mesh\.fsdp=\S+\s+mesh\.tensor=\S+)\s*$")
+
+
+def mesh_suggestions(path: str | Path) -> list[tuple[str, Target, list[str]]]:
+    """The `# <slice>: mesh.data=.. mesh.fsdp=.. mesh.tensor=..` comment lines of a preset's YAML files
+    (the file and its `base:` chain): (label, target, overrides). Labels read `TPU v5p-8 (4 chips)` or
+    `8x H100`."""
+    out, seen = [], set()
+    path = Path(path)
+    while path is not None and path.exists() and path.resolve() not in seen:
+        seen.add(path.resolve())
+        base = None
+        for line in path.read_text().splitlines():
+            m = _SUGGESTION.match(line.strip())
+            if m:
+                label = m.group("label").strip()
+                out.append((label, parse_target(re.sub(r"\(.*\)", "", label)), m.group("overrides").split()))
+            b = re.match(r"^base:\s*(\S+)", line)
+            if b:
+                base = path.parent / b.group(1)
+        path = base
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The run, abstractly
+# ---------------------------------------------------------------------------
+
+
+def model_config(cfg: C.RunConfig) -> ModelConfig:
+    """The policy's architecture without reading weights: the demo model, a local HF/run directory's
+    config.json, a paper model's hub id (built in), or a hub id already in the local HF cache."""
+    from entrl.rl import setup as S
+
+    path = cfg.model.path
+    run = S.run_checkpoint_source(path)
+    if run is not None:
+        return model_config(S._as_run_model(cfg, run))
+    if path == "demo":
+        tok = S.build_tokenizer(cfg)
+        return S.demo_model_config(tok.vocab_size, cfg, tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
+    if path in HUB_PRESETS:
+        return PRESETS[HUB_PRESETS[path]]
+    if Path(path).is_dir():
+        return ModelConfig.from_pretrained(S.resolve_model_dir(path))
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+    except Exception:  # noqa: BLE001 - not a valid repo id, no cache: the same answer
+        cached = None
+    if isinstance(cached, str):
+        return ModelConfig.from_hf_dict(json.loads(Path(cached).read_text()))
+    raise C.ConfigError(f"model.path={path!r}: planning needs the model's config.json; give a local checkpoint "
+                        f"directory (built in without a download: {', '.join(HUB_PRESETS)})")
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _per_device_bytes(tree) -> int:
+    """Bytes one device holds of an abstract tree (each leaf's shard shape x itemsize; the max over
+    devices, which for even shardings is every device)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+@dataclasses.dataclass
+class Program:
+    """Memory analysis of one compiled program (per device, bytes) and its compile time."""
+
+    name: str
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    compile_s: float
+
+    def extra(self, resident_args: int) -> int:
+        """What the program adds on top of `resident_args` bytes of its arguments that live anyway."""
+        return self.arguments - resident_args + self.temporaries + self.outputs - self.aliased
+
+
+_ANALYSES: dict[str, tuple[int, int, int, int, float]] = {}
+
+
+def _analyse(name: str, lowered) -> Program:
+    """Compile (once per lowered text in this process) and read the memory analysis."""
+    key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+    if key not in _ANALYSES:
+        t0 = time.perf_counter()
+        options = ({"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+                   if jax.default_backend() == "cpu" else None)
+        mem = lowered.compile(compiler_options=options).memory_analysis()
+        _ANALYSES[key] = (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                          mem.temp_size_in_bytes, time.perf_counter() - t0)
+    return Program(name, *_ANALYSES[key])
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """What `entrl plan` reports; `per_device_bytes` keys: params, optimizer, reference, update_peak,
+    logprob_peak, rollout_peak, eval_peak (bytes on one device)."""
+
+    model: str
+    num_params: int
+    mesh: dict[str, int]
+    devices: int
+    platform: str
+    budget_bytes: int | None
+    budget_source: str
+    headroom: float
+    per_device_bytes: dict[str, int]
+    programs: dict[str, dict]
+    tokens_per_step: dict[str, int]
+    steps_per_stage: list[int] | None
+    steps_note: str
+    notes: list[str]
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(v for k, v in self.per_device_bytes.items() if k.endswith("_peak"))
+
+    @property
+    def fits(self) -> bool | None:
+        if self.budget_bytes is None:
+            return None
+        return self.peak_bytes <= self.budget_bytes * (1 - self.headroom)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["fits"] = self.fits
+        d["peak_bytes"] = self.peak_bytes
+        return d
+
+    def table(self) -> str:
+        gib = lambda b: f"{b / GIB:.2f}"
+        budget = (f"{gib(self.budget_bytes)} GiB ({self.budget_source}), {self.headroom:.0%} headroom"
+                  if self.budget_bytes else "unknown (give --hbm-gb or --target)")
+        mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
+        lines = [f"plan: {self.model} ({self.num_params / 1e9:.2f}B params) on {self.devices} {self.platform} "
+                 f"devices, mesh {mesh}; budget per device {budget}",
+                 "", "| per device | GiB |", "|---|---|"]
+        names = {"params": "params (master)", "optimizer": "optimizer state", "reference": "reference copy",
+                 "update_peak": "update peak", "logprob_peak": "log-prob peak", "rollout_peak": "rollout peak",
+                 "eval_peak": "eval peak"}
+        for k, v in self.per_device_bytes.items():
+            lines.append(f"| {names.get(k, k)} | {gib(v)} |")
+        fits = {True: "fits", False: "DOES NOT FIT", None: "fit unknown"}[self.fits]
+        lines += ["", f"peak {gib(self.peak_bytes)} GiB per device: {fits}"]
+        t = self.tokens_per_step
+        lines.append(f"tokens per step: {t['prompt']:,} prompt + up to {t['response']:,} response "
+                     f"({t['rows']:,} rows)")
+        steps = ", ".join(map(str, self.steps_per_stage)) if self.steps_per_stage else "unknown"
+        lines.append(f"RL steps per curriculum stage: {steps}{f' ({self.steps_note})' if self.steps_note else ''}")
+        lines.append("compile s: " + ", ".join(f"{k} {v['compile_s']:.1f}" for k, v in self.programs.items()))
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _steps_per_stage(cfg: C.RunConfig) -> tuple[list[int] | None, str]:
+    """RL steps of each curriculum stage, from the number of training prompts (when the file is readable)."""
+    d, cur = cfg.data, cfg.curriculum
+    if d.task == "arithmetic":
+        prompts = d.arithmetic_train_size
+    else:
+        path = Path(d.train) if d.train else None
+        if path is None or not path.is_file():
+            return None, f"data.train={d.train!r} is not a local file"
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            prompts = pq.ParquetFile(path).metadata.num_rows
+        else:
+            with path.open("rb") as f:
+                prompts = sum(1 for line in f if line.strip())
+        if d.max_rows:
+            prompts = min(prompts, d.max_rows)
+    stages = 1 if not cur.enabled or cur.mode == "continuous" else (len(cur.thresholds) + 1 if cur.thresholds
+                                                                     else cur.stages)
+    if cur.enabled and cur.thresholds:
+        return None, f"{prompts} prompts; stage sizes depend on the SE values (curriculum.thresholds)"
+    sizes = [len(a) for a in np.array_split(np.arange(prompts), stages)]
+    note = f"{prompts} prompts before dropping long ones"
+    return [s // cfg.train.prompts_per_step * cur.epochs_per_stage for s in sizes], note
+
+
+def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source: str = "",
+             headroom: float = DEFAULT_HEADROOM, with_eval: bool = True) -> MemoryPlan:
+    """Plan `cfg` on the current devices (see the module docstring). ConfigError on a config problem."""
+    from entrl.rl import setup as S
+    from entrl.rl import step as ST
+    from entrl.rl.trainer import opt_state_shardings, run_optimizer, step_settings
+    from entrl.sampling import Sampler, SamplingConfig
+
+    mesh = S.build_mesh(cfg)
+    shards = data_shards(mesh)
+    mcfg = model_config(cfg)
+    m, r, t = cfg.model, cfg.rollout, cfg.train
+    plen = max(r.prompt_buckets)
+
+    # -- state -----------------------------------------------------------------
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: Transformer(mcfg, rngs=nnx.Rngs(0), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)))
+    shardings = param_shardings(state, mesh)
+    params = _abstract(state, shardings)
+    optimizer = run_optimizer(cfg)
+    opt_sh = opt_state_shardings(optimizer, params, mesh)
+    opt_state = _abstract(jax.eval_shape(optimizer.init, params), opt_sh)
+    ref = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(m.dtype), sharding=x.sharding), params)
+           if cfg.loss.kl_coef > 0 else None)
+    sizes = {"params": _per_device_bytes(params), "optimizer": _per_device_bytes(opt_state),
+             "reference": _per_device_bytes(ref) if ref is not None else 0}
+    resident = sum(sizes.values())
+
+    def rows_of(n_rows, *shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct((n_rows, *shape), dtype, sharding=batch_sharding(mesh, 1 + len(shape)))
+
+    step_rows = t.prompts_per_step * r.n
+    L = r.max_new_tokens
+    batch = {"prompt_ids": rows_of(step_rows, plen), "prompt_mask": rows_of(step_rows, plen),
+             "resp_ids": rows_of(step_rows, L), "resp_mask": rows_of(step_rows, L, dtype=jnp.float32),
+             "advantages": rows_of(step_rows, dtype=jnp.float32)}
+    step_batch_bytes = _per_device_bytes(batch) + 2 * _per_device_bytes(rows_of(step_rows, L, dtype=jnp.float32))
+    programs: dict[str, Program] = {}
+    settings = step_settings(cfg, shards)
+
+    with jax.set_mesh(mesh):
+        # -- update ------------------------------------------------------------------
+        update = ST.make_update_fn(graphdef, optimizer, settings, state_shardings=(shardings, opt_sh))
+        mb_rows = t.minibatch_prompts * r.n
+        mb = {"prompt_ids": rows_of(mb_rows, plen), "prompt_mask": rows_of(mb_rows, plen),
+              "resp_ids": rows_of(mb_rows, L), **{k: rows_of(mb_rows, L, dtype=jnp.float32)
+                                                  for k in ("resp_mask", "old_logp", "ref_logp")},
+              "advantages": rows_of(mb_rows, dtype=jnp.float32)}
+        rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
+                                   sharding=NamedSharding(mesh, PartitionSpec()))
+        programs["update"] = _analyse("update", update.lower(params, opt_state, mb, rng))
+        # -- log-probs ----------------------------------------------------------------
+        micro = C.microbatch_per_shard(cfg, shards)
+        lp_args = dict(temperature=settings.temperature, num_micro=step_rows // (shards * micro),
+                       chunk_size=settings.chunk_size, shards=shards)
+        programs["logprob"] = _analyse("logprob", ST.compute_logprobs.lower(graphdef, params, batch, **lp_args))
+    # -- rollout ------------------------------------------------------------------
+    eos = mcfg.eos_token_ids or (0,)
+    pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else eos[0]
+    call_prompts = (r.slots // r.n) if r.slots else t.prompts_per_step
+    sc = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=L,
+                        eos_ids=tuple(eos), pad_id=pad, cache_dtype=S.cache_dtype(cfg, r.cache_dtype))
+    prompts = rows_of(call_prompts, plen)
+    programs["rollout"] = _analyse("rollout", Sampler(sc, mesh=mesh).lower(graphdef, params, prompts, prompts))
+    per = dict(sizes)
+    params_bytes = sizes["params"]
+    per["update_peak"] = resident + step_batch_bytes + programs["update"].extra(sizes["params"] + sizes["optimizer"])
+    per["logprob_peak"] = resident + programs["logprob"].extra(params_bytes + _per_device_bytes(batch)) + \
+        step_batch_bytes
+    per["rollout_peak"] = resident + programs["rollout"].extra(params_bytes)
+    notes = []
+    if with_eval:
+        e = cfg.eval
+        eval_prompts = _eval_call_prompts(cfg, shards)
+        esc = dataclasses.replace(sc, n=e.n, temperature=e.temperature, top_p=e.top_p, top_k=0,
+                                  max_new_tokens=e.max_new_tokens)
+        eprompts = rows_of(eval_prompts, plen)
+        programs["eval"] = _analyse("eval", Sampler(esc, mesh=mesh).lower(graphdef, params, eprompts, eprompts))
+        per["eval_peak"] = resident + programs["eval"].extra(params_bytes)
+        notes.append(f"eval: {eval_prompts} problems x {e.n} samples per sampler call")
+    if jax.default_backend() == "cpu":
+        notes.append("XLA:CPU analysis of the partitioned programs on simulated devices; accelerator compilers "
+                     "differ, hence the headroom")
+    steps, steps_note = _steps_per_stage(cfg)
+    return MemoryPlan(
+        model=cfg.model.path, num_params=mcfg.num_params(), mesh=dict(mesh.shape), devices=mesh.size,
+        platform=jax.default_backend(), budget_bytes=budget_bytes, budget_source=budget_source, headroom=headroom,
+        per_device_bytes=per,
+        programs={k: {**dataclasses.asdict(p), "extra": p.extra(0)} for k, p in programs.items()},
+        tokens_per_step={"rows": step_rows, "prompt": step_rows * plen, "response": step_rows * L},
+        steps_per_stage=steps, steps_note=steps_note, notes=notes)
+
+
+def _eval_call_prompts(cfg: C.RunConfig, shards: int) -> int:
+    """Problems per evaluation sampler call: `eval.batch_problems`, rounded up to a multiple of the shards."""
+    want = cfg.eval.batch_problems or 64
+    return -(-want // shards) * shards
+
+
+def device_budget() -> tuple[int | None, str]:
+    """HBM per device of the current accelerator (its own limit), or (None, why not)."""
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return None, "cpu"
+    try:
+        stats = dev.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends that do not implement it
+        stats = {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]), f"{dev.device_kind} bytes_limit"
+    return None, f"{dev.device_kind}: no memory_stats"
+
+
