@@ -436,28 +436,74 @@ class _Prompts:
     first: jax.Array  # [R] int32 each row's response token 0
 
 
-def _prefill(model: Transformer, weights, prompt_ids_BxP, mask_BxP, rng, cfg: SamplingConfig, mesh):
+def prefill_chunks(cfg: SamplingConfig, batch: int, slots: int, shards: int) -> int:
+    """How many sequential chunks the prompts are prefilled in: 1 for the one-shot sampler; under
+    continuous batching the fewest that hold about slots / n prompts each (a divisor of each shard's
+    prompts), so the prefill's activations scale with the slots, not with the step's prompts."""
+    rows = batch * cfg.n
+    if slots >= rows:
+        return 1
+    per_shard = batch // shards
+    want = max(1, -(-(slots // shards) // cfg.n))  # prompts per shard per chunk
+    return min(k for k in range(1, per_shard + 1) if per_shard % k == 0 and per_shard // k <= want)
+
+
+def _chunked(x, chunks: int, shards: int):
+    """[B, ...] -> [chunks, B/chunks, ...]: chunk i = each shard's i-th block of rows (it spans every shard)."""
+    x = x.reshape((shards, chunks, x.shape[0] // (shards * chunks)) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((chunks, x.shape[0] * x.shape[2]) + x.shape[3:])
+
+
+def _unchunked(x, shards: int):
+    """Inverse of `_chunked`."""
+    chunks, m = x.shape[:2]
+    x = x.reshape((chunks, shards, m // shards) + x.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape((chunks * m,) + x.shape[3:])
+
+
+def _prefill(model: Transformer, weights, w_VxD, prompt_ids_BxP, mask_BxP, rng, cfg: SamplingConfig, mesh,
+             chunks: int, shards: int):
     """Run the B prompts once into a P-slot cache and draw every row's response token 0.
 
     Returns (prompt cache, first tokens [R], their log-probs [R]). The n draws
     of a prompt come from its one set of logits, one sample index at a time
     (`lax.map`), so the float32 logits and noise are [B, V], not [B*n, V].
+    With chunks > 1 the prompts go through in that many sequential chunks
+    (`prefill_chunks`, `lax.map`), each spanning every data shard.
     """
-    batch, plen = prompt_ids_BxP.shape
-    positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=-1) - 1, 0)
-    cache = model.init_cache(batch, plen, dtype=_DTYPES[cfg.cache_dtype])
-    h_BxPxD, cache = model.forward_cached(
-        prompt_ids_BxP, positions_BxP, cache, write_index=jnp.int32(0), kv_mask_BxS=mask_BxP, weights=weights
-    )
-    logits_BxV = _rows(_logits(h_BxPxD[:, -1], model.unembedding()), mesh)
-    rows_B = jnp.arange(batch, dtype=jnp.int32) * cfg.n
+    plen = prompt_ids_BxP.shape[1]
 
-    def draw(j):  # sample j of every prompt: rows b n + j
-        return sample_next_token(logits_BxV, token_keys(rng, rows_B + j, jnp.zeros_like(rows_B)), cfg)
+    def one(ids_CxP, mask_CxP, prompt_C):
+        positions_CxP = jnp.maximum(jnp.cumsum(mask_CxP, axis=-1) - 1, 0)
+        cache = model.init_cache(ids_CxP.shape[0], plen, dtype=_DTYPES[cfg.cache_dtype])
+        h_CxPxD, cache = model.forward_cached(
+            ids_CxP, positions_CxP, cache, write_index=jnp.int32(0), kv_mask_BxS=mask_CxP, weights=weights
+        )
+        # One-shot, the prefill is the memory peak and the loops' [V, D] copy is not alive yet: read the
+        # unembedding as stored. Chunked, that copy is alive throughout: reuse it instead of a second one.
+        h_CxD = h_CxPxD[:, -1]
+        logits_CxV = _logits(h_CxD, model.unembedding()) if chunks == 1 else _logits_vd(h_CxD, w_VxD)
+        logits_CxV = _rows(logits_CxV, mesh)
+        rows_C = prompt_C * cfg.n
 
-    tokens_nxB, logp_nxB = lax.map(draw, jnp.arange(cfg.n, dtype=jnp.int32))
-    first = lambda x_nxB: _rows(x_nxB.T.reshape(-1), mesh)  # row b n + j: rows of one prompt contiguous
-    return cache, first(tokens_nxB), first(logp_nxB)
+        def draw(j):  # sample j of every prompt: rows b n + j
+            return sample_next_token(logits_CxV, token_keys(rng, rows_C + j, jnp.zeros_like(rows_C)), cfg)
+
+        tokens_nxC, logp_nxC = lax.map(draw, jnp.arange(cfg.n, dtype=jnp.int32))
+        return cache, tokens_nxC.T, logp_nxC.T  # [C, n]: row b n + j, rows of one prompt contiguous
+
+    prompt_B = jnp.arange(prompt_ids_BxP.shape[0], dtype=jnp.int32)
+    if chunks == 1:
+        cache, tokens_Bxn, logp_Bxn = one(prompt_ids_BxP, mask_BxP, prompt_B)
+    else:
+        split = partial(_chunked, chunks=chunks, shards=shards)
+        cache, tokens_Bxn, logp_Bxn = jax.tree.map(
+            partial(_unchunked, shards=shards),
+            lax.map(lambda a: one(*a), (split(prompt_ids_BxP), split(mask_BxP), split(prompt_B))),
+        )
+        cache = cache.map(lambda x, names: _constrain(x, mesh, names))
+    first = lambda x_Bxn: _rows(x_Bxn.reshape(-1), mesh)  # noqa: E731
+    return cache, first(tokens_Bxn), first(logp_Bxn)
 
 
 def _refill(state: _DecodeState, prompts: _Prompts, cfg: SamplingConfig, mesh) -> _DecodeState:
@@ -599,7 +645,9 @@ def _sample(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: Samp
     weights = model.decode_weights()
     w_VxD = model.unembedding().T
     mask_BxP = prompt_mask_BxP.astype(jnp.int32)
-    prompt_cache, first_R, first_logp_R = _prefill(model, weights, prompt_ids_BxP, mask_BxP, rng, cfg, mesh)
+    chunks = prefill_chunks(cfg, batch, slots, shards)
+    prompt_cache, first_R, first_logp_R = _prefill(model, weights, w_VxD, prompt_ids_BxP, mask_BxP, rng, cfg, mesh,
+                                                   chunks, shards)
 
     # Response token 0 of every row is drawn; rows it stopped never take a slot.
     pad = lambda x, fill: _rows(jnp.pad(x[:, None], ((0, 0), (0, max_new - 1)), constant_values=fill), mesh)  # noqa: E731
