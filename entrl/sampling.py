@@ -26,6 +26,35 @@ per-token log-prob of every sampled token. Design decisions:
 * n samples per prompt: the B prompts are prefilled once and the KV cache is
   repeated n times along the batch (prefill costs B, not B*n, rows). Rows of one
   prompt are contiguous: row r belongs to prompt r // n, groups are [B, n].
+* Continuous batching (`SamplingConfig.slots` = S < R = B*n rows): the loop
+  decodes S slots, not R rows. When a slot's row stops, the slot takes the
+  next waiting row: its prompt's K/V is copied from the prompts' own cache
+  (the prefill's, kept for the whole call: B x P slots) into the slot, and the
+  row's token 0, drawn at prefill, is fed next. Each slot is at its own
+  position, so the cached forward writes one position per row
+  (`Transformer.forward_cached` with a [S] write index). Shapes are static
+  (the refill runs every slot through a `where`, inside a `lax.cond` taken
+  only when a slot is free and a row waits), so one program serves any
+  schedule. With a mesh, data shard d owns prompts [d B/D, (d+1) B/D), their
+  rows and S/D slots, and refills from its own queue: every gather and scatter
+  is batched over the shard axis, so no row moves between devices (the loop
+  conditions are the only cross-shard reductions; tested on the compiled
+  program). The decode segments still apply (no row is further along than
+  the loop's step count); the last one runs until every row stopped. The KV
+  cache is S x (P + L - 1) slots plus the prompts' B x P, instead of R x
+  (P + L - 1); the prompts are prefilled in chunks of about S/n prompts
+  (`prefill_chunks`), so the prefill's activations shrink with S too.
+  Same result: token i of row r draws with the key fold_in(fold_in(seed, r),
+  i) (`token_keys`), never from the loop's step, so the tokens are the
+  one-shot sampler's whatever S (up to floating-point ties; tested). What it
+  saves: on CPU, where decoding at these sizes is compute-bound, the steps
+  the one-shot loop spends on stopped rows (2.5-2.8x useful tokens/s at 1%
+  EOS, benchmarks/bench_sampler.py --ragged). What it does not: the
+  attention of a slot still reads its whole cache segment (masked), so on a
+  memory-bound accelerator the K/V bytes read per useful token are about the
+  one-shot loop's; the gain there is the S-sized cache (a per-row ragged
+  attention kernel, e.g. Pallas' GPU `decode_attention`, would read only each
+  row's context: not done). `slots >= R` is the one-shot program itself.
 * Log-probs: the reported log-prob of a sampled token y is
   log softmax(logits / T)[y] over the FULL vocabulary, before top-k / top-p
   truncation and before the PAD/BOS ban. That is the policy's probability at
@@ -65,8 +94,9 @@ per-token log-prob of every sampled token. Design decisions:
   einsums; a broadcast-multiply-reduce over the cache instead
   of the einsums measured no better inside the loop.
 * Left out on purpose: streaming, stop strings (host-side, needs the
-  tokenizer), speculative decoding, paged attention, and per-row settings
-  (temperature etc. are per call).
+  tokenizer), speculative decoding, paged attention, per-row settings
+  (temperature etc. are per call), and shrinking the slot batch for the tail
+  (the last long rows decode in a batch of mostly idle slots).
 """
 
 from __future__ import annotations
