@@ -140,7 +140,7 @@ class RolloutSection:
     max_new_tokens: int = 2048  # maximum response length
     prompt_buckets: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])  # left-pad prompts to the smallest fitting bucket
     cache_dtype: str = "auto"  # KV-cache dtype: auto (= model.dtype) | float32 | bfloat16
-    slots: int = 0  # at most this many (prompt, sample) rows decode at once, bounding the KV cache (0 = all rows of a step); a multiple of rollout.n
+    slots: int = 0  # at most this many (prompt, sample) rows decode at once, each slot refilled with the next row when its row stops; bounds the KV cache (0 = all rows of a step); a multiple of the data shards
     reuse_sampler_logprobs: bool = False  # use the sampler's log-probs as old log-probs instead of a recompute
 
     def __post_init__(self):
@@ -154,9 +154,6 @@ class RolloutSection:
         _positive("rollout.max_new_tokens", self.max_new_tokens)
         _choice("rollout.cache_dtype", self.cache_dtype, ("auto", "float32", "bfloat16"))
         _non_negative("rollout.slots", self.slots)
-        if self.slots % self.n:
-            raise ConfigError(f"rollout.slots={self.slots} must be a multiple of rollout.n={self.n} "
-                              "(a prompt's samples decode together)")
         if not self.prompt_buckets or list(self.prompt_buckets) != sorted(self.prompt_buckets):
             raise ConfigError(f"rollout.prompt_buckets={self.prompt_buckets}: must be a non-empty ascending list")
 
@@ -228,6 +225,7 @@ class TrainSection:
     minibatch_prompts: int = 128  # prompts per optimizer step
     microbatch_per_shard: int = 0  # sequences per data shard per forward/backward (gradient accumulation; verl's ppo_micro_batch_size_per_gpu); 0 = a shard's whole mini-batch at once
     ppo_epochs: int = 1  # passes over the rollout batch
+    length_buckets: int = 4  # the log-prob and update forwards run each micro-batch up to its longest response, rounded up to one of ceil(rollout.max_new_tokens * k / K), k = 1..K (one compiled branch each; 1 = always max_new_tokens)
     only_mixed_groups: bool = False  # update only on groups whose rewards are not all equal
     checkpoint_every: int = 50  # RL steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 3  # checkpoints kept on disk
@@ -245,6 +243,7 @@ class TrainSection:
         _positive("train.minibatch_prompts", self.minibatch_prompts)
         _non_negative("train.microbatch_per_shard", self.microbatch_per_shard)
         _positive("train.ppo_epochs", self.ppo_epochs)
+        _positive("train.length_buckets", self.length_buckets)
         _positive("train.keep_checkpoints", self.keep_checkpoints)
         _positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
         if self.prompts_per_step % self.minibatch_prompts:
@@ -302,10 +301,6 @@ class RunConfig:
             raise ConfigError(
                 f"train.microbatch_per_shard={self.train.microbatch_per_shard} must divide one mini-batch of "
                 f"train.minibatch_prompts * rollout.n = {rows} sequences")
-        if self.rollout.slots and (self.train.prompts_per_step * self.rollout.n) % self.rollout.slots:
-            raise ConfigError(
-                f"rollout.slots={self.rollout.slots} must divide the {self.train.prompts_per_step * self.rollout.n} "
-                "rows of a step (train.prompts_per_step * rollout.n)")
         if _LOSS_VALIDATOR is None:
             import entrl.rl.losses  # noqa: F401  (registers the loss-name/hyperparameter validator)
         _LOSS_VALIDATOR(self.loss.name, dict(self.loss.params))

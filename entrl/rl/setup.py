@@ -69,12 +69,12 @@ def check_batch_layout(cfg: C.RunConfig, shards: int, processes: int = 1) -> Non
     if t.prompts_per_step % processes:
         raise C.ConfigError(f"train.prompts_per_step={t.prompts_per_step} is not divisible by the "
                             f"{processes} processes")
-    prompts_per_call = (cfg.rollout.slots // n) if cfg.rollout.slots else t.prompts_per_step
-    if prompts_per_call % shards:  # each sampler call splits its prompts over the data shards
-        what = (f"rollout.slots={cfg.rollout.slots} ({prompts_per_call} prompts per sampler call)"
-                if cfg.rollout.slots else f"train.prompts_per_step={t.prompts_per_step}")
-        raise C.ConfigError(f"{what} must be divisible by the {shards} data shards (mesh.data * mesh.fsdp); "
-                            "change it or the mesh (e.g. more mesh.tensor)")
+    if t.prompts_per_step % shards:  # the sampler splits the step's prompts over the data shards
+        raise C.ConfigError(f"train.prompts_per_step={t.prompts_per_step} must be divisible by the {shards} data "
+                            "shards (mesh.data * mesh.fsdp); change it or the mesh (e.g. more mesh.tensor)")
+    if 0 < cfg.rollout.slots < t.prompts_per_step * n and cfg.rollout.slots % shards:
+        raise C.ConfigError(f"rollout.slots={cfg.rollout.slots} must be a multiple of the {shards} data shards "
+                            "(mesh.data * mesh.fsdp): each shard decodes its own prompts in its own slots")
     rows = t.minibatch_prompts * n
     if rows % shards or rows % (shards * C.microbatch_per_shard(cfg, shards)):
         raise C.ConfigError(
@@ -317,8 +317,10 @@ def reference_params(cfg: C.RunConfig, params):
 
 
 def build_sampler(cfg: C.RunConfig, tokenizer, mesh, *, n: int | None = None, max_new_tokens: int | None = None,
-                  temperature: float | None = None, top_p: float | None = None):
-    """The rollout sampler (PAD and BOS banned from responses; stop on EOS / end-of-turn ids)."""
+                  temperature: float | None = None, top_p: float | None = None, slots: int = 0):
+    """A sampler with the run's rollout settings (PAD and BOS banned from responses; stop on EOS / end-of-turn
+    ids). `slots`: continuous batching (`entrl.sampling`); the training rollout passes `rollout.slots`, the
+    evaluation and annotation samplers (other batch shapes) decode every row at once."""
     from entrl.sampling import Sampler, SamplingConfig
 
     r = cfg.rollout
@@ -326,7 +328,7 @@ def build_sampler(cfg: C.RunConfig, tokenizer, mesh, *, n: int | None = None, ma
     sc = SamplingConfig(n=n or r.n, temperature=r.temperature if temperature is None else temperature,
                         top_p=top_p or r.top_p, top_k=r.top_k, max_new_tokens=max_new_tokens or r.max_new_tokens,
                         eos_ids=tuple(tokenizer.stop_token_ids), pad_id=tokenizer.pad_token_id,
-                        banned_ids=tuple(sorted(banned)), cache_dtype=cache_dtype(cfg, r.cache_dtype))
+                        banned_ids=tuple(sorted(banned)), cache_dtype=cache_dtype(cfg, r.cache_dtype), slots=slots)
     return Sampler(sc, mesh=mesh)
 
 
@@ -349,7 +351,7 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
     prompt_tokens, records = tokenize(cfg, records, tokenizer)
     graphdef, params = build_model(cfg, mesh, tokenizer)
     ref_params = reference_params(cfg, params)
-    sampler = build_sampler(cfg, tokenizer, mesh)
+    sampler = build_sampler(cfg, tokenizer, mesh, slots=cfg.rollout.slots)
     verifier = verifier or build_verifier(cfg)
     if cfg.curriculum.enabled and se_values is None and any(cfg.curriculum.se_column not in r.extra for r in records):
         if not cfg.curriculum.annotate:

@@ -141,6 +141,7 @@ def step_settings(cfg: C.RunConfig, shards: int = 1) -> S.StepSettings:
         temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
         num_micro=rows // (shards * C.microbatch_per_shard(cfg, shards)),
         shards=shards,
+        length_buckets=cfg.train.length_buckets,
     )
 
 
@@ -237,35 +238,23 @@ class Trainer:
         return metrics
 
     def _rollout(self, batch, rng) -> dict:
-        """rollout.n responses per prompt, in sampler calls of at most `rollout.slots` rows.
+        """rollout.n responses per prompt: one sampler call on the step's prompts.
 
-        Returns the rollout's arrays as global arrays of all R rows, in the step's row order: shard-major
-        (each data shard's rows of every call, call after call), so joining the calls moves no data;
-        `order[r]` = the row's position in the calls' concatenation (call-major, process-major inside).
+        With `rollout.slots` the sampler decodes at most that many rows at once, refilling each data
+        shard's slots from its own prompts (`entrl.sampling`). Returns the rollout's arrays as global
+        arrays of all R rows in the step's row order: prompt-major (rows of a prompt contiguous), the
+        prompts in process order, so each data shard's rows are contiguous.
         """
-        cfg, c = self.cfg, self.c
-        n, local = cfg.rollout.n, len(batch.indices)
-        calls = (cfg.train.prompts_per_step * n) // cfg.rollout.slots if cfg.rollout.slots else 1
-        per_call = local // calls  # this process's prompts per call
-        parts = []
-        for k in range(calls):
-            rows = slice(k * per_call, (k + 1) * per_call)
-            ids, pmask = batch.input_ids[rows], batch.attention_mask[rows]
-            if c.mesh is not None:
-                from entrl.sharding import shard_batch
+        c = self.c
+        ids, pmask = batch.input_ids, batch.attention_mask
+        if c.mesh is not None:
+            from entrl.sharding import shard_batch
 
-                ids, pmask = shard_batch(ids, c.mesh), shard_batch(pmask, c.mesh)
-            roll = c.sampler.sample((c.graphdef, self.params), ids, pmask, jax.random.fold_in(rng, k))
-            parts.append({f.name: getattr(roll, f.name) for f in dataclasses.fields(roll)})
-        shards = self.settings.shards
-        joined = parts[0] if calls == 1 else _join_shardwise(parts, shards)
-        # Host bookkeeping in the same order: prompt index of each row.
-        call_rows = per_call * jax.process_count() * n
-        order = np.arange(calls * call_rows).reshape(calls, shards, call_rows // shards).transpose(1, 0, 2).ravel()
-        local_idx = np.asarray(batch.indices).reshape(calls, per_call)
-        prompt_of_call_row = np.concatenate([np.repeat(allgather_local(local_idx[k]), n) for k in range(calls)])
-        joined["row_prompt"] = prompt_of_call_row[order]
-        return joined
+            ids, pmask = shard_batch(ids, c.mesh), shard_batch(pmask, c.mesh)
+        roll = c.sampler.sample((c.graphdef, self.params), ids, pmask, rng)
+        out = {f.name: getattr(roll, f.name) for f in dataclasses.fields(roll)}
+        out["row_prompt"] = np.repeat(allgather_local(np.asarray(batch.indices)), self.cfg.rollout.n)
+        return out
 
     def _score(self, batch, roll: dict) -> dict:
         """Rewards and GRPO advantages (host side). Each process decodes and verifies only the rows its
@@ -289,21 +278,37 @@ class Trainer:
 
     def _logprobs(self, roll: dict, scored: dict) -> tuple[dict, dict]:
         """The update's batch: old (and reference) log-probs and entropies of every response token, plus
-        the step's token statistics (computed on the devices: nothing [rows, length]-sized is fetched)."""
+        the step's token statistics (computed on the devices: nothing [rows, length]-sized is fetched).
+
+        Under the global selection scope with length buckets, each shard's rows of each mini-batch are
+        put in order of length first (`entrl.rl.step.length_order`: rows stay on their shard and in
+        their mini-batch, whose loss does not depend on row order), so most micro-batches run short.
+        """
         cfg, c = self.cfg, self.c
-        full = {
-            "prompt_ids": roll["prompt_ids"],
-            "prompt_mask": roll["prompt_mask"],
-            "resp_ids": roll["tokens"],
-            "resp_mask": _masked(roll["mask"], to_device(scored["mixed"], c.mesh)),
-            "advantages": to_device(scored["advantages"], c.mesh),
-        }
+        sh = self.settings.shards
         rows = roll["tokens"].shape[0]
+        keys = ("prompt_ids", "prompt_mask", "tokens", "mask", "logprobs", "lengths", "finish_code")
+        arrays = {k: roll[k] for k in keys}
+        mixed, advantages = scored["mixed"], scored["advantages"]
+        if self.settings.scope == "global" and self.settings.length_buckets > 1:
+            n_mini = rows // (cfg.train.minibatch_prompts * cfg.rollout.n)
+            order = S.length_order(np.asarray(gather(roll["lengths"])), sh, n_mini)
+            local = order.reshape(sh, -1) - (np.arange(sh) * (rows // sh))[:, None]
+            arrays = _shard_permute(arrays, to_device(local.astype(np.int32), c.mesh))
+            mixed, advantages = mixed[order], advantages[order]
+        full = {
+            "prompt_ids": arrays["prompt_ids"],
+            "prompt_mask": arrays["prompt_mask"],
+            "resp_ids": arrays["tokens"],
+            "resp_len": arrays["lengths"],
+            "resp_mask": _masked(arrays["mask"], to_device(mixed, c.mesh)),
+            "advantages": to_device(advantages, c.mesh),
+        }
         stats = dict(temperature=self.settings.temperature, chunk_size=self.settings.chunk_size,
-                     num_micro=rows // (self.settings.shards * C.microbatch_per_shard(cfg, self.settings.shards)),
-                     shards=self.settings.shards)
+                     num_micro=rows // (sh * C.microbatch_per_shard(cfg, sh)), shards=sh,
+                     length_buckets=self.settings.length_buckets)
         if cfg.rollout.reuse_sampler_logprobs:
-            old_logp = jnp.asarray(roll["logprobs"])
+            old_logp = jnp.asarray(arrays["logprobs"])
             _, entropy = S.compute_logprobs(c.graphdef, self.params, full, **stats)
         else:
             old_logp, entropy = S.compute_logprobs(c.graphdef, self.params, full, **stats)
@@ -312,7 +317,7 @@ class Trainer:
             full["ref_logp"], _ = S.compute_logprobs(c.graphdef, c.ref_params, full, **stats)
         else:
             full["ref_logp"] = jnp.zeros_like(old_logp)
-        token_stats = _token_metrics(entropy, old_logp, roll["logprobs"], roll["mask"], roll["finish_code"])
+        token_stats = _token_metrics(entropy, old_logp, arrays["logprobs"], arrays["mask"], arrays["finish_code"])
         return full, {k: float(gather(v)) for k, v in token_stats.items()}
 
     def _update(self, full: dict, rng) -> dict:
@@ -481,16 +486,17 @@ def _token_metrics(entropy_RxL, old_logp_RxL, sampler_logp_RxL, mask_RxL, finish
             "truncation_rate": (finish_R == _LENGTH).astype(jnp.float32).mean()}
 
 
-@partial(jax.jit, static_argnums=(1,))
-def _join_shardwise(parts: list[dict], shards: int) -> dict:
-    """Concatenate per-call arrays [R_c, ...] so that each shard's rows of every call stay on that shard:
-    [S, R_c/S] blocks joined along the second axis, then flattened (shard-major row order)."""
-    def join(*xs):
-        blocks = [x.reshape((shards, x.shape[0] // shards) + x.shape[1:]) for x in xs]
-        out = jnp.concatenate(blocks, axis=1)
-        return out.reshape((-1,) + out.shape[2:])
+@jax.jit
+def _shard_permute(arrays: dict, local_SxM) -> dict:
+    """Each data shard's rows of every [R, ...] array reordered by its row of local indices [shards, R/shards]
+    (a gather batched over the shards: no row leaves its device)."""
+    shards = local_SxM.shape[0]
 
-    return jax.tree.map(join, *parts)
+    def one(x):
+        x_SxM = x.reshape((shards, x.shape[0] // shards) + x.shape[1:])
+        return jax.vmap(lambda a, i: a[i])(x_SxM, local_SxM).reshape(x.shape)
+
+    return {k: one(v) for k, v in arrays.items()}
 
 
 @partial(jax.jit, static_argnums=(2, 3))
