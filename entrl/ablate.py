@@ -14,10 +14,11 @@ Design decisions:
   repeated).
 - Configs that warm-start the demo model (`entrl ablate demo`, or any config with
   `warmstart.enabled`, e.g. configs/collapse.yaml) go through the demo pipeline: the warm start and
-  the before-RL evaluation are done once per seed and shared by every method, and the SE annotation
-  of the first curriculum method is reused by the others (same policy, same prompts, same seed, so
-  the same values): only the RL differs. Their final numbers are the held-out pass@1 / pass@k of
-  `eval.n` samples per problem.
+  the before-RL evaluation are done once per seed (once for all seeds with a fixed `warmstart.seed`:
+  one base model, like the paper's one pretrained model, and one held-out set) and shared by every
+  method, and the SE annotation of the first curriculum method of a seed is reused by the others
+  (same policy, same prompts, same seed, so the same values): only the RL differs. Their final
+  numbers are the held-out pass@1 / pass@k of `eval.n` samples per problem.
 - With another YAML config the final accuracy is the last periodic `eval/pass@1` (`train.eval_every`,
   `val`), else the training accuracy of the last step (the `accuracy from` column says which).
 - Seeds are summarised as mean ± the half-width of a 95% confidence interval (Student t with n - 1
@@ -149,21 +150,27 @@ def _warm_runs(config, methods, seeds, overrides, out: Path, quick: bool = False
     from entrl import demo
 
     base = demo.DEMO_YAML if config == "demo" else config
+    shared_seed = C.load_config(base, overrides).warmstart.seed  # >= 0: one base model for every seed
     rows = []
-    for seed in seeds:
-        seed_dir = out / f"seed{seed}"
-        ctx = None
-        se_cache = None
-        try:
+    ctx = None
+    try:
+        for seed in seeds:
+            seed_dir = out / f"seed{seed}"
+            se_cache = None
+            if ctx is not None and shared_seed < 0:
+                ctx.close()
+                ctx = None
             for name in methods:
                 run_dir = seed_dir / name
                 done = run_dir / "result.json"
                 if done.exists():
                     rows.append(json.loads(done.read_text()))
                     continue
-                if ctx is None:
+                if ctx is None and shared_seed >= 0:  # the base model of every seed, and its evaluation
+                    ctx = demo.prepare(out / "base", seed=shared_seed, quick=quick, overrides=overrides, base=base)
+                elif ctx is None:
                     ctx = demo.prepare(seed_dir, seed=seed, quick=quick, overrides=overrides, base=base)
-                rl = method_overrides(name, ctx.cfg)
+                rl = [f"train.seed={seed}", f"curriculum.seed={seed}", *method_overrides(name, ctx.cfg)]
                 if se_cache is None:  # a finished curriculum run of this seed holds the annotation
                     se_cache = _finished_annotation(seed_dir)
                 if _uses_se(name, ctx.cfg) and se_cache is not None and not (run_dir / "semantic_entropy.jsonl").exists():
@@ -185,9 +192,9 @@ def _warm_runs(config, methods, seeds, overrides, out: Path, quick: bool = False
                        "steps": trainer.step, "run_dir": str(run_dir)}
                 done.write_text(json.dumps(row, indent=2))
                 rows.append(row)
-        finally:
-            if ctx is not None:
-                ctx.close()
+    finally:
+        if ctx is not None:
+            ctx.close()
     return rows
 
 

@@ -92,6 +92,7 @@ class DataSection:
     arithmetic_heldout_size: int = 1000  # arithmetic task: number of held-out problems
     arithmetic_max_number: int = 9  # arithmetic task: operands are 1..max_number
     arithmetic_max_operands: int = 3  # arithmetic task: 2..max_operands operands per expression
+    arithmetic_seed: int = -1  # arithmetic task: seed of the drawn train / held-out problems (-1 = train.seed; fixed = one dataset for every seed)
 
     def __post_init__(self):
         _choice("data.task", self.task, ("math", "arithmetic"))
@@ -100,6 +101,8 @@ class DataSection:
         _positive("data.max_prompt_len", self.max_prompt_len)
         _non_negative("data.max_rows", self.max_rows)
         _positive("data.arithmetic_max_number", self.arithmetic_max_number)
+        if self.arithmetic_seed < -1:
+            raise ConfigError(f"data.arithmetic_seed={self.arithmetic_seed}: must be >= 0, or -1 (= train.seed)")
         if self.arithmetic_max_operands < 2:
             raise ConfigError(f"data.arithmetic_max_operands={self.arithmetic_max_operands}: must be >= 2")
 
@@ -299,9 +302,12 @@ class WarmstartSection:
     problems: int = 4000  # SFT problems, drawn from the training split (never from the held-out one)
     batch: int = 64  # SFT batch size (sequences)
     lr: float = 2e-3  # SFT learning rate (AdamW)
+    seed: int = -1  # seed of the warm start: init, SFT problems and order (-1 = train.seed); fixed, every seed of `entrl ablate` starts from one base model, as the paper's seeds share one pretrained model
 
     def __post_init__(self):
         _positive("warmstart.steps", self.steps)
+        if self.seed < -1:
+            raise ConfigError(f"warmstart.seed={self.seed}: must be >= 0, or -1 (= train.seed)")
         _positive("warmstart.problems", self.problems)
         _positive("warmstart.batch", self.batch)
         _positive("warmstart.lr", self.lr)

@@ -47,7 +47,8 @@ QUICK = {  # tiny sizes for tests / smoke runs (`entrl demo --quick`)
     "overrides": ["train.steps=2", "data.arithmetic_train_size=64", "data.arithmetic_heldout_size=32",
                   "curriculum.samples=4", "rollout.n=4", "train.prompts_per_step=8", "train.minibatch_prompts=8",
                   "train.microbatch_per_shard=0", "model.demo_layers=1", "model.demo_hidden=32", "model.demo_heads=2",
-                  "eval.n=2", "eval.k=[1, 2]", "warmstart.steps=30", "warmstart.problems=256"],
+                  "eval.n=2", "eval.k=[1, 2]", "warmstart.steps=30", "warmstart.problems=256", "val.n=2",
+                  "val.k=[1, 2]", "val.max_problems=8"],
 }
 
 
@@ -75,7 +76,8 @@ def warm_start(cfg: C.RunConfig, tokenizer, train_records, *, seed: int | None =
     from entrl.sft import train_sft
 
     w = cfg.warmstart
-    seed = cfg.train.seed if seed is None else seed
+    if seed is None:
+        seed = w.seed if w.seed >= 0 else cfg.train.seed
     task = arithmetic_task(cfg)
     rng = np.random.default_rng(seed + 1)
     # SFT problems: a larger draw of the training split (the RL prompt pool is part of it; held-out never is).
@@ -157,7 +159,7 @@ def prepare(out: Path, *, seed: int = 0, quick: bool = False, overrides=(), base
     held_tokens, held_records = tokenize(cfg, held_records, tokenizer)
     print(f"[demo] warm-start: SFT on a noisy teacher ({cfg.warmstart.error_rate:.0%} of solutions contain a "
           f"mistake, {cfg.warmstart.steps} steps)", flush=True)
-    graphdef, params, sft_losses = warm_start(cfg, tokenizer, train_records, seed=seed)
+    graphdef, params, sft_losses = warm_start(cfg, tokenizer, train_records, seed=None)
     warm_dir = save_policy(graphdef, params, tokenizer, out / "warmstart")
     ctx = DemoContext(cfg=cfg, tokenizer=tokenizer, graphdef=graphdef, warm_params=params, warm_dir=warm_dir,
                       held_tokens=held_tokens, held_answers=[r.answer for r in held_records],

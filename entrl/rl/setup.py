@@ -227,8 +227,9 @@ def build_records(cfg: C.RunConfig):
     d = cfg.data
     if d.task == "arithmetic":
         task = arithmetic_task(cfg)
-        train = task.make_problems(d.arithmetic_train_size, seed=cfg.train.seed, split="train")
-        held = task.make_problems(d.arithmetic_heldout_size, seed=cfg.train.seed, split="heldout")
+        seed = d.arithmetic_seed if d.arithmetic_seed >= 0 else cfg.train.seed
+        train = task.make_problems(d.arithmetic_train_size, seed=seed, split="train")
+        held = task.make_problems(d.arithmetic_heldout_size, seed=seed, split="heldout")
         return train, held
     if not d.train:
         raise C.ConfigError("data.train is empty: give a JSONL/Parquet path or a hub id")
