@@ -140,10 +140,13 @@ def _entropy_curve(run_dir: Path) -> list[float]:
 
 
 def _curve_stats(run_dir: Path) -> dict:
+    """Rollout entropy of a run: mean of its first and of its last 10% of steps (one step is noisy), minimum."""
     curve = _entropy_curve(run_dir)
-    nan = float("nan")
-    return {"first_entropy": curve[0] if curve else nan, "final_entropy": curve[-1] if curve else nan,
-            "min_entropy": min(curve) if curve else nan}
+    if not curve:
+        return {"first_entropy": float("nan"), "final_entropy": float("nan"), "min_entropy": float("nan")}
+    tail = max(1, len(curve) // 10)
+    return {"first_entropy": float(np.mean(curve[:tail])), "final_entropy": float(np.mean(curve[-tail:])),
+            "min_entropy": min(curve)}
 
 
 def _warm_runs(config, methods, seeds, overrides, out: Path, quick: bool = False) -> list[dict]:
@@ -266,9 +269,14 @@ def format_ablation(rows: list[dict]) -> str:
     for name, rs in groups.items():
         table.append({"method": name, "loss": rs[0].get("loss", name), "curriculum": rs[0].get("curriculum", ""),
                       "seeds": len(rs), "pass@1": stat(rs, "pass@1"), f"pass@{k}": stat(rs, "pass@k"),
-                      "final entropy": stat(rs, "final_entropy"), "min entropy": stat(rs, "min_entropy"),
-                      "wall s": stat(rs, "wall_s", "{:.0f}")})
-    cols = ["method", "loss", "curriculum", "seeds", "pass@1", f"pass@{k}", "final entropy", "min entropy", "wall s"]
+                      "first entropy": stat(rs, "first_entropy"), "final entropy": stat(rs, "final_entropy"),
+                      "min entropy": stat(rs, "min_entropy"),
+                      "held-out entropy": stat(rs, "eval_entropy"), "wall s": stat(rs, "wall_s", "{:.0f}")})
+    cols = ["method", "loss", "curriculum", "seeds", "pass@1", f"pass@{k}", "first entropy", "final entropy",
+            "min entropy", "held-out entropy", "wall s"]
+    for col, key in (("first entropy", "first_entropy"), ("held-out entropy", "eval_entropy")):
+        if not any(key in r for r in rows):
+            cols.remove(col)
     header = ""
     if rows and "before_pass@1" in rows[0]:
         before = {key: ci95([r.get(key, float("nan")) for r in rows])[0] for key in
@@ -276,7 +284,10 @@ def format_ablation(rows: list[dict]) -> str:
         header = (f"warm start (before RL): pass@1 {before['before_pass@1']:.3f}, pass@{k} {before['before_pass@k']:.3f}"
                   f", held-out token entropy {before['before_entropy']:.3f}\n\n")
     seeds = sorted({r["seed"] for r in rows})
-    footer = f"\n\nmean ± 95% CI half-width over seeds {seeds} (Student t)" if len(seeds) > 1 else ""
+    footer = ("\n\nentropies: mean token entropy of the rollouts, first / final = mean of the first / last 10% of "
+              "steps; held-out entropy: of the policy's samples on the held-out problems after RL")
+    if len(seeds) > 1:
+        footer += f"; mean ± 95% CI half-width over seeds {seeds} (Student t)"
     return header + markdown_table(table, cols) + footer
 
 
@@ -292,6 +303,9 @@ def plot_methods(rows: list[dict], out_dir: Path) -> list[Path]:
                    if key.startswith("eval/pass@")}, key=lambda s: int(s.split("@")[1]))
     written = [plot_mean_curves(groups, "entropy", out_dir / "entropy_by_method.png",
                                 title="Rollout entropy (mean over seeds, band = min..max)",
+                                ylabel="mean token entropy (nats)"),
+               plot_mean_curves(groups, "eval/entropy", out_dir / "eval_entropy_by_method.png",
+                                title="Entropy on the fixed held-out set (mean over seeds)",
                                 ylabel="mean token entropy (nats)")]
     for key in keys:
         written.append(plot_mean_curves(groups, key, out_dir / f"eval_{key.split('/')[1]}_by_method.png",

@@ -289,8 +289,9 @@ def restore_tree(directory: str | Path, target: Any) -> Any:
     path = R.absolute(R.as_path(directory, "directory"))
     pure = _to_pure(target)
     with ocp.StandardCheckpointer() as ckptr:
-        stored = _shapes_by_path(ckptr.metadata(path))
-        _check_same_layout(str(path), 0, stored, _shapes_by_path(pure))
+        meta = ckptr.metadata(path)
+        stored = _shapes_by_path(getattr(meta, "item_metadata", meta))  # newer orbax wraps it in a StepMetadata
+        _check_same_layout(f"reference {path}", 0, stored, _shapes_by_path(pure))
         out = ckptr.restore(path, pure)
     return _from_pure(target, out)
 

@@ -281,6 +281,7 @@ class ValSection:
     top_p: float = 1.0  # nucleus mass
     max_new_tokens: int = 0  # response budget (0 = rollout.max_new_tokens)
     before_training: bool = True  # also evaluate the initial policy, logged at step 0 (with train.eval_every > 0)
+    entropy: bool = False  # also log eval/entropy: the policy's mean token entropy on its samples of this fixed set (one more forward pass)
 
     def __post_init__(self):
         _positive("val.n", self.n)

@@ -68,7 +68,7 @@ def test_collapse_ablation_quick(tmp_path):
     (seed, method) with accuracy-vs-step evaluations, the table with CIs, and the per-method curves."""
     out = tmp_path / "collapse"
     assert main(["ablate", str(REPO / "configs" / "collapse.yaml"), "--quick", "--methods", "grpo,sent",
-                 "--seeds", "0,1", "--out", str(out)]) == 0
+                 "--seeds", "0,1", "--out", str(out), "train.eval_every=1"]) == 0
     rows = json.loads((out / "ablation.json").read_text())
     assert [(r["method"], r["seed"]) for r in rows] == [("grpo", 0), ("sent", 0), ("grpo", 1), ("sent", 1)]
     assert (out / "base" / "warmstart" / "config.json").exists() and not (out / "seed0" / "warmstart").exists()
@@ -78,9 +78,11 @@ def test_collapse_ablation_quick(tmp_path):
 
         hist = read_metrics(r["run_dir"])
         evals = [m["step"] for m in hist if "eval/pass@2" in m]
-        assert evals[0] == 0 and evals[-1] == r["steps"]  # the base model's point, then every eval_every steps
+        assert evals == [0, 1, 2] == [0, *range(1, r["steps"] + 1)]  # the base model's point, then every step
+        assert all("eval/entropy" in m for m in hist if "eval/pass@2" in m)  # val.entropy in collapse.yaml
         assert r["curriculum"] == ("off" if r["method"] == "grpo" else "low->high SE, 2 stages")
     table = (out / "ablation.md").read_text()
     assert "± " in table and "pass@2" in table
     plots = {p.name for p in (out / "plots").iterdir()}
-    assert {"entropy_by_method.png", "eval_pass@2_by_method.png", "eval_pass@1_by_method.png"} <= plots
+    assert {"entropy_by_method.png", "eval_entropy_by_method.png", "eval_pass@2_by_method.png",
+            "eval_pass@1_by_method.png", "eval.png"} <= plots

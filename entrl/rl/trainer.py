@@ -452,8 +452,8 @@ class Trainer:
         res = evaluate_prompts(self._eval_sampler, self.c.graphdef, self.params, self.c.tokenizer, prompts,
                                [r.answer for r in records], verifier=self.c.verifier, n=v.n, ks=tuple(v.k),
                                seed=cfg.train.seed + 10_000, batch_prompts=max(1, rows // v.n),
-                               buckets=tuple(cfg.rollout.prompt_buckets))
-        out = {}
+                               buckets=tuple(cfg.rollout.prompt_buckets), with_entropy=v.entropy)
+        out = {"eval/entropy": res["entropy"]} if v.entropy else {}
         for k in v.k:
             out[f"eval/pass@{k}"] = res[f"pass@{k}"]
             out[f"eval/avg@{k}"] = res[f"avg@{k}"]
@@ -497,7 +497,11 @@ class Trainer:
                                 f"reference policy written when the stage began, and {path} is missing")
         like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                             self.c.ref_params)
-        return restore_tree(path, like)
+        try:
+            return restore_tree(path, like)
+        except ValueError as e:
+            raise C.ConfigError(f"the reference policy of stage {stage} in {path} does not fit this run's model "
+                                f"({e})") from None
 
     def _on_sigterm(self, signum, frame):
         log.warning("SIGTERM: finishing the current step, writing a checkpoint and stopping")
