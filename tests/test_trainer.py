@@ -305,6 +305,21 @@ def test_eval_during_training_for_the_math_task(tmp_path):
     assert (run / "plots" / "eval.png").stat().st_size > 1000
 
 
+def test_train_with_a_warm_start_makes_it_once(tmp_path):
+    """`entrl train` on a warmstart.enabled config: the demo model's noisy-teacher SFT goes to
+    <out_dir>/warmstart and RL starts from it; the resumed command reuses it (not trained again)."""
+    run = tmp_path / "run"
+    args = ["train", DEMO, *TINY, *MESH, f"train.out_dir={run}", "loss.name=entropy_bonus", "loss.kl_coef=0.0",
+            "train.only_mixed_groups=false", "warmstart.enabled=true", "warmstart.steps=3", "warmstart.problems=64",
+            "warmstart.batch=8", "train.steps=1", "train.checkpoint_every=1"]
+    assert cli.main(args) == 0
+    warm = run / "warmstart" / "model.safetensors"
+    stamp = warm.stat().st_mtime_ns
+    assert (run / "policy" / "config.json").exists()
+    assert cli.main([*args[:-2], "train.steps=2", "train.checkpoint_every=1"]) == 0  # resumes at step 1
+    assert warm.stat().st_mtime_ns == stamp and [r["step"] for r in read_metrics(run)] == [1, 2]
+
+
 def test_eval_set_errors_are_one_line(tmp_path, capsys):
     missing = tmp_path / "nope.jsonl"
     code = cli.main(["train", DEMO, *TINY, *MESH, f"train.out_dir={tmp_path / 'run'}", "train.eval_every=1",
