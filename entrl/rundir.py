@@ -67,7 +67,7 @@ REMOTE_SCHEMES = ("gs", "s3")  # what orbax/TensorStore and epath both handle
 READ_SCHEMES = ("gs", "s3", "az", "hf")  # what epath can read (data files)
 # Names a run writes at its top level: a directory holding only these is a run's (e.g. seeded SE progress).
 RUN_FILES = frozenset({RUN_CONFIG, LOCK_NAME, "metrics.jsonl", "tb", "checkpoints", "semantic_entropy.jsonl",
-                       "policy", "wandb_run_id", "plots"})
+                       "policy", "wandb_run_id", "plots", "reference", "warmstart", "result.json"})
 HEARTBEAT_S = 60.0
 STALE_S = 300.0
 SETTLE_S = 1.0

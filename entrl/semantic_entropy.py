@@ -1,4 +1,4 @@
-"""Semantic entropy of a prompt's sampled final answers (SENT.md section 2).
+"""Semantic entropy of a prompt's sampled final answers (docs/method.md, "Semantic entropy of a prompt").
 
 SE(q) = -sum_k p_k ln p_k over the semantic classes C_k of the N sampled
 answers, in nats. Low SE: the model answers consistently; high SE: many
@@ -374,7 +374,7 @@ def append_progress(path, rows: list[dict]) -> None:
 def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *, verifier, out_path,
                      n: int | None = None, batch_prompts: int = 64, mesh=None, seed: int | None = None,
                      resume: bool = True) -> list[dict]:
-    """SE statistics of every prompt from `n` samples of the policy (SENT.md section 2).
+    """SE statistics of every prompt from `n` samples of the policy (docs/method.md, "Semantic entropy").
 
     Samples with the rollout settings of `cfg` (`curriculum.samples` responses per prompt, T and top-p
     of `cfg.rollout`), grades them against the references (for `pass_rate`), clusters the answers and

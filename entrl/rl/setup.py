@@ -245,8 +245,9 @@ def build_records(cfg: C.RunConfig):
     d = cfg.data
     if d.task == "arithmetic":
         task = arithmetic_task(cfg)
-        train = task.make_problems(d.arithmetic_train_size, seed=cfg.train.seed, split="train")
-        held = task.make_problems(d.arithmetic_heldout_size, seed=cfg.train.seed, split="heldout")
+        seed = d.arithmetic_seed if d.arithmetic_seed >= 0 else cfg.train.seed
+        train = task.make_problems(d.arithmetic_train_size, seed=seed, split="train")
+        held = task.make_problems(d.arithmetic_heldout_size, seed=seed, split="heldout")
         return train, held
     if not d.train:
         raise C.ConfigError("data.train is empty: give a JSONL/Parquet path or a hub id")
@@ -287,6 +288,8 @@ def build_curriculum(cfg: C.RunConfig, records, se_values=None):
     cur = cfg.curriculum
     if not cur.enabled:
         return Curriculum.uniform(len(records), cur.epochs_per_stage, cur.seed)
+    if se_values is None and not needs_semantic_entropy(cfg):  # order=random: stages ignore SE
+        se_values = np.zeros(len(records))
     if se_values is None:
         col = cur.se_column
         missing = [r.id for r in records if col not in r.extra]
@@ -298,8 +301,40 @@ def build_curriculum(cfg: C.RunConfig, records, se_values=None):
     if cur.drop_trivial:
         pass_rate = np.array([float(r.extra.get("pass_rate", 0.5)) for r in records])
     return Curriculum(np.asarray(se_values, np.float64), stages=cur.stages, thresholds=tuple(cur.thresholds),
-                      epochs_per_stage=cur.epochs_per_stage, mode=cur.mode, seed=cur.seed,
+                      epochs_per_stage=cur.epochs_per_stage, mode=cur.mode, order=cur.order, seed=cur.seed,
                       pass_rate=pass_rate, drop_trivial=cur.drop_trivial)
+
+
+def needs_semantic_entropy(cfg: C.RunConfig) -> bool:
+    """Whether the curriculum reads per-prompt SE (or the annotation's pass rates, for drop_trivial)."""
+    cur = cfg.curriculum
+    return cur.enabled and (cur.order != "random" or cur.drop_trivial)
+
+
+def build_val_set(cfg: C.RunConfig, tokenizer, heldout_records=None):
+    """(prompt tokens, records) that `train.eval_every` evaluates, or None when it is off.
+
+    `val.data` names a benchmark (`entrl.benchmarks.BENCHMARKS`, read from `eval.data_dir` or the hub) or
+    a JSONL/Parquet file; empty, it is the task's held-out split (`heldout_records`). `val.max_problems`
+    keeps the first N.
+    """
+    v = cfg.val
+    if not cfg.train.eval_every:
+        return None
+    if v.data:
+        from entrl.benchmarks import load_benchmark
+
+        try:
+            records = load_benchmark(v.data, data_dir=cfg.eval.data_dir or None, max_problems=v.max_problems).records
+        except (FileNotFoundError, KeyError, ValueError, ImportError) as e:
+            raise C.ConfigError(f"val.data={v.data!r}: {e}") from None
+    else:
+        if heldout_records is None:  # RunConfig refuses this combination; a hand-built config may not
+            raise C.ConfigError("train.eval_every needs val.data (this task has no held-out split)")
+        records = list(heldout_records[:v.max_problems] if v.max_problems else heldout_records)
+    if not records:
+        raise C.ConfigError(f"val.data={v.data!r} holds no problems")
+    return tokenize(cfg, records, tokenizer)
 
 
 def cache_dtype(cfg: C.RunConfig, setting: str) -> str:
@@ -353,7 +388,8 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
     ref_params = reference_params(cfg, params)
     sampler = build_sampler(cfg, tokenizer, mesh, slots=cfg.rollout.slots)
     verifier = verifier or build_verifier(cfg)
-    if cfg.curriculum.enabled and se_values is None and any(cfg.curriculum.se_column not in r.extra for r in records):
+    if needs_semantic_entropy(cfg) and se_values is None and any(cfg.curriculum.se_column not in r.extra
+                                                                  for r in records):
         if not cfg.curriculum.annotate:
             build_curriculum(cfg, records)  # raises the missing-column error
         from entrl.semantic_entropy import annotate_prompts
@@ -371,10 +407,7 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
     pipeline = PromptPipeline(prompt_tokens, curriculum, batch_size=per_process, pad_id=tokenizer.pad_token_id,
                               buckets=tuple(cfg.rollout.prompt_buckets), process_index=jax.process_index(),
                               process_count=jax.process_count())
-    held = None
-    if heldout is not None:
-        held_tokens, held_records = tokenize(cfg, heldout, tokenizer)
-        held = (held_tokens, held_records)
+    held = build_val_set(cfg, tokenizer, heldout)
     return Components(cfg=cfg, mesh=mesh, graphdef=graphdef, params=params, ref_params=ref_params,
                       tokenizer=tokenizer, records=records, prompt_tokens=prompt_tokens, curriculum=curriculum,
                       pipeline=pipeline, sampler=sampler, verifier=verifier, heldout=held)
@@ -467,6 +500,10 @@ def train_from_config(cfg: C.RunConfig, *, resume: bool = True, overwrite: bool 
     run_dir = R.RunDir.open(cfg.train.out_dir, resume=resume, overwrite=overwrite, config=C.to_dict(cfg))
     try:
         check_memory(cfg)
+        if cfg.warmstart.enabled:  # the demo model's noisy-teacher SFT, once per run directory
+            from entrl.demo import warm_started
+
+            cfg = warm_started(cfg, run_dir.path / "warmstart")
         comps = setup(cfg)
         trainer = Trainer(comps, run_dir=run_dir)
         try:

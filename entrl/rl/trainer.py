@@ -11,6 +11,21 @@ Design decisions:
 - The reference policy is the initial policy (the model at `model.path`, or the
   seeded random init of the built-in demo model); it is rebuilt, not stored,
   on resume. It is skipped entirely when `loss.kl_coef == 0`.
+- Curriculum stage boundaries (`train.stage_boundary`): `continue` keeps the
+  optimizer and the reference (one run over all stages); `reset_optimizer`
+  starts a fresh optimizer; `restart` is the released two-stage recipe, where
+  stage 2 is a new run from the stage-1 policy: fresh optimizer, and the
+  current policy becomes the reference. That reference is no longer the
+  initial model, so it is written once to `<out_dir>/reference/stage<k>/`
+  when stage k starts (before any checkpoint of stage k exists) and read back
+  when a run resumes in stage k; earlier stages' copies stay, so a fallback to
+  an older checkpoint finds its reference too.
+- Evaluation during training (`train.eval_every`, set `val`): n samples per
+  problem of a fixed problem set (the task's held-out split, a benchmark or a
+  file), logged as `eval/pass@k`, `eval/avg@k`; the sampling key is the same
+  at every evaluation, so differences between steps are the policy's, not
+  the draw's. With `val.before_training` the initial policy is evaluated at
+  step 0 of a fresh run.
 - Multi-host: every process runs this same loop. Prompt batches are
   process-local and assembled into global arrays. Each host decodes and
   verifies only the responses its own devices hold (`entrl.multihost.local_rows`;
@@ -76,7 +91,7 @@ class Components:
     pipeline: Any
     sampler: Any
     verifier: Any
-    heldout: tuple | None = None  # (prompt_tokens, records) for periodic evaluation
+    heldout: tuple | None = None  # (prompt_tokens, records) of the `val` set, evaluated every train.eval_every steps
 
 
 # ---------------------------------------------------------------------------
@@ -98,7 +113,7 @@ def group_stats(rewards: np.ndarray, n: int) -> dict:
 
 
 def batch_semantic_entropy(answers: list, n: int, verifier=None) -> float:
-    """Mean semantic entropy of the batch's prompts, from their own n rollouts (SENT.md sec. 11)."""
+    """Mean semantic entropy of the batch's prompts, from their own n rollouts (docs/method.md, "What to log")."""
     from entrl.semantic_entropy import batch_prompt_stats
 
     groups = [answers[i:i + n] for i in range(0, len(answers), n)]
@@ -207,6 +222,8 @@ class Trainer:
         self.params, self.opt_state = restored.params, restored.opt_state
         self.step = int(restored.meta["step"])
         self.stage = int(restored.meta.get("stage", 0))
+        if self._restarts_reference() and self.stage > 0:
+            self.c.ref_params = self._restore_reference(self.stage)
         self.c.pipeline.set_state(restored.data_state)
         self.logger.truncate_after(self.step)
         log.info("resumed from step %d (stage %d)", self.step, self.stage)
@@ -339,7 +356,7 @@ class Trainer:
         return out
 
     def _metrics(self, batch, roll: dict, scored: dict, stats: dict, upd: dict) -> dict:
-        """SENT's entropy-collapse diagnostics of the step (see `entrl.metrics`)."""
+        """The entropy-collapse diagnostics of the step (docs/method.md, "What to log")."""
         n = self.cfg.rollout.n
         rewards, status = scored["rewards"], scored["status"]
         return {
@@ -362,12 +379,18 @@ class Trainer:
 
     def run(self, *, max_steps: int | None = None, resume: bool = True) -> list[dict]:
         cfg = self.cfg
-        if not (resume and self.restore()):
+        resumed = resume and self.restore()
+        if not resumed:
             old = self.ckpt.latest_step()
             if old is not None:
                 raise C.ConfigError(f"{self.ckpt.directory} already holds checkpoints up to step {old}: a fresh "
                                     "run cannot save over them; resume, or start over with --overwrite")
             self.logger.truncate_after(self.step)  # metric lines of a run that never checkpointed
+        if not resumed and self._evaluates() and cfg.val.before_training:  # the initial policy's point
+            metrics = self.evaluate()
+            if metrics:
+                self.logger.log(self.step, metrics)
+                self.history.append({"step": self.step, **metrics})
         prev = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         try:
             it = iter(self.c.pipeline)
@@ -395,7 +418,7 @@ class Trainer:
                 if skipped:
                     log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)",
                                 self.step, self.consecutive_nonfinite)
-                elif cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.c.heldout:
+                elif self._evaluates() and self.step % cfg.train.eval_every == 0:
                     metrics.update(self.evaluate())
                 self.logger.log(self.step, metrics)
                 self.history.append({"step": self.step, **metrics})
@@ -423,20 +446,30 @@ class Trainer:
             if self._own_run_dir:
                 self.run_dir.close()
 
+    def _evaluates(self) -> bool:
+        return bool(self.cfg.train.eval_every and self.c.heldout)
+
     def evaluate(self) -> dict:
-        """Held-out pass@1 (one sample per problem at the rollout temperature)."""
+        """pass@k and avg@k of the `val` set (`val.n` samples per problem), as `eval/...` metrics."""
         from entrl.evaluation import evaluate_prompts
         from entrl.rl.setup import build_sampler
 
-        if self._eval_sampler is None:  # the rollout sampler draws rollout.n per prompt; this one draws 1
-            self._eval_sampler = build_sampler(self.cfg, self.c.tokenizer, self.c.mesh, n=1)
+        cfg, v = self.cfg, self.cfg.val
+        if self._eval_sampler is None:  # the rollout sampler draws rollout.n per prompt; this one val.n
+            self._eval_sampler = build_sampler(cfg, self.c.tokenizer, self.c.mesh, n=v.n, temperature=v.temperature,
+                                               top_p=v.top_p, max_new_tokens=v.max_new_tokens or None)
         prompts, records = self.c.heldout
+        rows = cfg.rollout.slots or cfg.train.prompts_per_step * cfg.rollout.n  # the rollout's rows per call
         res = evaluate_prompts(self._eval_sampler, self.c.graphdef, self.params, self.c.tokenizer, prompts,
-                               [r.answer for r in records], verifier=self.c.verifier, n=1, ks=(1,),
-                               seed=self.cfg.train.seed + 10_000 + self.step,
-                               batch_prompts=self.cfg.train.prompts_per_step * self.cfg.rollout.n,
-                               buckets=tuple(self.cfg.rollout.prompt_buckets))
-        return {"eval/pass@1": res["pass@1"]}
+                               [r.answer for r in records], verifier=self.c.verifier, n=v.n, ks=tuple(v.k),
+                               seed=cfg.train.seed + 10_000, batch_prompts=max(1, rows // v.n),
+                               buckets=tuple(cfg.rollout.prompt_buckets), with_entropy=v.entropy)
+        out = {"eval/entropy": res["entropy"]} if v.entropy else {}
+        for k in v.k:
+            out[f"eval/pass@{k}"] = res[f"pass@{k}"]
+            out[f"eval/avg@{k}"] = res[f"avg@{k}"]
+        out["eval/response_length"] = res["response_length"]
+        return out
 
     def _should_stop(self) -> bool:
         """The SIGTERM flag, agreed by every process (a signal may reach only some of them)."""
@@ -447,10 +480,39 @@ class Trainer:
         return bool(np.asarray(multihost_utils.process_allgather(np.asarray([self._stop]))).any())
 
     def _enter_stage(self, stage: int):
-        log.info("entering curriculum stage %d at step %d", stage, self.step)
+        boundary = self.cfg.train.stage_boundary
+        log.info("entering curriculum stage %d at step %d (stage_boundary=%s)", stage, self.step, boundary)
         self.stage = stage
-        if self.cfg.train.reset_optimizer_between_stages:
+        if boundary in ("reset_optimizer", "restart"):
             self.opt_state = self._init_opt(self.params)
+        if self._restarts_reference():
+            from entrl.checkpoint import save_tree
+            from entrl.rl.setup import reference_params
+
+            self.c.ref_params = reference_params(self.cfg, self.params)
+            save_tree(self._reference_dir(stage), self.c.ref_params)
+
+    def _restarts_reference(self) -> bool:
+        return self.cfg.train.stage_boundary == "restart" and self.c.ref_params is not None
+
+    def _reference_dir(self, stage: int):
+        return self.out / "reference" / f"stage{stage}"
+
+    def _restore_reference(self, stage: int):
+        """The reference of a `restart` stage, written when the stage began."""
+        from entrl.checkpoint import restore_tree
+
+        path = self._reference_dir(stage)
+        if not path.exists():
+            raise C.ConfigError(f"resuming in curriculum stage {stage} with train.stage_boundary=restart needs the "
+                                f"reference policy written when the stage began, and {path} is missing")
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            self.c.ref_params)
+        try:
+            return restore_tree(path, like)
+        except ValueError as e:
+            raise C.ConfigError(f"the reference policy of stage {stage} in {path} does not fit this run's model "
+                                f"({e})") from None
 
     def _on_sigterm(self, signum, frame):
         log.warning("SIGTERM: finishing the current step, writing a checkpoint and stopping")
