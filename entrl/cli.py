@@ -41,13 +41,21 @@ def _setup_logging(verbose: bool) -> None:
     for noisy in ("absl", "jax._src", "orbax", "httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:
-        # orbax logs the traceback of a failed background write from every thread it touched (hundreds of
-        # lines for a full disk) and then raises the same error in the caller: keep only the raise. Its
-        # messages start with "[process=N]"; `-v` shows them.
+        # orbax logs the traceback of a failed write (from every thread it touched: hundreds of lines for
+        # a full disk; its metadata writer once more) and then raises the same error in the caller, which
+        # `main` turns into one line: keep only the raise. `-v` shows them.
         import absl.logging  # noqa: F401  (absl replaces a plain "absl" logger made before its import)
 
-        logging.getLogger("absl").addFilter(
-            lambda r: not (r.exc_info and r.levelno >= logging.ERROR and str(r.msg).startswith("[process=")))
+        logging.getLogger("absl").addFilter(_not_a_logged_raise)
+
+
+def _not_a_logged_raise(r: logging.LogRecord) -> bool:
+    """False for orbax's error records of an error it raises next: its "[process=N]" thread reports and
+    any record carrying an OSError (a disk error, reported once by `main`)."""
+    if not r.exc_info or r.levelno < logging.ERROR:
+        return True
+    exc = r.exc_info[1] if isinstance(r.exc_info, tuple) else None
+    return not (str(r.msg).startswith("[process=") or isinstance(exc, OSError))
 
 
 class _BackgroundIOErrors:
