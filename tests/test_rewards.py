@@ -218,7 +218,7 @@ def test_score_result_and_reward_values(pool):
     assert result.rewards.tolist() == [1.0, 0.0, 0.0, 1.0]
     assert result.answers[2] is None
     assert result.counts == {"correct": 2, "incorrect": 1, "no_answer": 1, "rejected": 0, "timeout": 0,
-                             "error": 0, "total": 4}
+                             "error": 0, "ungraded": 0, "total": 4}
     signed = Verifier(workers=None, correct=1.0, incorrect=-1.0)
     assert signed.score(responses, ["0.5", "4", "1", "1/2"]).rewards.tolist() == [1.0, -1.0, -1.0, 1.0]
 

@@ -65,6 +65,9 @@ class ParityVerifier:
         counts = {"correct": int(correct.sum()), "incorrect": int((~correct).sum()), "total": len(correct)}
         return RewardResult(correct.astype(np.float32), correct, [r[-1:] or None for r in responses], status, counts)
 
+    def score_rewards(self, responses, references, records):
+        return self.score(responses, references)
+
     def equivalent_pairs(self, pairs):
         return [a == b for a, b in pairs]
 

@@ -331,10 +331,14 @@ def build_sampler(cfg: C.RunConfig, tokenizer, mesh, *, n: int | None = None, ma
 
 
 def build_verifier(cfg: C.RunConfig):
+    """The reward's `Verifier`, its `reward.fn` terms imported now (ConfigError in one line when one does
+    not import or is not callable); its worker processes start on first use."""
     from entrl.rewards import Verifier
 
-    rw = cfg.reward
-    return Verifier(workers=rw.workers, timeout_s=rw.timeout_s, correct=rw.correct, incorrect=rw.incorrect)
+    try:
+        return Verifier.from_config(cfg.reward)
+    except ValueError as e:
+        raise C.ConfigError(f"reward.fn: {e}") from None
 
 
 def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
@@ -344,13 +348,13 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
 
     maybe_initialize_distributed()
     mesh = build_mesh(cfg)
+    verifier = verifier or build_verifier(cfg)  # imports the reward functions: before anything compiles
     tokenizer = build_tokenizer(cfg)
     records, heldout = build_records(cfg)
     prompt_tokens, records = tokenize(cfg, records, tokenizer)
     graphdef, params = build_model(cfg, mesh, tokenizer)
     ref_params = reference_params(cfg, params)
     sampler = build_sampler(cfg, tokenizer, mesh)
-    verifier = verifier or build_verifier(cfg)
     if cfg.curriculum.enabled and se_values is None and any(cfg.curriculum.se_column not in r.extra for r in records):
         if not cfg.curriculum.annotate:
             build_curriculum(cfg, records)  # raises the missing-column error

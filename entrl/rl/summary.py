@@ -1,0 +1,81 @@
+"""The start-up summary of a training run: what is about to run, in a dozen lines, logged once.
+
+Design decisions:
+- Everything comes from the config and the built pieces (params, mesh, pipeline, the update's
+  static settings), never from a device computation, so the summary costs nothing and shows
+  before the first compile.
+- Sizes are the step's upper bounds (every response at `rollout.max_new_tokens`); the memory
+  view is `entrl plan`'s job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from entrl import config as C
+
+
+def planned_steps(cfg: C.RunConfig, pipeline) -> int:
+    """RL steps the run will take: `train.steps`, or (0) all of the curriculum's, never more than it has."""
+    total = int(pipeline.total_steps)
+    return min(cfg.train.steps, total) if cfg.train.steps else total
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
+
+
+def startup_summary(cfg: C.RunConfig, *, params: Any, mesh, pipeline, settings, out_dir, step: int = 0,
+                    reward_terms: list[tuple[str, float]] | None = None) -> str:
+    """The summary as lines of `label  text` (see the module docstring). `settings`: the update's
+    `StepSettings`; `reward_terms`: (spec, weight) of each reward term (default: from the config)."""
+    from entrl.rl.losses import resolve_params
+
+    m, r, t, lo = cfg.model, cfg.rollout, cfg.train, cfg.loss
+    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    lines = [("model", f"{m.path} ({_count(n_params)} params; weights {m.param_dtype}, compute {m.dtype}, "
+                       f"remat {m.remat})")]
+    if mesh is None:
+        lines.append(("mesh", f"none (1 device), {jax.process_count()} process(es)"))
+    else:
+        shape = " x ".join(f"{k} {v}" for k, v in mesh.shape.items())
+        platform = mesh.devices.flat[0].platform
+        lines.append(("mesh", f"{shape} = {mesh.devices.size} {platform} devices, {jax.process_count()} "
+                              f"process(es), {settings.shards} data shard(s)"))
+    rows = t.prompts_per_step * r.n
+    lines.append(("rollout", f"{t.prompts_per_step} prompts x {r.n} samples x {r.max_new_tokens} new tokens = "
+                             f"{_count(rows * r.max_new_tokens)} response tokens per step at most; prompts padded "
+                             f"to buckets {list(r.prompt_buckets)}; "
+                             + (f"{r.slots} rows per sampler call" if r.slots else "one sampler call per step")))
+    minis = t.prompts_per_step // t.minibatch_prompts
+    per_shard = C.microbatch_per_shard(cfg, settings.shards)
+    lines.append(("update", f"{minis} mini-batch(es) of {t.minibatch_prompts * r.n} sequences x {t.ppo_epochs} "
+                            f"epoch(s) = {minis * t.ppo_epochs} optimizer step(s) per RL step; "
+                            f"{settings.num_micro} micro-batch(es) of {per_shard} sequences per data shard each"))
+    cur = pipeline.curriculum
+    stages = ", ".join(f"stage {s}: {cur.stage_indices(s).size} prompts, {pipeline.steps_per_epoch(s)} steps x "
+                       f"{cur.epochs_per_stage} epochs" for s in range(cur.num_stages))
+    total = planned_steps(cfg, pipeline)
+    until = f"train.steps={t.steps}" if t.steps else "until the curriculum ends"
+    lines.append(("curriculum", f"{'SE-ordered' if cfg.curriculum.enabled else 'uniform'} ({stages}); {total} "
+                                f"steps ({until})" + (f", resuming after step {step}" if step else "")))
+    hp = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in sorted(resolve_params(lo.name, dict(lo.params)).items()))
+    lines.append(("loss", f"{lo.name} ({hp}); agg {lo.agg}, advantage {lo.advantage}, "
+                          + (f"KL to the reference {lo.kl_coef:g} ({lo.kl_estimator})" if lo.kl_coef else "no KL")))
+    o = cfg.optim
+    lines.append(("optimizer", f"AdamW lr {o.lr:g} ({o.schedule}, {o.warmup_steps} warm-up steps), "
+                               f"weight decay {o.weight_decay:g}, grad clip {o.grad_clip:g}"))
+    if reward_terms is None:
+        weights = cfg.reward.weights or [1.0] * len(cfg.reward.fn)
+        reward_terms = list(zip(cfg.reward.fn, weights))
+    lines.append(("reward", " + ".join(f"{w:g} x {spec}" for spec, w in reward_terms)
+                            + f" (timeout {cfg.reward.timeout_s:g} s per response)"))
+    lines.append(("output", str(out_dir)))
+    width = max(len(label) for label, _ in lines)
+    return "run summary\n" + "\n".join(f"  {label.ljust(width)}  {text}" for label, text in lines)
