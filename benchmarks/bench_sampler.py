@@ -33,9 +33,25 @@ engines burn about 2 CPU-seconds per wall-second on 2 cores whether or not
 the work splits evenly, so on a quiet machine the wall columns are the
 comparison.
 
+Ragged lengths (`--ragged`, issue 16): one model (the sweep's, hidden 256),
+R = prompts x n rows, prompt 64 tokens, `--new` new tokens, two workloads:
+"uniform" (greedy, no EOS: every row runs to the end) and "long-tailed"
+(T = 1 and 1% of the vocabulary as EOS ids: on the random model each step
+stops a row with probability ~1%, so lengths are roughly geometric, mean ~100,
+a few rows cut at the cap). Engines: entrl's one-shot sampler (every row
+decodes until the last one stops), entrl with `--slots` slots (continuous
+batching: a stopped row's slot takes the next row), and HF `generate`
+(sampling with the same EOS ids; like the one-shot sampler it keeps finished
+rows in the batch until all stop). Reported: useful tokens (each response up
+to and including its EOS) per second of wall time and per CPU-second, best of
+`--repeats` calls, engines interleaved, and the ratio to the one-shot sampler.
+entrl's one-shot and slot samplers draw the same tokens (per-row random
+streams), so their useful tokens are equal; HF draws its own.
+
 Usage:
     python benchmarks/bench_sampler.py                      # the full sweep
     python benchmarks/bench_sampler.py --hidden 256 --batch 16 --threads 1
+    python benchmarks/bench_sampler.py --ragged             # one-shot vs slots vs HF, uniform and long-tailed
 """
 
 from __future__ import annotations
@@ -166,6 +182,105 @@ def hf_engine(hf, prompts_BxP: np.ndarray, new: int):
     return call
 
 
+def entrl_ragged_engine(model, prompts_BxP: np.ndarray, new: int, n: int, slots: int, eos: tuple[int, ...],
+                        temperature: float):
+    """A zero-argument call of entrl's `Sampler` returning the responses' lengths [B*n]."""
+    jax, jnp = _jax()
+    from entrl.sampling import Sampler, SamplingConfig
+
+    cfg = SamplingConfig(n=n, temperature=temperature, max_new_tokens=new, eos_ids=eos, pad_id=0, slots=slots)
+    sampler = Sampler(cfg)
+    ids = jnp.asarray(prompts_BxP, jnp.int32)
+    mask = jnp.ones_like(ids)
+
+    def call():
+        return np.asarray(sampler.sample(model, ids, mask, jax.random.key(0)).lengths)
+
+    return call
+
+
+def hf_ragged_engine(hf, prompts_BxP: np.ndarray, new: int, n: int, eos: tuple[int, ...], temperature: float):
+    """A zero-argument call of HF `generate` (n samples per prompt) returning the responses' lengths."""
+    import torch
+
+    ids = torch.tensor(np.repeat(prompts_BxP, n, axis=0), dtype=torch.long)
+    kw = dict(pad_token_id=0, attention_mask=torch.ones_like(ids), max_new_tokens=new)
+    if temperature > 0:
+        kw |= dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        kw |= dict(do_sample=False)
+    kw |= dict(eos_token_id=list(eos)) if eos else dict(eos_token_id=None, min_new_tokens=new)
+
+    def call():
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            out = hf.generate(ids, **kw)[:, prompts_BxP.shape[1]:].numpy()
+        stop = np.isin(out, eos) if eos else np.zeros(out.shape, bool)
+        return np.where(stop.any(1), stop.argmax(1) + 1, out.shape[1])
+
+    with torch.inference_mode():  # warm-up: first-call allocations, lazy imports
+        hf.generate(ids[:2, :8], max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return call
+
+
+def ragged_main(args) -> int:
+    """One-shot vs slots vs HF `generate` on uniform and long-tailed response lengths (module docstring)."""
+    import torch
+
+    hidden, prompts, n, new, slots = args.hidden[0], args.prompts, args.n, args.new, args.slots
+    print(f"# XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} torch threads={torch.get_num_threads()} "
+          f"cpus={os.cpu_count()}; hidden {hidden}, {LAYERS} layers, vocab {VOCAB}; {prompts} prompts x {n} = "
+          f"{prompts * n} rows, prompt {args.prompt}, {new} new tokens, {slots} slots")  # fmt: skip
+    eos = tuple(range(1, 1 + VOCAB // 100))  # 1% of the vocabulary
+    workloads = {"uniform": dict(eos=(), temperature=0.0), "long-tailed": dict(eos=eos, temperature=1.0)}
+    prompts_BxP = np.random.default_rng(0).integers(1, VOCAB, size=(prompts, args.prompt))
+    header = ("workload", "engine", "useful tokens", "mean length", "wall s", "useful tok/s", "vs one-shot",
+              "cpu s", "tok/cpu-s", "vs one-shot (cpu)", "compile s")  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    rows = []
+    with tempfile.TemporaryDirectory() as path:
+        hf, model = build_models(hidden, path)
+        for wname, w in workloads.items():
+            engines = {"one-shot": entrl_ragged_engine(model, prompts_BxP, new, n, 0, **w),
+                       f"slots={slots}": entrl_ragged_engine(model, prompts_BxP, new, n, slots, **w)}
+            if not args.skip_hf:
+                engines["HF generate"] = hf_ragged_engine(hf, prompts_BxP, new, n, **w)
+            compile_s = {}
+            for name, call in engines.items():  # compile (entrl) / warm up, excluded from the timings
+                if name != "HF generate":
+                    compile_s[name] = _timed(call)[1]
+            best = {k: [float("inf"), float("inf")] for k in engines}
+            lengths = {}
+            for _ in range(args.repeats):  # interleaved, so every engine sees the same load
+                for name, call in engines.items():
+                    lengths[name], wall, cpu = _timed(call)
+                    best[name] = [min(best[name][0], wall), min(best[name][1], cpu)]
+            base = best["one-shot"]
+            if not np.array_equal(lengths["one-shot"], lengths[f"slots={slots}"]):
+                print(f"#   warning: {wname}: one-shot and slot lengths differ", flush=True)
+            for name in engines:
+                tokens = int(lengths[name].sum())
+                row = dict(workload=wname, engine=name, useful_tokens=tokens, mean_length=float(lengths[name].mean()),
+                           wall_s=best[name][0], tok_s=tokens / best[name][0], cpu_s=best[name][1],
+                           tok_cpu_s=tokens / best[name][1],
+                           compile_s=compile_s[name] - best[name][0] if name in compile_s else None)  # fmt: skip
+                one = int(lengths["one-shot"].sum())
+                row["vs_one_shot"] = row["tok_s"] / (one / base[0])
+                row["vs_one_shot_cpu"] = row["tok_cpu_s"] / (one / base[1])
+                rows.append(row)
+                cells = [wname, name, str(tokens), f"{row['mean_length']:.1f}", f"{row['wall_s']:.1f}",
+                         f"{row['tok_s']:.0f}", f"{row['vs_one_shot']:.2f}x", f"{row['cpu_s']:.1f}",
+                         f"{row['tok_cpu_s']:.0f}", f"{row['vs_one_shot_cpu']:.2f}x",
+                         "-" if row["compile_s"] is None else f"{row['compile_s']:.1f}"]  # fmt: skip
+                print("| " + " | ".join(cells) + " |", flush=True)
+        del hf, model
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+    return 0
+
+
 # ----------------------------------------------------------------------------
 # Sweep
 # ----------------------------------------------------------------------------
@@ -180,8 +295,17 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per engine (interleaved; best is kept)")
     ap.add_argument("--skip-hf", action="store_true", help="time only entrl")
     ap.add_argument("--json", default="", help="also write the rows as JSON to this file")
+    ap.add_argument("--ragged", action="store_true",
+                    help="one-shot vs slots vs HF on uniform and long-tailed lengths (see the module docstring)")
+    ap.add_argument("--prompts", type=int, default=32, help="--ragged: prompts per call")
+    ap.add_argument("--n", type=int, default=4, help="--ragged: samples per prompt")
+    ap.add_argument("--slots", type=int, default=32, help="--ragged: slots of the continuous-batching sampler")
     args = ap.parse_args(argv)
     _set_threads(args.threads)
+    if args.ragged:
+        if "--new" not in (argv if argv is not None else sys.argv):
+            args.new = 512
+        return ragged_main(args)
     import torch
 
     bw = measure_bandwidth()

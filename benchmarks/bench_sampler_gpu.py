@@ -19,9 +19,31 @@ end), prompt 128 tokens, 1024 new tokens, batch 64 and 256. Reported per batch:
   the same config with its own random weights; `min_new_tokens` forces the
   same 1024 tokens), and the ratio entrl / HF.
 
+`--ragged` (issue 16): a paper-sized RL step instead. 256 prompts x 8 samples
+(2,048 rows), prompt 128, 2,048 new tokens, T = 1, with `--eos-frac` of the
+vocabulary (default 0.1%) as EOS ids: on the random model a row stops with
+probability ~0.1% per token, so lengths are roughly geometric (mean ~900, ~13%
+cut at 2,048), a long tail like real reasoning rollouts. Engines: the slot
+sampler at each of `--slots` (continuous batching), and the one-shot sampler
+on `--oneshot-prompts` prompts (default all 256: its 2,048-row bf16 KV cache
+is ~128 GB and is expected not to fit; the error is recorded). Per engine:
+useful tokens (responses up to and including their EOS) per second, and the
+time against two bandwidth bounds (`roofline.ragged_roofline`): "ideal" (full
+decode steps, each token reading only its own context) and "static" (the
+bytes a static-shape loop reads: every slot's whole cache each step, for the
+number of steps the slot schedule takes). Then the update step's MFU: one
+jitted `entrl.rl.step` update (SENT loss, global scope, float32 master
+weights, bfloat16 compute, remat full) on `--update-prompts` x 8 rows whose
+response lengths are drawn from the rollout's, in micro-batches of
+`--update-micro` rows, trimmed to 4 length buckets after the trainer's length
+sort; MFU = model FLOPs of the real tokens (`roofline.update_flops`) / time /
+the measured bf16 matmul rate (and / `--peak-tflops`, the datasheet rate).
+
 Usage (on the GPU machine; prints JSON lines, `--out` also writes them):
     python benchmarks/bench_sampler_gpu.py --out results.jsonl
+    python benchmarks/bench_sampler_gpu.py --ragged --out benchmarks/results/sampler_gpu_ragged.jsonl
     python benchmarks/bench_sampler_gpu.py --tiny     # seconds on a CPU: checks the script runs
+    python benchmarks/bench_sampler_gpu.py --ragged --tiny
 """
 
 from __future__ import annotations
@@ -35,11 +57,11 @@ import time
 import traceback
 
 import numpy as np
-from roofline import decode_roofline  # benchmarks/roofline.py (this script's directory)
+from roofline import decode_roofline, ragged_roofline, update_flops  # benchmarks/roofline.py (this script's directory)
 
 
 def emit(row: dict, out) -> None:
-    line = json.dumps(row)
+    line = json.dumps(row, default=lambda o: o.item() if hasattr(o, "item") else str(o))  # numpy scalars
     print(line, flush=True)
     if out is not None:
         out.write(line + "\n")
@@ -157,6 +179,135 @@ def hf_call(mcfg, batch: int, prompt: int, new: int):
     return hf, call
 
 
+def slot_schedule_steps(lengths, slots: int) -> int:
+    """Decode steps of the slot sampler's schedule on one shard: free slots take rows in order."""
+    import heapq
+
+    free = [1] * slots  # the step at which each slot is next free
+    heapq.heapify(free)
+    end = 1
+    for n in lengths:
+        if n > 1:
+            t = heapq.heappop(free) + n - 1
+            end = max(end, t)
+            heapq.heappush(free, t)
+    return end - 1
+
+
+def ragged_main(args, mcfg, out) -> None:
+    """The paper-sized long-tailed rollout (slots vs one-shot) and the update's MFU; see the module docstring."""
+    import jax
+    import jax.numpy as jnp
+
+    from entrl.sampling import Sampler, SamplingConfig
+
+    gpu = jax.default_backend() == "gpu"
+    bw = measure_bandwidth(4 << 30 if gpu else 64 << 20)
+    rate = measure_matmul_rate(8192 if gpu else 512)
+    emit(dict(kind="machine", copy_bandwidth_GBps=bw / 1e9, bf16_matmul_TFLOPs=rate / 1e12), out)
+    t = time.perf_counter()
+    model = random_bf16_model(mcfg)
+    jax.block_until_ready(model[1])
+    emit(dict(kind="model", params=sum(x.size for x in jax.tree.leaves(model[1])), init_s=time.perf_counter() - t),
+         out)
+    eos = tuple(range(1, 1 + max(1, round(args.eos_frac * mcfg.vocab_size))))
+    rng = np.random.default_rng(1)
+    ids_all = jnp.asarray(rng.integers(1, mcfg.vocab_size, size=(args.prompts, args.prompt)), jnp.int32)
+    lengths_seen = None
+    engines = [("slots", s, args.prompts) for s in args.slots] + [("one-shot", 0, args.oneshot_prompts)]
+    for name, slots, prompts in engines:
+        row = dict(kind="ragged", engine=name, slots=slots or prompts * args.n, prompts=prompts, n=args.n,
+                   prompt=args.prompt, new=args.new, eos_ids=len(eos))
+        try:
+            cfg = SamplingConfig(n=args.n, temperature=1.0, max_new_tokens=args.new, eos_ids=eos, pad_id=0,
+                                 cache_dtype="bfloat16", slots=slots)
+            sampler = Sampler(cfg)
+            ids = ids_all[:prompts]
+            mask = jnp.ones_like(ids)
+            row["kv_cache_GB"] = sampler.kv_cache_bytes(mcfg, prompts, args.prompt)["total"] / 1e9
+
+            def call():
+                ro = sampler.sample(model, ids, mask, jax.random.key(0))
+                return np.asarray(ro.lengths)
+
+            t = time.perf_counter()
+            lengths = call()
+            row["first_call_s"] = time.perf_counter() - t
+            med, times = timed(call, args.repeats)
+            rows = len(lengths)
+            steps = slot_schedule_steps(lengths, slots) if slots else int(lengths.max()) - 1
+            b = ragged_roofline(mcfg, lengths, args.prompt, prompts, slots or rows, bw, rate, elem=2, steps=steps)
+            row.update(s=med, times=times, useful_tokens=int(lengths.sum()), mean_length=float(lengths.mean()),
+                       p50_length=float(np.median(lengths)), p90_length=float(np.percentile(lengths, 90)),
+                       truncated=float(np.mean(lengths == args.new)), useful_tok_s=int(lengths.sum()) / med,
+                       decode_steps=steps, ideal_bound_s=b["ideal_s"], static_bound_s=b["static_s"],
+                       fraction_of_ideal=b["ideal_s"] / med, fraction_of_static=b["static_s"] / med)  # fmt: skip
+            lengths_seen = lengths if lengths_seen is None else lengths_seen
+        except Exception as e:  # e.g. the one-shot KV cache does not fit: record it, keep going
+            row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            traceback.print_exc()
+        emit(row, out)
+        jax.clear_caches()
+    if args.update_prompts and lengths_seen is not None:
+        emit(update_mfu(args, mcfg, model, lengths_seen, rate), out)
+
+
+def update_mfu(args, mcfg, model, lengths_seen, rate) -> dict:
+    """One jitted update on `--update-prompts` x n rows with the rollout's length distribution (module docstring)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from entrl.models import Transformer
+    from entrl.rl import step as S
+
+    row = dict(kind="update", prompts=args.update_prompts, n=args.n, micro=args.update_micro, prompt=args.prompt,
+               new=args.new, length_buckets=4)
+    try:
+        rows = args.update_prompts * args.n
+        rng = np.random.default_rng(2)
+        lengths = rng.choice(lengths_seen, rows)
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(
+            mcfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32, remat="full")))
+        params = jax.tree.map(lambda x: x.astype(jnp.float32), model[1])
+        L = args.new
+        mask = (np.arange(L)[None] < lengths[:, None]).astype(np.float32)
+        order = S.length_order(lengths, 1, 1)
+        batch = {"prompt_ids": rng.integers(1, mcfg.vocab_size, (rows, args.prompt)).astype(np.int32),
+                 "prompt_mask": np.ones((rows, args.prompt), np.int32),
+                 "resp_ids": np.where(mask > 0, rng.integers(1, mcfg.vocab_size, (rows, L)), 0).astype(np.int32),
+                 "resp_len": lengths.astype(np.int32), "resp_mask": mask,
+                 "old_logp": np.where(mask > 0, -12.0, 0).astype(np.float32),
+                 "ref_logp": np.where(mask > 0, -12.0, 0).astype(np.float32),
+                 "advantages": rng.standard_normal(rows).astype(np.float32)}
+        batch = {k: jnp.asarray(v[order]) for k, v in batch.items()}
+        opt = S.make_optimizer(lr=1e-6, b1=0.9, b2=0.999, weight_decay=0.01, grad_clip=1.0)
+        settings = S.StepSettings(loss_name="sent", temperature=1.0, kl_coef=0.001,
+                                  num_micro=rows // args.update_micro, length_buckets=4)
+        update = S.make_update_fn(graphdef, opt, settings)
+        state = [params, opt.init(params)]
+
+        def call():
+            p, o, m = update(state[0], state[1], batch, jax.random.key(0))
+            state[0], state[1] = p, o
+            return float(m["loss"])
+
+        t = time.perf_counter()
+        call()
+        row["first_call_s"] = time.perf_counter() - t
+        med, times = timed(call, 3)
+        flops = update_flops(mcfg, [args.prompt] * rows, lengths)
+        padded = update_flops(mcfg, [args.prompt] * rows, [L] * rows)
+        row.update(s=med, times=times, model_TFLOPs=flops / 1e12, mean_length=float(lengths.mean()),
+                   tokens=int(rows * args.prompt + lengths.sum()), mfu_measured_peak=flops / med / rate,
+                   mfu_datasheet_peak=flops / med / (args.peak_tflops * 1e12),
+                   untrimmed_model_TFLOPs=padded / 1e12)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        traceback.print_exc()
+    return row
+
+
 def timed(call, repeats: int) -> tuple[float, list[float]]:
     times = []
     for _ in range(repeats):
@@ -177,6 +328,15 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-only", action="store_true", help="only the transformers baseline")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer toy config on any backend (checks the script)")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    ap.add_argument("--ragged", action="store_true", help="the paper-sized long-tailed step (module docstring)")
+    ap.add_argument("--prompts", type=int, default=256, help="--ragged: prompts of the step")
+    ap.add_argument("--n", type=int, default=8, help="--ragged: samples per prompt")
+    ap.add_argument("--eos-frac", type=float, default=0.001, help="--ragged: share of the vocabulary used as EOS")
+    ap.add_argument("--slots", type=int, nargs="+", default=[256, 512], help="--ragged: slot counts to time")
+    ap.add_argument("--oneshot-prompts", type=int, default=256, help="--ragged: prompts of the one-shot call")
+    ap.add_argument("--update-prompts", type=int, default=16, help="--ragged: prompts of the update (0 = skip)")
+    ap.add_argument("--update-micro", type=int, default=16, help="--ragged: rows per micro-batch of the update")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="--ragged: datasheet dense bf16 TFLOP/s")
     args = ap.parse_args(argv)
 
     import jax
@@ -189,10 +349,18 @@ def main(argv=None) -> int:
         mcfg = dataclasses.replace(mcfg, vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                                    num_heads=4, num_kv_heads=2, head_dim=16)
         args.batch, args.prompt, args.new = [b // 16 for b in args.batch], 16, 32
+        if args.ragged:
+            args.prompts, args.oneshot_prompts, args.slots, args.eos_frac = 8, 8, [8, 16], 0.05
+            args.update_prompts, args.update_micro = 2, 4
     import flax
 
     emit(dict(kind="env", device=str(jax.devices()[0]), backend=jax.default_backend(), jax=jax.__version__,
               flax=flax.__version__), out)
+    if args.ragged:
+        ragged_main(args, mcfg, out)
+        if out is not None:
+            out.close()
+        return 0
     gpu = jax.default_backend() == "gpu"
     bw = measure_bandwidth(4 << 30 if gpu else 64 << 20)
     rate = measure_matmul_rate(8192 if gpu else 512)

@@ -365,6 +365,38 @@ class CheckpointManager:
 
 
 # ---------------------------------------------------------------------------
+# A single parameter tree (the reference policy of a restarted curriculum stage)
+# ---------------------------------------------------------------------------
+
+
+def save_tree(directory: str | Path, tree: Any) -> None:
+    """Write one array tree to `directory` (replacing what is there) and wait until it is on disk.
+
+    Every process calls it (orbax writes each shard from where it lives). Non-finite values are refused.
+    """
+    tree = _to_pure(tree)
+    bad = nonfinite_leaves(tree)
+    if bad:
+        raise ValueError(f"refusing to save {directory}: non-finite values in {', '.join(bad[:5])}")
+    path = R.absolute(R.as_path(directory, "directory"))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, tree, force=True)
+        ckptr.wait_until_finished()
+
+
+def restore_tree(directory: str | Path, target: Any) -> Any:
+    """The tree `save_tree` wrote to `directory`, on the shardings of the abstract `target`."""
+    path = R.absolute(R.as_path(directory, "directory"))
+    pure = _to_pure(target)
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+        stored = _shapes_by_path(getattr(meta, "item_metadata", meta))  # newer orbax wraps it in a StepMetadata
+        _check_same_layout(f"reference {path}", 0, stored, _shapes_by_path(pure))
+        out = ckptr.restore(path, pure)
+    return _from_pure(target, out)
+
+
+# ---------------------------------------------------------------------------
 # Finite check
 # ---------------------------------------------------------------------------
 

@@ -41,13 +41,21 @@ def _setup_logging(verbose: bool) -> None:
     for noisy in ("absl", "jax._src", "orbax", "httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:
-        # orbax logs the traceback of a failed background write from every thread it touched (hundreds of
-        # lines for a full disk) and then raises the same error in the caller: keep only the raise. Its
-        # messages start with "[process=N]"; `-v` shows them.
+        # orbax logs the traceback of a failed write (from every thread it touched: hundreds of lines for
+        # a full disk; its metadata writer once more) and then raises the same error in the caller, which
+        # `main` turns into one line: keep only the raise. `-v` shows them.
         import absl.logging  # noqa: F401  (absl replaces a plain "absl" logger made before its import)
 
-        logging.getLogger("absl").addFilter(
-            lambda r: not (r.exc_info and r.levelno >= logging.ERROR and str(r.msg).startswith("[process=")))
+        logging.getLogger("absl").addFilter(_not_a_logged_raise)
+
+
+def _not_a_logged_raise(r: logging.LogRecord) -> bool:
+    """False for orbax's error records of an error it raises next: its "[process=N]" thread reports and
+    any record carrying an OSError (a disk error, reported once by `main`)."""
+    if not r.exc_info or r.levelno < logging.ERROR:
+        return True
+    exc = r.exc_info[1] if isinstance(r.exc_info, tuple) else None
+    return not (str(r.msg).startswith("[process=") or isinstance(exc, OSError))
 
 
 class _BackgroundIOErrors:
@@ -210,10 +218,10 @@ def cmd_plot(args) -> int:
 def cmd_ablate(args) -> int:
     from entrl.ablate import run_ablation
 
-    losses = args.losses.split(",")
+    methods = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",")]
     config, overrides = _config_and_overrides(args)
-    print(run_ablation(config, losses, seeds, overrides=overrides, out_dir=args.out, demo=args.demo,
+    print(run_ablation(config, methods, seeds, overrides=overrides, out_dir=args.out, demo=args.demo,
                        quick=args.quick))
     return 0
 
@@ -419,14 +427,20 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default=None, help="directory for the PNGs (default: <first run>/plots)")
     pl.set_defaults(fn=cmd_plot)
 
-    a = sub.add_parser("ablate", help="run one config with several losses and seeds; print a table")
-    a.add_argument("config", help="YAML config, or 'demo' for the embedded demo")
-    a.add_argument("--losses", default="grpo,entropy_bonus,entropy_adv,high_entropy_mask,clip_cov,kl_cov,high_en,sent",
-                   help="comma-separated loss names (default: all eight of the paper's comparison)")
+    from entrl.ablate import DEFAULT_METHODS, METHODS
+
+    a = sub.add_parser("ablate", help="run one config with several methods and seeds; print a table",
+                       epilog="methods (loss, curriculum): " + "; ".join(
+                           f"{name} ({m.loss}, {m.curriculum})" for name, m in METHODS.items()))
+    a.add_argument("config", help="YAML config, or 'demo' for the embedded demo (configs with warmstart.enabled, "
+                                  "e.g. configs/collapse.yaml, also share one warm start per seed)")
+    a.add_argument("--methods", "--losses", dest="methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated methods: a loss plus its curriculum setting, the baselines without the "
+                        "SE curriculum, SENT with it (default: the eight columns of the paper's comparison)")
     a.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     a.add_argument("--out", default="ablate_out", help="output directory, one run per seed and loss (resumable)")
     a.add_argument("--demo", action="store_true", help="run the embedded demo pipeline per loss")
-    a.add_argument("--quick", action="store_true", help="with the demo: its tiny --quick sizes")
+    a.add_argument("--quick", action="store_true", help="with the demo pipeline: its tiny --quick sizes")
     a.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     a.set_defaults(fn=cmd_ablate)
 

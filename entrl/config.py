@@ -102,6 +102,7 @@ class DataSection:
     arithmetic_heldout_size: int = 1000  # arithmetic task: number of held-out problems
     arithmetic_max_number: int = 9  # arithmetic task: operands are 1..max_number
     arithmetic_max_operands: int = 3  # arithmetic task: 2..max_operands operands per expression
+    arithmetic_seed: int = -1  # arithmetic task: seed of the drawn train / held-out problems (-1 = train.seed; fixed = one dataset for every seed)
 
     def __post_init__(self):
         _choice("data.task", self.task, ("math", "arithmetic"))
@@ -110,8 +111,14 @@ class DataSection:
         _positive("data.max_prompt_len", self.max_prompt_len)
         _non_negative("data.max_rows", self.max_rows)
         _positive("data.arithmetic_max_number", self.arithmetic_max_number)
+        if self.arithmetic_seed < -1:
+            raise ConfigError(f"data.arithmetic_seed={self.arithmetic_seed}: must be >= 0, or -1 (= train.seed)")
         if self.arithmetic_max_operands < 2:
             raise ConfigError(f"data.arithmetic_max_operands={self.arithmetic_max_operands}: must be >= 2")
+
+
+CURRICULUM_ORDERS = ("low_to_high", "high_to_low", "random")
+STAGE_BOUNDARIES = ("continue", "reset_optimizer", "restart")
 
 
 @dataclass(frozen=True)
@@ -124,17 +131,22 @@ class CurriculumSection:
     thresholds: list[float] = field(default_factory=list)  # explicit SE stage boundaries (overrides `stages`)
     epochs_per_stage: int = 5  # epochs over each stage before moving to the next
     mode: str = "staged"  # staged | continuous (one low-to-high pass, no stages)
+    order: str = "low_to_high"  # stage order: low_to_high (SENT) | high_to_low | random (stages of a seeded random split, SE unused; ablations)
     drop_trivial: bool = False  # drop prompts whose SE samples were all correct or all wrong (pass_rate 0 or 1)
     seed: int = 0  # seed of the tie-break and per-epoch within-stage shuffles
 
     def __post_init__(self):
         _all_finite(self, "curriculum")
         _choice("curriculum.mode", self.mode, ("staged", "continuous"))
+        _choice("curriculum.order", self.order, CURRICULUM_ORDERS)
         _positive("curriculum.stages", self.stages)
         _positive("curriculum.epochs_per_stage", self.epochs_per_stage)
         _positive("curriculum.samples", self.samples)
         if list(self.thresholds) != sorted(self.thresholds):
             raise ConfigError(f"curriculum.thresholds={self.thresholds}: must be ascending")
+        if self.thresholds and self.order == "random":
+            raise ConfigError("curriculum.thresholds split by SE value, curriculum.order=random ignores SE: give "
+                              "curriculum.stages instead")
 
 
 @dataclass(frozen=True)
@@ -146,7 +158,7 @@ class RolloutSection:
     max_new_tokens: int = 2048  # maximum response length
     prompt_buckets: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])  # left-pad prompts to the smallest fitting bucket
     cache_dtype: str = "auto"  # KV-cache dtype: auto (= model.dtype) | float32 | bfloat16
-    slots: int = 0  # at most this many (prompt, sample) rows decode at once, bounding the KV cache (0 = all rows of a step); a multiple of rollout.n
+    slots: int = 0  # at most this many (prompt, sample) rows decode at once, each slot refilled with the next row when its row stops; bounds the KV cache (0 = all rows of a step); a multiple of the data shards
     reuse_sampler_logprobs: bool = False  # use the sampler's log-probs as old log-probs instead of a recompute
 
     def __post_init__(self):
@@ -160,9 +172,6 @@ class RolloutSection:
         _positive("rollout.max_new_tokens", self.max_new_tokens)
         _choice("rollout.cache_dtype", self.cache_dtype, ("auto", "float32", "bfloat16"))
         _non_negative("rollout.slots", self.slots)
-        if self.slots % self.n:
-            raise ConfigError(f"rollout.slots={self.slots} must be a multiple of rollout.n={self.n} "
-                              "(a prompt's samples decode together)")
         if not self.prompt_buckets or list(self.prompt_buckets) != sorted(self.prompt_buckets):
             raise ConfigError(f"rollout.prompt_buckets={self.prompt_buckets}: must be a non-empty ascending list")
 
@@ -248,12 +257,13 @@ class TrainSection:
     minibatch_prompts: int = 128  # prompts per optimizer step
     microbatch_per_shard: int = 0  # sequences per data shard per forward/backward (gradient accumulation; verl's ppo_micro_batch_size_per_gpu); 0 = a shard's whole mini-batch at once
     ppo_epochs: int = 1  # passes over the rollout batch
+    length_buckets: int = 4  # the log-prob and update forwards run each micro-batch up to its longest response, rounded up to one of ceil(rollout.max_new_tokens * k / K), k = 1..K (one compiled branch each; 1 = always max_new_tokens)
     only_mixed_groups: bool = False  # update only on groups whose rewards are not all equal
     checkpoint_every: int = 50  # RL steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 3  # checkpoints kept on disk
     max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite steps
-    reset_optimizer_between_stages: bool = False  # new optimizer state at each curriculum stage
-    eval_every: int = 0  # RL steps between held-out evaluations (0 = off)
+    stage_boundary: str = "continue"  # at each new curriculum stage: continue (one run: reference = initial model, optimizer kept) | reset_optimizer (fresh optimizer) | restart (the release's new run: reference <- current policy, fresh optimizer)
+    eval_every: int = 0  # RL steps between evaluations on the `val` set, logged as eval/... (0 = off)
     log_every: int = 1  # RL steps between console lines
     memory_check: bool = True  # on accelerators, plan the run's memory (`entrl plan`) at start and refuse a run that cannot fit
     progress: str = "auto"  # progress bars (training, SE annotation, `entrl eval`) on stderr: auto (when stderr is a terminal) | on | off
@@ -274,8 +284,11 @@ class TrainSection:
         _positive("train.minibatch_prompts", self.minibatch_prompts)
         _non_negative("train.microbatch_per_shard", self.microbatch_per_shard)
         _positive("train.ppo_epochs", self.ppo_epochs)
+        _positive("train.length_buckets", self.length_buckets)
         _positive("train.keep_checkpoints", self.keep_checkpoints)
         _positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
+        _choice("train.stage_boundary", self.stage_boundary, STAGE_BOUNDARIES)
+        _non_negative("train.eval_every", self.eval_every)
         if self.prompts_per_step % self.minibatch_prompts:
             raise ConfigError(
                 f"train.prompts_per_step={self.prompts_per_step} is not a multiple of "
@@ -313,6 +326,53 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class ValSection:
+    data: str = ""  # evaluation set of `train.eval_every`: "" = the task's held-out split (arithmetic only), a benchmark name (read from eval.data_dir, else the hub) or a JSONL/Parquet path (problem/answer columns)
+    max_problems: int = 0  # evaluate only the first N problems of it (0 = all)
+    n: int = 1  # samples per problem
+    k: list[int] = field(default_factory=lambda: [1])  # k values of the logged eval/pass@k and eval/avg@k
+    temperature: float = 1.0  # sampling temperature (0 = greedy)
+    top_p: float = 1.0  # nucleus mass
+    max_new_tokens: int = 0  # response budget (0 = rollout.max_new_tokens)
+    before_training: bool = True  # also evaluate the initial policy, logged at step 0 (with train.eval_every > 0)
+    entropy: bool = False  # also log eval/entropy: the policy's mean token entropy on its samples of this fixed set (one more forward pass)
+
+    def __post_init__(self):
+        _all_finite(self, "val")
+        _positive("val.n", self.n)
+        _non_negative("val.max_problems", self.max_problems)
+        _non_negative("val.max_new_tokens", self.max_new_tokens)
+        if not self.k or any(k < 1 or k > self.n for k in self.k):
+            raise ConfigError(f"val.k={self.k}: give k values in [1, val.n={self.n}]")
+        if self.temperature < 0:
+            raise ConfigError(f"val.temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"val.top_p={self.top_p}: must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class WarmstartSection:
+    enabled: bool = False  # demo model + arithmetic task only: before RL, SFT on a noisy teacher (what `entrl demo` does; entrl train / ablate write it to <out_dir>/warmstart)
+    steps: int = 550  # SFT optimizer steps
+    error_rate: float = 0.45  # share of the teacher's worked solutions that contain a realistic mistake
+    problems: int = 4000  # SFT problems, drawn from the training split (never from the held-out one)
+    batch: int = 64  # SFT batch size (sequences)
+    lr: float = 2e-3  # SFT learning rate (AdamW)
+    seed: int = -1  # seed of the warm start: init, SFT problems and order (-1 = train.seed); fixed, every seed of `entrl ablate` starts from one base model, as the paper's seeds share one pretrained model
+
+    def __post_init__(self):
+        _all_finite(self, "warmstart")
+        _positive("warmstart.steps", self.steps)
+        if self.seed < -1:
+            raise ConfigError(f"warmstart.seed={self.seed}: must be >= 0, or -1 (= train.seed)")
+        _positive("warmstart.problems", self.problems)
+        _positive("warmstart.batch", self.batch)
+        _positive("warmstart.lr", self.lr)
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ConfigError(f"warmstart.error_rate={self.error_rate}: must be in [0, 1]")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)  # policy model
     mesh: MeshSection = field(default_factory=MeshSection)  # device mesh
@@ -324,6 +384,8 @@ class RunConfig:
     reward: RewardSection = field(default_factory=RewardSection)  # verifiable reward
     train: TrainSection = field(default_factory=TrainSection)  # RL loop
     eval: EvalSection = field(default_factory=EvalSection)  # evaluation
+    val: ValSection = field(default_factory=ValSection)  # evaluation during training (train.eval_every)
+    warmstart: WarmstartSection = field(default_factory=WarmstartSection)  # supervised warm start of the demo model
 
     def __post_init__(self):
         rows = self.train.minibatch_prompts * self.rollout.n
@@ -331,10 +393,13 @@ class RunConfig:
             raise ConfigError(
                 f"train.microbatch_per_shard={self.train.microbatch_per_shard} must divide one mini-batch of "
                 f"train.minibatch_prompts * rollout.n = {rows} sequences")
-        if self.rollout.slots and (self.train.prompts_per_step * self.rollout.n) % self.rollout.slots:
-            raise ConfigError(
-                f"rollout.slots={self.rollout.slots} must divide the {self.train.prompts_per_step * self.rollout.n} "
-                "rows of a step (train.prompts_per_step * rollout.n)")
+        if self.train.eval_every and self.data.task != "arithmetic" and not self.val.data:
+            raise ConfigError(f"train.eval_every={self.train.eval_every} needs an evaluation set: data.task="
+                              f"{self.data.task} has no held-out split; set val.data to a benchmark name (e.g. "
+                              "math500, with val.max_problems) or a JSONL/Parquet file of problems and answers")
+        if self.warmstart.enabled and (self.model.path != "demo" or self.data.task != "arithmetic"):
+            raise ConfigError("warmstart.enabled is the demo's noisy-teacher SFT: it needs model.path=demo and "
+                              f"data.task=arithmetic (got model.path={self.model.path!r}, data.task={self.data.task!r})")
         if _LOSS_VALIDATOR is None:
             import entrl.rl.losses  # noqa: F401  (registers the loss-name/hyperparameter validator)
         _LOSS_VALIDATOR(self.loss.name, dict(self.loss.params))
@@ -461,6 +526,13 @@ RENAMED = {
 }
 
 
+# Keys whose old spelling means exactly one value of a newer key (old run directories keep loading):
+# old dotted key -> (new field in the same section, old value -> new value).
+MIGRATED = {
+    "train.reset_optimizer_between_stages": ("stage_boundary", {True: "reset_optimizer", False: "continue"}),
+}
+
+
 def _build(cls: type, data: Any, prefix: str = ""):
     if isinstance(data, cls):
         return data
@@ -475,6 +547,13 @@ def _build(cls: type, data: Any, prefix: str = ""):
             raise ConfigError(f"config key {path!r} was renamed: use {RENAMED[path]}")
         if path in VALUE_MAPS and isinstance(value, bool):
             value = VALUE_MAPS[path][value]
+        if path in MIGRATED:
+            new, values = MIGRATED[path]
+            if new in data:
+                raise ConfigError(f"{path} and {prefix}.{new} both given; {path} is the old spelling: keep {new}")
+            if value not in values or not isinstance(value, bool):
+                raise ConfigError(f"{path}={value!r}: expected true or false (now {prefix}.{new})")
+            key, path, value = new, f"{prefix}.{new}", values[value]
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
@@ -646,6 +725,11 @@ ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
     "trainer.total_training_steps": (("train.steps",), "verl"),
     "trainer.default_local_dir": (("train.out_dir",), "verl"),
     "algorithm.filter_groups.enable": (("train.only_mixed_groups",), "verl"),
+    "data.val_files": (("val.data",), "verl"),
+    "trainer.val_before_train": (("val.before_training",), "verl"),
+    "actor_rollout_ref.rollout.val_kwargs.n": (("val.n",), "verl"),
+    "actor_rollout_ref.rollout.val_kwargs.temperature": (("val.temperature",), "verl"),
+    "actor_rollout_ref.rollout.val_kwargs.top_p": (("val.top_p",), "verl"),
 }
 
 _ALIAS_HINTS = {

@@ -40,27 +40,25 @@ log = logging.getLogger("entrl.demo")
 
 DEMO_YAML = Path(__file__).parent / "configs" / "demo.yaml"
 
-# Warm-start settings (SFT on the noisy teacher).
-SFT_ERROR_RATE = 0.45
-SFT_STEPS = 550  # 350 left the policy under-trained (greedy 39%, T=1 18%); 550 reach 70% / 39%
-SFT_BATCH = 64
-SFT_LR = 2e-3
-SFT_PROBLEMS = 4000
+# The warm start (SFT on the noisy teacher) is configured by the `warmstart` section: 550 steps (350 left
+# the policy under-trained: greedy 39%, T=1 18%; 550 reach 70% / 39%), 45% flawed solutions, 4000 problems.
 EVAL_BATCH_PROMPTS = 250
 QUICK = {  # tiny sizes for tests / smoke runs (`entrl demo --quick`)
-    "sft_steps": 30,
-    "sft_problems": 256,
     "overrides": ["train.steps=2", "data.arithmetic_train_size=64", "data.arithmetic_heldout_size=32",
                   "curriculum.samples=4", "rollout.n=4", "train.prompts_per_step=8", "train.minibatch_prompts=8",
                   "train.microbatch_per_shard=0", "model.demo_layers=1", "model.demo_hidden=32", "model.demo_heads=2",
-                  "eval.n=2", "eval.k=[1, 2]"],
+                  "eval.n=2", "eval.k=[1, 2]", "warmstart.steps=30", "warmstart.problems=256", "val.n=2",
+                  "val.k=[1, 2]", "val.max_problems=8"],
 }
 
 
-def demo_config(out_dir: str | Path, *, seed: int = 0, quick: bool = False, overrides=()) -> C.RunConfig:
-    base = list(QUICK["overrides"]) if quick else []
-    return C.load_config(DEMO_YAML, base + [f"train.out_dir={Path(out_dir) / 'rl'}", f"train.seed={seed}",
-                                            f"curriculum.seed={seed}", *overrides])
+def demo_config(out_dir: str | Path, *, seed: int = 0, quick: bool = False, overrides=(),
+                base: str | Path = DEMO_YAML) -> C.RunConfig:
+    """The demo's run config (`base`: the packaged demo.yaml, or another arithmetic config such as
+    configs/collapse.yaml), its RL run in `<out_dir>/rl`."""
+    small = list(QUICK["overrides"]) if quick else []
+    return C.load_config(base, small + [f"train.out_dir={Path(out_dir) / 'rl'}", f"train.seed={seed}",
+                                        f"curriculum.seed={seed}", *overrides])
 
 
 def paired_ci(before: np.ndarray, after: np.ndarray, z: float = 1.96) -> tuple[float, float, float]:
@@ -71,27 +69,47 @@ def paired_ci(before: np.ndarray, after: np.ndarray, z: float = 1.96) -> tuple[f
     return mean, mean - half, mean + half
 
 
-def warm_start(cfg: C.RunConfig, tokenizer, train_records, *, sft_steps: int, seed: int,
-               sft_problems: int = 4000):
-    """Random-init demo model + noisy-teacher SFT. Returns (graphdef, params, sft_losses)."""
+def warm_start(cfg: C.RunConfig, tokenizer, train_records, *, seed: int | None = None):
+    """Random-init demo model + noisy-teacher SFT (the `warmstart` section). Returns (graphdef, params, sft_losses)."""
     from entrl.data.tasks import build_prompt
     from entrl.rl.setup import arithmetic_task, build_model
     from entrl.sft import train_sft
 
+    w = cfg.warmstart
+    if seed is None:
+        seed = w.seed if w.seed >= 0 else cfg.train.seed
     task = arithmetic_task(cfg)
     rng = np.random.default_rng(seed + 1)
     # SFT problems: a larger draw of the training split (the RL prompt pool is part of it; held-out never is).
-    sft_records = task.make_problems(max(sft_problems, len(train_records)), seed=seed, split="train")
+    sft_records = task.make_problems(max(w.problems, len(train_records)), seed=seed, split="train")
     prompts = [tokenizer.encode(build_prompt(r.problem, tokenizer, suffix="", chat_template=True))
                for r in sft_records]
-    responses = [tokenizer.encode(task.noisy_solution(r.problem, rng, SFT_ERROR_RATE)) + [tokenizer.eos_token_id]
+    responses = [tokenizer.encode(task.noisy_solution(r.problem, rng, w.error_rate)) + [tokenizer.eos_token_id]
                  for r in sft_records]
     graphdef, params = build_model(cfg, None, tokenizer)
     params, losses = train_sft(graphdef, params, prompts, responses, pad_id=tokenizer.pad_token_id,
-                               steps=sft_steps, batch_size=SFT_BATCH, lr=SFT_LR, seed=seed,
+                               steps=w.steps, batch_size=w.batch, lr=w.lr, seed=seed,
                                prompt_len=max(cfg.rollout.prompt_buckets),
                                response_len=cfg.rollout.max_new_tokens)
     return graphdef, params, losses
+
+
+def warm_started(cfg: C.RunConfig, directory) -> C.RunConfig:
+    """`cfg` with `model.path` at its warm start in `directory` (made there by `warm_start` unless it
+    is already there, so a resumed run reuses it) and `warmstart.enabled` off. What `entrl train`
+    does with a `warmstart.enabled` config."""
+    from entrl.rl.setup import build_records, build_tokenizer, save_policy
+    from entrl.rundir import as_path
+
+    out = as_path(directory, "warm-start directory")
+    if not (out / "config.json").exists():
+        tokenizer = build_tokenizer(cfg)
+        train_records, _ = build_records(cfg)
+        log.info("warm start: SFT of the demo model on the noisy teacher (%d steps, %.0f%% flawed solutions)",
+                 cfg.warmstart.steps, 100 * cfg.warmstart.error_rate)
+        graphdef, params, _ = warm_start(cfg, tokenizer, train_records)
+        save_policy(graphdef, params, tokenizer, out)
+    return C.replace(cfg, **{"model.path": str(out), "model.tokenizer": str(out), "warmstart.enabled": False})
 
 
 @dataclasses.dataclass
@@ -126,21 +144,22 @@ class DemoContext:
         self.verifier.close()
 
 
-def prepare(out: Path, *, seed: int = 0, quick: bool = False, overrides=()) -> DemoContext:
+def prepare(out: Path, *, seed: int = 0, quick: bool = False, overrides=(), base: str | Path = DEMO_YAML) -> DemoContext:
     """Steps 1-3: task, warm start (saved to `out/warmstart`), evaluation before RL."""
     from entrl.rl.setup import build_records, build_sampler, build_verifier, save_policy, tokenize
     from entrl.tokenizer import CharTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    cfg = demo_config(out, seed=seed, quick=quick, overrides=overrides)
+    cfg = demo_config(out, seed=seed, quick=quick, overrides=overrides, base=base)
+    if cfg.model.path != "demo" or cfg.data.task != "arithmetic":
+        raise C.ConfigError(f"the demo pipeline warm-starts the demo model on the arithmetic task; this config has "
+                            f"model.path={cfg.model.path!r}, data.task={cfg.data.task!r}")
     tokenizer = CharTokenizer()
     train_records, held_records = build_records(cfg)
     held_tokens, held_records = tokenize(cfg, held_records, tokenizer)
-    print(f"[demo] warm-start: SFT on a noisy teacher ({SFT_ERROR_RATE:.0%} of solutions contain a mistake)",
-          flush=True)
-    graphdef, params, sft_losses = warm_start(cfg, tokenizer, train_records,
-                                              sft_steps=QUICK["sft_steps"] if quick else SFT_STEPS, seed=seed,
-                                              sft_problems=QUICK["sft_problems"] if quick else SFT_PROBLEMS)
+    print(f"[demo] warm-start: SFT on a noisy teacher ({cfg.warmstart.error_rate:.0%} of solutions contain a "
+          f"mistake, {cfg.warmstart.steps} steps)", flush=True)
+    graphdef, params, sft_losses = warm_start(cfg, tokenizer, train_records, seed=None)
     warm_dir = save_policy(graphdef, params, tokenizer, out / "warmstart")
     ctx = DemoContext(cfg=cfg, tokenizer=tokenizer, graphdef=graphdef, warm_params=params, warm_dir=warm_dir,
                       held_tokens=held_tokens, held_answers=[r.answer for r in held_records],
@@ -154,10 +173,11 @@ def rl_and_evaluate(ctx: DemoContext, out_dir: Path, overrides=()) -> tuple[obje
     """Step 4-5: SE annotation + curriculum RL from the warm start into `out_dir`, then evaluate."""
     from entrl.rl.setup import train_from_config
 
-    cfg = C.load_config(DEMO_YAML, [*_cfg_overrides(ctx.cfg), f"model.path={ctx.warm_dir}",
-                                    f"model.tokenizer={ctx.warm_dir}", f"train.out_dir={out_dir}", *overrides])
-    print(f"[demo] RL: {cfg.loss.name}, SE curriculum ({cfg.curriculum.stages} stages), {cfg.train.steps} steps",
-          flush=True)
+    cfg = C.load_config(None, [*_cfg_overrides(ctx.cfg), f"model.path={ctx.warm_dir}", "warmstart.enabled=false",
+                               f"model.tokenizer={ctx.warm_dir}", f"train.out_dir={out_dir}", *overrides])
+    cur = cfg.curriculum
+    plan = f"SE curriculum {cur.order} ({cur.stages} stages)" if cur.enabled else "no curriculum (shuffled epochs)"
+    print(f"[demo] RL: {cfg.loss.name}, {plan}, {cfg.train.steps} steps", flush=True)
     trainer = train_from_config(cfg, resume=False, overwrite=True)  # the demo always starts its RL afresh
     return trainer, ctx.evaluate(trainer.params, f"after RL ({cfg.loss.name})")
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics from n graded samples per problem (SENT.md section 10): pass@k, avg@k, maj@k.
+"""Evaluation metrics from n graded samples per problem (docs/method.md, "Evaluation"): pass@k, avg@k, maj@k.
 
 Inputs are a boolean `correct_PxN` matrix (problem p, sample j: did sample j's
 final answer verify against the reference, graded by `entrl.rewards`, the same

@@ -1,6 +1,6 @@
 """Run metrics: one logger fanning out to JSONL, TensorBoard, W&B and the console; plots.
 
-Agreed metric names (per RL step unless noted; SENT.md section 11):
+Agreed metric names (per RL step unless noted; docs/method.md, "What to log"):
   reward                  mean verifier reward of the step's rollouts
   accuracy                share of rollouts whose answer verified correct
   entropy                 mean token entropy of the rollouts (the policy-entropy curve)
@@ -20,7 +20,8 @@ Agreed metric names (per RL step unless noted; SENT.md section 11):
   skipped_nonfinite       1 when the step's update was skipped for NaN/inf, else 0
   reward/<name>           mean of one reward term (`reward.fn`), unweighted; `reward` is the weighted sum
   reward_failures/<name>  responses whose reward function timed out, raised or returned a non-number (scored 0)
-Evaluation metrics use the `eval/` prefix (`eval/pass@1`, `eval/avg@k`, ...).
+Evaluation metrics use the `eval/` prefix (`eval/pass@1`, `eval/avg@k`, ...; `train.eval_every`, the `val`
+section; step 0 is the initial policy).
 
 Design decisions:
 - `metrics.jsonl` is the record of truth (one JSON object per `log` call:
@@ -381,17 +382,27 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 # Plots
 # ---------------------------------------------------------------------------
 
-# (file name, title, y label, metric keys drawn in it)
+# (file name, title, y label, metric keys drawn in it; EVAL_KEYS = every eval/pass@k and eval/avg@k logged)
+EVAL_KEYS = "eval/*"
 _FIGURES = (
     ("entropy.png", "Policy entropy", "mean token entropy (nats)", ("entropy",)),
     ("reward.png", "Reward and accuracy", "value", ("reward", "accuracy", "eval/pass@1")),
     ("response_length.png", "Response length", "tokens", ("response_length",)),
+    ("eval.png", "Evaluation during training (val set)", "accuracy", EVAL_KEYS),
 )
-_LINESTYLES = ("-", "--", ":")
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _eval_keys(runs: list[list[dict]]) -> tuple[str, ...]:
+    """The eval/pass@k and eval/avg@k keys the runs logged: pass@ first, then by k."""
+    keys = {k for records in runs for r in records for k in r
+            if k.startswith(("eval/pass@", "eval/avg@")) and k.split("@")[1].isdigit()}
+    return tuple(sorted(keys, key=lambda k: (not k.startswith("eval/pass@"), int(k.split("@")[1]))))
 
 
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, *, labels: list[str] | None = None) -> list[Path]:
-    """Draw entropy, reward/accuracy and response-length curves of one or more runs; return the PNGs.
+    """Draw entropy, reward/accuracy, response-length and evaluation (accuracy vs step) curves of one
+    or more runs; return the PNGs.
 
     One colour per run, one line style per metric; x is the RL step. A figure
     none of whose metrics any run logged is not written.
@@ -412,13 +423,15 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, *, labels: list[s
 
     written = []
     for filename, title, ylabel, keys in _FIGURES:
+        if keys == EVAL_KEYS:
+            keys = _eval_keys(runs)
         fig = Figure(figsize=(7, 4.2), dpi=120)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         drawn = 0
         for run_index, (label, records) in enumerate(zip(labels, runs)):
             color = f"C{run_index % 10}"
-            for key, style in zip(keys, _LINESTYLES):
+            for key, style in zip(keys, _LINESTYLES * (1 + len(keys) // len(_LINESTYLES))):
                 points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
                 if not points:
                     continue
@@ -441,6 +454,46 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, *, labels: list[s
             fig.savefig(f, format="png")
         written.append(R.native(path))
     return written
+
+
+def plot_mean_curves(groups: dict[str, list[list[dict]]], key: str, path, *, title: str, ylabel: str):
+    """One line per group: the mean over its runs of `key` per step (only steps every run logged),
+    with a band from the runs' minimum to their maximum. `groups` maps a label to its runs' records
+    (`read_metrics`). Returns the PNG's path, or None when no run logged `key`."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    drawn = 0
+    for index, (label, runs) in enumerate(groups.items()):
+        series = [{r["step"]: r[key] for r in records if isinstance(r.get(key), (int, float))} for records in runs]
+        steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+        if not steps:
+            continue
+        ys = np.array([[s[t] for t in steps] for s in series], float)
+        color = f"C{index % 10}"
+        sparse = key.startswith("eval/")
+        ax.plot(steps, ys.mean(0), color=color, label=f"{label} (n={len(runs)})", marker="o" if sparse else None,
+                markersize=3, linewidth=1.5)
+        if len(runs) > 1:
+            ax.fill_between(steps, ys.min(0), ys.max(0), color=color, alpha=0.15, linewidth=0)
+        drawn += 1
+    if not drawn:
+        return None
+    ax.set_title(title)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = R.as_path(path, "plot file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        fig.savefig(f, format="png")
+    return R.native(path)
 
 
 # ---------------------------------------------------------------------------

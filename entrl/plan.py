@@ -6,7 +6,7 @@ simulated CPU devices, and reads XLA's memory analysis of each:
 
     update      `entrl.rl.step.make_update_fn` (one mini-batch, gradient accumulation, AdamW)
     log-probs   `entrl.rl.step.compute_logprobs` (old and reference log-probs of the step's rows)
-    rollout     the rollout `Sampler` (one call of `rollout.slots` rows, or of the whole step)
+    rollout     the rollout `Sampler` (one call on the step's prompts; at most `rollout.slots` rows decoding)
     eval        the periodic-evaluation sampler (`eval.n` samples, `eval.max_new_tokens`)
 
 Design decisions:
@@ -323,8 +323,8 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
     step_rows = t.prompts_per_step * r.n
     L = r.max_new_tokens
     batch = {"prompt_ids": rows_of(step_rows, plen), "prompt_mask": rows_of(step_rows, plen),
-             "resp_ids": rows_of(step_rows, L), "resp_mask": rows_of(step_rows, L, dtype=jnp.float32),
-             "advantages": rows_of(step_rows, dtype=jnp.float32)}
+             "resp_ids": rows_of(step_rows, L), "resp_len": rows_of(step_rows),
+             "resp_mask": rows_of(step_rows, L, dtype=jnp.float32), "advantages": rows_of(step_rows, dtype=jnp.float32)}
     step_batch_bytes = _per_device_bytes(batch) + 2 * _per_device_bytes(rows_of(step_rows, L, dtype=jnp.float32))
     programs: dict[str, Program] = {}
     settings = step_settings(cfg, shards)
@@ -334,7 +334,7 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
         update = ST.make_update_fn(graphdef, optimizer, settings, state_shardings=(shardings, opt_sh))
         mb_rows = t.minibatch_prompts * r.n
         mb = {"prompt_ids": rows_of(mb_rows, plen), "prompt_mask": rows_of(mb_rows, plen),
-              "resp_ids": rows_of(mb_rows, L), **{k: rows_of(mb_rows, L, dtype=jnp.float32)
+              "resp_ids": rows_of(mb_rows, L), "resp_len": rows_of(mb_rows), **{k: rows_of(mb_rows, L, dtype=jnp.float32)
                                                   for k in ("resp_mask", "old_logp", "ref_logp")},
               "advantages": rows_of(mb_rows, dtype=jnp.float32)}
         rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
@@ -343,15 +343,14 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
         # -- log-probs ----------------------------------------------------------------
         micro = C.microbatch_per_shard(cfg, shards)
         lp_args = dict(temperature=settings.temperature, num_micro=step_rows // (shards * micro),
-                       chunk_size=settings.chunk_size, shards=shards)
+                       chunk_size=settings.chunk_size, shards=shards, length_buckets=settings.length_buckets)
         programs["logprob"] = _analyse("logprob", ST.compute_logprobs.lower(graphdef, params, batch, **lp_args))
     # -- rollout ------------------------------------------------------------------
     eos = mcfg.eos_token_ids or (0,)
     pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else eos[0]
-    call_prompts = (r.slots // r.n) if r.slots else t.prompts_per_step
     sc = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=L,
-                        eos_ids=tuple(eos), pad_id=pad, cache_dtype=S.cache_dtype(cfg, r.cache_dtype))
-    prompts = rows_of(call_prompts, plen)
+                        eos_ids=tuple(eos), pad_id=pad, cache_dtype=S.cache_dtype(cfg, r.cache_dtype), slots=r.slots)
+    prompts = rows_of(t.prompts_per_step, plen)
     programs["rollout"] = _analyse("rollout", Sampler(sc, mesh=mesh).lower(graphdef, params, prompts, prompts))
     per = dict(sizes)
     params_bytes = sizes["params"]

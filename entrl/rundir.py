@@ -68,7 +68,8 @@ REMOTE_SCHEMES = ("gs", "s3")  # what orbax/TensorStore and epath both handle
 READ_SCHEMES = ("gs", "s3", "az", "hf")  # what epath can read (data files)
 # Names a run writes at its top level: a directory holding only these is a run's (e.g. seeded SE progress).
 RUN_FILES = frozenset({RUN_CONFIG, LOCK_NAME, "metrics.jsonl", "rollouts.jsonl", "tb", "checkpoints",
-                       "semantic_entropy.jsonl", "policy", "wandb_run_id", "plots"})
+                       "semantic_entropy.jsonl", "policy", "wandb_run_id", "plots", "reference", "warmstart",
+                       "result.json"})
 HEARTBEAT_S = 60.0
 STALE_S = 300.0
 SETTLE_S = 1.0

@@ -26,6 +26,35 @@ per-token log-prob of every sampled token. Design decisions:
 * n samples per prompt: the B prompts are prefilled once and the KV cache is
   repeated n times along the batch (prefill costs B, not B*n, rows). Rows of one
   prompt are contiguous: row r belongs to prompt r // n, groups are [B, n].
+* Continuous batching (`SamplingConfig.slots` = S < R = B*n rows): the loop
+  decodes S slots, not R rows. When a slot's row stops, the slot takes the
+  next waiting row: its prompt's K/V is copied from the prompts' own cache
+  (the prefill's, kept for the whole call: B x P slots) into the slot, and the
+  row's token 0, drawn at prefill, is fed next. Each slot is at its own
+  position, so the cached forward writes one position per row
+  (`Transformer.forward_cached` with a [S] write index). Shapes are static
+  (the refill runs every slot through a `where`, inside a `lax.cond` taken
+  only when a slot is free and a row waits), so one program serves any
+  schedule. With a mesh, data shard d owns prompts [d B/D, (d+1) B/D), their
+  rows and S/D slots, and refills from its own queue: every gather and scatter
+  is batched over the shard axis, so no row moves between devices (the loop
+  conditions are the only cross-shard reductions; tested on the compiled
+  program). The decode segments still apply (no row is further along than
+  the loop's step count); the last one runs until every row stopped. The KV
+  cache is S x (P + L - 1) slots plus the prompts' B x P, instead of R x
+  (P + L - 1); the prompts are prefilled in chunks of about S/n prompts
+  (`prefill_chunks`), so the prefill's activations shrink with S too.
+  Same result: token i of row r draws with the key fold_in(fold_in(seed, r),
+  i) (`token_keys`), never from the loop's step, so the tokens are the
+  one-shot sampler's whatever S (up to floating-point ties; tested). What it
+  saves: on CPU, where decoding at these sizes is compute-bound, the steps
+  the one-shot loop spends on stopped rows (2.5-2.8x useful tokens/s at 1%
+  EOS, benchmarks/bench_sampler.py --ragged). What it does not: the
+  attention of a slot still reads its whole cache segment (masked), so on a
+  memory-bound accelerator the K/V bytes read per useful token are about the
+  one-shot loop's; the gain there is the S-sized cache (a per-row ragged
+  attention kernel, e.g. Pallas' GPU `decode_attention`, would read only each
+  row's context: not done). `slots >= R` is the one-shot program itself.
 * Log-probs: the reported log-prob of a sampled token y is
   log softmax(logits / T)[y] over the FULL vocabulary, before top-k / top-p
   truncation and before the PAD/BOS ban. That is the policy's probability at
@@ -65,13 +94,15 @@ per-token log-prob of every sampled token. Design decisions:
   einsums; a broadcast-multiply-reduce over the cache instead
   of the einsums measured no better inside the loop.
 * Left out on purpose: streaming, stop strings (host-side, needs the
-  tokenizer), speculative decoding, paged attention, and per-row settings
-  (temperature etc. are per call).
+  tokenizer), speculative decoding, paged attention, per-row settings
+  (temperature etc. are per call), and shrinking the slot batch for the tail
+  (the last long rows decode in a batch of mostly idle slots).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,8 +118,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from entrl.models import Transformer
-from entrl.sharding import logical_to_spec
+from entrl.models import K_CACHE_AXES, V_CACHE_AXES, KVCache, Transformer
+from entrl.sharding import data_shards, logical_to_spec
 
 _NEG = float(np.finfo(np.float32).min)  # masked score (finite, as in the model: no NaN)
 
@@ -103,6 +134,8 @@ __all__ = [
     "generate",
     "pad_prompts",
     "sample_next_token",
+    "slot_layout",
+    "token_keys",
 ]
 
 _F32 = jnp.float32
@@ -133,6 +166,7 @@ class SamplingConfig:
     banned_ids: tuple[int, ...] = ()  # never sampled (PAD/BOS); ids that are also EOS are dropped
     cache_dtype: str = "float32"  # KV-cache dtype: float32 | bfloat16
     segment_steps: int = 32  # min decode steps per KV-cache-length segment (see `decode_segments`)
+    slots: int = 0  # rows decoding at once, refilled as rows stop (continuous batching); 0 or >= rows = all at once
 
     def __post_init__(self):
         def is_int(x):
@@ -148,6 +182,8 @@ class SamplingConfig:
             raise ValueError(f"top_k={self.top_k!r}: must be an int >= 0 (0 = off)")
         if not is_int(self.segment_steps) or self.segment_steps < 1:
             raise ValueError(f"segment_steps={self.segment_steps!r}: must be an int >= 1")
+        if not is_int(self.slots) or self.slots < 0:
+            raise ValueError(f"slots={self.slots!r}: must be an int >= 0 (0 = every row at once)")
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an int >= 1")
         for name in ("eos_ids", "banned_ids"):
@@ -244,11 +280,13 @@ def filter_logits(z_BxV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> ja
 def sample_next_token(logits_BxV: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
     """Draw one token per row and return (tokens_B int32, logp_B float32).
 
-    logp_B = log softmax(logits / T)[token] over the full vocabulary (T = 1 for
-    greedy), computed before the ban and the truncations; see the module
-    docstring. Sampling: banned ids -> -inf, then argmax (greedy) or
-    top-k/top-p truncation and a categorical draw (Gumbel-max) from
-    softmax(z / T).
+    rng: one typed PRNG key for the whole batch, or [B] keys, one per row (the
+    sampler's: a row's draw then depends only on its own key, not on which
+    rows share the batch). logp_B = log softmax(logits / T)[token] over the
+    full vocabulary (T = 1 for greedy), computed before the ban and the
+    truncations; see the module docstring. Sampling: banned ids -> -inf, then
+    argmax (greedy) or top-k/top-p truncation and a categorical draw
+    (Gumbel-max) from softmax(z / T).
     """
     z_BxV = logits_BxV.astype(_F32) / cfg.logprob_temperature
     if cfg.banned_ids:  # a where on a constant mask fuses; a scatter would copy the logits
@@ -263,12 +301,26 @@ def sample_next_token(logits_BxV: jax.Array, rng: jax.Array, cfg: SamplingConfig
         z_tok_B = jnp.max(z_allowed_BxV, axis=-1)  # the chosen logit, without a gather
     else:
         z_allowed_BxV = filter_logits(z_allowed_BxV, top_k=cfg.top_k, top_p=cfg.top_p)
-        tokens_B = jax.random.categorical(rng, z_allowed_BxV, axis=-1).astype(jnp.int32)
-        # A flat 1-D gather: XLA:CPU turns take_along_axis into a one-hot reduction over V.
-        rows_B = jnp.arange(z_BxV.shape[0], dtype=jnp.int32)
-        z_tok_B = z_BxV.reshape(-1)[rows_B * z_BxV.shape[1] + tokens_B]
+        if rng.ndim == 0:
+            tokens_B = jax.random.categorical(rng, z_allowed_BxV, axis=-1)
+        else:
+            tokens_B = jax.vmap(lambda key, z_V: jax.random.categorical(key, z_V))(rng, z_allowed_BxV)
+        tokens_B = tokens_B.astype(jnp.int32)
+        # One index per row, vmapped: a gather batched over rows, so a row-sharded batch gathers locally
+        # (a flat 1-D gather into z.reshape(-1) made the partitioner all-gather the indices every step).
+        z_tok_B = jax.vmap(lambda z_V, t: z_V[t])(z_BxV, tokens_B)
     logp_B = z_tok_B - lse_B
     return tokens_B, logp_B
+
+
+def token_keys(rng: jax.Array, rows_B: jax.Array, positions_B: jax.Array) -> jax.Array:
+    """[B] keys: response token i of row r draws with fold_in(fold_in(rng, r), i).
+
+    The schedule never enters: whichever slot and decode step produce a token,
+    its key is the same, so one-shot and continuous batching sample the same
+    responses (`Sampler`).
+    """
+    return jax.vmap(lambda r, i: jax.random.fold_in(jax.random.fold_in(rng, r), i))(rows_B, positions_B)
 
 
 # ----------------------------------------------------------------------------
@@ -276,33 +328,82 @@ def sample_next_token(logits_BxV: jax.Array, rng: jax.Array, cfg: SamplingConfig
 # ----------------------------------------------------------------------------
 @flax.struct.dataclass
 class _DecodeState:
-    """Carry of the decode `while_loop` (R = B*n rows, S = P + L cache slots)."""
+    """Carry of the decode `while_loop`: R rows, S slots each decoding one row, D data shards.
 
-    step: jax.Array  # [] int32 response tokens produced so far (the next one goes to column `step`)
-    tokens: jax.Array  # [R, L] int32 response buffer, PAD-initialised
+    One-shot (S = R): slot r holds row r throughout. Continuous batching
+    (S < R): data shard d owns rows [d R/D, (d+1) R/D) and slots
+    [d S/D, (d+1) S/D), and refills its slots from its own queue.
+    """
+
+    step: jax.Array  # [] int32 decode iterations run + 1 (bounds every slot's `pos`: sizes the cache segments)
+    tokens: jax.Array  # [R, L] int32 response buffer of every row, PAD-initialised
     logprobs: jax.Array  # [R, L] float32, 0-initialised
-    done: jax.Array  # [R] bool: the row has emitted an EOS id
-    length: jax.Array  # [R] int32 response tokens that count (mask = arange(L) < length)
-    prompt_len: jax.Array  # [R] int32 real prompt tokens (RoPE position of response token i is prompt_len + i)
-    kv_mask: jax.Array  # [R, S] int32: 1 on slots a query may attend
-    cache: Any  # the model's KV cache pytree: batch R, the current segment's slots (<= S)
-    rng: jax.Array  # base key; step i draws with fold_in(rng, i)
+    row: jax.Array  # [S] int32 the row each slot decodes
+    pos: jax.Array  # [S] int32 response tokens that row has (the next goes to column pos, cache slot P + pos)
+    live: jax.Array  # [S] bool: the slot's row is still decoding (False: stopped, or an idle slot)
+    last: jax.Array  # [S] int32 the row's last token (fed next)
+    prompt_len: jax.Array  # [S] int32 real prompt tokens (RoPE position of response token i is prompt_len + i)
+    prompt_mask: jax.Array  # [S, P] int32 the row's prompt mask (left padding 0)
+    cache: Any  # the model's KV cache pytree: batch S, the current segment's slots
+    queue: jax.Array  # [D, R/D] int32 per shard: its local rows that need decoding first, in row order
+    next: jax.Array  # [D] int32 per shard: queue entries handed to slots so far
+    count: jax.Array  # [D] int32 per shard: queue entries (rows not stopped by their first token)
+    rng: jax.Array  # base key of `token_keys`
 
 
-def _record(state: _DecodeState, tokens_R, logp_R, cfg: SamplingConfig) -> _DecodeState:
-    """Write the tokens drawn for column `state.step`; rows already stopped get PAD / 0."""
-    live_R = ~state.done
-    tokens_R = jnp.where(live_R, tokens_R, cfg.pad_id)
-    logp_R = jnp.where(live_R, logp_R, 0.0)
-    col = state.step
-    stop_R = jnp.isin(tokens_R, jnp.asarray(cfg.eos_ids, jnp.int32)) if cfg.eos_ids else jnp.zeros_like(live_R)
+def _is_stop(tokens, cfg: SamplingConfig):
+    if not cfg.eos_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(cfg.eos_ids, jnp.int32))
+
+
+def _shard_view(x, shards: int, mesh, names=None):
+    """[N, ...] -> [D, N/D, ...], the leading axis on the data shards (no data moves).
+
+    names: x's logical axes (default: a per-row array, ("batch", None, ...)).
+    """
+    names = names or ("batch",) + (None,) * (x.ndim - 1)
+    x = x.reshape((shards, x.shape[0] // shards) + x.shape[1:])
+    return _constrain(x, mesh, ("batch", None) + tuple(names[1:]))
+
+
+def _shard_take(x, index_DxM, mesh, names=None):
+    """Rows index_DxM[d] of shard d's rows of x [N, ...] -> [D*M, ...]; a batched gather, local to each shard.
+
+    names: x's logical axes, kept on the result (a KV cache's heads stay on the tensor axis).
+    """
+    names = names or ("batch",) + (None,) * (x.ndim - 1)
+    shards, m = index_DxM.shape
+    out = jax.vmap(lambda x_Nx, i_M: x_Nx[i_M])(_shard_view(x, shards, mesh, names), index_DxM)
+    return _constrain(out.reshape((shards * m,) + x.shape[1:]), mesh, names)
+
+
+def _record(state: _DecodeState, tokens_S, logp_S, cfg: SamplingConfig, mesh, continuous: bool) -> _DecodeState:
+    """Write each live slot's new token at its row's column `pos`; stopped or idle slots write nothing."""
+    live_S = state.live
+    tokens_S = jnp.where(live_S, tokens_S, cfg.pad_id)
+    logp_S = jnp.where(live_S, logp_S, 0.0)
+    if continuous:  # a batched scatter into each shard's own rows; dead slots point past the end (dropped)
+        shards, per_shard = state.queue.shape
+        local_S = state.row - jnp.repeat(jnp.arange(shards, dtype=jnp.int32) * per_shard, live_S.shape[0] // shards)
+        local_DxM = jnp.where(live_S, local_S, per_shard).reshape(shards, -1)
+        pos_DxM = state.pos.reshape(shards, -1)
+
+        def write(buf_RxL, new_S):
+            put = jax.vmap(lambda b, r, c, v: b.at[r, c].set(v, mode="drop"))
+            out = put(_shard_view(buf_RxL, shards, mesh), local_DxM, pos_DxM, new_S.reshape(shards, -1))
+            return _rows(out.reshape(buf_RxL.shape), mesh)
+
+        tokens, logprobs = write(state.tokens, tokens_S), write(state.logprobs, logp_S)
+    else:  # every live row is at column `step`: one in-place column write
+        col = state.step
+        tokens = lax.dynamic_update_slice(state.tokens, tokens_S[:, None], (0, col))
+        logprobs = lax.dynamic_update_slice(state.logprobs, logp_S[:, None], (0, col))
+    pos_S = state.pos + live_S.astype(jnp.int32)
     return state.replace(
-        step=col + 1,
-        tokens=lax.dynamic_update_slice(state.tokens, tokens_R[:, None], (0, col)),
-        logprobs=lax.dynamic_update_slice(state.logprobs, logp_R[:, None], (0, col)),
-        done=state.done | (live_R & stop_R),
-        length=state.length + live_R.astype(jnp.int32),
-    )
+        step=state.step + 1, tokens=tokens, logprobs=logprobs, pos=pos_S, last=tokens_S,
+        live=live_S & ~_is_stop(tokens_S, cfg) & (pos_S < cfg.max_new_tokens),
+    )  # fmt: skip
 
 
 def _constrain(x, mesh: Mesh | None, names: tuple[str | None, ...]):
@@ -346,7 +447,9 @@ def decode_segments(plen: int, max_new_tokens: int, max_segments: int = 4, min_s
     proportion to the cache length, so early segments use a shorter cache.
     Up to `max_segments` segments of >= `min_steps` steps each: more segments
     read fewer unused slots, but each compiles its own loop body and grows the
-    cache once (one copy).
+    cache once (one copy). Under continuous batching no row is further along
+    than the loop's step count, so the same segments hold; the last one then
+    runs on until every row has stopped.
     """
     steps = max_new_tokens - 1
     count = max(1, min(max_segments, steps // min_steps))
@@ -354,61 +457,163 @@ def decode_segments(plen: int, max_new_tokens: int, max_segments: int = 4, min_s
     return tuple((end, plen + end - 1) for end in ends)
 
 
-def _prefill(model: Transformer, weights, prompt_ids_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig, mesh, slots: int):
-    """Run the prompts once into a `slots`-long cache, repeat it n times, draw response token 0."""
-    batch, plen = prompt_ids_BxP.shape
+@flax.struct.dataclass
+class _Prompts:
+    """What refilling a slot needs of the B prompts (loop-invariant)."""
+
+    cache: Any  # KV cache of the prompts alone: batch B, P slots
+    mask: jax.Array  # [B, P] int32
+    first: jax.Array  # [R] int32 each row's response token 0
+
+
+def prefill_chunks(cfg: SamplingConfig, batch: int, slots: int, shards: int) -> int:
+    """How many sequential chunks the prompts are prefilled in: 1 for the one-shot sampler; under
+    continuous batching the fewest that hold about slots / n prompts each (a divisor of each shard's
+    prompts), so the prefill's activations scale with the slots, not with the step's prompts."""
     rows = batch * cfg.n
-    mask_BxP = prompt_mask_BxP.astype(jnp.int32)
-    positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=-1) - 1, 0)
-    cache = model.init_cache(batch, slots, dtype=_DTYPES[cfg.cache_dtype])
-    h_BxPxD, cache = model.forward_cached(
-        prompt_ids_BxP, positions_BxP, cache, write_index=jnp.int32(0),
-        kv_mask_BxS=jnp.pad(mask_BxP, ((0, 0), (0, slots - plen))), weights=weights,
-    )  # fmt: skip
+    if slots >= rows:
+        return 1
+    per_shard = batch // shards
+    want = max(1, -(-(slots // shards) // cfg.n))  # prompts per shard per chunk
+    return min(k for k in range(1, per_shard + 1) if per_shard % k == 0 and per_shard // k <= want)
 
-    def rep(x):  # [B, ...] -> [B*n, ...], rows of one prompt contiguous
-        return _rows(jnp.repeat(x, cfg.n, axis=0), mesh)
 
-    state = _DecodeState(
-        step=jnp.int32(0),
-        tokens=_rows(jnp.full((rows, cfg.max_new_tokens), cfg.pad_id, jnp.int32), mesh),
-        logprobs=_rows(jnp.zeros((rows, cfg.max_new_tokens), _F32), mesh),
-        done=_rows(jnp.zeros((rows,), bool), mesh),
-        length=_rows(jnp.zeros((rows,), jnp.int32), mesh),
-        prompt_len=rep(jnp.sum(mask_BxP, axis=-1)),
-        kv_mask=rep(jnp.pad(mask_BxP, ((0, 0), (0, cfg.max_new_tokens)))),
-        cache=cache.map(lambda x, names: _constrain(jnp.repeat(x, cfg.n, axis=0), mesh, names)),
-        rng=rng,
+def _chunked(x, chunks: int, shards: int):
+    """[B, ...] -> [chunks, B/chunks, ...]: chunk i = each shard's i-th block of rows (it spans every shard)."""
+    x = x.reshape((shards, chunks, x.shape[0] // (shards * chunks)) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((chunks, x.shape[0] * x.shape[2]) + x.shape[3:])
+
+
+def _unchunked(x, shards: int):
+    """Inverse of `_chunked`."""
+    chunks, m = x.shape[:2]
+    x = x.reshape((chunks, shards, m // shards) + x.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape((chunks * m,) + x.shape[3:])
+
+
+def _prefill(model: Transformer, weights, w_VxD, prompt_ids_BxP, mask_BxP, rng, cfg: SamplingConfig, mesh,
+             chunks: int, shards: int):
+    """Run the B prompts once into a P-slot cache and draw every row's response token 0.
+
+    Returns (prompt cache, first tokens [R], their log-probs [R]). The n draws
+    of a prompt come from its one set of logits, one sample index at a time
+    (`lax.map`), so the float32 logits and noise are [B, V], not [B*n, V].
+    With chunks > 1 the prompts go through in that many sequential chunks
+    (`prefill_chunks`, `lax.map`), each spanning every data shard.
+    """
+    plen = prompt_ids_BxP.shape[1]
+
+    def one(ids_CxP, mask_CxP, prompt_C):
+        positions_CxP = jnp.maximum(jnp.cumsum(mask_CxP, axis=-1) - 1, 0)
+        cache = model.init_cache(ids_CxP.shape[0], plen, dtype=_DTYPES[cfg.cache_dtype])
+        h_CxPxD, cache = model.forward_cached(
+            ids_CxP, positions_CxP, cache, write_index=jnp.int32(0), kv_mask_BxS=mask_CxP, weights=weights
+        )
+        # One-shot, the prefill is the memory peak and the loops' [V, D] copy is not alive yet: read the
+        # unembedding as stored. Chunked, that copy is alive throughout: reuse it instead of a second one.
+        h_CxD = h_CxPxD[:, -1]
+        logits_CxV = _logits(h_CxD, model.unembedding()) if chunks == 1 else _logits_vd(h_CxD, w_VxD)
+        logits_CxV = _rows(logits_CxV, mesh)
+        rows_C = prompt_C * cfg.n
+
+        def draw(j):  # sample j of every prompt: rows b n + j
+            return sample_next_token(logits_CxV, token_keys(rng, rows_C + j, jnp.zeros_like(rows_C)), cfg)
+
+        tokens_nxC, logp_nxC = lax.map(draw, jnp.arange(cfg.n, dtype=jnp.int32))
+        return cache, tokens_nxC.T, logp_nxC.T  # [C, n]: row b n + j, rows of one prompt contiguous
+
+    prompt_B = jnp.arange(prompt_ids_BxP.shape[0], dtype=jnp.int32)
+    if chunks == 1:
+        cache, tokens_Bxn, logp_Bxn = one(prompt_ids_BxP, mask_BxP, prompt_B)
+    else:
+        split = partial(_chunked, chunks=chunks, shards=shards)
+        cache, tokens_Bxn, logp_Bxn = jax.tree.map(
+            partial(_unchunked, shards=shards),
+            lax.map(lambda a: one(*a), (split(prompt_ids_BxP), split(mask_BxP), split(prompt_B))),
+        )
+        cache = cache.map(lambda x, names: _constrain(x, mesh, names))
+    first = lambda x_Bxn: _rows(x_Bxn.reshape(-1), mesh)  # noqa: E731
+    return cache, first(tokens_Bxn), first(logp_Bxn)
+
+
+def _refill(state: _DecodeState, prompts: _Prompts, cfg: SamplingConfig, mesh) -> _DecodeState:
+    """Give each free slot the next row of its data shard's queue.
+
+    Per shard, free slots take queue entries in slot order; the row's prompt
+    K/V is copied from the prompt cache into the slot's first P cache slots
+    (every slot at once, kept where the slot was not refilled: static shapes),
+    and its response token 0 (drawn at prefill) is fed next. Every gather is
+    batched over the shard axis, so a shard only reads its own rows.
+    """
+    shards, per_shard = state.queue.shape
+    slots = state.live.shape[0]
+    free_DxM = ~state.live.reshape(shards, -1)
+    entry_DxM = state.next[:, None] + jnp.cumsum(free_DxM, axis=1, dtype=jnp.int32) - 1
+    take_DxM = free_DxM & (entry_DxM < state.count[:, None])
+    local_DxM = jax.vmap(lambda q, e: q[e])(state.queue, jnp.minimum(entry_DxM, per_shard - 1))
+    prompt_DxM = local_DxM // cfg.n  # shard-local prompt index
+    take_S = _rows(take_DxM.reshape(slots), mesh)
+    plen = state.prompt_mask.shape[1]
+
+    def copy(x_cache, x_prompt, names):
+        axis = names.index("cache_seq")
+        old = lax.slice_in_dim(x_cache, 0, plen, axis=axis)
+        new = _shard_take(x_prompt, prompt_DxM, mesh, names)
+        keep = take_S.reshape((slots,) + (1,) * (x_cache.ndim - 1))
+        return _constrain(lax.dynamic_update_slice_in_dim(x_cache, jnp.where(keep, new, old), 0, axis), mesh, names)
+
+    cache = KVCache(
+        k=tuple(copy(c, p, K_CACHE_AXES) for c, p in zip(state.cache.k, prompts.cache.k, strict=True)),
+        v=tuple(copy(c, p, V_CACHE_AXES) for c, p in zip(state.cache.v, prompts.cache.v, strict=True)),
     )
-    logits_RxV = rep(_logits(h_BxPxD[:, -1], model.unembedding()))  # n draws from one set of logits
-    tokens_R, logp_R = sample_next_token(logits_RxV, jax.random.fold_in(rng, 0), cfg)
-    return _record(state, tokens_R, logp_R, cfg)
+    pick = lambda new, old: jnp.where(take_S.reshape((slots,) + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
+    row_S = (jnp.arange(shards, dtype=jnp.int32)[:, None] * per_shard + local_DxM).reshape(slots)
+    return state.replace(
+        row=pick(row_S, state.row),
+        pos=pick(jnp.ones_like(state.pos), state.pos),
+        live=state.live | take_S,
+        last=pick(_shard_take(prompts.first, local_DxM, mesh), state.last),
+        prompt_len=pick(_shard_take(prompts.mask.sum(-1), prompt_DxM, mesh), state.prompt_len),
+        prompt_mask=pick(_shard_take(prompts.mask, prompt_DxM, mesh), state.prompt_mask),
+        cache=cache,
+        next=state.next + take_DxM.sum(1, dtype=jnp.int32),
+    )
 
 
 def _decode_segment(
-    model: Transformer, weights, w_VxD, state: _DecodeState, end: int, cfg: SamplingConfig
+    model: Transformer, weights, w_VxD, state: _DecodeState, end: int | None, refill, cfg: SamplingConfig, mesh
 ) -> _DecodeState:
-    """Feed the last token and draw the next until step `end` or until every row stopped.
+    """Feed each slot's last token and draw the next, until step `end` (None: no bound) or until every row stopped.
 
     weights: the model's `decode_weights()`, built once outside the loops.
+    refill: None (one-shot: slot r holds row r throughout), or the function
+    that refills free slots (continuous batching), run in the steps where a
+    slot is free and a row is waiting.
     """
-    plen = state.kv_mask.shape[1] - cfg.max_new_tokens
-    slots = state.cache.slots
+    continuous = refill is not None
+    plen = state.prompt_mask.shape[1]
+    slots, cache_slots = state.row.shape[0], state.cache.slots
+
+    def waiting(s: _DecodeState):
+        return jnp.any(s.next < s.count)
 
     def cond(s: _DecodeState):
-        return (s.step < end) & ~jnp.all(s.done)
+        active = jnp.any(s.live) | waiting(s) if continuous else jnp.any(s.live)
+        return active if end is None else (s.step < end) & active
 
     def body(s: _DecodeState):
-        last_Rx1 = lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)
-        slot = plen + s.step - 1
-        kv_mask = lax.dynamic_update_slice(s.kv_mask, jnp.ones((s.kv_mask.shape[0], 1), jnp.int32), (0, slot))
-        positions_Rx1 = (s.prompt_len + s.step - 1)[:, None]
-        h_Rx1xD, cache = model.forward_cached(
-            last_Rx1, positions_Rx1, s.cache, write_index=slot, kv_mask_BxS=kv_mask[:, :slots], weights=weights
-        )
-        logits_RxV = _logits_vd(h_Rx1xD[:, 0], w_VxD)
-        tokens_R, logp_R = sample_next_token(logits_RxV, jax.random.fold_in(s.rng, s.step), cfg)
-        return _record(s.replace(kv_mask=kv_mask, cache=cache), tokens_R, logp_R, cfg)
+        at = s.pos if continuous else s.step  # one-shot: every live row is at the loop's step (a scalar write)
+        kv_mask = jnp.concatenate([s.prompt_mask, jnp.ones((slots, cache_slots - plen), jnp.int32)], axis=1)
+        h_Sx1xD, cache = model.forward_cached(
+            s.last[:, None], (s.prompt_len + at - 1)[:, None], s.cache, write_index=plen + at - 1,
+            kv_mask_BxS=kv_mask, weights=weights,
+        )  # fmt: skip
+        logits_SxV = _logits_vd(h_Sx1xD[:, 0], w_VxD)
+        tokens_S, logp_S = sample_next_token(logits_SxV, token_keys(s.rng, s.row, s.pos), cfg)
+        s = _record(s.replace(cache=cache), tokens_S, logp_S, cfg, mesh, continuous)
+        if continuous:
+            s = lax.cond(jnp.any(~s.live) & waiting(s), refill, lambda x: x, s)
+        return s
 
     return lax.while_loop(cond, body, state)
 
@@ -425,31 +630,99 @@ def _grow_cache(cache, slots: int, mesh):
     return cache.map(grow)
 
 
+def slot_layout(cfg: SamplingConfig, batch: int, mesh: Mesh | None) -> tuple[int, int]:
+    """(slots S, data shards D) of a call on `batch` prompts; ValueError if they do not fit the mesh.
+
+    S = R = batch * n (one-shot, D = 1: the rows follow the batch sharding
+    like every per-row array) unless 0 < cfg.slots < R. Then D =
+    mesh.data * mesh.fsdp, and each shard owns batch/D prompts and S/D slots:
+    both must divide.
+    """
+    rows = batch * cfg.n
+    if not 0 < cfg.slots < rows:
+        return rows, 1
+    shards = data_shards(mesh)
+    if cfg.slots % shards or batch % shards:
+        raise ValueError(
+            f"slots={cfg.slots} and {batch} prompts must both split over the {shards} data shards "
+            "(mesh data * fsdp): each shard refills its own slots from its own prompts"
+        )
+    return cfg.slots, shards
+
+
+def _canonical(cfg: SamplingConfig, batch: int, mesh) -> SamplingConfig:
+    """cfg checked against the mesh (`slot_layout`), with slots = 0 when every row gets one anyway, so
+    settings that run the same program share its compilation."""
+    slots, _ = slot_layout(cfg, batch, mesh)
+    return cfg if slots < batch * cfg.n else dataclasses.replace(cfg, slots=0)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"))
 def _sample(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: SamplingConfig, mesh) -> Rollout:
     """Prefill, then the decode segments, in one jitted function.
 
-    The KV cache is created inside, so XLA updates it in place in the loops
-    (nothing to donate); only the Rollout leaves the function.
+    The KV caches are created inside, so XLA updates them in place in the
+    loops (nothing to donate); only the Rollout leaves the function.
     """
     model = nnx.merge(graphdef, params)
-    segments = decode_segments(prompt_ids_BxP.shape[1], cfg.max_new_tokens, min_steps=cfg.segment_steps)
+    batch, plen = prompt_ids_BxP.shape
+    rows, max_new = batch * cfg.n, cfg.max_new_tokens
+    slots, shards = slot_layout(cfg, batch, mesh)
+    continuous = slots < rows
+    segments = decode_segments(plen, max_new, min_steps=cfg.segment_steps)
     # Loop-invariant, built once outside the loops: the layers' decode weights (the sampler's copy, in the
     # compute dtype) and the unembedding as [V, D] (a tied embedding already is: the transposes cancel).
     weights = model.decode_weights()
     w_VxD = model.unembedding().T
-    state = _prefill(model, weights, prompt_ids_BxP, prompt_mask_BxP, rng, cfg, mesh, slots=segments[0][1])
-    for end, slots in segments:
-        if slots > state.cache.slots:
-            state = state.replace(cache=_grow_cache(state.cache, slots, mesh))
-        state = _decode_segment(model, weights, w_VxD, state, end, cfg)
-    rows, max_new = state.tokens.shape
+    mask_BxP = prompt_mask_BxP.astype(jnp.int32)
+    chunks = prefill_chunks(cfg, batch, slots, shards)
+    prompt_cache, first_R, first_logp_R = _prefill(model, weights, w_VxD, prompt_ids_BxP, mask_BxP, rng, cfg, mesh,
+                                                   chunks, shards)
+
+    # Response token 0 of every row is drawn; rows it stopped never take a slot.
+    pad = lambda x, fill: _rows(jnp.pad(x[:, None], ((0, 0), (0, max_new - 1)), constant_values=fill), mesh)  # noqa: E731
+    decoding_R = ~_is_stop(first_R, cfg) & (max_new > 1)
+    dtype = _DTYPES[cfg.cache_dtype]
+    if continuous:
+        decoding_DxQ = _shard_view(decoding_R, shards, mesh)
+        empty = lambda shape, dt=jnp.int32: _rows(jnp.zeros(shape, dt), mesh)  # noqa: E731
+        state = _DecodeState(
+            step=jnp.int32(1), tokens=pad(first_R, cfg.pad_id), logprobs=pad(first_logp_R, 0.0),
+            row=empty(slots), pos=empty(slots), live=empty(slots, bool), last=empty(slots),
+            prompt_len=empty(slots), prompt_mask=empty((slots, plen)),
+            cache=model.init_cache(slots, segments[0][1], dtype=dtype).map(lambda x, names: _constrain(x, mesh, names)),
+            queue=jnp.argsort(~decoding_DxQ, axis=1, stable=True).astype(jnp.int32),  # decoding rows first, in order
+            next=jnp.zeros((shards,), jnp.int32), count=decoding_DxQ.sum(1, dtype=jnp.int32), rng=rng,
+        )  # fmt: skip
+        prompts = _Prompts(cache=prompt_cache, mask=mask_BxP, first=first_R)
+        refill = partial(_refill, prompts=prompts, cfg=cfg, mesh=mesh)
+        state = refill(state)
+    else:
+        rep = lambda x: _rows(jnp.repeat(x, cfg.n, axis=0), mesh)  # noqa: E731  [B, ...] -> [B*n, ...]
+        state = _DecodeState(
+            step=jnp.int32(1), tokens=pad(first_R, cfg.pad_id), logprobs=pad(first_logp_R, 0.0),
+            row=_rows(jnp.arange(rows, dtype=jnp.int32), mesh), pos=_rows(jnp.ones((rows,), jnp.int32), mesh),
+            live=decoding_R, last=first_R, prompt_len=rep(mask_BxP.sum(-1)), prompt_mask=rep(mask_BxP),
+            cache=_grow_cache(prompt_cache.map(lambda x, names: rep(x)), segments[0][1], mesh),
+            queue=jnp.zeros((1, 0), jnp.int32), next=jnp.zeros((1,), jnp.int32), count=jnp.zeros((1,), jnp.int32),
+            rng=rng,
+        )  # fmt: skip
+        refill = None
+    for k, (end, cache_slots) in enumerate(segments):
+        if cache_slots > state.cache.slots:
+            state = state.replace(cache=_grow_cache(state.cache, cache_slots, mesh))
+        last = k == len(segments) - 1
+        state = _decode_segment(model, weights, w_VxD, state, None if continuous and last else end, refill, cfg, mesh)
+    # A row's length is up to its first stop token (PAD follows it), else the whole buffer.
+    stop_RxL = _is_stop(state.tokens, cfg)
+    stopped_R = jnp.any(stop_RxL, axis=1)
+    lengths_R = jnp.where(stopped_R, jnp.argmax(stop_RxL, axis=1) + 1, max_new).astype(jnp.int32)
     return Rollout(
         tokens=state.tokens,
-        mask=(jnp.arange(max_new, dtype=jnp.int32)[None, :] < state.length[:, None]).astype(jnp.int32),
+        mask=(jnp.arange(max_new, dtype=jnp.int32)[None, :] < lengths_R[:, None]).astype(jnp.int32),
         logprobs=state.logprobs,
-        lengths=state.length,
-        finish_code=state.done.astype(jnp.int32),
+        lengths=lengths_R,
+        finish_code=stopped_R.astype(jnp.int32),
         prompt_index=jnp.arange(rows, dtype=jnp.int32) // cfg.n,
         prompt_ids=_rows(jnp.repeat(prompt_ids_BxP, cfg.n, axis=0), mesh),
         prompt_mask=_rows(jnp.repeat(prompt_mask_BxP, cfg.n, axis=0), mesh),
@@ -524,11 +797,14 @@ class Sampler:
           prompt_ids_BxP: int token ids, left-padded (the last column is each
             prompt's last token).
           prompt_mask_BxP: 1 on real tokens, 0 on the left padding.
-          rng: a JAX PRNG key; same key, same inputs -> same samples.
+          rng: a JAX PRNG key (typed, `jax.random.key`); same key, same
+            inputs -> same samples, whatever `config.slots`.
 
         With a mesh, rows split over ("data", "fsdp") when B * n divides by
         their size (else they are replicated); pass prompt arrays already
-        placed on the mesh to avoid a transfer.
+        placed on the mesh to avoid a transfer. With `config.slots` (continuous
+        batching) B and the slots must split over those data shards
+        (`slot_layout`; a ValueError before anything compiles).
         """
         cfg = self.config
         if isinstance(model, Transformer):
@@ -538,16 +814,40 @@ class Sampler:
         mask = jnp.asarray(prompt_mask_BxP, jnp.int32)
         if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ValueError(f"prompt ids {ids.shape} and mask {mask.shape} must have the same non-empty [B, P] shape")
+        cfg = _canonical(cfg, ids.shape[0], self.mesh)
         # Under the mesh the model's own activation constraints apply too.
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             return _sample(graphdef, params, ids, mask, rng, cfg=cfg, mesh=self.mesh)
 
-    def lower(self, graphdef, params, prompt_ids_BxP, prompt_mask_BxP):
-        """The jitted program `sample` runs, lowered for (possibly abstract) inputs: ShapeDtypeStructs
-        with shardings give the program without allocating anything (`entrl plan`)."""
+    def lower(self, graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng=None) -> jax.stages.Lowered:
+        """The program `sample` runs, lowered for (possibly abstract) inputs: nothing is allocated or run.
+
+        params, prompt_ids_BxP, prompt_mask_BxP: arrays or `jax.ShapeDtypeStruct`s
+        (int32 [B, P] prompts; give them the shardings `sample` would see,
+        e.g. `entrl.sharding.batch_sharding`); rng defaults to `jax.random.key(0)` (`entrl plan`).
+        `.compile().memory_analysis()` of the result is the memory the call
+        needs (KV caches included: `kv_cache_bytes`). ValueError as `sample`.
+        """
+        cfg = _canonical(self.config, prompt_ids_BxP.shape[0], self.mesh)
+        rng = jax.random.key(0) if rng is None else rng
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            return _sample.lower(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, jax.random.key(0),
-                                 cfg=self.config, mesh=self.mesh)
+            return _sample.lower(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, cfg=cfg, mesh=self.mesh)
+
+    def kv_cache_bytes(self, model_cfg, batch: int, prompt_len: int) -> dict[str, int]:
+        """Bytes of the KV caches of one call on `batch` prompts of bucket `prompt_len`.
+
+        "slots": the decoding cache, S rows x (P + L - 1) slots at its longest
+        (S = `config.slots`, or every row); "prompts": the prompts' own cache,
+        B x P, kept for refills under continuous batching (the one-shot sampler
+        repeats it into the slots and drops it); "total" the two when both live.
+        """
+        slots, _ = slot_layout(self.config, batch, None)
+        per_slot = 2 * model_cfg.num_layers * model_cfg.num_kv_heads * model_cfg.head_dim
+        per_slot *= jnp.dtype(_DTYPES[self.config.cache_dtype]).itemsize
+        length = decode_segments(prompt_len, self.config.max_new_tokens, min_steps=self.config.segment_steps)[-1][1]
+        out = dict(slots=slots * length * per_slot, prompts=batch * prompt_len * per_slot)
+        out["total"] = out["slots"] + (out["prompts"] if slots < batch * self.config.n else 0)
+        return out
 
 
 def _as_id_tuple(ids) -> tuple[int, ...]:
@@ -573,8 +873,13 @@ def generate(
     buckets: Sequence[int] | None = None,
     mesh: Mesh | None = None,
     cache_dtype: str = "float32",
+    slots: int = 0,
 ) -> Rollout:
     """Sample n responses for each prompt (a list of token-id lists).
+
+    `slots`: at most this many (prompt, sample) rows decode at once, each slot
+    refilled with the next row when its row stops (0 = every row at once);
+    the same responses for the same seed either way.
 
     `eos_ids` defaults to the model config's `eos_token_id`, `pad_id` to its
     `pad_token_id` (else the first EOS id, else 0). PAD and BOS are banned from
@@ -584,7 +889,8 @@ def generate(
     Raises:
       ValueError: an empty prompt list or prompt, a prompt longer than the
         largest bucket, token ids outside the vocabulary, n < 1, top_p outside
-        (0, 1], top_k < 0, a negative temperature, max_new_tokens < 1.
+        (0, 1], top_k < 0, a negative temperature, max_new_tokens < 1, slots
+        that (or prompts that) do not split over the mesh's data shards.
     """
     mcfg = model.cfg if isinstance(model, Transformer) else None
     if eos_ids is None and mcfg is not None:
@@ -597,7 +903,7 @@ def generate(
     banned = {pad_id} | set(_as_id_tuple(mcfg.bos_token_id if mcfg is not None else None))
     cfg = SamplingConfig(
         n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-        eos_ids=eos, pad_id=int(pad_id), banned_ids=tuple(sorted(banned)), cache_dtype=cache_dtype,
+        eos_ids=eos, pad_id=int(pad_id), banned_ids=tuple(sorted(banned)), cache_dtype=cache_dtype, slots=slots,
     )  # fmt: skip
     ids, mask = pad_prompts(prompts, pad_id=cfg.pad_id, buckets=DEFAULT_BUCKETS if buckets is None else buckets)
     if mcfg is not None:
@@ -606,6 +912,7 @@ def generate(
         bad = (ids >= vocab) | (ids < 0)
         if np.any(bad & (mask == 1)):
             raise ValueError(f"prompt token ids must lie in [0, {vocab}) (the vocabulary)")
+    slot_layout(cfg, ids.shape[0], mesh)
     if mesh is not None:
         ids, mask = (jax.device_put(x, NamedSharding(mesh, P())) for x in (ids, mask))
     return Sampler(cfg, mesh=mesh).sample(model, ids, mask, jax.random.key(seed))

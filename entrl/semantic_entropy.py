@@ -1,4 +1,4 @@
-"""Semantic entropy of a prompt's sampled final answers (SENT.md section 2).
+"""Semantic entropy of a prompt's sampled final answers (docs/method.md, "Semantic entropy of a prompt").
 
 SE(q) = -sum_k p_k ln p_k over the semantic classes C_k of the N sampled
 answers, in nats. Low SE: the model answers consistently; high SE: many
@@ -322,13 +322,23 @@ def _provenance_diff(old: dict | None, new: dict) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} on disk vs {new.get(k)!r} now" for k in keys)[:400]
 
 
+def _barrier(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def open_progress(path, provenance: dict, *, resume: bool = True) -> dict[str, dict]:
     """The finished rows of the progress file at `path` that can be reused for `provenance`.
 
     With `resume` and an equal provenance header: its rows. Otherwise (another model, n,
     temperature, dataset, ...; no header; or `resume=False`) the file is moved aside to
     `<path>.stale-<time>` (never deleted: it may be hours of sampling) and a fresh one with this
-    header is started; a mismatch is logged in one line. Only process 0 writes.
+    header is started; a mismatch is logged in one line. Only process 0 writes, after every process
+    has read the file (a barrier), so all of them decide alike.
     """
     import json
     import logging
@@ -340,11 +350,13 @@ def open_progress(path, provenance: dict, *, resume: bool = True) -> dict[str, d
 
     log = logging.getLogger("entrl.semantic_entropy")
     path = as_path(path, "progress file")
+    exists = path.exists()
     old, done = _read_progress(path)
-    if path.exists() and resume and old == provenance:
+    _barrier("entrl_se_progress_read")
+    if exists and resume and old == provenance:
         return done
     primary = jax.process_index() == 0
-    if path.exists():
+    if exists:
         if resume:
             log.warning("semantic entropy: %s holds values from other settings (%s); recomputing from scratch",
                         path, _provenance_diff(old, provenance))
@@ -355,10 +367,7 @@ def open_progress(path, provenance: dict, *, resume: bool = True) -> dict[str, d
     if primary:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"format": PROGRESS_FORMAT, "provenance": provenance}) + "\n")
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("entrl_se_progress")
+    _barrier("entrl_se_progress_written")
     return {}
 
 
@@ -374,7 +383,7 @@ def append_progress(path, rows: list[dict]) -> None:
 def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *, verifier, out_path,
                      n: int | None = None, batch_prompts: int = 64, mesh=None, seed: int | None = None,
                      resume: bool = True) -> list[dict]:
-    """SE statistics of every prompt from `n` samples of the policy (SENT.md section 2).
+    """SE statistics of every prompt from `n` samples of the policy (docs/method.md, "Semantic entropy").
 
     Samples with the rollout settings of `cfg` (`curriculum.samples` responses per prompt, T and top-p
     of `cfg.rollout`), grades them against the references (for `pass_rate`), clusters the answers and

@@ -8,7 +8,7 @@ import pytest
 from entrl.models import ModelConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from roofline import decode_roofline  # noqa: E402
+from roofline import decode_roofline, ragged_roofline, update_flops  # noqa: E402
 
 # L=1, D=2, H=K=1, Dh=2, F=2, V=4: per layer q, o, k, v are 2x2 (16 params), gate/up/down 2x2 (12);
 # matmul params 28 + the unembedding 8 = 36.
@@ -35,3 +35,23 @@ def test_sums_over_steps_and_scales_with_rates():
     assert r["decode_mem_s"] == pytest.approx(mem) and r["decode_flop_s"] == pytest.approx(flop)
     per_step = sum(max((2 * 36 + 3 * (4 + i) * 8) / 2.0, 3 * (72 + 8 * (4 + i)) / 8.0) for i in steps)
     assert r["seconds"] == pytest.approx(3 * 4 * (72 + 8 * 4 / 2) / 8.0 + per_step)
+
+
+def test_ragged_bounds_by_hand():
+    """Two rows of lengths 3 and 1 (token 0 of each from the prefill), prompt 2, 2 slots, elem 4."""
+    r = ragged_roofline(TINY, [3, 1], prompt=2, prompts=2, slots=2, bw=1.0, rate=1.0, elem=4)
+    # Decode tokens: row 0's tokens 1 and 2 (contexts 3 and 4); row 1 none. 2 tokens / 2 slots = 1 step.
+    assert r["steps_ideal"] == 1 and r["useful_tokens"] == 4
+    assert r["decode_flops"] == 2 * (2 * 36) + 8 * (3 + 4)
+    assert r["ideal_bytes"] == 1 * 4 * 36 + 16 * (3 + 4)  # weights once + K/V of 2 slots x 2 x Dh x 4 bytes
+    assert r["prefill_s"] == 2 * 2 * (72 + 8 * 2 / 2)
+    # Static shapes: 2 slots x a 4-slot cache (prompt + 3 - 1) read every step; 5 steps if told so.
+    s = ragged_roofline(TINY, [3, 1], prompt=2, prompts=2, slots=2, bw=1.0, rate=1.0, elem=4, steps=5)
+    assert s["static_bytes"] == 5 * (4 * 36 + 2 * 4 * 16)
+    assert s["ideal_s"] == r["prefill_s"] + max(r["ideal_bytes"], r["decode_flops"])
+    assert s["static_s"] == r["prefill_s"] + max(s["static_bytes"], r["decode_flops"])
+
+
+def test_update_flops_by_hand():
+    # One sequence of 1 prompt + 2 response tokens: 6 * 36 per token, attention 3 * 8 * (1 + 2 + 3).
+    assert update_flops(TINY, [1], [2]) == 3 * 6 * 36 + 3 * 8 * 6

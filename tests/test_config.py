@@ -1,5 +1,6 @@
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
@@ -61,13 +62,23 @@ def test_every_paper_preset_loads():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "configs" / "paper"
+    from entrl.ablate import METHODS
+
     files = sorted(p for p in root.rglob("*.yaml") if not p.name.startswith("_"))
-    assert len(files) == 27
+    assert len(files) == 39  # 3 models x (9 methods of the paper's comparison + 4 ablations of SENT)
     for f in files:
         cfg = C.load_config(f)
-        assert cfg.loss.name == f.stem
+        method = METHODS[f.stem]  # each file is the method of its name: its loss, and its curriculum setting
+        assert cfg.loss.name == method.loss
+        assert cfg.curriculum.enabled == (method.curriculum != "off"), f
+        if cfg.curriculum.enabled:
+            assert cfg.curriculum.order == method.curriculum and cfg.curriculum.stages == 2
+        assert cfg.train.stage_boundary == "restart"  # the released two-stage recipe
         assert cfg.train.prompts_per_step == 256 and cfg.train.minibatch_prompts == 128
         assert cfg.optim.lr == pytest.approx(1e-6) and cfg.loss.kl_coef == pytest.approx(0.001)
+    baselines = {f.stem for f in files if not C.load_config(f).curriculum.enabled}
+    assert baselines == {"grpo", "entropy_bonus", "entropy_adv", "high_entropy_mask", "clip_cov", "kl_cov",
+                         "sent_token_only"}
 
 
 def test_loss_name_and_params_validated_at_load():
@@ -96,3 +107,40 @@ def test_every_float_field_must_be_finite(key, scalar, bad):
     value = bad if scalar else f"[{bad}]"
     with pytest.raises(C.ConfigError, match=rf"^{re.escape(key)}=.*finite"):
         C.load_config(None, [f"{key}={value}"])
+
+
+def test_stage_boundary_and_its_old_spelling():
+    assert C.load_config(None).train.stage_boundary == "continue"
+    assert C.load_config(None, ["train.stage_boundary=restart"]).train.stage_boundary == "restart"
+    for old, new in ((True, "reset_optimizer"), (False, "continue")):  # old run directories keep loading
+        cfg = C.from_dict({"train": {"reset_optimizer_between_stages": old}})
+        assert cfg.train.stage_boundary == new
+    with pytest.raises(C.ConfigError, match="both given"):
+        C.load_config(None, ["train.reset_optimizer_between_stages=true", "train.stage_boundary=restart"])
+    with pytest.raises(C.ConfigError, match="continue, reset_optimizer, restart"):
+        C.load_config(None, ["train.stage_boundary=new_run"])
+    with pytest.raises(C.ConfigError, match="curriculum.order"):
+        C.load_config(None, ["curriculum.order=hard_first"])
+    with pytest.raises(C.ConfigError, match="curriculum.stages instead"):
+        C.load_config(None, ["curriculum.order=random", "curriculum.thresholds=[0.5]"])
+
+
+def test_val_and_warmstart_sections():
+    cfg = C.load_config(None, ["data.task=arithmetic", "train.eval_every=5"])  # the held-out split
+    assert cfg.val.data == "" and cfg.val.n == 1 and cfg.val.k == [1] and cfg.val.before_training
+    with pytest.raises(C.ConfigError, match="train.eval_every=5 needs an evaluation set.*val.data"):
+        C.load_config(None, ["data.task=math", "train.eval_every=5"])
+    assert C.load_config(None, ["train.eval_every=5", "val.data=math500"]).val.data == "math500"
+    with pytest.raises(C.ConfigError, match=r"val.k=\[1, 8\]"):
+        C.load_config(None, ["val.n=4", "val.k=[1, 8]"])
+    with pytest.raises(C.ConfigError, match="val.top_p"):
+        C.load_config(None, ["val.top_p=0"])
+    cfg = C.load_config(None, ["data.val_files=bench/aime24.jsonl", "trainer.val_before_train=false",
+                               "actor_rollout_ref.rollout.val_kwargs.n=4"])  # verl's names
+    assert (cfg.val.data, cfg.val.before_training, cfg.val.n) == ("bench/aime24.jsonl", False, 4)
+    with pytest.raises(C.ConfigError, match="model.path=demo and data.task=arithmetic"):
+        C.load_config(None, ["warmstart.enabled=true"])
+    cfg = C.load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml", ["warmstart.enabled=true", "warmstart.steps=10"])
+    assert cfg.warmstart.steps == 10 and cfg.warmstart.error_rate == 0.45
+    with pytest.raises(C.ConfigError, match="warmstart.error_rate"):
+        C.load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml", ["warmstart.error_rate=1.5"])

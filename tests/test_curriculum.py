@@ -83,3 +83,27 @@ def test_uniform_and_validation():
         u.epoch_order(0, 3)
     with pytest.raises(ValueError, match="stage 1 out of range"):
         u.stage_indices(1)
+
+
+def test_orders_of_the_ablation():
+    """high_to_low: the same SE quantiles, hardest first; random: stages of a seeded permutation, SE ignored."""
+    se = np.random.default_rng(2).random(40)
+    up = Curriculum(se, stages=2, seed=5)
+    down = Curriculum(se, stages=2, seed=5, order="high_to_low")
+    assert sorted(down.stage_indices(0).tolist()) == sorted(up.stage_indices(1).tolist())
+    assert se[down.stage_indices(0)].min() >= se[down.stage_indices(1)].max()
+    assert np.all(np.diff(se[down.stage_indices(0)]) <= 0)  # descending inside the stage order too
+    rand = Curriculum(se, stages=2, seed=5, order="random")
+    assert [s.size for s in (rand.stage_indices(0), rand.stage_indices(1))] == [20, 20]
+    assert sorted(np.concatenate([rand.stage_indices(0), rand.stage_indices(1)]).tolist()) == list(range(40))
+    assert se[rand.stage_indices(0)].max() > se[rand.stage_indices(1)].min()  # not an SE split
+    assert np.array_equal(rand.stage_indices(0), Curriculum(np.zeros(40), stages=2, seed=5, order="random")
+                          .stage_indices(0))  # the split does not depend on SE at all
+    assert not np.array_equal(rand.stage_indices(0), Curriculum(se, stages=2, seed=6, order="random").stage_indices(0))
+    assert rand.fingerprint() != up.fingerprint() != down.fingerprint()
+    th = Curriculum(np.array([0.0, 0.5, 1.0, 1.5, 2.0]), thresholds=[0.5, 1.6], order="high_to_low")
+    assert [th.stage_indices(s).tolist() for s in range(3)] == [[4], [3, 2, 1], [0]]
+    with pytest.raises(ValueError, match="order="):
+        Curriculum(se, order="sideways")
+    with pytest.raises(ValueError, match="random"):
+        Curriculum(se, thresholds=[0.5], order="random")

@@ -39,19 +39,27 @@ def test_demo_quick_writes_summary_checkpoint_and_plots(tmp_path):
 
 
 def test_ablate_demo_quick_table(tmp_path, capsys):
+    """The paper's design: grpo trains without the SE curriculum, sent and the curriculum-only ablation with
+    it (one annotation, shared); the table says which column used it."""
     out = tmp_path / "ablate"
-    assert main(["ablate", "demo", "--quick", "--losses", "grpo,sent", "--out", str(out)]) == 0
+    methods = "grpo,sent,sent_curriculum_only"
+    assert main(["ablate", "demo", "--quick", "--methods", methods, "--out", str(out)]) == 0
     table = (out / "ablation.md").read_text()
-    assert "| grpo |" in table and "| sent |" in table and "held-out pass@1" in table
+    assert "| grpo " in table and "| sent " in table and "pass@1" in table and "curriculum" in table
     rows = json.loads((out / "ablation.json").read_text())
-    assert [r["loss"] for r in rows] == ["grpo", "sent"]
-    # Both losses started from the same warm start and the same SE curriculum.
-    se = [(out / "seed0" / r["loss"] / "semantic_entropy.jsonl").read_text() for r in rows]
-    assert se[0] == se[1]
+    assert [r["method"] for r in rows] == ["grpo", "sent", "sent_curriculum_only"]
+    assert [r["loss"] for r in rows] == ["grpo", "sent", "grpo"]
+    assert [r["curriculum"] for r in rows] == ["off", "low->high SE, 2 stages", "low->high SE, 2 stages"]
+    grpo_line = next(line for line in table.splitlines() if line.startswith("| grpo "))
+    assert "| off " in grpo_line
+    # grpo never annotated; the curriculum runs share one annotation of the same warm start.
+    assert not (out / "seed0" / "grpo" / "semantic_entropy.jsonl").exists()
+    se = [(out / "seed0" / m / "semantic_entropy.jsonl").read_text() for m in ("sent", "sent_curriculum_only")]
+    assert se[0] == se[1] and se[0]
     # Resuming the ablation reuses finished runs (nothing retrained).
-    assert main(["ablate", "demo", "--quick", "--losses", "grpo,sent", "--out", str(out)]) == 0
+    assert main(["ablate", "demo", "--quick", "--methods", methods, "--out", str(out)]) == 0
     assert json.loads((out / "ablation.json").read_text()) == rows
-    assert "| grpo |" in capsys.readouterr().out
+    assert "| grpo " in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")

@@ -1,6 +1,6 @@
 """Tests of entrl.rl.losses.
 
-Tiers: hand-computed values written from the formulas of SENT.md (not from the code);
+Tiers: hand-computed values written from the formulas of docs/method.md (not from the code);
 an independent NumPy reference of every loss compared with the jitted, vmapped JAX
 version on many random inputs (ties, masked rows, single-token scopes); gradients;
 the released code's integer-mask gather; jit == eager; bad input.
@@ -144,19 +144,34 @@ def test_kl_cov_hand_computed():
 
 def test_clip_cov_hand_computed():
     # PPO clip (0.2) clips t1; candidates with 0 < cov < 1 and not clipped: t0 (0.08), t3 (0.48).
-    v, _, _, m = run6("clip_cov", ratio=0.4, cov_lb=0.0, cov_ub=1.0)  # k = 2: both zeroed
+    clip = {"clip_low": 0.2, "clip_high": 0.2}
+    v, _, _, m = run6("clip_cov", ratio=0.4, cov_lb=0.0, cov_ub=1.0, **clip)  # k = 2: both zeroed
     close(v[:5], [0.0, -1.2, R[2], 0.0, R[4]])
     close([m["penalized_frac"], m["clip_frac"], m["cov_max"]], [0.4, 0.2, 1.08])
     seen = set()
     for seed in range(12):  # k = 1: one of the two candidates, at random
         v, _, m = L.per_token_policy_loss("clip_cov", LP6, OLD6, A6, H6, M6, rng=jax.random.key(seed),
-                                          ratio=0.2, cov_lb=0.0, cov_ub=1.0)
+                                          ratio=0.2, cov_lb=0.0, cov_ub=1.0, **clip)
         zeroed = tuple(i for i in (0, 3) if v[0, i] == 0)
         assert len(zeroed) == 1 and float(m["penalized_frac"]) == pytest.approx(0.2)
         seen.add(zeroed)
     assert seen == {(0,), (3,)}
     with pytest.raises(ValueError, match="rng"):
         L.compute_policy_loss("clip_cov", LP6, OLD6, A6, H6, M6)
+
+
+def test_clip_cov_recipe_turns_the_ppo_clip_off():
+    """Cui et al.'s recipe (the preset): clip ratio 1 / 1, so r is clipped to [0, 2] and none of the
+    ratios 0.90 .. 1.35 is; t1 (0.08) is now a candidate too, and k = 3 zeroes t0, t1, t3."""
+    assert {k: L.PRESETS["clip_cov"][k] for k in ("clip_low", "clip_high")} == {"clip_low": 1.0, "clip_high": 1.0}
+    v, _, _, m = run6("clip_cov", ratio=0.6, cov_lb=0.0, cov_ub=1.0)
+    close(v[:5], [0.0, 0.0, R[2], 0.0, R[4]])
+    close([m["penalized_frac"], m["clip_frac"]], [0.6, 0.0])
+    v, _, _, m = run6("clip_cov", ratio=0.2, cov_lb=2.0, cov_ub=5.0)  # no candidate: plain -A r everywhere
+    close(v[:5], [-R[0], -R[1], R[2], -1.0, R[4]])
+    C.load_config(None, ["loss.name=grpo", "loss.params={clip_low: 1.0, clip_high: 1.0}"])  # accepted
+    with pytest.raises(C.ConfigError, match=r"clip_low=1.2 must be in \[0, 1\]"):
+        C.load_config(None, ["loss.name=clip_cov", "loss.params={clip_low: 1.2}"])
 
 
 def test_entropy_bonus_hand_computed():
@@ -330,7 +345,8 @@ CONFIGS = [
     ("high_en", {"rho": 0.6, "kcov": 0.5}),
     ("kl_cov", {"kcov": 0.2}),
     ("kl_cov_verl", {}),
-    ("clip_cov", {"ratio": 0.2, "cov_lb": -0.3, "cov_ub": 0.3}),
+    ("clip_cov", {"ratio": 0.2, "cov_lb": -0.3, "cov_ub": 0.3, "clip_low": 0.2, "clip_high": 0.2}),
+    ("clip_cov", {"ratio": 0.2, "cov_lb": -0.3, "cov_ub": 0.3}),  # the recipe's clip 1 / 1
     ("entropy_bonus", {"coef": 0.1}),
     ("entropy_adv", {}),
     ("high_entropy_mask", {"top_frac": 0.35}),
@@ -362,7 +378,7 @@ def np_cov(adv, logp, s):
 
 
 def np_loss(name, hp, logp, old, adv, ent, valid):
-    """Reference of SENT.md sections 5 and 7 on flat arrays; returns per-token values and sets."""
+    """Reference of docs/method.md (SENT token loss, baselines) on flat arrays; returns per-token values and sets."""
     hp = {**L.PRESETS[name], **hp}
     n = int(valid.sum())
     zero = lambda x: np.where(valid, x, 0).astype(np.float32)

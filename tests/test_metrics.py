@@ -132,7 +132,7 @@ def test_plot_two_runs(tmp_path):
         logger.log(1, {"entropy": 0.9})
 
     out = plot_runs([tmp_path / "grpo", tmp_path / "sent", tmp_path / "no_len"], tmp_path / "plots")
-    assert sorted(p.name for p in out) == ["entropy.png", "response_length.png", "reward.png"]
+    assert sorted(p.name for p in out) == ["entropy.png", "eval.png", "response_length.png", "reward.png"]
     for path in out:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
@@ -140,6 +140,38 @@ def test_plot_two_runs(tmp_path):
     assert [p.name for p in only_entropy] == ["entropy.png"]
     with pytest.raises(ValueError, match="labels"):
         plot_runs([tmp_path / "grpo"], tmp_path / "plots3", labels=["a", "b"])
+
+
+def test_eval_curves_of_every_k(tmp_path, monkeypatch):
+    """eval.png draws every eval/pass@k and eval/avg@k a run logged (accuracy vs step, step 0 = before RL),
+    pass@ first and by k; plot_mean_curves averages runs over the steps they all logged."""
+    from entrl.metrics import _eval_keys, plot_mean_curves
+
+    runs = {}
+    for seed in range(2):
+        run = tmp_path / f"s{seed}"
+        with _logger(run) as logger:
+            for step in (0, 5, 10):
+                logger.log(step, {"eval/pass@1": 0.3 + 0.01 * step, "eval/pass@16": 0.8 - 0.01 * step - seed / 10,
+                                  "eval/avg@16": 0.3, "eval/response_length": 12.0})
+                if step:
+                    logger.log(step, {"entropy": 0.2 - 0.01 * step})
+        runs[seed] = read_metrics(run)
+    assert _eval_keys(list(runs.values())) == ("eval/pass@1", "eval/pass@16", "eval/avg@16")
+    out = plot_runs([tmp_path / "s0", tmp_path / "s1"], tmp_path / "plots")
+    assert "eval.png" in [p.name for p in out]
+
+    from matplotlib.axes import Axes
+
+    calls = []
+    original = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: calls.append((a, kw)) or original(self, *a, **kw))
+    png = plot_mean_curves({"grpo": list(runs.values())}, "eval/pass@16", tmp_path / "mean.png", title="t", ylabel="y")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (xs, ys), kw = calls[-1][0][:2], calls[-1][1]
+    assert list(xs) == [0, 5, 10] and np.allclose(ys, [0.75, 0.70, 0.65]) and kw["label"] == "grpo (n=2)"
+    assert plot_mean_curves({"grpo": list(runs.values())}, "missing", tmp_path / "none.png", title="t",
+                            ylabel="y") is None
 
 
 def test_markdown_table():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import numpy as np
 import pytest
 import jax
@@ -97,21 +100,42 @@ def test_chi_square_distribution(temperature, top_k, top_p):
     assert pval > 1e-3, (counts, n_draws * expected, chi2)
 
 
-def test_record_stop_handling():
-    """EOS is kept (mask 1); later columns are PAD with log-prob 0 and do not count."""
-    cfg = SamplingConfig(max_new_tokens=4, eos_ids=(7,), pad_id=0)
-    state = sampling._DecodeState(
-        step=jnp.int32(0), tokens=jnp.zeros((2, 4), jnp.int32), logprobs=jnp.zeros((2, 4)),
-        done=jnp.zeros(2, bool), length=jnp.zeros(2, jnp.int32), prompt_len=jnp.ones(2, jnp.int32),
-        kv_mask=jnp.ones((2, 5), jnp.int32), cache=(), rng=jax.random.key(0),
+def _record_state(rows: int, slot_rows, max_new: int):
+    """A decode state of len(slot_rows) live slots (no model: the cache is empty)."""
+    slots = len(slot_rows)
+    return sampling._DecodeState(
+        step=jnp.int32(0), tokens=jnp.zeros((rows, max_new), jnp.int32), logprobs=jnp.zeros((rows, max_new)),
+        row=jnp.asarray(slot_rows, jnp.int32), pos=jnp.zeros(slots, jnp.int32), live=jnp.ones(slots, bool),
+        last=jnp.zeros(slots, jnp.int32), prompt_len=jnp.ones(slots, jnp.int32),
+        prompt_mask=jnp.ones((slots, 1), jnp.int32), cache=(), queue=jnp.zeros((1, rows), jnp.int32),
+        next=jnp.zeros(1, jnp.int32), count=jnp.zeros(1, jnp.int32), rng=jax.random.key(0),
     )  # fmt: skip
-    record = jax.jit(sampling._record, static_argnums=3)
-    for toks in ([5, 7], [9, 3], [9, 9], [7, 7]):  # one column per call: [row 0, row 1]
-        state = record(state, jnp.asarray(toks, jnp.int32), jnp.full(2, -0.5), cfg)
-    np.testing.assert_array_equal(state.tokens, [[5, 9, 9, 7], [7, 0, 0, 0]])
-    np.testing.assert_array_equal(state.length, [4, 1])
-    np.testing.assert_array_equal(state.done, [True, True])
-    np.testing.assert_array_equal(state.logprobs, [[-0.5] * 4, [-0.5, 0, 0, 0]])
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_record_stop_handling(continuous):
+    """EOS is kept; a stopped row writes nothing more (PAD / log-prob 0 stay); a row stops at the length cap.
+
+    One-shot: slot r is row r, every live row at column `step`. Continuous: slots hold rows in any
+    order (here slot 0 holds row 2, slot 1 row 0), each written at its own row and column.
+    """
+    cfg = SamplingConfig(max_new_tokens=4, eos_ids=(7,), pad_id=0)
+    slot_rows = [2, 0] if continuous else [0, 1]
+    state = _record_state(3, slot_rows, 4)
+    record = jax.jit(sampling._record, static_argnums=(3, 4, 5))
+    for toks in ([5, 7], [9, 3], [9, 9], [7, 7]):  # one draw per call: [slot 0, slot 1]
+        state = record(state, jnp.asarray(toks, jnp.int32), jnp.full(2, -0.5), cfg, None, continuous)
+    out = np.zeros((3, 4), int)
+    out[slot_rows] = [[5, 9, 9, 7], [7, 0, 0, 0]]
+    np.testing.assert_array_equal(state.tokens, out)
+    np.testing.assert_array_equal(state.pos, [4, 1])
+    np.testing.assert_array_equal(state.live, [False, False])
+    np.testing.assert_array_equal(np.asarray(state.logprobs)[slot_rows], [[-0.5] * 4, [-0.5, 0, 0, 0]])
+    # Without the EOS, slot 0's row stops at the cap: live after 3 tokens, not after 4.
+    state = _record_state(3, slot_rows, 4)
+    for i in range(4):
+        state = record(state, jnp.asarray([5, 7], jnp.int32), jnp.zeros(2), cfg, None, continuous)
+        assert bool(state.live[0]) == (i < 3)
 
 
 # ----------------------------------------------------------------------------
@@ -128,6 +152,7 @@ def test_record_stop_handling():
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(cache_dtype="int8"), "cache_dtype"),
         (dict(eos_ids=[1]), "eos_ids"),
+        (dict(slots=-1), "slots"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -248,7 +273,21 @@ def test_bfloat16_cache_close_to_float32(tiny, greedy_case):
     np.testing.assert_allclose(ro.logprobs[:, :3], base.logprobs[:, :3], atol=0.05)
 
 
-def test_sampled_logprobs_match_trainer_and_stop_masking(tiny):
+STOCHASTIC = SamplingConfig(
+    n=3, temperature=0.8, top_p=0.95, max_new_tokens=MAX_NEW, eos_ids=tuple(range(0, 40)), pad_id=PAD,
+    banned_ids=(PAD,), segment_steps=3,
+)  # fmt: skip  # EOS = ~15% of the vocabulary: most rows stop early, some at token 0, some run to the cap
+
+
+@pytest.fixture(scope="module")
+def stochastic(tiny):
+    """(prompt ids, mask, one-shot Rollout) of `STOCHASTIC` on PROMPTS, seed 0."""
+    _, model = tiny
+    ids, mask = sampling.pad_prompts(PROMPTS, pad_id=PAD, buckets=BUCKETS)
+    return ids, mask, sampling.Sampler(STOCHASTIC).sample(model, ids, mask, jax.random.key(0))
+
+
+def test_sampled_logprobs_match_trainer_and_stop_masking(tiny, stochastic):
     """Sampler log-probs == token_stats on a full forward of prompt+response; stop/PAD invariants; seeds.
 
     Runs the trainer-level `Sampler` with 3 decode segments (the KV cache grows twice).
@@ -258,16 +297,10 @@ def test_sampled_logprobs_match_trainer_and_stop_masking(tiny):
     from entrl.token_stats import token_logprobs_and_entropy
 
     _, model = tiny
-    temp, n = 0.8, 3
-    eos = tuple(range(0, 40))  # ~15% of the vocabulary: most rows stop early
-    cfg = SamplingConfig(
-        n=n, temperature=temp, top_p=0.95, max_new_tokens=MAX_NEW, eos_ids=eos, pad_id=PAD, banned_ids=(PAD,),
-        segment_steps=3,
-    )  # fmt: skip
+    cfg, (ids, mask, ro) = STOCHASTIC, stochastic
+    temp, n, eos = cfg.temperature, cfg.n, cfg.eos_ids
     assert len(sampling.decode_segments(BUCKETS[0], MAX_NEW, min_steps=3)) == 3
-    ids, mask = sampling.pad_prompts(PROMPTS, pad_id=PAD, buckets=BUCKETS)
     sampler = sampling.Sampler(cfg)
-    ro = sampler.sample(model, ids, mask, jax.random.key(0))
     rows = len(PROMPTS) * n
     assert ro.tokens.shape == ro.mask.shape == ro.logprobs.shape == (rows, MAX_NEW)
     np.testing.assert_array_equal(ro.prompt_index, np.repeat(np.arange(len(PROMPTS)), n))
@@ -313,12 +346,162 @@ def test_sharded_greedy_equals_unsharded(tiny, greedy_case):
     _, model = tiny
     _, _, kw, base = greedy_case
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    sharded = nnx.merge(*nnx.split(model))  # a copy: the fixture's model stays unsharded
+    sharded = nnx.clone(model)  # a copy: the fixture's model stays unsharded (merge(*split()) shares its Variables)
     shard_model(sharded, mesh)
     ro = sampling.generate(sharded, PROMPTS, mesh=mesh, **kw)
     assert len(ro.tokens.sharding.device_set) == 8 and not ro.tokens.sharding.is_fully_replicated
     np.testing.assert_array_equal(ro.tokens, base.tokens)
     np.testing.assert_allclose(ro.logprobs, base.logprobs, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Continuous batching: slots refilled as rows stop
+# ----------------------------------------------------------------------------
+def _finish_order(lengths, slots: int, shards: int = 1) -> list[int]:
+    """Rows in the order the slot schedule finishes them (host simulation of `_refill`: per shard, free
+    slots take that shard's next rows in order; a row of length 1 never takes a slot)."""
+    rows = len(lengths)
+    per_shard, per_slot = rows // shards, slots // shards
+    events = []
+    for d in range(shards):
+        queue = [r for r in range(d * per_shard, (d + 1) * per_shard) if lengths[r] > 1]
+        free_at = [1] * per_slot  # decode step at which each slot is free
+        for r in queue:  # the earliest-free slot (ties: lowest slot) takes the next row
+            k = min(range(per_slot), key=lambda j: (free_at[j], j))
+            free_at[k] += lengths[r] - 1
+            events.append((free_at[k], k, r))
+    return [r for *_, r in sorted(events)]
+
+
+@pytest.mark.parametrize("slots", [1, 5, 12, 17])
+def test_slots_sample_the_same_responses_as_one_shot(tiny, stochastic, slots):
+    """Fewer slots than rows (1: one row at a time; 5: not a multiple of n, rows finishing out of order),
+    as many, and more: the same tokens, log-probs and finish reasons as the one-shot sampler for the
+    same seed, and log-probs equal to the trainer's recompute (`entrl.rl.step.response_stats`)."""
+    from entrl.rl.step import response_stats
+
+    _, model = tiny
+    ids, mask, base = stochastic
+    rows = base.tokens.shape[0]
+    lengths = np.asarray(base.lengths)
+    # The case covers rows stopped by their first token (no slot), rows cut at the cap, and rows finishing
+    # in another order than they started.
+    assert (lengths == 1).any() and (lengths == MAX_NEW).any() and (base.finish_reason == "stop").any()
+    order = _finish_order(lengths, slots) if slots < rows else []
+    assert slots >= rows or slots == 1 or order != sorted(order), order
+    compiled = sampling._sample._cache_size()
+    ro = sampling.Sampler(dataclasses.replace(STOCHASTIC, slots=slots)).sample(model, ids, mask, jax.random.key(0))
+    if slots >= rows:  # the one-shot program itself: no new compilation
+        assert sampling._sample._cache_size() == compiled
+    for field in ("tokens", "mask", "lengths", "finish_code", "prompt_ids", "prompt_mask", "prompt_index"):
+        np.testing.assert_array_equal(getattr(ro, field), getattr(base, field), err_msg=field)
+    np.testing.assert_allclose(ro.logprobs, base.logprobs, rtol=0, atol=1e-5)
+    logp, _ = jax.jit(lambda m, a, b, c: response_stats(m, a, b, c, temperature=STOCHASTIC.temperature))(
+        model, ro.prompt_ids, ro.prompt_mask, ro.tokens)
+    m = np.asarray(ro.mask, bool)
+    np.testing.assert_allclose(np.asarray(ro.logprobs)[m], np.asarray(logp)[m], rtol=0, atol=1e-5)
+
+
+def _collective_groups(hlo: str, mesh) -> list[tuple[str, str, list[set[int]]]]:
+    """(shape, op, device groups) of every collective of a compiled program's HLO text."""
+    import re
+
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)  # [data, fsdp, tensor] device ids
+    out = []
+    for line in hlo.splitlines():
+        m = re.search(r"= (.+?) (all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)"
+                      r"(?:-start)?\(.*?(?:replica_groups|source_target_pairs)=(\{\{[\d,{}]*\}\}|mesh\[[^\]]*\] "
+                      r"\{[^}]*\})", line)
+        if not m:
+            continue
+        shape, op, groups = m.groups()
+        if groups.startswith("mesh"):  # iota form: the named mesh axes are reduced over, the others kept
+            axes = [int(a) for a in re.findall(r"'axis_(\d+)'", groups.split("{")[1])]
+            moved = np.moveaxis(ids, axes, list(range(ids.ndim - len(axes), ids.ndim)))
+            sets = [set(g.ravel().tolist()) for g in moved.reshape(-1, *moved.shape[ids.ndim - len(axes):])]
+        else:
+            sets = [set(map(int, g.split(","))) for g in re.findall(r"\{([\d,]+)\}", groups)]
+        out.append((shape, op, sets))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 2), (2, 2, 2)])
+def test_slots_on_a_mesh_keep_rows_on_their_shard(tiny, stochastic, shape):
+    """4 data shards (data x fsdp), 1 slot each, heads over tensor: the same responses as the unsharded
+    one-shot sampler. With params replicated over the data axis, the compiled program's collectives never
+    span two data shards except for the loop conditions (pred scalars): each shard refills its slots from
+    its own rows."""
+    from flax import nnx
+
+    from entrl.sharding import batch_sharding, make_mesh, shard_model
+
+    _, model = tiny
+    ids, mask, base = stochastic
+    mesh = make_mesh(*shape)
+    sharded = nnx.clone(model)  # a copy: the fixture's model stays unsharded (merge(*split()) shares its Variables)
+    shard_model(sharded, mesh)
+    sampler = sampling.Sampler(dataclasses.replace(STOCHASTIC, slots=4), mesh=mesh)
+    put = lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, 2))  # noqa: E731
+    ro = sampler.sample(sharded, put(ids), put(mask), jax.random.key(0))
+    assert len(ro.tokens.sharding.device_set) == 8 and not ro.tokens.sharding.is_fully_replicated
+    np.testing.assert_array_equal(ro.tokens, base.tokens)
+    np.testing.assert_allclose(ro.logprobs, base.logprobs, rtol=0, atol=1e-5)
+    if shape[1] > 1:
+        return  # fsdp gathers the weights over the data shards: the collective check needs them replicated
+    graphdef, params = nnx.split(sharded)
+    hlo = sampler.lower(graphdef, params, put(ids), put(mask)).compile().as_text()
+    ids_DxT = np.vectorize(lambda d: d.id)(mesh.devices).reshape(mesh.shape["data"] * mesh.shape["fsdp"], -1)
+    shard_of = {int(i): d for d, row in enumerate(ids_DxT) for i in row}
+    collectives = _collective_groups(hlo, mesh)
+    assert collectives, "no collectives parsed: the HLO format changed?"
+    for shape_, op, groups in collectives:
+        if all(len({shard_of[i] for i in g}) == 1 for g in groups):
+            continue  # within one data shard (the tensor axis)
+        assert op == "all-reduce" and set(re.findall(r"(\w+)\[", shape_)) == {"pred"} and "[]" in shape_, (
+            shape_, op, groups)
+
+
+def test_slots_that_do_not_split_over_the_shards_fail_before_compiling(tiny):
+    from flax import nnx
+
+    from entrl.sharding import make_mesh
+
+    _, model = tiny
+    graphdef, params = nnx.split(model)
+    ids, mask = sampling.pad_prompts(PROMPTS, pad_id=PAD, buckets=BUCKETS)
+    compiled = sampling._sample._cache_size()
+    for shape, slots, match in [((2, 2, 2), 6, "slots=6"), ((8, 1, 1), 8, "4 prompts")]:
+        sampler = sampling.Sampler(dataclasses.replace(STOCHASTIC, slots=slots), mesh=make_mesh(*shape))
+        with pytest.raises(ValueError, match=match):
+            sampler.sample((graphdef, params), ids, mask, jax.random.key(0))
+        with pytest.raises(ValueError, match=match):
+            sampler.lower(graphdef, params, ids, mask)
+        with pytest.raises(ValueError, match=match):
+            sampling.generate(model, PROMPTS, n=3, max_new_tokens=4, slots=slots, mesh=make_mesh(*shape))
+    assert sampling._sample._cache_size() == compiled
+
+
+def test_slot_kv_cache_is_sized_by_slots(tiny):
+    """`Sampler.lower` compiles without running; the one-shot program holds every row's cache, the slot
+    program S rows' (+ the prompts' own cache), as `kv_cache_bytes` counts."""
+    from flax import nnx
+
+    _, model = tiny
+    graphdef, params = nnx.split(model)
+    abstract = jax.ShapeDtypeStruct((len(PROMPTS), BUCKETS[0]), jnp.int32)
+    mem, counted = {}, {}
+    for slots in (0, 1):
+        sampler = sampling.Sampler(dataclasses.replace(STOCHASTIC, slots=slots))
+        mem[slots] = sampler.lower(graphdef, params, abstract, abstract).compile().memory_analysis().temp_size_in_bytes
+        counted[slots] = sampler.kv_cache_bytes(model.cfg, len(PROMPTS), BUCKETS[0])
+    rows = len(PROMPTS) * STOCHASTIC.n
+    per_slot = 2 * 2 * 2 * 16 * 4  # k and v x 2 layers x 2 kv heads x head_dim 16 x float32
+    assert counted[0] == dict(slots=rows * (BUCKETS[0] + MAX_NEW - 1) * per_slot,
+                              prompts=len(PROMPTS) * BUCKETS[0] * per_slot,
+                              total=rows * (BUCKETS[0] + MAX_NEW - 1) * per_slot)
+    assert counted[1]["total"] == (BUCKETS[0] + MAX_NEW - 1) * per_slot + len(PROMPTS) * BUCKETS[0] * per_slot
+    saved = counted[0]["total"] - counted[1]["total"]
+    assert mem[0] - mem[1] >= 0.5 * saved, (mem, counted)
 
 
 @pytest.mark.parametrize(

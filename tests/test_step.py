@@ -106,6 +106,62 @@ def test_global_scope_microbatching_equals_one_shot(model, batch, num_micro, sha
     assert _tree_max_diff(g1, gm) > 1e-4
 
 
+@pytest.mark.parametrize("num_micro,shards,sort", [(4, 1, False), (2, 2, True)])
+def test_length_trimmed_microbatches_equal_one_shot(model, batch, num_micro, shards, sort):
+    """Micro-batches run only up to their length bucket (3 buckets: 2, 4, 6 of the 6 response columns),
+    optionally after sorting each shard's rows by length: the update equals the untrimmed one-shot update.
+    Understating the lengths (trimming real tokens away) changes it, so the trimming is really applied."""
+    rng = jax.random.key(0)
+    resp_len = batch["resp_mask"].sum(1).astype(np.int32)
+    loss1, m1, g1 = _sgd_grads(model, batch, _settings(num_micro=1), rng)
+    mb = dict(batch, resp_len=resp_len)
+    if sort:  # rows move only inside their shard: a permutation of the mini-batch, whose loss is order-free
+        order = S.length_order(resp_len, shards, 1)
+        assert sorted(order[: N // 2]) == list(range(N // 2)) and list(order) != list(range(N))
+        mb = {k: v[order] for k, v in mb.items()}
+    trimmed = _settings(num_micro=num_micro, shards=shards, length_buckets=3)
+    buckets = S.response_buckets(LEN, 3)
+    assert buckets == (2, 4, 6)
+    micro_longest = np.asarray(S.micro_rows(jnp.asarray(mb["resp_len"]), num_micro, shards)).max(1)
+    assert min(micro_longest) <= 4  # some micro-batch runs on a shorter branch
+    loss_t, m_t, g_t = _sgd_grads(model, mb, trimmed, rng)
+    assert abs(loss1 - loss_t) < 1e-6
+    for k in ("penalized_frac", "selected_frac", "cov_max", "ref_kl", "policy_entropy"):
+        np.testing.assert_allclose(float(m1[k]), float(m_t[k]), atol=1e-6, err_msg=k)
+    assert _tree_max_diff(g1, g_t) < 1e-5
+    short = dict(mb, resp_len=np.minimum(mb["resp_len"], 2))  # every micro-batch on the 2-column branch
+    loss_s, _, g_s = _sgd_grads(model, short, trimmed, rng)
+    assert abs(loss1 - loss_s) > 1e-4 or _tree_max_diff(g1, g_s) > 1e-4
+
+
+def test_trimmed_logprobs_equal_full_and_bucket_choice(model, batch):
+    g, p = model
+    full = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "resp_ids")}
+    resp_len = batch["resp_mask"].sum(1).astype(np.int32)
+    want = S.compute_logprobs(g, p, full, temperature=T, num_micro=4, chunk_size=1024)
+    got = S.compute_logprobs(g, p, dict(full, resp_len=resp_len), temperature=T, num_micro=4, chunk_size=1024,
+                             length_buckets=3)
+    m = batch["resp_mask"] > 0
+    # Micro-batch i = rows 2i, 2i+1, run on the smallest of (2, 4, 6) columns holding its longer row:
+    # past that, the trimmed arrays are 0 (padding), the full ones are not.
+    bucket_N = np.repeat([min(b for b in (2, 4, 6) if b >= mx) for mx in resp_len.reshape(4, 2).max(1)], 2)
+    cut = np.arange(LEN)[None] >= bucket_N[:, None]
+    assert cut.any()
+    for w, x in zip(want, got):
+        np.testing.assert_allclose(np.asarray(x)[m], np.asarray(w)[m], atol=1e-6)
+        assert np.all(np.asarray(x)[cut] == 0) and np.all(np.asarray(w)[cut] != 0)
+    assert S.response_buckets(2048, 4) == (512, 1024, 1536, 2048) and S.response_buckets(5, 8) == (1, 2, 3, 4, 5)
+    idx = [int(S.bucket_index(jnp.asarray(x), (2, 4, 6))) for x in ([1, 2], [3, 1], [4, 4], [5, 0], [6, 6])]
+    assert idx == [0, 1, 1, 2, 2]
+
+
+def test_length_order_sorts_within_each_shard_block():
+    lengths = np.array([5, 1, 4, 2, 9, 3, 3, 0])  # 2 shards x 2 blocks of 2 rows
+    order = S.length_order(lengths, shards=2, blocks=2)
+    np.testing.assert_array_equal(order, [1, 0, 3, 2, 5, 4, 7, 6])
+    np.testing.assert_array_equal(S.length_order(lengths, shards=1, blocks=1), np.argsort(lengths, kind="stable"))
+
+
 def test_micro_rows_take_every_shards_block():
     x = np.arange(12)  # 3 shards of 4 rows, 2 micro-batches of 2 rows per shard
     micro = np.asarray(S.micro_rows(jnp.asarray(x), 2, 3))

@@ -43,16 +43,18 @@ TINY = ["model.demo_layers=1", "model.demo_hidden=32", "model.demo_heads=2", "ro
         "rollout.max_new_tokens=12", "train.prompts_per_step=4", "train.minibatch_prompts=2",
         "train.microbatch_per_shard=1", "data.arithmetic_train_size=64", "data.arithmetic_heldout_size=16",
         "curriculum.enabled=false", "reward.workers=1", "loss.kl_coef=0.001", "optim.lr=1e-3",
-        "train.tensorboard=false"]
+        "train.tensorboard=false", "train.length_buckets=1"]
 MESH = ["mesh.data=4", "mesh.tensor=2"]  # the 8 test devices
-# SENT.md section 11 diagnostics plus the per-phase timings of issue 8.
+# The diagnostics of docs/method.md ("What to log") plus the per-phase timings of issue 8.
 SECTION_11 = ("entropy", "reward", "accuracy", "response_length", "truncation_rate", "abs_logratio_mean", "ref_kl",
               "clip_frac", "penalized_frac", "cov_mean", "cov_max", "zero_var_group_frac",
               "batch_semantic_entropy", "stage", "time/rollout", "time/reward", "time/logprob", "time/update",
               "tokens_per_s", "loss", "grad_norm", "skipped_nonfinite")
 CURRICULUM = ["curriculum.enabled=true", "curriculum.annotate=true", "curriculum.samples=4", "curriculum.stages=2",
               "curriculum.epochs_per_stage=1", "data.arithmetic_train_size=16",
-              "train.reset_optimizer_between_stages=true", "train.eval_every=2"]
+              "train.stage_boundary=reset_optimizer", "train.eval_every=2"]
+# The released recipe's boundary: stage 2 is a new run from the stage-1 policy (reference and optimizer).
+RESTART = [*CURRICULUM[:-2], "train.stage_boundary=restart", "train.eval_every=2"]
 
 
 class ParityVerifier:
@@ -157,45 +159,104 @@ def test_bf16_compute_moves_float32_master_weights_at_paper_lr(tmp_path):
     assert moved["bfloat16"] < 0.1, moved
 
 
+def test_slots_and_length_buckets_train_exactly_as_one_shot_full_length(tmp_path):
+    """rollout.slots=8 (16 rows, 2 slots per data shard: continuous batching) with length-sorted, trimmed
+    micro-batches (train.length_buckets=4) trains exactly like the one-shot sampler with full-length
+    micro-batches: same samples (per-row draws), same losses and updates (exact trimming), step for step."""
+    extra = ["train.steps=2", "train.microbatch_per_shard=1", "loss.name=sent"]
+    base = run_trainer(make_cfg(tmp_path / "base", *extra))
+    fast = run_trainer(make_cfg(tmp_path / "fast", *extra, "rollout.slots=8", "train.length_buckets=4"))
+    assert fast.c.sampler.config.slots == 8 and fast.settings.length_buckets == 4 and fast.settings.num_micro == 2
+    records = read_metrics(tmp_path / "base")
+    assert 1 < np.mean([r["response_length"] for r in records]) < 12  # ragged: there is something to trim
+    assert_same_metrics(tmp_path / "base", tmp_path / "fast", tol=1e-5)
+    assert_same_params(base.params, fast.params, tol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Resume, corrupt checkpoints
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["plain", "curriculum"])
+def _capture_first_minibatch(seen):
+    """wrap_update that keeps (RL step, ref_logp, old_logp, mask) of each step's first mini-batch."""
+    def wrap(trainer, update):
+        def capture(params, opt_state, mb, rng):
+            if not seen or seen[-1][0] != trainer.step + 1:
+                seen.append((trainer.step + 1, *(np.asarray(mb[k]) for k in ("ref_logp", "old_logp", "resp_mask"))))
+            return update(params, opt_state, mb, rng)
+        return capture
+    return wrap
+
+
+@pytest.fixture(scope="module", params=["plain", "curriculum", "restart"])
 def resume_runs(request, tmp_path_factory):
-    """(extra overrides, straight 4-step run dir, its final params, 2-step run dir with checkpoints 1 and 2)."""
+    """(extra overrides, straight 4-step run dir, its final params, run dir stopped after `half` steps with
+    checkpoints up to there, kind, the straight run's Trainer, its first mini-batch of every step).
+
+    The curriculum has 2 steps per stage: "curriculum" stops at the boundary (step 2), "restart" after it
+    (step 3), where the reference is the stage-1 policy and no longer the initial model."""
     extra = ["train.steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=5"]
-    if request.param == "curriculum":
-        extra += CURRICULUM
+    extra += {"plain": [], "curriculum": CURRICULUM, "restart": RESTART}[request.param]
     root = tmp_path_factory.mktemp(f"resume_{request.param}")
-    straight = run_trainer(make_cfg(root / "straight", *extra))
-    half = run_trainer(make_cfg(root / "half", *extra), max_steps=2)
-    assert straight.step == 4 and half.step == 2
-    return extra, root / "straight", _host(straight.params), root / "half", request.param
+    seen = []
+    straight = run_trainer(make_cfg(root / "straight", *extra), wrap_update=_capture_first_minibatch(seen))
+    half_steps = 3 if request.param == "restart" else 2
+    half = run_trainer(make_cfg(root / "half", *extra), max_steps=half_steps)
+    assert straight.step == 4 and half.step == half_steps
+    return extra, root / "straight", _host(straight.params), root / "half", request.param, straight, seen
 
 
 def test_resume_equals_straight_run(resume_runs, tmp_path):
-    extra, straight, straight_params, half, kind = resume_runs
+    extra, straight, straight_params, half, kind, straight_trainer, _ = resume_runs
     run = tmp_path / "resumed"
     shutil.copytree(half, run)
     cfg = make_cfg(run, *extra)
     resumed = run_trainer(cfg)
-    assert [h["step"] for h in resumed.history] == [3, 4]  # it resumed at step 2
+    assert [h["step"] for h in resumed.history] == ([4] if kind == "restart" else [3, 4])  # where it stopped
     assert_same_metrics(straight, run, tol=1e-6)
     assert_same_params(straight_params, resumed.params)
-    # The reference policy is the initial model, not the resumed one.
     fresh = setup(cfg, verifier=ParityVerifier())
-    assert_same_params(fresh.ref_params, resumed.c.ref_params, tol=0)
-    if kind == "curriculum":
+    if kind == "restart":  # the stage-2 reference, read back from reference/stage1: the straight run's
+        assert (run / "reference" / "stage1").is_dir()
+        assert_same_params(straight_trainer.c.ref_params, resumed.c.ref_params, tol=0)
+        assert max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(fresh.ref_params),
+                                                                   jax.tree.leaves(resumed.c.ref_params))) > 0
+    else:  # the reference policy is the initial model, not the resumed one
+        assert_same_params(fresh.ref_params, resumed.c.ref_params, tol=0)
+    if kind != "plain":
         records = read_metrics(run)
-        assert [r["stage"] for r in records] == [0, 0, 1, 1]
-        assert "eval/pass@1" in records[1] and "eval/pass@1" in records[3]
+        assert [r["step"] for r in records] == [0, 1, 2, 3, 4]  # step 0: the initial policy (val.before_training)
+        assert [r.get("stage") for r in records] == [None, 0, 0, 1, 1]
+        assert all("eval/pass@1" in records[i] for i in (0, 2, 4)) and "eval/pass@1" not in records[1]
+
+
+def test_restart_boundary_swaps_the_reference(resume_runs):
+    """stage_boundary=restart: in the first step of stage 2 the reference log-probs ARE the stage-1 policy's
+    (the old log-probs of that step, computed with the same params), while before the boundary, and with
+    the other boundary modes, the reference stays the initial model. The optimizer starts afresh too."""
+    *_, kind, trainer, seen = resume_runs
+    if kind == "plain":
+        pytest.skip("no curriculum stages")
+    steps = {step: (ref, old, mask.astype(bool)) for step, ref, old, mask in seen}
+    assert sorted(steps) == [1, 2, 3, 4]
+    gap = {step: float(np.abs(ref - old)[mask].max()) for step, (ref, old, mask) in steps.items()}
+    assert gap[1] == 0.0  # step 1: the policy is still the initial model
+    assert gap[2] > 1e-4  # stage 1 moved it away from the reference
+    if kind == "restart":
+        assert gap[3] == 0.0, gap  # right after the boundary: reference == stage-1 policy, exactly
+        assert gap[4] > 1e-4
+    else:
+        assert gap[3] > 1e-4, gap  # reset_optimizer keeps the initial reference
+    # Both reset the optimizer at the boundary: its counters hold stage 2's 2 steps x 2 mini-batches only.
+    counts = {int(x) for path, x in jax.tree_util.tree_leaves_with_path(trainer.opt_state)
+              if "count" in jax.tree_util.keystr(path)}
+    assert counts == {4}, counts
 
 
 @pytest.mark.parametrize("resume_runs", ["plain"], indirect=True)
 def test_corrupt_latest_checkpoint_falls_back(resume_runs, tmp_path, caplog):
-    extra, straight, straight_params, half, _ = resume_runs
+    extra, straight, straight_params, half, *_ = resume_runs
     run = tmp_path / "corrupt"
     shutil.copytree(half, run)
     for f in (run / "checkpoints" / "2" / "params").rglob("*"):
@@ -212,7 +273,7 @@ def test_corrupt_latest_checkpoint_falls_back(resume_runs, tmp_path, caplog):
 @pytest.mark.parametrize("resume_runs", ["plain"], indirect=True)
 def test_fresh_start_refuses_a_directory_with_checkpoints(resume_runs, tmp_path):
     """A fresh start could never save over the old steps (orbax skips them): refused, nothing written."""
-    extra, _, _, half, _ = resume_runs
+    extra, _, _, half, *_ = resume_runs
     run = tmp_path / "used"
     shutil.copytree(half, run)
     metrics = (run / "metrics.jsonl").read_text()
@@ -223,6 +284,62 @@ def test_fresh_start_refuses_a_directory_with_checkpoints(resume_runs, tmp_path)
     finally:
         trainer.close()
     assert (run / "metrics.jsonl").read_text() == metrics
+
+
+def _problems(path, n, prefix):
+    rows = [{"id": f"{prefix}{i}", "problem": f"{1 + i % 9}+{1 + i // 9}", "answer": str(2 + i % 9 + i // 9)}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_during_training_for_the_math_task(tmp_path):
+    """data.task=math has no held-out split: train.eval_every evaluates val.data (here a local JSONL file,
+    its first 3 problems), n=2 samples each, at step 0 (the initial policy) and after every step; the
+    logged numbers are those of the policy of that step, and `entrl plot` draws them against the step."""
+    train, heldout = _problems(tmp_path / "train.jsonl", 16, "t"), _problems(tmp_path / "eval.jsonl", 5, "e")
+    run = tmp_path / "run"
+    cfg = make_cfg(run, "data.task=math", f"data.train={train}", "data.prompt_suffix=", "train.steps=2",
+                   "train.eval_every=1", f"val.data={heldout}", "val.max_problems=3", "val.n=2", "val.k=[1, 2]")
+    trainer = run_trainer(cfg)
+    assert [r.id for r in trainer.c.heldout[1]] == ["e0", "e1", "e2"]
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for r in records:
+        assert 0.0 <= r["eval/pass@1"] <= r["eval/pass@2"] + 1e-9 <= 1.0 + 1e-9 and 0 <= r["eval/avg@2"] <= 1
+        assert r["eval/response_length"] > 0
+    from entrl.evaluation import evaluate_prompts
+
+    prompts, recs = trainer.c.heldout
+    again = evaluate_prompts(trainer._eval_sampler, trainer.c.graphdef, trainer.params, trainer.c.tokenizer, prompts,
+                             [r.answer for r in recs], verifier=ParityVerifier(), n=2, ks=(1, 2),
+                             seed=cfg.train.seed + 10_000, batch_prompts=8, buckets=(8,))
+    assert (again["pass@1"], again["pass@2"]) == (records[2]["eval/pass@1"], records[2]["eval/pass@2"])
+    assert cli.main(["plot", str(run)]) == 0
+    assert (run / "plots" / "eval.png").stat().st_size > 1000
+
+
+def test_train_with_a_warm_start_makes_it_once(tmp_path):
+    """`entrl train` on a warmstart.enabled config: the demo model's noisy-teacher SFT goes to
+    <out_dir>/warmstart and RL starts from it; the resumed command reuses it (not trained again)."""
+    run = tmp_path / "run"
+    args = ["train", DEMO, *TINY, *MESH, f"train.out_dir={run}", "loss.name=entropy_bonus", "loss.kl_coef=0.0",
+            "train.only_mixed_groups=false", "warmstart.enabled=true", "warmstart.steps=3", "warmstart.problems=64",
+            "warmstart.batch=8", "train.steps=1", "train.checkpoint_every=1"]
+    assert cli.main(args) == 0
+    warm = run / "warmstart" / "model.safetensors"
+    stamp = warm.stat().st_mtime_ns
+    assert (run / "policy" / "config.json").exists()
+    assert cli.main([*args[:-2], "train.steps=2", "train.checkpoint_every=1"]) == 0  # resumes at step 1
+    assert warm.stat().st_mtime_ns == stamp and [r["step"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_eval_set_errors_are_one_line(tmp_path, capsys):
+    missing = tmp_path / "nope.jsonl"
+    code = cli.main(["train", DEMO, *TINY, *MESH, f"train.out_dir={tmp_path / 'run'}", "train.eval_every=1",
+                     f"val.data={missing}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("entrl: config error: val.data=") and "\n" not in err, err
 
 
 # ---------------------------------------------------------------------------
@@ -459,7 +576,7 @@ def _bad_jsonl(tmp_path):
     ("micro-batch vs data shards", ["mesh.data=8", "mesh.tensor=1", "train.prompts_per_step=8",
                                     "train.minibatch_prompts=8", "train.microbatch_per_shard=8"],
      "train.microbatch_per_shard"),
-    ("sampler call vs data shards", ["rollout.slots=8"], "rollout.slots"),
+    ("sampler slots vs data shards", ["rollout.slots=6"], "rollout.slots"),
     ("renamed key", ["train.microbatch_seqs=4"], "train.microbatch_per_shard"),
 ])
 def test_bad_input_fails_before_any_compile(tmp_path, capsys, case, overrides, needle):

@@ -1,10 +1,15 @@
-"""The semantic-entropy curriculum (SENT.md section 3): which prompts, in which order, per stage and epoch.
+"""The semantic-entropy curriculum (docs/method.md, "The curriculum"): which prompts, in which order,
+per stage and epoch.
 
 Design decisions:
 - Prompts are sorted ascending by semantic entropy (low SE = the model is
   consistent = easy first). Ties are broken by a seeded random permutation, so
   equal-SE prompts (very common: SE is 0 for every prompt the model always
   answers the same way) do not stay in file order.
+- `order` exists for the paper's ordering ablation: "low_to_high" (SENT),
+  "high_to_low" (the same stages visited hardest first: descending SE, so
+  the first stage holds the highest-SE prompts), "random" (the same number
+  and sizes of stages over a seeded random permutation; SE is ignored).
 - Stages are equal-count quantiles of that order (`np.array_split`: sizes
   differ by at most one), or, when `thresholds` are given, SE intervals
   `[-inf, t1), [t1, t2), ..., [tk, inf)` (a prompt exactly at a threshold goes
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 
 # Stream tags so the tie-break and the per-epoch shuffles never share a random stream.
 _TIE_BREAK, _EPOCH = 0, 1
+ORDERS = ("low_to_high", "high_to_low", "random")
 
 
 class Curriculum:
@@ -49,6 +55,7 @@ class Curriculum:
         thresholds: Sequence[float] = (),
         epochs_per_stage: int = 5,
         mode: str = "staged",
+        order: str = "low_to_high",
         seed: int = 0,
         pass_rate: np.ndarray | Sequence[float] | None = None,
         drop_trivial: bool = False,
@@ -62,6 +69,8 @@ class Curriculum:
                              "re-run the semantic-entropy annotation for those rows")
         if mode not in ("staged", "continuous"):
             raise ValueError(f"mode={mode!r}: must be 'staged' or 'continuous'")
+        if order not in ORDERS:
+            raise ValueError(f"order={order!r}: must be one of {', '.join(ORDERS)}")
         if stages < 1 or epochs_per_stage < 1:
             raise ValueError(f"stages={stages}, epochs_per_stage={epochs_per_stage}: both must be >= 1")
         if seed < 0:
@@ -70,6 +79,7 @@ class Curriculum:
         if thresholds != sorted(thresholds):
             raise ValueError(f"thresholds={thresholds}: must be ascending")
         self.mode = mode
+        self.order = order
         self.seed = int(seed)
         self.epochs_per_stage = int(epochs_per_stage)
         self.se = se
@@ -88,17 +98,23 @@ class Curriculum:
         if self.dropped_trivial:
             log.info("curriculum: dropped %d of %d prompts with pass_rate 0 or 1", self.dropped_trivial, se.size)
 
-        # Ascending SE, seeded tie-break: permute, then stable-sort the permuted values.
+        # Ascending SE, seeded tie-break: permute, then stable-sort the permuted values ("random": the
+        # permutation itself; "high_to_low": descending SE, ties in the same seeded order).
         candidates = np.flatnonzero(keep)
         perm = np.random.default_rng([self.seed, _TIE_BREAK]).permutation(candidates)
-        order = perm[np.argsort(se[perm], kind="stable")]
+        key = {"low_to_high": se[perm], "high_to_low": -se[perm], "random": np.zeros(perm.size)}[order]
+        order = perm[np.argsort(key, kind="stable")]
 
         if mode == "continuous":
             self._stages = [order]
+        elif thresholds and self.order == "random":
+            raise ValueError("thresholds split by SE value; order='random' ignores SE: give stages instead")
         elif thresholds:
             stage_of = np.searchsorted(np.asarray(thresholds), se[order], side="right")
             self._stages = [order[stage_of == s] for s in range(len(thresholds) + 1)]
-            for s, idx in enumerate(self._stages):
+            if self.order == "high_to_low":
+                self._stages = self._stages[::-1]
+            for s, idx in enumerate(self._stages if self.order == "low_to_high" else self._stages[::-1]):
                 if idx.size == 0:
                     lo = thresholds[s - 1] if s > 0 else -np.inf
                     hi = thresholds[s] if s < len(thresholds) else np.inf
@@ -159,5 +175,5 @@ class Curriculum:
 
     def __repr__(self) -> str:
         sizes = [int(s.size) for s in self._stages]
-        return (f"Curriculum(mode={self.mode!r}, stages={sizes}, epochs_per_stage={self.epochs_per_stage}, "
+        return (f"Curriculum(mode={self.mode!r}, order={self.order!r}, stages={sizes}, epochs_per_stage={self.epochs_per_stage}, "
                 f"seed={self.seed}, dropped_trivial={self.dropped_trivial})")

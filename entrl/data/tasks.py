@@ -2,7 +2,7 @@
 
 Design decisions:
 - A plain-text problem becomes the problem, a separator and the SENT
-  instruction suffix (SENT.md section 10), rendered as one user message of the
+  instruction suffix (docs/method.md, "Evaluation"), rendered as one user message of the
   tokenizer's chat template with a generation prompt. The separator is a
   newline; an empty suffix adds nothing, so the demo's prompt for `3+4*2` with
   the character tokenizer is exactly `3+4*2=` (its chat template appends `=`).

@@ -20,9 +20,10 @@ Design decisions:
   prompt gets the same RoPE phases as the unpadded one.
 - The KV cache holds per layer one keys array, transposed [B, K, Dh, S], and
   one values array [B, K, S, Dh], updated in place with
-  `lax.dynamic_update_slice` at a traced `write_index`; the caller owns the
-  slot mask. Heads-major, so both attention matmuls read the cache as it lies:
-  with the slot-major [B, S, K, Dh] layout XLA:CPU copied every layer's k and
+  `lax.dynamic_update_slice` at a traced `write_index` (one per row for
+  continuous batching: a vmapped update, i.e. a scatter of row blocks); the
+  caller owns the slot mask. Heads-major, so both attention matmuls read the
+  cache as it lies: with the slot-major [B, S, K, Dh] layout XLA:CPU copied every layer's k and
   v into this order on every decode step. Keys transposed because q k^T then
   contracts a non-minor axis, which XLA:CPU runs faster for one query per row
   (with `Attention.attend`'s T-free einsums for that case: 12-20% more decode
@@ -320,12 +321,26 @@ class DecoderLayer(nnx.Module):
             kT_BxKxDhxS, v_BxKxSxDh = kT_BxKxDhxT, v_BxKxTxDh
         else:
             cache_k, cache_v = cache
-            kT_BxKxDhxS = lax.dynamic_update_slice(cache_k, kT_BxKxDhxT.astype(cache_k.dtype), (0, 0, 0, write_index))
-            v_BxKxSxDh = lax.dynamic_update_slice(cache_v, v_BxKxTxDh.astype(cache_v.dtype), (0, 0, write_index, 0))
+            kT_BxKxDhxS = _write_slots(cache_k, kT_BxKxDhxT.astype(cache_k.dtype), write_index, axis=3)
+            v_BxKxSxDh = _write_slots(cache_v, v_BxKxTxDh.astype(cache_v.dtype), write_index, axis=2)
             cache = (kT_BxKxDhxS, v_BxKxSxDh)
         x = x_BxTxD + self.attn.attend(q, kT_BxKxDhxS, v_BxKxSxDh, mask_BxTxS, w.get("attn"))
         x = x + self.mlp(self.post_attn_norm(x, w.get("post_attn_norm")), w.get("mlp"))
         return _constrain(x, ("batch", "seq", "act_embed")), cache
+
+
+def _write_slots(cache_x: jax.Array, new_x: jax.Array, write_index: jax.Array, axis: int) -> jax.Array:
+    """Writes new_x's T slots into cache_x along the slot `axis`, from `write_index`.
+
+    A scalar index writes every row at the same slots (one in-place
+    `dynamic_update_slice`); a [B] index writes row b from its own
+    write_index[b] (a vmapped one: a scatter of B row blocks, also in place).
+    """
+    if write_index.ndim == 0:
+        starts = [0] * cache_x.ndim
+        starts[axis] = write_index
+        return lax.dynamic_update_slice(cache_x, new_x, starts)
+    return jax.vmap(lambda c, u, i: lax.dynamic_update_slice_in_dim(c, u, i, axis - 1))(cache_x, new_x, write_index)
 
 
 #: `model.remat` policies: what the backward pass keeps of each layer's forward (the rest is recomputed).
@@ -435,18 +450,21 @@ class Transformer(nnx.Module):
     def forward_cached(self, input_ids_BxT, positions_BxT, cache: KVCache, *, write_index, kv_mask_BxS, weights=None):
         """Writes the T new tokens at cache slots [write_index, write_index + T) and attends.
 
-        Query t (slot write_index + t) sees slots s <= write_index + t with
-        kv_mask_BxS[b, s] == 1 (the caller zeroes left padding, sets written
-        slots to 1). `weights`: `decode_weights()`, or None to build them here.
+        write_index: a scalar (every row at the same slots) or [B] int (row b
+        at its own slots; continuous batching, where each row of the cache is
+        at its own length). Query t of row b (slot write_index[b] + t) sees
+        slots s <= write_index[b] + t with kv_mask_BxS[b, s] == 1 (the caller
+        zeroes left padding; slots past the query are hidden whatever they
+        hold). `weights`: `decode_weights()`, or None to build them here.
         The layers are unrolled (one KV-cache array per layer; see the module
         docstring). Returns (final-normed h [B,T,D], updated cache).
         """
         T = input_ids_BxT.shape[1]
         S = cache.slots
         write_index = jnp.asarray(write_index, jnp.int32)
-        query_slot_T = write_index + jnp.arange(T, dtype=jnp.int32)
-        visible_TxS = jnp.arange(S, dtype=jnp.int32)[None, :] <= query_slot_T[:, None]
-        mask_BxTxS = visible_TxS[None] & (kv_mask_BxS[:, None, :] != 0)
+        query_slot = write_index[..., None] + jnp.arange(T, dtype=jnp.int32)  # [T] or [B, T]
+        visible = jnp.arange(S, dtype=jnp.int32) <= query_slot[..., None]  # [T, S] or [B, T, S]
+        mask_BxTxS = visible & (kv_mask_BxS[:, None, :] != 0)
         x = self._embed(input_ids_BxT)
         ks, vs = [], []
         weights = self.decode_weights() if weights is None else weights

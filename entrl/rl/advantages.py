@@ -1,4 +1,4 @@
-"""Advantages for GRPO-family RL with verifiable rewards (SENT.md section 4).
+"""Advantages for GRPO-family RL with verifiable rewards (docs/method.md, "Advantages").
 
 Design decisions:
 - Rewards arrive as one flat vector `[B * n]` with the n responses of a prompt

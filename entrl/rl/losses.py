@@ -70,7 +70,9 @@ PRESETS: dict[str, dict[str, float | str]] = {
     "high_en": dict(_SENT),  # ablation: the SENT term on the top (1 - rho) highest-entropy tokens
     "kl_cov": {"kcov": 0.002, "beta": 1.0},  # Cui et al. 2025, paper defaults
     "kl_cov_verl": {"kcov": 0.0002, "beta": 0.1},  # Cui et al. 2025, verl yaml defaults
-    "clip_cov": {"clip_low": 0.2, "clip_high": 0.2, "ratio": 0.0002, "cov_lb": 1.0, "cov_ub": 5.0},
+    # Cui et al. 2025's recipe (verl recipe/entropy/*_clip_cov.sh): clip ratio 1 / 1, i.e. r clipped to
+    # [0, 2], which almost never binds: the covariance-selected detachment is the only constraint.
+    "clip_cov": {"clip_low": 1.0, "clip_high": 1.0, "ratio": 0.0002, "cov_lb": 1.0, "cov_ub": 5.0},
     "entropy_bonus": {"coef": 0.001, **_CLIP},
     "entropy_adv": {"alpha": 0.4, "kappa": 2.0, **_CLIP},
     "high_entropy_mask": {"top_frac": 0.2, **_CLIP},
@@ -80,7 +82,7 @@ _FRAC = (lambda v: 0 < v <= 1, "in (0, 1]")
 _NONNEG = (lambda v: v >= 0, ">= 0")
 # name -> (predicate on the float value, what the predicate requires)
 _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "clip_low": (lambda v: 0 <= v <= 1, "in [0, 1] (1: no lower clip, as Clip-Cov's recipe)"),
     "clip_high": _NONNEG,
     "dual_clip": (lambda v: v > 1, "> 1 (.inf turns the dual clip off)"),
     "rho": _FRAC, "kcov": _FRAC, "ratio": _FRAC, "top_frac": _FRAC,
@@ -128,7 +130,7 @@ def resolve_params(name: str, params: dict) -> dict:
 register_loss_validator(validate_loss_params)
 
 # ---------------------------------------------------------------------------
-# Aggregation (SENT.md section 8)
+# Aggregation (docs/method.md, "Aggregation")
 # ---------------------------------------------------------------------------
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -175,7 +177,7 @@ def aggregate(values_BxT, mask_BxT, mode: str, *, max_len: int | None = None):
 
 
 # ---------------------------------------------------------------------------
-# Reference KL (SENT.md section 6)
+# Reference KL (docs/method.md, "Reference KL")
 # ---------------------------------------------------------------------------
 
 KL_KINDS = ("k1", "k2", "k3")
@@ -273,7 +275,7 @@ def _ratio(logratio_N):
 
 
 def clipped_pg(adv, logratio, *, clip_low: float, clip_high: float, dual_clip: float):
-    """GRPO/PPO clipped surrogate per token, with dual clip (SENT.md section 7).
+    """GRPO/PPO clipped surrogate per token, with dual clip (docs/method.md, "Baselines").
 
       r = exp(clamp(logp - old, -20, 20))
       pg = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
@@ -328,7 +330,7 @@ def _sent_term(logp, old, adv, valid, set_N, *, kcov, beta, base_mult, high_mult
 
 
 def _sent(logp, old, adv, ent, valid, rng, *, rho, **hp):
-    """`sent` / `sent_released`: KL-style constraint on low-entropy tokens (Cao et al. 2025, SENT.md section 5).
+    """`sent` / `sent_released`: KL-style constraint on low-entropy tokens (Cao et al. 2025; docs/method.md).
 
     With n valid tokens in scope:
       L   = the k_L = max(1, floor(rho n)) valid tokens of lowest sg(H) (ties by position)
@@ -381,7 +383,8 @@ def _kl_cov(logp, old, adv, ent, valid, rng, *, kcov, beta):
 def _clip_cov(logp, old, adv, ent, valid, rng, *, clip_low, clip_high, ratio, cov_lb, cov_ub):
     """`clip_cov` ("w/ Clip", Cui et al. 2025, arXiv 2505.22617), as in verl.
 
-      pg_t  = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))   (no dual clip, as verl)
+      pg_t  = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))   (no dual clip, as verl;
+              the preset's clip_low = clip_high = 1 is the authors' recipe: r in [0, 2])
       cov_t = (A_t - mean A)(logp_t - mean logp) over the valid tokens, detached
       candidates: valid, not already clipped by the PPO clip, cov_lb < cov_t < cov_ub
       min(max(1, floor(ratio n)), #candidates) candidates drawn uniformly at random

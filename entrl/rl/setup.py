@@ -69,12 +69,12 @@ def check_batch_layout(cfg: C.RunConfig, shards: int, processes: int = 1) -> Non
     if t.prompts_per_step % processes:
         raise C.ConfigError(f"train.prompts_per_step={t.prompts_per_step} is not divisible by the "
                             f"{processes} processes")
-    prompts_per_call = (cfg.rollout.slots // n) if cfg.rollout.slots else t.prompts_per_step
-    if prompts_per_call % shards:  # each sampler call splits its prompts over the data shards
-        what = (f"rollout.slots={cfg.rollout.slots} ({prompts_per_call} prompts per sampler call)"
-                if cfg.rollout.slots else f"train.prompts_per_step={t.prompts_per_step}")
-        raise C.ConfigError(f"{what} must be divisible by the {shards} data shards (mesh.data * mesh.fsdp); "
-                            "change it or the mesh (e.g. more mesh.tensor)")
+    if t.prompts_per_step % shards:  # the sampler splits the step's prompts over the data shards
+        raise C.ConfigError(f"train.prompts_per_step={t.prompts_per_step} must be divisible by the {shards} data "
+                            "shards (mesh.data * mesh.fsdp); change it or the mesh (e.g. more mesh.tensor)")
+    if 0 < cfg.rollout.slots < t.prompts_per_step * n and cfg.rollout.slots % shards:
+        raise C.ConfigError(f"rollout.slots={cfg.rollout.slots} must be a multiple of the {shards} data shards "
+                            "(mesh.data * mesh.fsdp): each shard decodes its own prompts in its own slots")
     rows = t.minibatch_prompts * n
     if rows % shards or rows % (shards * C.microbatch_per_shard(cfg, shards)):
         raise C.ConfigError(
@@ -245,8 +245,9 @@ def build_records(cfg: C.RunConfig):
     d = cfg.data
     if d.task == "arithmetic":
         task = arithmetic_task(cfg)
-        train = task.make_problems(d.arithmetic_train_size, seed=cfg.train.seed, split="train")
-        held = task.make_problems(d.arithmetic_heldout_size, seed=cfg.train.seed, split="heldout")
+        seed = d.arithmetic_seed if d.arithmetic_seed >= 0 else cfg.train.seed
+        train = task.make_problems(d.arithmetic_train_size, seed=seed, split="train")
+        held = task.make_problems(d.arithmetic_heldout_size, seed=seed, split="heldout")
         return train, held
     if not d.train:
         raise C.ConfigError("data.train is empty: give a JSONL/Parquet path or a hub id")
@@ -287,6 +288,8 @@ def build_curriculum(cfg: C.RunConfig, records, se_values=None):
     cur = cfg.curriculum
     if not cur.enabled:
         return Curriculum.uniform(len(records), cur.epochs_per_stage, cur.seed)
+    if se_values is None and not needs_semantic_entropy(cfg):  # order=random: stages ignore SE
+        se_values = np.zeros(len(records))
     if se_values is None:
         col = cur.se_column
         missing = [r.id for r in records if col not in r.extra]
@@ -298,8 +301,40 @@ def build_curriculum(cfg: C.RunConfig, records, se_values=None):
     if cur.drop_trivial:
         pass_rate = np.array([float(r.extra.get("pass_rate", 0.5)) for r in records])
     return Curriculum(np.asarray(se_values, np.float64), stages=cur.stages, thresholds=tuple(cur.thresholds),
-                      epochs_per_stage=cur.epochs_per_stage, mode=cur.mode, seed=cur.seed,
+                      epochs_per_stage=cur.epochs_per_stage, mode=cur.mode, order=cur.order, seed=cur.seed,
                       pass_rate=pass_rate, drop_trivial=cur.drop_trivial)
+
+
+def needs_semantic_entropy(cfg: C.RunConfig) -> bool:
+    """Whether the curriculum reads per-prompt SE (or the annotation's pass rates, for drop_trivial)."""
+    cur = cfg.curriculum
+    return cur.enabled and (cur.order != "random" or cur.drop_trivial)
+
+
+def build_val_set(cfg: C.RunConfig, tokenizer, heldout_records=None):
+    """(prompt tokens, records) that `train.eval_every` evaluates, or None when it is off.
+
+    `val.data` names a benchmark (`entrl.benchmarks.BENCHMARKS`, read from `eval.data_dir` or the hub) or
+    a JSONL/Parquet file; empty, it is the task's held-out split (`heldout_records`). `val.max_problems`
+    keeps the first N.
+    """
+    v = cfg.val
+    if not cfg.train.eval_every:
+        return None
+    if v.data:
+        from entrl.benchmarks import load_benchmark
+
+        try:
+            records = load_benchmark(v.data, data_dir=cfg.eval.data_dir or None, max_problems=v.max_problems).records
+        except (FileNotFoundError, KeyError, ValueError, ImportError) as e:
+            raise C.ConfigError(f"val.data={v.data!r}: {e}") from None
+    else:
+        if heldout_records is None:  # RunConfig refuses this combination; a hand-built config may not
+            raise C.ConfigError("train.eval_every needs val.data (this task has no held-out split)")
+        records = list(heldout_records[:v.max_problems] if v.max_problems else heldout_records)
+    if not records:
+        raise C.ConfigError(f"val.data={v.data!r} holds no problems")
+    return tokenize(cfg, records, tokenizer)
 
 
 def cache_dtype(cfg: C.RunConfig, setting: str) -> str:
@@ -317,8 +352,10 @@ def reference_params(cfg: C.RunConfig, params):
 
 
 def build_sampler(cfg: C.RunConfig, tokenizer, mesh, *, n: int | None = None, max_new_tokens: int | None = None,
-                  temperature: float | None = None, top_p: float | None = None):
-    """The rollout sampler (PAD and BOS banned from responses; stop on EOS / end-of-turn ids)."""
+                  temperature: float | None = None, top_p: float | None = None, slots: int = 0):
+    """A sampler with the run's rollout settings (PAD and BOS banned from responses; stop on EOS / end-of-turn
+    ids). `slots`: continuous batching (`entrl.sampling`); the training rollout passes `rollout.slots`, the
+    evaluation and annotation samplers (other batch shapes) decode every row at once."""
     from entrl.sampling import Sampler, SamplingConfig
 
     r = cfg.rollout
@@ -326,7 +363,7 @@ def build_sampler(cfg: C.RunConfig, tokenizer, mesh, *, n: int | None = None, ma
     sc = SamplingConfig(n=n or r.n, temperature=r.temperature if temperature is None else temperature,
                         top_p=top_p or r.top_p, top_k=r.top_k, max_new_tokens=max_new_tokens or r.max_new_tokens,
                         eos_ids=tuple(tokenizer.stop_token_ids), pad_id=tokenizer.pad_token_id,
-                        banned_ids=tuple(sorted(banned)), cache_dtype=cache_dtype(cfg, r.cache_dtype))
+                        banned_ids=tuple(sorted(banned)), cache_dtype=cache_dtype(cfg, r.cache_dtype), slots=slots)
     return Sampler(sc, mesh=mesh)
 
 
@@ -354,8 +391,9 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
     prompt_tokens, records = tokenize(cfg, records, tokenizer)
     graphdef, params = build_model(cfg, mesh, tokenizer)
     ref_params = reference_params(cfg, params)
-    sampler = build_sampler(cfg, tokenizer, mesh)
-    if cfg.curriculum.enabled and se_values is None and any(cfg.curriculum.se_column not in r.extra for r in records):
+    sampler = build_sampler(cfg, tokenizer, mesh, slots=cfg.rollout.slots)
+    if needs_semantic_entropy(cfg) and se_values is None and any(cfg.curriculum.se_column not in r.extra
+                                                                  for r in records):
         if not cfg.curriculum.annotate:
             build_curriculum(cfg, records)  # raises the missing-column error
         from entrl.semantic_entropy import annotate_prompts
@@ -373,10 +411,7 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
     pipeline = PromptPipeline(prompt_tokens, curriculum, batch_size=per_process, pad_id=tokenizer.pad_token_id,
                               buckets=tuple(cfg.rollout.prompt_buckets), process_index=jax.process_index(),
                               process_count=jax.process_count())
-    held = None
-    if heldout is not None:
-        held_tokens, held_records = tokenize(cfg, heldout, tokenizer)
-        held = (held_tokens, held_records)
+    held = build_val_set(cfg, tokenizer, heldout)
     return Components(cfg=cfg, mesh=mesh, graphdef=graphdef, params=params, ref_params=ref_params,
                       tokenizer=tokenizer, records=records, prompt_tokens=prompt_tokens, curriculum=curriculum,
                       pipeline=pipeline, sampler=sampler, verifier=verifier, heldout=held)
@@ -469,6 +504,10 @@ def train_from_config(cfg: C.RunConfig, *, resume: bool = True, overwrite: bool 
     run_dir = R.RunDir.open(cfg.train.out_dir, resume=resume, overwrite=overwrite, config=C.to_dict(cfg))
     try:
         check_memory(cfg)
+        if cfg.warmstart.enabled:  # the demo model's noisy-teacher SFT, once per run directory
+            from entrl.demo import warm_started
+
+            cfg = warm_started(cfg, run_dir.path / "warmstart")
         comps = setup(cfg)
         trainer = Trainer(comps, run_dir=run_dir)
         try:

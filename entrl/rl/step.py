@@ -25,6 +25,20 @@ Design decisions:
   micro-batch is its own scope, and the loss is the mean over shards and
   micro-batches: what verl computes, with each GPU selecting tokens in its own
   micro-batch and data parallelism averaging the gradients.
+- Length-aware micro-batches: responses are padded to `max_new_tokens` (L),
+  but a micro-batch is run through the model only up to its longest
+  response, rounded up to one of `length_buckets` lengths ceil(L k / K).
+  Each bucket is one branch of a `lax.switch` chosen on device from the
+  rows' lengths (`resp_len`), so one program serves every step; each branch
+  holds a whole forward + backward, so only the taken branch's activations
+  exist (a switch inside the differentiated function would keep residuals
+  for every branch). The trimmed log-probs are zero-padded back to L before
+  the loss, so the loss, its token selection and its normalisers see the
+  same [N, L] arrays as without trimming: exact (log-probs are causal, so
+  the columns kept do not change). `length_order` sorts each shard's rows
+  of each mini-batch by length (a permutation inside the shard, applied by
+  the trainer under the global scope, where a mini-batch's loss does not
+  depend on its row order), so most micro-batches are short.
 - A step whose loss or gradient norm is non-finite leaves params and optimizer
   state untouched (selected with `jnp.where` inside the jitted step, so the
   donated buffers are reused) and reports `skipped_nonfinite = 1`.
@@ -37,6 +51,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -58,6 +73,7 @@ class StepSettings:
     num_micro: int = 1  # micro-batches per mini-batch (gradient accumulation)
     shards: int = 1  # data shards the batch is split over (mesh.data * mesh.fsdp; see `micro_rows`)
     chunk_size: int = 512  # token chunk of the log-prob/entropy computation (benchmarks/bench_token_stats.py)
+    length_buckets: int = 1  # micro-batch response lengths compiled: ceil(L k / K), k = 1..K (1 = always L)
 
     @property
     def params_dict(self) -> dict:
@@ -105,23 +121,72 @@ def from_micro_rows(x, shards: int = 1):
     return jnp.swapaxes(x, 0, 1).reshape((num_micro * m,) + x.shape[3:])
 
 
+def response_buckets(max_len: int, count: int) -> tuple[int, ...]:
+    """The response lengths micro-batches are trimmed to: ceil(L k / K) for k = 1..K, distinct, ending at L."""
+    return tuple(sorted({-(-max_len * k // count) for k in range(1, max(count, 1) + 1)}))
+
+
+def bucket_index(resp_len_M, buckets: tuple[int, ...]):
+    """Index of the smallest bucket that holds the longest of the rows' responses ([] int32)."""
+    longest = jnp.max(resp_len_M)
+    return jnp.sum(longest > jnp.asarray(buckets[:-1], jnp.int32)).astype(jnp.int32)
+
+
+def resp_lengths(batch: dict):
+    """[N] response lengths: `resp_len` if the batch has it, else the extent of `resp_mask`, else L for every row."""
+    if "resp_len" in batch:
+        return jnp.asarray(batch["resp_len"], jnp.int32)
+    n, max_len = batch["resp_ids"].shape
+    if "resp_mask" in batch:
+        cols = jnp.arange(1, max_len + 1, dtype=jnp.int32)
+        return jnp.max(jnp.where(jnp.asarray(batch["resp_mask"]) > 0, cols, 0), axis=1)
+    return jnp.full((n,), max_len, jnp.int32)
+
+
+def length_order(lengths_N, shards: int, blocks: int) -> np.ndarray:
+    """[N] host permutation: each shard's rows, block by block, in order of increasing length (stable).
+
+    Shard s holds rows [s N/S, (s+1) N/S) split into `blocks` consecutive blocks (the mini-batches: see
+    `micro_rows`); rows only move inside their block, so no row changes shard or mini-batch, and the
+    micro-batches of a mini-batch, each shard's consecutive rows, become runs of similar length.
+    """
+    lengths_N = np.asarray(lengths_N)
+    groups = lengths_N.reshape(shards * blocks, -1)
+    order = np.argsort(groups, axis=1, kind="stable") + np.arange(groups.shape[0])[:, None] * groups.shape[1]
+    return order.reshape(-1)
+
+
+def _trimmed_stats(model, mb: dict, length: int, *, temperature: float, chunk_size: int):
+    """`response_stats` on the first `length` response columns, zero-padded back to L."""
+    max_len = mb["resp_ids"].shape[1]
+    logp, ent = response_stats(model, mb["prompt_ids"], mb["prompt_mask"], mb["resp_ids"][:, :length],
+                               temperature=temperature, chunk_size=chunk_size)
+    pad = ((0, 0), (0, max_len - length))
+    return jnp.pad(logp, pad), jnp.pad(ent, pad)
+
+
 def batched_response_stats(graphdef, params, batch: dict, *, temperature: float, num_micro: int, chunk_size: int,
-                           shards: int = 1):
-    """Detached log-probs/entropies of a whole batch, one micro-batch at a time (lax.map)."""
+                           shards: int = 1, length_buckets: int = 1):
+    """Detached log-probs/entropies of a whole batch, one micro-batch at a time (lax.map), each run up to its
+    length bucket (`resp_len` of the batch, see `resp_lengths`)."""
     model = nnx.merge(graphdef, params)
+    buckets = response_buckets(batch["resp_ids"].shape[1], length_buckets)
 
     def one(mb):
-        return response_stats(model, mb["prompt_ids"], mb["prompt_mask"], mb["resp_ids"],
-                              temperature=temperature, chunk_size=chunk_size)
+        branches = [lambda m, b=b: _trimmed_stats(model, m, b, temperature=temperature, chunk_size=chunk_size)
+                    for b in buckets]
+        if len(branches) == 1:
+            return branches[0](mb)
+        return jax.lax.switch(bucket_index(mb["resp_len"], buckets), branches, mb)
 
-    parts = {k: micro_rows(batch[k], num_micro, shards) for k in ("prompt_ids", "prompt_mask", "resp_ids")}
-    logp, ent = jax.lax.map(one, parts)
+    full = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "resp_ids")} | {"resp_len": resp_lengths(batch)}
+    logp, ent = jax.lax.map(one, {k: micro_rows(v, num_micro, shards) for k, v in full.items()})
     return (jax.lax.stop_gradient(from_micro_rows(logp, shards)),
             jax.lax.stop_gradient(from_micro_rows(ent, shards)))
 
 
-compute_logprobs = jax.jit(batched_response_stats,
-                           static_argnames=("graphdef", "temperature", "num_micro", "chunk_size", "shards"))
+compute_logprobs = jax.jit(batched_response_stats, static_argnames=("graphdef", "temperature", "num_micro",
+                                                                   "chunk_size", "shards", "length_buckets"))
 
 
 # ---------------------------------------------------------------------------
@@ -178,18 +243,19 @@ def _policy_objective(logp_NxL, ent_NxL, mb: dict, rng, s: StepSettings):
 def _grads(graphdef, params, mb_all: dict, rng, s: StepSettings):
     """Loss, metrics and summed gradients over the micro-batches of one mini-batch."""
     n_micro, shards = s.num_micro, s.shards
+    mb_all = dict(mb_all, resp_len=resp_lengths(mb_all))
     micro = {k: micro_rows(v, n_micro, shards) for k, v in mb_all.items()}  # [n_micro, N / n_micro, ...]
     splice = s.scope == "global" and n_micro > 1
     if splice:
         logp_sg, ent_sg = batched_response_stats(graphdef, params, mb_all, temperature=s.temperature,
-                                                 num_micro=n_micro, chunk_size=s.chunk_size, shards=shards)
+                                                 num_micro=n_micro, chunk_size=s.chunk_size, shards=shards,
+                                                 length_buckets=s.length_buckets)
         logp_sg, ent_sg = micro_rows(logp_sg, n_micro, shards), micro_rows(ent_sg, n_micro, shards)
 
-    def micro_loss(p, i):
+    def micro_loss(p, i, length: int):
         model = nnx.merge(graphdef, p)
         mb = {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in micro.items()}
-        logp, ent = response_stats(model, mb["prompt_ids"], mb["prompt_mask"], mb["resp_ids"],
-                                   temperature=s.temperature, chunk_size=s.chunk_size)
+        logp, ent = _trimmed_stats(model, mb, length, temperature=s.temperature, chunk_size=s.chunk_size)
         if s.scope == "global":
             if splice:  # the live values spliced into the detached full arrays (see module docstring)
                 logp = from_micro_rows(jax.lax.dynamic_update_index_in_dim(logp_sg, logp, i, 0), shards)
@@ -202,7 +268,16 @@ def _grads(graphdef, params, mb_all: dict, rng, s: StepSettings):
             per_shard(logp), per_shard(ent), jax.tree.map(per_shard, mb), keys)
         return loss.mean() / n_micro, jax.tree.map(jnp.mean, metrics)
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    # One forward + backward per length bucket; micro-batch i takes the branch of its longest response.
+    buckets = response_buckets(mb_all["resp_ids"].shape[1], s.length_buckets)
+    branches = [lambda p, i, b=b: jax.value_and_grad(micro_loss, has_aux=True)(p, i, b) for b in buckets]
+
+    def grad_fn(p, i):
+        if len(branches) == 1:
+            return branches[0](p, i)
+        return jax.lax.switch(bucket_index(jax.lax.dynamic_index_in_dim(micro["resp_len"], i, keepdims=False),
+                                           buckets), branches, p, i)
+
     if n_micro == 1:
         (loss, metrics), grads = grad_fn(params, 0)
         return loss, metrics, grads
@@ -226,7 +301,8 @@ def update_step(graphdef, optimizer: optax.GradientTransformation, params, opt_s
     """One optimizer step on one mini-batch. Pure; jit with `jit_update_step`.
 
     minibatch keys: prompt_ids/prompt_mask [N, P], resp_ids/resp_mask/old_logp/ref_logp [N, L],
-    advantages [N] (broadcast over each response's tokens).
+    advantages [N] (broadcast over each response's tokens); optional resp_len [N] (the responses' lengths,
+    which bound the trimmed forward; default: the extent of resp_mask).
     Returns (params, opt_state, metrics). Non-finite loss/gradients leave the state unchanged.
     """
     missing = [k for k in _BATCH_KEYS if k not in minibatch]

@@ -11,6 +11,21 @@ Design decisions:
 - The reference policy is the initial policy (the model at `model.path`, or the
   seeded random init of the built-in demo model); it is rebuilt, not stored,
   on resume. It is skipped entirely when `loss.kl_coef == 0`.
+- Curriculum stage boundaries (`train.stage_boundary`): `continue` keeps the
+  optimizer and the reference (one run over all stages); `reset_optimizer`
+  starts a fresh optimizer; `restart` is the released two-stage recipe, where
+  stage 2 is a new run from the stage-1 policy: fresh optimizer, and the
+  current policy becomes the reference. That reference is no longer the
+  initial model, so it is written once to `<out_dir>/reference/stage<k>/`
+  when stage k starts (before any checkpoint of stage k exists) and read back
+  when a run resumes in stage k; earlier stages' copies stay, so a fallback to
+  an older checkpoint finds its reference too.
+- Evaluation during training (`train.eval_every`, set `val`): n samples per
+  problem of a fixed problem set (the task's held-out split, a benchmark or a
+  file), logged as `eval/pass@k`, `eval/avg@k`; the sampling key is the same
+  at every evaluation, so differences between steps are the policy's, not
+  the draw's. With `val.before_training` the initial policy is evaluated at
+  step 0 of a fresh run.
 - Multi-host: every process runs this same loop. Prompt batches are
   process-local and assembled into global arrays. Each host decodes and
   verifies only the responses its own devices hold (`entrl.multihost.local_rows`;
@@ -78,7 +93,7 @@ class Components:
     pipeline: Any
     sampler: Any
     verifier: Any
-    heldout: tuple | None = None  # (prompt_tokens, records) for periodic evaluation
+    heldout: tuple | None = None  # (prompt_tokens, records) of the `val` set, evaluated every train.eval_every steps
 
 
 # ---------------------------------------------------------------------------
@@ -100,7 +115,7 @@ def group_stats(rewards: np.ndarray, n: int) -> dict:
 
 
 def batch_semantic_entropy(answers: list, n: int, verifier=None) -> float:
-    """Mean semantic entropy of the batch's prompts, from their own n rollouts (SENT.md sec. 11)."""
+    """Mean semantic entropy of the batch's prompts, from their own n rollouts (docs/method.md, "What to log")."""
     from entrl.semantic_entropy import batch_prompt_stats
 
     groups = [answers[i:i + n] for i in range(0, len(answers), n)]
@@ -143,6 +158,7 @@ def step_settings(cfg: C.RunConfig, shards: int = 1) -> S.StepSettings:
         temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
         num_micro=rows // (shards * C.microbatch_per_shard(cfg, shards)),
         shards=shards,
+        length_buckets=cfg.train.length_buckets,
     )
 
 
@@ -214,6 +230,8 @@ class Trainer:
         self.params, self.opt_state = restored.params, restored.opt_state
         self.step = int(restored.meta["step"])
         self.stage = int(restored.meta.get("stage", 0))
+        if self._restarts_reference() and self.stage > 0:
+            self.c.ref_params = self._restore_reference(self.stage)
         self.c.pipeline.set_state(restored.data_state)
         self.logger.truncate_after(self.step)
         log.info("resumed from step %d (stage %d)", self.step, self.stage)
@@ -245,35 +263,23 @@ class Trainer:
         return metrics
 
     def _rollout(self, batch, rng) -> dict:
-        """rollout.n responses per prompt, in sampler calls of at most `rollout.slots` rows.
+        """rollout.n responses per prompt: one sampler call on the step's prompts.
 
-        Returns the rollout's arrays as global arrays of all R rows, in the step's row order: shard-major
-        (each data shard's rows of every call, call after call), so joining the calls moves no data;
-        `order[r]` = the row's position in the calls' concatenation (call-major, process-major inside).
+        With `rollout.slots` the sampler decodes at most that many rows at once, refilling each data
+        shard's slots from its own prompts (`entrl.sampling`). Returns the rollout's arrays as global
+        arrays of all R rows in the step's row order: prompt-major (rows of a prompt contiguous), the
+        prompts in process order, so each data shard's rows are contiguous.
         """
-        cfg, c = self.cfg, self.c
-        n, local = cfg.rollout.n, len(batch.indices)
-        calls = (cfg.train.prompts_per_step * n) // cfg.rollout.slots if cfg.rollout.slots else 1
-        per_call = local // calls  # this process's prompts per call
-        parts = []
-        for k in range(calls):
-            rows = slice(k * per_call, (k + 1) * per_call)
-            ids, pmask = batch.input_ids[rows], batch.attention_mask[rows]
-            if c.mesh is not None:
-                from entrl.sharding import shard_batch
+        c = self.c
+        ids, pmask = batch.input_ids, batch.attention_mask
+        if c.mesh is not None:
+            from entrl.sharding import shard_batch
 
-                ids, pmask = shard_batch(ids, c.mesh), shard_batch(pmask, c.mesh)
-            roll = c.sampler.sample((c.graphdef, self.params), ids, pmask, jax.random.fold_in(rng, k))
-            parts.append({f.name: getattr(roll, f.name) for f in dataclasses.fields(roll)})
-        shards = self.settings.shards
-        joined = parts[0] if calls == 1 else _join_shardwise(parts, shards)
-        # Host bookkeeping in the same order: prompt index of each row.
-        call_rows = per_call * jax.process_count() * n
-        order = np.arange(calls * call_rows).reshape(calls, shards, call_rows // shards).transpose(1, 0, 2).ravel()
-        local_idx = np.asarray(batch.indices).reshape(calls, per_call)
-        prompt_of_call_row = np.concatenate([np.repeat(allgather_local(local_idx[k]), n) for k in range(calls)])
-        joined["row_prompt"] = prompt_of_call_row[order]
-        return joined
+            ids, pmask = shard_batch(ids, c.mesh), shard_batch(pmask, c.mesh)
+        roll = c.sampler.sample((c.graphdef, self.params), ids, pmask, rng)
+        out = {f.name: getattr(roll, f.name) for f in dataclasses.fields(roll)}
+        out["row_prompt"] = np.repeat(allgather_local(np.asarray(batch.indices)), self.cfg.rollout.n)
+        return out
 
     def _score(self, batch, roll: dict) -> dict:
         """Rewards and GRPO advantages (host side). Each process decodes and verifies only the rows its
@@ -329,21 +335,37 @@ class Trainer:
 
     def _logprobs(self, roll: dict, scored: dict) -> tuple[dict, dict]:
         """The update's batch: old (and reference) log-probs and entropies of every response token, plus
-        the step's token statistics (computed on the devices: nothing [rows, length]-sized is fetched)."""
+        the step's token statistics (computed on the devices: nothing [rows, length]-sized is fetched).
+
+        Under the global selection scope with length buckets, each shard's rows of each mini-batch are
+        put in order of length first (`entrl.rl.step.length_order`: rows stay on their shard and in
+        their mini-batch, whose loss does not depend on row order), so most micro-batches run short.
+        """
         cfg, c = self.cfg, self.c
-        full = {
-            "prompt_ids": roll["prompt_ids"],
-            "prompt_mask": roll["prompt_mask"],
-            "resp_ids": roll["tokens"],
-            "resp_mask": _masked(roll["mask"], to_device(scored["mixed"], c.mesh)),
-            "advantages": to_device(scored["advantages"], c.mesh),
-        }
+        sh = self.settings.shards
         rows = roll["tokens"].shape[0]
+        keys = ("prompt_ids", "prompt_mask", "tokens", "mask", "logprobs", "lengths", "finish_code")
+        arrays = {k: roll[k] for k in keys}
+        mixed, advantages = scored["mixed"], scored["advantages"]
+        if self.settings.scope == "global" and self.settings.length_buckets > 1:
+            n_mini = rows // (cfg.train.minibatch_prompts * cfg.rollout.n)
+            order = S.length_order(np.asarray(gather(roll["lengths"])), sh, n_mini)
+            local = order.reshape(sh, -1) - (np.arange(sh) * (rows // sh))[:, None]
+            arrays = _shard_permute(arrays, to_device(local.astype(np.int32), c.mesh))
+            mixed, advantages = mixed[order], advantages[order]
+        full = {
+            "prompt_ids": arrays["prompt_ids"],
+            "prompt_mask": arrays["prompt_mask"],
+            "resp_ids": arrays["tokens"],
+            "resp_len": arrays["lengths"],
+            "resp_mask": _masked(arrays["mask"], to_device(mixed, c.mesh)),
+            "advantages": to_device(advantages, c.mesh),
+        }
         stats = dict(temperature=self.settings.temperature, chunk_size=self.settings.chunk_size,
-                     num_micro=rows // (self.settings.shards * C.microbatch_per_shard(cfg, self.settings.shards)),
-                     shards=self.settings.shards)
+                     num_micro=rows // (sh * C.microbatch_per_shard(cfg, sh)), shards=sh,
+                     length_buckets=self.settings.length_buckets)
         if cfg.rollout.reuse_sampler_logprobs:
-            old_logp = jnp.asarray(roll["logprobs"])
+            old_logp = jnp.asarray(arrays["logprobs"])
             _, entropy = S.compute_logprobs(c.graphdef, self.params, full, **stats)
         else:
             old_logp, entropy = S.compute_logprobs(c.graphdef, self.params, full, **stats)
@@ -352,7 +374,7 @@ class Trainer:
             full["ref_logp"], _ = S.compute_logprobs(c.graphdef, c.ref_params, full, **stats)
         else:
             full["ref_logp"] = jnp.zeros_like(old_logp)
-        token_stats = _token_metrics(entropy, old_logp, roll["logprobs"], roll["mask"], roll["finish_code"])
+        token_stats = _token_metrics(entropy, old_logp, arrays["logprobs"], arrays["mask"], arrays["finish_code"])
         return full, {k: float(gather(v)) for k, v in token_stats.items()}
 
     def _update(self, full: dict, rng) -> dict:
@@ -374,7 +396,7 @@ class Trainer:
         return out
 
     def _metrics(self, batch, roll: dict, scored: dict, stats: dict, upd: dict) -> dict:
-        """SENT's entropy-collapse diagnostics of the step (see `entrl.metrics`)."""
+        """The entropy-collapse diagnostics of the step (docs/method.md, "What to log")."""
         n = self.cfg.rollout.n
         rewards, status = scored["rewards"], scored["status"]
         return {
@@ -399,13 +421,19 @@ class Trainer:
 
     def run(self, *, max_steps: int | None = None, resume: bool = True) -> list[dict]:
         cfg = self.cfg
-        if not (resume and self.restore()):
+        resumed = resume and self.restore()
+        if not resumed:
             old = self.ckpt.latest_step()
             if old is not None:
                 raise C.ConfigError(f"{self.ckpt.directory} already holds checkpoints up to step {old}: a fresh "
                                     "run cannot save over them; resume, or start over with --overwrite")
             self.logger.truncate_after(self.step)  # metric lines of a run that never checkpointed
         self._log_summary()
+        if not resumed and self._evaluates() and cfg.val.before_training:  # the initial policy's point
+            metrics = self.evaluate()
+            if metrics:
+                self.logger.log(self.step, metrics)
+                self.history.append({"step": self.step, **metrics})
         prev = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         shown = contextlib.ExitStack()  # the progress bar (closed in `finally`)
         bar = shown.enter_context(progress_bar(self.planned_steps, initial=self.step, desc="train", unit="step",
@@ -436,7 +464,7 @@ class Trainer:
                 if skipped:
                     log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)",
                                 self.step, self.consecutive_nonfinite)
-                elif cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.c.heldout:
+                elif self._evaluates() and self.step % cfg.train.eval_every == 0:
                     metrics.update(self.evaluate())
                 self.logger.log(self.step, metrics)
                 self._log_progress(metrics, bar)
@@ -486,20 +514,30 @@ class Trainer:
             if self._own_run_dir:
                 self.run_dir.close()
 
+    def _evaluates(self) -> bool:
+        return bool(self.cfg.train.eval_every and self.c.heldout)
+
     def evaluate(self) -> dict:
-        """Held-out pass@1 (one sample per problem at the rollout temperature)."""
+        """pass@k and avg@k of the `val` set (`val.n` samples per problem), as `eval/...` metrics."""
         from entrl.evaluation import evaluate_prompts
         from entrl.rl.setup import build_sampler
 
-        if self._eval_sampler is None:  # the rollout sampler draws rollout.n per prompt; this one draws 1
-            self._eval_sampler = build_sampler(self.cfg, self.c.tokenizer, self.c.mesh, n=1)
+        cfg, v = self.cfg, self.cfg.val
+        if self._eval_sampler is None:  # the rollout sampler draws rollout.n per prompt; this one val.n
+            self._eval_sampler = build_sampler(cfg, self.c.tokenizer, self.c.mesh, n=v.n, temperature=v.temperature,
+                                               top_p=v.top_p, max_new_tokens=v.max_new_tokens or None)
         prompts, records = self.c.heldout
+        rows = cfg.rollout.slots or cfg.train.prompts_per_step * cfg.rollout.n  # the rollout's rows per call
         res = evaluate_prompts(self._eval_sampler, self.c.graphdef, self.params, self.c.tokenizer, prompts,
-                               [r.answer for r in records], verifier=self.c.verifier, n=1, ks=(1,),
-                               seed=self.cfg.train.seed + 10_000 + self.step,
-                               batch_prompts=self.cfg.train.prompts_per_step * self.cfg.rollout.n,
-                               buckets=tuple(self.cfg.rollout.prompt_buckets))
-        return {"eval/pass@1": res["pass@1"]}
+                               [r.answer for r in records], verifier=self.c.verifier, n=v.n, ks=tuple(v.k),
+                               seed=cfg.train.seed + 10_000, batch_prompts=max(1, rows // v.n),
+                               buckets=tuple(cfg.rollout.prompt_buckets), with_entropy=v.entropy)
+        out = {"eval/entropy": res["entropy"]} if v.entropy else {}
+        for k in v.k:
+            out[f"eval/pass@{k}"] = res[f"pass@{k}"]
+            out[f"eval/avg@{k}"] = res[f"avg@{k}"]
+        out["eval/response_length"] = res["response_length"]
+        return out
 
     def _should_stop(self) -> bool:
         """The SIGTERM flag, agreed by every process (a signal may reach only some of them)."""
@@ -510,10 +548,39 @@ class Trainer:
         return bool(np.asarray(multihost_utils.process_allgather(np.asarray([self._stop]))).any())
 
     def _enter_stage(self, stage: int):
-        log.info("entering curriculum stage %d at step %d", stage, self.step)
+        boundary = self.cfg.train.stage_boundary
+        log.info("entering curriculum stage %d at step %d (stage_boundary=%s)", stage, self.step, boundary)
         self.stage = stage
-        if self.cfg.train.reset_optimizer_between_stages:
+        if boundary in ("reset_optimizer", "restart"):
             self.opt_state = self._init_opt(self.params)
+        if self._restarts_reference():
+            from entrl.checkpoint import save_tree
+            from entrl.rl.setup import reference_params
+
+            self.c.ref_params = reference_params(self.cfg, self.params)
+            save_tree(self._reference_dir(stage), self.c.ref_params)
+
+    def _restarts_reference(self) -> bool:
+        return self.cfg.train.stage_boundary == "restart" and self.c.ref_params is not None
+
+    def _reference_dir(self, stage: int):
+        return self.out / "reference" / f"stage{stage}"
+
+    def _restore_reference(self, stage: int):
+        """The reference of a `restart` stage, written when the stage began."""
+        from entrl.checkpoint import restore_tree
+
+        path = self._reference_dir(stage)
+        if not path.exists():
+            raise C.ConfigError(f"resuming in curriculum stage {stage} with train.stage_boundary=restart needs the "
+                                f"reference policy written when the stage began, and {path} is missing")
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            self.c.ref_params)
+        try:
+            return restore_tree(path, like)
+        except ValueError as e:
+            raise C.ConfigError(f"the reference policy of stage {stage} in {path} does not fit this run's model "
+                                f"({e})") from None
 
     def _on_sigterm(self, signum, frame):
         log.warning("SIGTERM: finishing the current step, writing a checkpoint and stopping")
@@ -550,16 +617,17 @@ def _token_metrics(entropy_RxL, old_logp_RxL, sampler_logp_RxL, mask_RxL, finish
             "truncation_rate": (finish_R == _LENGTH).astype(jnp.float32).mean()}
 
 
-@partial(jax.jit, static_argnums=(1,))
-def _join_shardwise(parts: list[dict], shards: int) -> dict:
-    """Concatenate per-call arrays [R_c, ...] so that each shard's rows of every call stay on that shard:
-    [S, R_c/S] blocks joined along the second axis, then flattened (shard-major row order)."""
-    def join(*xs):
-        blocks = [x.reshape((shards, x.shape[0] // shards) + x.shape[1:]) for x in xs]
-        out = jnp.concatenate(blocks, axis=1)
-        return out.reshape((-1,) + out.shape[2:])
+@jax.jit
+def _shard_permute(arrays: dict, local_SxM) -> dict:
+    """Each data shard's rows of every [R, ...] array reordered by its row of local indices [shards, R/shards]
+    (a gather batched over the shards: no row leaves its device)."""
+    shards = local_SxM.shape[0]
 
-    return jax.tree.map(join, *parts)
+    def one(x):
+        x_SxM = x.reshape((shards, x.shape[0] // shards) + x.shape[1:])
+        return jax.vmap(lambda a, i: a[i])(x_SxM, local_SxM).reshape(x.shape)
+
+    return {k: one(v) for k, v in arrays.items()}
 
 
 @partial(jax.jit, static_argnums=(2, 3))
