@@ -110,8 +110,8 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if wandb:
-            self._wandb = _start_wandb(self.run_dir, project=wandb_project, entity=wandb_entity,
-                                       name=run_name or default_run_name(self.run_dir), config=config)
+            self._wandb = _start_wandb(self.run_dir, project=wandb_project, entity=wandb_entity, name=run_name,
+                                       config=config)
 
     @property
     def jsonl_path(self) -> R.Path:
@@ -278,8 +278,18 @@ def _start_wandb(run_dir: R.Path, *, project: str, entity: str, name: str, confi
     id_file = run_dir / _WANDB_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
     id_file.write_text(run_id)
-    return wandb.init(project=project, entity=entity or None, id=run_id, resume="allow", name=name,
-                      dir=None if R.is_remote(run_dir) else str(run_dir), config=config)
+    return wandb.init(**wandb_init_kwargs(run_dir, project=project, entity=entity, name=name, run_id=run_id,
+                                          config=config))
+
+
+def wandb_init_kwargs(run_dir: R.Path, *, project: str, entity: str, name: str, run_id: str,
+                      config: dict | None) -> dict[str, Any]:
+    """The arguments of `wandb.init` for a run directory: `train.wandb_project` / `wandb_entity` (empty = the
+    user's default entity) / `run_name` (empty = `default_run_name`), and the directory's own run id so a
+    resumed run continues its W&B run."""
+    return {"project": project, "entity": entity or None, "id": run_id, "resume": "allow",
+            "name": name or default_run_name(run_dir), "dir": None if R.is_remote(run_dir) else str(run_dir),
+            "config": config}
 
 
 # ---------------------------------------------------------------------------
