@@ -40,8 +40,9 @@ class ConfigError(ValueError):
 
 
 MATH_REWARD = "entrl.rewards:math_reward"  # the default reward term (`entrl.rewards.MATH_REWARD`)
-# `reward.fn` entries: package.module:function (checked here; imported by `entrl.rl.setup.build_verifier`)
-_REWARD_SPEC_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+# `reward.fn` entries: package.module:function or path/to/file.py:function (the form is checked here, the
+# import by `entrl.rl.setup.reward_terms`); the same pattern as `entrl.rewards._SPEC_RE`
+_REWARD_SPEC_RE = re.compile(r"(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*|[^:]+\.py):[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
 
 # ---------------------------------------------------------------------------
@@ -222,11 +223,11 @@ class OptimSection:
 
 @dataclass(frozen=True)
 class RewardSection:
-    correct: float = 1.0  # reward of a verified answer
-    incorrect: float = 0.0  # reward of a wrong, missing or unverifiable answer
-    timeout_s: float = 5.0  # per-item verification timeout
-    workers: int = 0  # verification processes (0 = number of CPUs, capped at 8)
-    fn: list[str] | str = field(default_factory=lambda: [MATH_REWARD])  # reward terms, each package.module:function called as fn(response, reference, record) -> float in the verification processes (README: Reward functions)
+    correct: float = 1.0  # math_reward's value for a verified answer
+    incorrect: float = 0.0  # math_reward's value for a wrong, missing or unverifiable answer
+    timeout_s: float = 5.0  # per-response time limit of the math verifier and of each reward.fn call (past it: 0 and counted)
+    workers: int = 0  # verification processes, which also run the reward.fn terms (0 = number of CPUs, capped at 8)
+    fn: list[str] | str = field(default_factory=lambda: [MATH_REWARD])  # reward terms: package.module:function or path/to/file.py:function, each called as fn(response, reference answer, record) -> float in the verification processes with reward.timeout_s (README: Custom rewards); entrl.rewards:math_reward is the math verifier
     weights: list[float] = field(default_factory=list)  # weight of each reward.fn term (empty = 1.0 each); the reward is their weighted sum
 
     def __post_init__(self):
@@ -240,12 +241,15 @@ class RewardSection:
             raise ConfigError(f"reward.fn is empty: name at least one reward function (default {MATH_REWARD})")
         for i, spec in enumerate(self.fn):
             if not _REWARD_SPEC_RE.fullmatch(spec):
-                raise ConfigError(f"reward.fn[{i}]={spec!r}: expected package.module:function, e.g. {MATH_REWARD}")
+                raise ConfigError(f"reward.fn[{i}]={spec!r}: expected package.module:function or "
+                                  f"path/to/file.py:function, e.g. {MATH_REWARD}")
         if len(set(self.fn)) != len(self.fn):
             raise ConfigError(f"reward.fn={self.fn}: names a function twice")
         if self.weights and len(self.weights) != len(self.fn):
             raise ConfigError(f"reward.weights={self.weights}: {len(self.weights)} weights for the {len(self.fn)} "
                               "reward.fn terms (give one per term, or none for 1.0 each)")
+        if self.weights and not any(self.weights):
+            raise ConfigError(f"reward.weights={self.weights}: all 0, so every response would get the same reward")
 
 
 @dataclass(frozen=True)

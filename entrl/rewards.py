@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import logging
 import math
 import numbers
@@ -324,7 +325,8 @@ def answers_equivalent_both(a: str, b: str) -> bool:
 
 MATH_REWARD = "entrl.rewards:math_reward"
 RewardCallable = Callable[[str, str, dict], float]
-_SPEC_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+# `package.module:function` or `path/to/file.py:function` (`entrl.config` checks the same pattern)
+_SPEC_RE = re.compile(r"(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*|[^:]+\.py):[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
 
 def math_reward(response: str, reference: str, record: dict) -> float:
@@ -371,15 +373,41 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _import_reward_module(name: str):
+    """The module of a reward spec: a `.py` file (path relative to the current directory) loaded under a
+    private name, or a dotted module looked up on the Python path and then in the current directory."""
+    if name.endswith(".py"):
+        path = os.path.abspath(os.path.expanduser(name))
+        key = "_entrl_reward_" + re.sub(r"\W", "_", path)
+        if key in sys.modules:
+            return sys.modules[key]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such file: {path}")
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # before running it, as `import` does (dataclasses and pickling look it up)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+        return module
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:  # the console script's path lacks it; `python -m` has it
+        sys.path.append(cwd)  # last: never shadows an installed package
+    return importlib.import_module(name)
+
+
 def resolve_reward_fn(spec: str) -> RewardCallable:
-    """The callable named `package.module:function` (imported now). ValueError in one line when it is
-    not of that form, does not import, has no such attribute or is not callable."""
+    """The callable named `package.module:function` or `path/to/file.py:function` (imported now).
+    ValueError in one line when it is not of that form, does not import, has no such attribute or is not
+    callable."""
     if not isinstance(spec, str) or not _SPEC_RE.fullmatch(spec):
-        raise ValueError(f"{spec!r} is not of the form package.module:function")
-    module_name, attr = spec.split(":")
+        raise ValueError(f"{spec!r} is not of the form package.module:function or path/to/file.py:function")
+    module_name, attr = spec.rsplit(":", 1)
     try:
-        obj = importlib.import_module(module_name)
-    except Exception as e:  # ModuleNotFoundError, or anything the module raises while importing
+        obj = _import_reward_module(module_name)
+    except (Exception, SystemExit) as e:  # ModuleNotFoundError, or anything the module raises while importing
         raise ValueError(f"{spec!r}: cannot import {module_name!r} ({type(e).__name__}: {_one_line(e)})") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -409,6 +437,8 @@ def reward_fns(specs: Sequence[str], weights: Sequence[float] = ()) -> tuple[Rew
     labelled by their full spec."""
     if weights and len(weights) != len(specs):
         raise ValueError(f"{len(weights)} weights for {len(specs)} reward functions")
+    if weights and not any(weights):
+        raise ValueError(f"weights {list(weights)} are all 0: every response would get the same reward")
     for spec in specs:
         resolve_reward_fn(spec)
     short = [spec.rsplit(":", 1)[1].rsplit(".", 1)[-1] for spec in specs]
@@ -736,7 +766,7 @@ class Verifier:
 
     def _fn_values(self, term: RewardFn, results: list) -> tuple[np.ndarray, np.ndarray]:
         """A reward function's values (0 where it failed) and its failure flags; the first failure of
-        each kind is logged with the reason."""
+        each kind (raised, returned a bad value, timed out, killed its worker) is logged with the reason."""
         values = np.zeros(len(results), np.float32)
         bad = np.zeros(len(results), bool)
         for i, r in enumerate(results):
@@ -744,7 +774,9 @@ class Verifier:
                 values[i] = r
                 continue
             bad[i] = True
-            kind = r if isinstance(r, str) else r[0]  # "timeout" | "error" (crashed) | ("error", why)
+            # the pool's "timeout" / "error" (the worker died), or `_call_reward`'s ("error", why)
+            kind = ("crash" if r == "error" else r) if isinstance(r, str) else \
+                "returned" if r[1].startswith("returned") else "raised"
             if (term.label, kind) not in self._warned:
                 self._warned.add((term.label, kind))
                 why = (f"took longer than reward.timeout_s={self.timeout_s:g} s" if kind == "timeout"

@@ -493,7 +493,7 @@ def annotate_cli(cfg, *, data: str, out: str, n: int | None = None, resume: bool
     prompt_tokens, records = tokenize(cfg, records, tokenizer)
     graphdef, params = build_model(cfg, mesh, tokenizer)
     progress = out_p.with_name(out_p.name + ".progress.jsonl")
-    with build_verifier(cfg) as verifier:
+    with build_verifier(cfg, math_only=True) as verifier:
         stats = annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, verifier=verifier,
                                  out_path=progress, n=n, mesh=mesh, resume=resume)
     d = cfg.data  # the input's own column layout: the same config reads the annotated file back
