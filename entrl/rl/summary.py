@@ -32,8 +32,8 @@ def _count(n: float) -> str:
 
 def startup_summary(cfg: C.RunConfig, *, params: Any, mesh, pipeline, settings, out_dir, step: int = 0,
                     reward_terms: list[tuple[str, float]] | None = None) -> str:
-    """The summary as lines of `label  text` (see the module docstring). `settings`: the update's
-    `StepSettings`; `reward_terms`: (spec, weight) of each reward term (default: from the config)."""
+    """The summary: a title line, then lines of `label  text` (see the module docstring). `settings`: the
+    update's `StepSettings`; `reward_terms`: (spec, weight) of each reward term (default: from the config)."""
     from entrl.rl.losses import resolve_params
 
     m, r, t, lo = cfg.model, cfg.rollout, cfg.train, cfg.loss
@@ -48,22 +48,29 @@ def startup_summary(cfg: C.RunConfig, *, params: Any, mesh, pipeline, settings, 
         lines.append(("mesh", f"{shape} = {mesh.devices.size} {platform} devices, {jax.process_count()} "
                               f"process(es), {settings.shards} data shard(s)"))
     rows = t.prompts_per_step * r.n
-    lines.append(("rollout", f"{t.prompts_per_step} prompts x {r.n} samples x {r.max_new_tokens} new tokens = "
-                             f"{_count(rows * r.max_new_tokens)} response tokens per step at most; prompts padded "
-                             f"to buckets {list(r.prompt_buckets)}; "
-                             + (f"{r.slots} rows per sampler call" if r.slots else "one sampler call per step")))
+    lines.append(("rollout", f"{t.prompts_per_step} prompts x {r.n} samples = {rows} sequences per step, each at "
+                             f"most {max(r.prompt_buckets)} prompt + {r.max_new_tokens} response tokens "
+                             f"({_count(rows * r.max_new_tokens)} response tokens per step at most); temperature "
+                             f"{r.temperature:g}; " + (f"{r.slots} decode slots (continuous batching)" if r.slots
+                                                       else "every row decodes at once")))
     minis = t.prompts_per_step // t.minibatch_prompts
     per_shard = C.microbatch_per_shard(cfg, settings.shards)
     lines.append(("update", f"{minis} mini-batch(es) of {t.minibatch_prompts * r.n} sequences x {t.ppo_epochs} "
                             f"epoch(s) = {minis * t.ppo_epochs} optimizer step(s) per RL step; "
                             f"{settings.num_micro} micro-batch(es) of {per_shard} sequences per data shard each"))
-    cur = pipeline.curriculum
+    d = cfg.data
+    source = d.train if d.task == "math" else f"arithmetic task (seed {d.arithmetic_seed if d.arithmetic_seed >= 0 else t.seed})"
+    val = (f"; eval every {t.eval_every} steps on {cfg.val.data or 'the held-out split'}" if t.eval_every else "")
+    lines.append(("data", f"{pipeline.curriculum.num_prompts} prompts from {source}{val}"))
+    cur, cc = pipeline.curriculum, cfg.curriculum
     stages = ", ".join(f"stage {s}: {cur.stage_indices(s).size} prompts, {pipeline.steps_per_epoch(s)} steps x "
-                       f"{cur.epochs_per_stage} epochs" for s in range(cur.num_stages))
+                       f"{cur.epochs_per_stage} epoch(s)" for s in range(cur.num_stages))
+    kind = (f"semantic entropy, {cc.mode}, {cc.order}" if cc.enabled else "none (shuffled epochs)")
+    boundary = f"; at a new stage: {t.stage_boundary}" if cur.num_stages > 1 else ""
     total = planned_steps(cfg, pipeline)
     until = f"train.steps={t.steps}" if t.steps else "until the curriculum ends"
-    lines.append(("curriculum", f"{'SE-ordered' if cfg.curriculum.enabled else 'uniform'} ({stages}); {total} "
-                                f"steps ({until})" + (f", resuming after step {step}" if step else "")))
+    lines.append(("curriculum", f"{kind} ({stages}){boundary}"))
+    lines.append(("steps", f"{total} ({until})" + (f", resuming after step {step}" if step else "")))
     hp = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                    for k, v in sorted(resolve_params(lo.name, dict(lo.params)).items()))
     lines.append(("loss", f"{lo.name} ({hp}); agg {lo.agg}, advantage {lo.advantage}, "
@@ -76,6 +83,8 @@ def startup_summary(cfg: C.RunConfig, *, params: Any, mesh, pipeline, settings, 
         reward_terms = list(zip(cfg.reward.fn, weights))
     lines.append(("reward", " + ".join(f"{w:g} x {spec}" for spec, w in reward_terms)
                             + f" (timeout {cfg.reward.timeout_s:g} s per response)"))
-    lines.append(("output", str(out_dir)))
+    lines.append(("output", f"{out_dir} (metrics.jsonl, checkpoints/"
+                           + (f", rollouts.jsonl every {t.log_samples_every} steps" if t.log_samples_every else "")
+                           + (", tb/" if t.tensorboard else "") + (", W&B" if t.wandb else "") + ")"))
     width = max(len(label) for label, _ in lines)
     return "run summary\n" + "\n".join(f"  {label.ljust(width)}  {text}" for label, text in lines)

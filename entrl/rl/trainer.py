@@ -492,8 +492,10 @@ class Trainer:
         if jax.process_index() != 0:
             return
         terms = [(t.spec, t.weight) for t in self.c.verifier.rewards] if hasattr(self.c.verifier, "rewards") else None
-        log.info("%s", startup_summary(self.cfg, params=self.params, mesh=self.c.mesh, pipeline=self.c.pipeline,
-                                       settings=self.settings, out_dir=self.out, step=self.step, reward_terms=terms))
+        summary = startup_summary(self.cfg, params=self.params, mesh=self.c.mesh, pipeline=self.c.pipeline,
+                                  settings=self.settings, out_dir=self.out, step=self.step, reward_terms=terms)
+        for line in summary.splitlines():  # one record per line: each carries the log's time and level prefix
+            log.info("%s", line)
 
     def _log_progress(self, metrics: dict, bar) -> None:
         """After a step's metrics: its sample completions when due (rollouts.jsonl) and the progress bar."""
