@@ -59,6 +59,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -76,6 +77,7 @@ from entrl import rundir as R
 
 JSONL_NAME = "metrics.jsonl"
 ROLLOUTS_NAME = "rollouts.jsonl"
+_TB_QUEUE = 10_000  # TensorBoard events in flight (tensorboardX's default, 10, is less than one step's scalars)
 _WANDB_ID_FILE = "wandb_run_id"
 # (metric key, console label) shown on the progress line when present.
 _CONSOLE_KEYS = (("reward", "reward"), ("accuracy", "acc"), ("entropy", "entropy"),
@@ -226,17 +228,50 @@ class _TensorBoard:
             logdir = self._staging.name
         # A session-unique file name: two sessions within one second would otherwise share one (and
         # the second upload would replace the first session's events).
-        self._writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step,
+        self._writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step, max_queue=_TB_QUEUE,
                                      filename_suffix="." + secrets.token_hex(4))
+        self._error: OSError | None = None
+        self._worker = self._watch_writer_thread()
         if config is not None:
             self._writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
 
+    def _watch_writer_thread(self):
+        """tensorboardX writes events in a thread that ends at its first write error (a full disk); once its
+        queue is full, adding an event would block forever. Keep that thread's OSError, so `_check` raises it
+        in the caller instead (the queue holds far more than one step's events). Returns the thread, or None
+        where this tensorboardX is laid out otherwise (then only the size of the queue helps)."""
+        events = getattr(getattr(self._writer, "file_writer", None), "event_writer", None)
+        records, worker = getattr(events, "_ev_writer", None), getattr(events, "_worker", None)
+        if records is None or worker is None:
+            return None
+
+        def keeping_errors(method):
+            def call(*args):
+                try:
+                    return method(*args)
+                except OSError as e:
+                    self._error = self._error or e
+                    raise
+            return call
+
+        records.write_event, records.flush = keeping_errors(records.write_event), keeping_errors(records.flush)
+        self._file = getattr(records, "_file_name", None)
+        return worker
+
+    def _check(self) -> None:
+        if self._worker is not None and not self._worker.is_alive():
+            e = self._error
+            raise OSError(e.errno if e else errno.EIO, e.strerror if e else "TensorBoard's event writer stopped",
+                          self._file)
+
     def add_text(self, tag: str, text: str, step: int) -> None:
+        self._check()
         self._writer.add_text(tag, text, step)
         self._writer.flush()
         self._upload()
 
     def add_scalars_flat(self, values: dict[str, float], step: int) -> None:
+        self._check()
         for key, value in values.items():
             if math.isfinite(value):
                 self._writer.add_scalar(key, value, step)
