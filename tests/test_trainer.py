@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -404,6 +405,19 @@ def test_reward_fn_from_config_drives_a_training_step(tmp_path, caplog):
                    f"1 x entrl.rewards:math_reward + 0.5 x {module}:parity", f"output      {run}"):
         assert needle in summary, (needle, summary)
     assert lines.count("run summary") == 1
+
+
+def test_progress_bars_of_annotation_and_training(tmp_path, capsys):
+    """train.progress=on: a bar for the SE annotation (prompts) and one for training (steps) whose total is the
+    curriculum's when train.steps is 0, each with its count, elapsed time and ETA, on stderr."""
+    cfg = make_cfg(tmp_path, *CURRICULUM[:-2], "train.steps=0", "train.progress=on")
+    trainer = run_trainer(cfg)
+    err = capsys.readouterr().err
+    total = trainer.c.pipeline.total_steps
+    assert total == 4 and trainer.step == total  # 16 prompts in 2 stages of 1 epoch, 4 prompts per step
+    assert re.search(r"semantic entropy: +100%\|.*\| 16/16 \[\d\d:\d\d<\d\d:\d\d", err), err
+    assert re.search(rf"train: +\d+%\|.*\| 1/{total} \[\d\d:\d\d<\d\d:\d\d", err), err  # an ETA after step 1
+    assert re.search(rf"train: +100%\|.*\| {total}/{total} \[", err), err
 
 
 # ---------------------------------------------------------------------------
