@@ -270,13 +270,13 @@ class TrainSection:
     eval_every: int = 0  # RL steps between evaluations on the `val` set, logged as eval/... (0 = off)
     log_every: int = 1  # RL steps between console lines
     memory_check: bool = True  # on accelerators, plan the run's memory (`entrl plan`) at start and refuse a run that cannot fit
-    progress: str = "auto"  # progress bars (training, SE annotation, `entrl eval`) on stderr: auto (when stderr is a terminal) | on | off
-    log_samples_every: int = 10  # RL steps between sample completions written to rollouts.jsonl (and TensorBoard text); 0 = off
+    progress: str = "auto"  # tqdm progress bars with ETA (training, SE annotation, `entrl eval`) on stderr, drawn by process 0: auto (when stderr is a terminal) | on | off
+    log_samples_every: int = 10  # RL steps between sample completions (the first of up to 4 prompts) written to <out_dir>/rollouts.jsonl and TensorBoard text; 0 = off
     tensorboard: bool = True  # write TensorBoard events
     wandb: bool = False  # log to Weights & Biases when installed
-    wandb_project: str = "entrl"  # W&B project
+    wandb_project: str = "entrl"  # W&B project (with train.wandb)
     wandb_entity: str = ""  # W&B entity (team or user); empty = your default entity
-    run_name: str = ""  # W&B run name; empty = out_dir's last two path components plus a short hash of its full path
+    run_name: str = ""  # W&B run name; empty = out_dir's last two folders plus a hash of its absolute path (runs/a/sent and runs/b/sent differ)
 
     def __post_init__(self):
         _choice("train.progress", self.progress, ("auto", "on", "off"))
@@ -701,6 +701,8 @@ ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
     "logging_steps": (("train.log_every",), "TRL"),
     "eval_steps": (("train.eval_every",), "TRL"),
     "gradient_checkpointing": (("model.remat",), "TRL"),
+    "run_name": (("train.run_name",), "TRL"),
+    "reward_weights": (("reward.weights",), "TRL"),
     # verl ppo_trainer.yaml
     "data.train_files": (("data.train",), "verl"),
     "data.prompt_key": (("data.problem_key",), "verl"),
@@ -728,6 +730,8 @@ ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
     "actor_rollout_ref.actor.optim.lr_scheduler_type": (("optim.schedule",), "verl"),
     "trainer.total_training_steps": (("train.steps",), "verl"),
     "trainer.default_local_dir": (("train.out_dir",), "verl"),
+    "trainer.project_name": (("train.wandb_project",), "verl"),
+    "trainer.experiment_name": (("train.run_name",), "verl"),
     "algorithm.filter_groups.enable": (("train.only_mixed_groups",), "verl"),
     "data.val_files": (("val.data",), "verl"),
     "trainer.val_before_train": (("val.before_training",), "verl"),
