@@ -49,7 +49,10 @@ Design decisions:
 
 - Reward functions from config (`reward.fn`, `RewardFn`): the reward is
   `sum_k weight_k * fn_k(response, reference, record)` over plain callables
-  named `package.module:function`. They run in the same worker pool, one call
+  named `package.module:function` (the current directory is searched last, as
+  `python -m` would; the console script's path lacks it) or
+  `path/to/file.py:function` (loaded under a private module name, so two files
+  of the same name do not clash). They run in the same worker pool, one call
   per job with the same per-item deadline: a hung, crashing or raising function,
   or one returning a non-number, scores 0 for that response and is counted
   (`RewardResult.failed`), never a hang. They travel by name (the init frame
