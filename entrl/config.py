@@ -270,7 +270,7 @@ class TrainSection:
     eval_every: int = 0  # RL steps between evaluations on the `val` set, logged as eval/... (0 = off)
     log_every: int = 1  # RL steps between console lines
     memory_check: bool = True  # on accelerators, plan the run's memory (`entrl plan`) at start and refuse a run that cannot fit
-    progress: str = "auto"  # tqdm progress bars with ETA (training, SE annotation, `entrl eval`) on stderr, drawn by process 0: auto (when stderr is a terminal) | on | off
+    progress: str = "auto"  # tqdm progress bars with ETA (training, SE annotation, val evaluations, `entrl eval`) on stderr, drawn by process 0: auto (when stderr is a terminal) | on | off
     log_samples_every: int = 10  # RL steps between sample completions (the first of up to 4 prompts) written to <out_dir>/rollouts.jsonl and TensorBoard text; 0 = off
     tensorboard: bool = True  # write TensorBoard events
     wandb: bool = False  # log to Weights & Biases when installed

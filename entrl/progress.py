@@ -33,11 +33,13 @@ def wanted(setting: str) -> bool:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int | None, *, desc: str, unit: str, setting: str, initial: int = 0) -> Iterator[tqdm]:
-    """A tqdm bar on stderr, disabled (every method a no-op, `.disable` True) unless `wanted(setting)`."""
+def progress_bar(total: int | None, *, desc: str, unit: str, setting: str, initial: int = 0,
+                 leave: bool = True) -> Iterator[tqdm]:
+    """A tqdm bar on stderr, disabled (every method a no-op, `.disable` True) unless `wanted(setting)`.
+    `leave=False`: erased when done (a bar inside another's step, e.g. evaluation during training)."""
     show = wanted(setting)
     bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not show, file=sys.stderr,
-               dynamic_ncols=True, smoothing=0.1)
+               dynamic_ncols=True, smoothing=0.1, leave=leave)
     try:
         with logging_redirect_tqdm() if show else contextlib.nullcontext():
             yield bar

@@ -408,9 +408,10 @@ def test_reward_fn_from_config_drives_a_training_step(tmp_path, caplog):
 
 
 def test_progress_bars_of_annotation_and_training(tmp_path, capsys):
-    """train.progress=on: a bar for the SE annotation (prompts) and one for training (steps) whose total is the
-    curriculum's when train.steps is 0, each with its count, elapsed time and ETA, on stderr."""
-    cfg = make_cfg(tmp_path, *CURRICULUM[:-2], "train.steps=0", "train.progress=on")
+    """train.progress=on: a bar for the SE annotation (prompts), one for training (steps) whose total is the
+    curriculum's when train.steps is 0, each with its count, elapsed time and ETA, and a transient one for
+    each evaluation of the val set, on stderr."""
+    cfg = make_cfg(tmp_path, *CURRICULUM, "train.steps=0", "train.progress=on")
     trainer = run_trainer(cfg)
     err = capsys.readouterr().err
     total = trainer.c.pipeline.total_steps
@@ -418,6 +419,7 @@ def test_progress_bars_of_annotation_and_training(tmp_path, capsys):
     assert re.search(r"semantic entropy: +100%\|.*\| 16/16 \[\d\d:\d\d<\d\d:\d\d", err), err
     assert re.search(rf"train: +\d+%\|.*\| 1/{total} \[\d\d:\d\d<\d\d:\d\d", err), err  # an ETA after step 1
     assert re.search(rf"train: +100%\|.*\| {total}/{total} \[", err), err
+    assert re.search(r"eval: +100%\|.*\| 16/16 \[", err), err  # the arithmetic held-out split
 
 
 # ---------------------------------------------------------------------------

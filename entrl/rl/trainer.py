@@ -533,7 +533,8 @@ class Trainer:
         res = evaluate_prompts(self._eval_sampler, self.c.graphdef, self.params, self.c.tokenizer, prompts,
                                [r.answer for r in records], verifier=self.c.verifier, n=v.n, ks=tuple(v.k),
                                seed=cfg.train.seed + 10_000, batch_prompts=max(1, rows // v.n),
-                               buckets=tuple(cfg.rollout.prompt_buckets), with_entropy=v.entropy)
+                               buckets=tuple(cfg.rollout.prompt_buckets), with_entropy=v.entropy,
+                               progress=cfg.train.progress)
         out = {"eval/entropy": res["entropy"]} if v.entropy else {}
         for k in v.k:
             out[f"eval/pass@{k}"] = res[f"pass@{k}"]
