@@ -401,6 +401,12 @@ def _import_reward_module(name: str):
     return importlib.import_module(name)
 
 
+def _absolute_spec(spec: str) -> str:
+    """`spec` with a `.py` file's path made absolute (module specs unchanged)."""
+    module, attr = spec.rsplit(":", 1)
+    return f"{os.path.abspath(os.path.expanduser(module))}:{attr}" if module.endswith(".py") else spec
+
+
 def resolve_reward_fn(spec: str) -> RewardCallable:
     """The callable named `package.module:function` or `path/to/file.py:function` (imported now).
     ValueError in one line when it is not of that form, does not import, has no such attribute or is not
@@ -668,6 +674,8 @@ class Verifier:
         # Terms called in the workers (by name), with their callables for serial mode.
         self._fn_terms = [r for r, fn in zip(self.rewards, resolved) if fn is not math_reward]
         self._fns = [fn for fn in resolved if fn is not math_reward]
+        # What the workers import: file specs made absolute now (a later chdir of this process changes nothing).
+        self._worker_specs = [_absolute_spec(t.spec) for t in self._fn_terms]
         self._warned: set[tuple[str, str]] = set()
         self.start_timeout_s = start_timeout_s
         self._workers: list[_Worker] = []
@@ -832,7 +840,7 @@ class Verifier:
         )
         worker = _Worker(proc, deadline=time.monotonic() + self.start_timeout_s)
         try:
-            _write_frame(proc.stdin.fileno(), (self._equivalent, [t.spec for t in self._fn_terms]))
+            _write_frame(proc.stdin.fileno(), (self._equivalent, self._worker_specs))
         except OSError:
             pass  # died at once: noticed as EOF by the loop
         return worker

@@ -521,6 +521,9 @@ def test_reward_specs_resolve_or_fail_in_one_line(tmp_path, reward_file, monkeyp
     monkeypatch.delitem(sys.modules, "my_rewards", raising=False)
     assert rewards.resolve_reward_fn("my_rewards:length")("abcd", "", {}) == 0.4
     assert rewards.resolve_reward_fn("my_rewards.py:length")("ab", "", {}) == 0.2
+    with Verifier(workers=1, rewards=rewards.reward_fns(["my_rewards.py:length"])) as v:
+        monkeypatch.chdir("/")  # the workers start later, elsewhere: the file is found where it was named
+        assert v.score_rewards(["abcde"], ["x"]).rewards.tolist() == [0.5]
 
 
 def test_config_checks_the_same_reward_spec_form():
