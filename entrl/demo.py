@@ -90,7 +90,8 @@ def warm_start(cfg: C.RunConfig, tokenizer, train_records, *, seed: int | None =
     params, losses = train_sft(graphdef, params, prompts, responses, pad_id=tokenizer.pad_token_id,
                                steps=w.steps, batch_size=w.batch, lr=w.lr, seed=seed,
                                prompt_len=max(cfg.rollout.prompt_buckets),
-                               response_len=cfg.rollout.max_new_tokens)
+                               # the teacher's solutions, whole, even when RL samples shorter responses
+                               response_len=max(cfg.rollout.max_new_tokens, max(map(len, responses))))
     return graphdef, params, losses
 
 

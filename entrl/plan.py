@@ -98,13 +98,13 @@ def parse_target(text: str) -> Target:
                         f"(8xh100, a100-80gb, h200, ...): {', '.join(HBM_GIB)}")
 
 
-_SUGGESTION = re.compile(r"^#\s+(?P<label>[^:]+?):\s+(?P<overrides>mesh\.data=\S+\s+mesh\.fsdp=\S+\s+mesh\.tensor=\S+)\s*$")
+_SUGGESTION = re.compile(r"^#\s+(?P<label>[^:]+?):\s+(?P<overrides>mesh\.data=\S+\s+mesh\.fsdp=\S+\s+mesh\.tensor=\S+(?:\s+[\w.]+=\S+)*)\s*$")
 
 
 def mesh_suggestions(path: str | Path) -> list[tuple[str, Target, list[str]]]:
-    """The `# <slice>: mesh.data=.. mesh.fsdp=.. mesh.tensor=..` comment lines of a preset's YAML files
-    (the file and its `base:` chain): (label, target, overrides). Labels read `TPU v5p-8 (4 chips)` or
-    `8x H100`."""
+    """The `# <slice>: mesh.data=.. mesh.fsdp=.. mesh.tensor=.. [key=value ...]` comment lines of a preset's
+    YAML files (the file and its `base:` chain): (label, target, overrides). Labels read `TPU v5p-8 (4
+    chips)` or `8x H100`; the overrides after the mesh are what that slice needs (e.g. rollout.slots)."""
     out, seen = [], set()
     path = Path(path)
     while path is not None and path.exists() and path.resolve() not in seen:
@@ -188,8 +188,16 @@ class Program:
 _ANALYSES: dict[str, tuple[int, int, int, int, float]] = {}
 
 
-def _analyse(name: str, lowered) -> Program:
-    """Compile (once per lowered text in this process) and read the memory analysis."""
+def _lower_only(name: str, lower) -> Program:
+    """Trace and lower (`lower()`), no compile: shapes and shardings agree; memory unknown (0)."""
+    t0 = time.perf_counter()
+    lower()
+    return Program(name, 0, 0, 0, 0, time.perf_counter() - t0)
+
+
+def _analyse(name: str, lower) -> Program:
+    """Compile `lower()` (once per lowered text in this process) and read the memory analysis."""
+    lowered = lower()
     key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
     if key not in _ANALYSES:
         t0 = time.perf_counter()
@@ -290,8 +298,14 @@ def _steps_per_stage(cfg: C.RunConfig) -> tuple[list[int] | None, str]:
 
 
 def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source: str = "",
-             headroom: float = DEFAULT_HEADROOM, with_eval: bool = True) -> MemoryPlan:
-    """Plan `cfg` on the current devices (see the module docstring). ConfigError on a config problem."""
+             headroom: float = DEFAULT_HEADROOM, with_eval: bool = True, compile: bool = True,
+             only: tuple[str, ...] | None = None) -> MemoryPlan:
+    """Plan `cfg` on the current devices (see the module docstring). ConfigError on a config problem.
+
+    compile=False only traces and lowers the programs (their sharded shapes must agree; seconds instead
+    of minutes): the memory figures of the programs are then 0. `only`: build just these programs
+    (update, logprob, rollout, eval; None = all); the others count 0.
+    """
     from entrl.rl import setup as S
     from entrl.rl import step as ST
     from entrl.rl.trainer import opt_state_shardings, run_optimizer, step_settings
@@ -328,6 +342,8 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
     step_batch_bytes = _per_device_bytes(batch) + 2 * _per_device_bytes(rows_of(step_rows, L, dtype=jnp.float32))
     programs: dict[str, Program] = {}
     settings = step_settings(cfg, shards)
+    want = lambda name: only is None or name in only  # noqa: E731
+    analyse = _analyse if compile else _lower_only
 
     with jax.set_mesh(mesh):
         # -- update ------------------------------------------------------------------
@@ -339,33 +355,36 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
               "advantages": rows_of(mb_rows, dtype=jnp.float32)}
         rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
                                    sharding=NamedSharding(mesh, PartitionSpec()))
-        programs["update"] = _analyse("update", update.lower(params, opt_state, mb, rng))
+        if want("update"):
+            programs["update"] = analyse("update", lambda: update.lower(params, opt_state, mb, rng))
         # -- log-probs ----------------------------------------------------------------
         micro = C.microbatch_per_shard(cfg, shards)
         lp_args = dict(temperature=settings.temperature, num_micro=step_rows // (shards * micro),
                        chunk_size=settings.chunk_size, shards=shards, length_buckets=settings.length_buckets)
-        programs["logprob"] = _analyse("logprob", ST.compute_logprobs.lower(graphdef, params, batch, **lp_args))
+        if want("logprob"):
+            programs["logprob"] = analyse("logprob", lambda: ST.compute_logprobs.lower(graphdef, params, batch, **lp_args))
     # -- rollout ------------------------------------------------------------------
     eos = mcfg.eos_token_ids or (0,)
     pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else eos[0]
     sc = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=L,
                         eos_ids=tuple(eos), pad_id=pad, cache_dtype=S.cache_dtype(cfg, r.cache_dtype), slots=r.slots)
     prompts = rows_of(t.prompts_per_step, plen)
-    programs["rollout"] = _analyse("rollout", Sampler(sc, mesh=mesh).lower(graphdef, params, prompts, prompts))
+    if want("rollout"):
+        programs["rollout"] = analyse("rollout", lambda: Sampler(sc, mesh=mesh).lower(graphdef, params, prompts, prompts))
     per = dict(sizes)
     params_bytes = sizes["params"]
-    per["update_peak"] = resident + step_batch_bytes + programs["update"].extra(sizes["params"] + sizes["optimizer"])
-    per["logprob_peak"] = resident + programs["logprob"].extra(params_bytes + _per_device_bytes(batch)) + \
-        step_batch_bytes
-    per["rollout_peak"] = resident + programs["rollout"].extra(params_bytes)
+    extra = lambda name, resident_args: programs[name].extra(resident_args) if compile and name in programs else 0  # noqa: E731
+    per["update_peak"] = resident + step_batch_bytes + extra("update", sizes["params"] + sizes["optimizer"])
+    per["logprob_peak"] = resident + extra("logprob", params_bytes + _per_device_bytes(batch)) + step_batch_bytes
+    per["rollout_peak"] = resident + extra("rollout", params_bytes)
     notes = []
-    if with_eval and cfg.train.eval_every:  # periodic evaluation is part of the run only when it is on
+    if with_eval and cfg.train.eval_every and want("eval"):  # periodic evaluation is part of the run only when it is on
         e = cfg.eval
         eval_prompts = _eval_call_prompts(cfg, shards)
         eprompts = rows_of(eval_prompts, plen)
-        programs["eval"] = _analyse("eval", Sampler(_eval_sampling(cfg, mcfg), mesh=mesh).lower(
+        programs["eval"] = analyse("eval", lambda: Sampler(_eval_sampling(cfg, mcfg), mesh=mesh).lower(
             graphdef, params, eprompts, eprompts))
-        per["eval_peak"] = resident + programs["eval"].extra(params_bytes)
+        per["eval_peak"] = resident + extra("eval", params_bytes)
         notes.append(f"eval: {eval_prompts} problems x {e.n} samples per sampler call")
     if jax.default_backend() == "cpu":
         notes.append("XLA:CPU analysis of the partitioned programs on simulated devices; accelerator compilers "
@@ -414,7 +433,7 @@ def plan_eval(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_sourc
     plen = max(cfg.rollout.prompt_buckets)
     prompts = jax.ShapeDtypeStruct((batch, plen), jnp.int32, sharding=batch_sharding(mesh, 2)
                                    if batch % shards == 0 else NamedSharding(mesh, PartitionSpec()))
-    program = _analyse("eval", Sampler(_eval_sampling(cfg, mcfg), mesh=mesh).lower(graphdef, params, prompts, prompts))
+    program = _analyse("eval", lambda: Sampler(_eval_sampling(cfg, mcfg), mesh=mesh).lower(graphdef, params, prompts, prompts))
     params_bytes = _per_device_bytes(params)
     rows = batch * e.n
     return MemoryPlan(
@@ -471,10 +490,15 @@ def device_budget() -> tuple[int | None, str]:
 
 
 
-def plan_suggested(paths: list[str | Path], devices: int, *, with_eval: bool = True) -> list[dict]:
+def plan_suggested(paths: list[str | Path], devices: int, *, with_eval: bool = True, compile: bool = True,
+                   only=None) -> list[dict]:
     """Plan every (preset, suggested mesh) among `paths` whose suggested slice has `devices` devices, on
     this process's devices (which must number `devices`): one summary dict per pair, with `error` set
-    when the preset does not validate on that mesh. Programs shared between presets compile once."""
+    when the preset does not validate on that mesh. Programs shared between presets compile once.
+
+    compile=False: lower only (see `plan_run`). only: None, or `only(path, overrides, cfg)` -> the
+    programs to build for that pair (e.g. every loss's update on one mesh, all programs on the others).
+    """
     if jax.device_count() != devices:
         raise ValueError(f"plan_suggested({devices}) needs {devices} devices, this process has {jax.device_count()}")
     out = []
@@ -485,11 +509,13 @@ def plan_suggested(paths: list[str | Path], devices: int, *, with_eval: bool = T
             row = {"config": str(path), "target": label, "overrides": overrides, "hbm_bytes": target.hbm_bytes}
             try:
                 cfg = C.load_config(path, overrides)
-                plan = plan_run(cfg, budget_bytes=target.hbm_bytes, budget_source=str(target), with_eval=with_eval)
+                plan = plan_run(cfg, budget_bytes=target.hbm_bytes, budget_source=str(target), with_eval=with_eval,
+                                compile=compile, only=None if only is None else tuple(only(path, overrides, cfg)))
             except C.ConfigError as e:
                 row["error"] = str(e)
             else:
-                row.update(fits=plan.fits, per_device_bytes=plan.per_device_bytes, peak_bytes=plan.peak_bytes,
-                           compile_s={k: v["compile_s"] for k, v in plan.programs.items()}, table=plan.table())
+                row.update(fits=plan.fits if compile else None, per_device_bytes=plan.per_device_bytes,
+                           peak_bytes=plan.peak_bytes, compile_s={k: v["compile_s"] for k, v in plan.programs.items()},
+                           table=plan.table())
             out.append(row)
     return out

@@ -118,7 +118,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from entrl.models import K_CACHE_AXES, V_CACHE_AXES, KVCache, Transformer
+from entrl.models import DECODE_AXES, K_CACHE_AXES, V_CACHE_AXES, KVCache, Transformer
 from entrl.sharding import data_shards, logical_to_spec
 
 _NEG = float(np.finfo(np.float32).min)  # masked score (finite, as in the model: no NaN)
@@ -673,7 +673,7 @@ def _sample(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: Samp
     # Loop-invariant, built once outside the loops: the layers' decode weights (the sampler's copy, in the
     # compute dtype) and the unembedding as [V, D] (a tied embedding already is: the transposes cancel).
     weights = model.decode_weights()
-    w_VxD = model.unembedding().T
+    w_VxD = _constrain(model.unembedding().T, mesh, DECODE_AXES["unembed"])
     mask_BxP = prompt_mask_BxP.astype(jnp.int32)
     chunks = prefill_chunks(cfg, batch, slots, shards)
     prompt_cache, first_R, first_logp_R = _prefill(model, weights, w_VxD, prompt_ids_BxP, mask_BxP, rng, cfg, mesh,

@@ -85,7 +85,8 @@ _SKIP = ("time", "step", "tokens_per_s", "sampler_logprob_gap")
 
 def _same_metrics(a: Path, b: Path, tol: float):
     ra, rb = read_metrics(a), read_metrics(b)
-    assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, 7))
+    # step 0: the initial policy's evaluation (val.before_training), logged once by a fresh run
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(0, 7))
     for x, y in zip(ra, rb):
         keys = {k for k in x if not k.startswith("time/") and k not in _SKIP}
         assert keys == {k for k in y if not k.startswith("time/") and k not in _SKIP}
@@ -128,7 +129,8 @@ def test_pod_rehearsal_kill_resume_policy_export_eval(straight, tmp_path):
     assert "resumed from step" in (tmp_path / "logs2" / "process_0.log").read_text()
     _same_metrics(straight, run, tol=1e-6)
     assert (run / "policy" / "model.safetensors").read_bytes() == (straight / "policy" / "model.safetensors").read_bytes()
-    assert "eval/pass@1" in read_metrics(run)[2]  # periodic evaluation ran across both processes
+    by_step = {r["step"]: r for r in read_metrics(run)}
+    assert "eval/pass@1" in by_step[0] and "eval/pass@1" in by_step[3]  # evaluation ran across both processes
     rehearsal_s = time.perf_counter() - t0
 
     # The end-of-run policy: an HF checkpoint transformers loads, with the trained weights' logits.

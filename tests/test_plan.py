@@ -34,8 +34,8 @@ def test_targets_and_suggestions():
     found = P.mesh_suggestions(REPO / "configs" / "paper" / "r1-distill-qwen-1.5b" / "sent.yaml")
     assert len(found) >= 2 and {t.kind for _, t, _ in found} >= {"tpu-v5p", "h100"}
     for label, target, overrides in found:
-        assert [o.split("=")[0] for o in overrides] == ["mesh.data", "mesh.fsdp", "mesh.tensor"], label
-        sizes = [int(o.split("=")[1]) for o in overrides]
+        assert [o.split("=")[0] for o in overrides][:3] == ["mesh.data", "mesh.fsdp", "mesh.tensor"], label
+        sizes = [int(o.split("=")[1]) for o in overrides[:3]]
         assert int(np.prod(sizes)) == target.devices, label
 
 

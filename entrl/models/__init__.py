@@ -2,9 +2,10 @@
 
 from entrl.models.config import PRESETS, ModelConfig
 from entrl.models.hf_io import load_pretrained, save_pretrained
-from entrl.models.transformer import K_CACHE_AXES, V_CACHE_AXES, KVCache, Transformer, create_model
+from entrl.models.transformer import DECODE_AXES, K_CACHE_AXES, V_CACHE_AXES, KVCache, Transformer, create_model
 
 __all__ = [
+    "DECODE_AXES",
     "K_CACHE_AXES",
     "KVCache",
     "V_CACHE_AXES",

@@ -97,6 +97,15 @@ def _names(lead: tuple[int, ...], names: tuple[str, ...]) -> tuple[str, ...]:
     return ("layers",) * len(lead) + names
 
 
+# The sampler's copy of the weights (`Transformer.decode_weights`), [out, in] matrices in the compute
+# dtype: sharded over the tensor axis only. It is gathered across data/fsdp once per sampler call, so
+# the decode loop's matmuls read local weights; left to propagation, XLA:CPU gathered each layer's
+# float32 params instead and kept every layer's copies live through the loop (1.5B, 16 devices:
+# ~26 of 30 GiB of the rollout's temporaries).
+DECODE_AXES = {"qkv": ("q_heads", "act_embed"), "o": ("act_embed", "q_heads"), "gate_up": ("mlp", "act_embed"),
+               "down": ("act_embed", "mlp"), "unembed": ("vocab", "act_embed")}
+
+
 def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Pins an activation's sharding when a mesh is in context (no-op otherwise)."""
     from entrl.sharding import logical_to_spec  # sharding does not import models
@@ -193,17 +202,18 @@ class Attention(nnx.Module):
         """
         cfg, dt = self.cfg, self.dtype
         D, K, Dh = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
-        q_DxKxGxDh = self.q_kernel[...].reshape(D, K, -1, Dh)
-        k_DxKx1xDh, v_DxKx1xDh = self.k_kernel[...][:, :, None], self.v_kernel[...][:, :, None]
+        # Cast first: the re-layout then moves compute-dtype (not float32) values between devices.
+        q_DxKxGxDh = self.q_kernel[...].astype(dt).reshape(D, K, -1, Dh)
+        k_DxKx1xDh, v_DxKx1xDh = self.k_kernel[...].astype(dt)[:, :, None], self.v_kernel[...].astype(dt)[:, :, None]
         qkv_DxKxJxDh = jnp.concatenate([q_DxKxGxDh, k_DxKx1xDh, v_DxKx1xDh], axis=2)
         w = dict(
-            qkv=qkv_DxKxJxDh.transpose(1, 2, 3, 0).reshape(-1, D).astype(dt),
-            o=self.o_kernel[...].reshape(-1, D).T.astype(dt),
+            qkv=_constrain(qkv_DxKxJxDh.transpose(1, 2, 3, 0).reshape(-1, D), DECODE_AXES["qkv"]),
+            o=_constrain(self.o_kernel[...].astype(dt).reshape(-1, D).T, DECODE_AXES["o"]),
         )
         if cfg.qkv_bias:
-            q_bias_KxGxDh = self.q_bias[...].reshape(K, -1, Dh)
-            k_bias_Kx1xDh, v_bias_Kx1xDh = self.k_bias[...][:, None], self.v_bias[...][:, None]
-            w["qkv_bias"] = jnp.concatenate([q_bias_KxGxDh, k_bias_Kx1xDh, v_bias_Kx1xDh], axis=1).astype(dt)
+            q_bias_KxGxDh = self.q_bias[...].astype(dt).reshape(K, -1, Dh)
+            k_bias_Kx1xDh, v_bias_Kx1xDh = self.k_bias[...].astype(dt)[:, None], self.v_bias[...].astype(dt)[:, None]
+            w["qkv_bias"] = jnp.concatenate([q_bias_KxGxDh, k_bias_Kx1xDh, v_bias_Kx1xDh], axis=1)
         if cfg.qk_norm:
             w["q_norm"], w["k_norm"] = self.q_norm.scale[...].astype(dt), self.k_norm.scale[...].astype(dt)
         return w
@@ -275,9 +285,10 @@ class MLP(nnx.Module):
     def decode_weights(self) -> dict[str, jax.Array]:
         """gate and up interleaved [F*2, D] (one matmul; F stays the major, shardable
         axis), down [D, F]: 2-D [out, in] as in `Attention.decode_weights`."""
-        gate_up_Fx2xD = jnp.stack([self.gate_kernel[...].T, self.up_kernel[...].T], axis=1)
-        return dict(gate_up=gate_up_Fx2xD.reshape(-1, gate_up_Fx2xD.shape[-1]).astype(self.dtype),
-                    down=self.down_kernel[...].T.astype(self.dtype))
+        dt = self.dtype
+        gate_up_Fx2xD = jnp.stack([self.gate_kernel[...].astype(dt).T, self.up_kernel[...].astype(dt).T], axis=1)
+        return dict(gate_up=_constrain(gate_up_Fx2xD.reshape(-1, gate_up_Fx2xD.shape[-1]), DECODE_AXES["gate_up"]),
+                    down=_constrain(self.down_kernel[...].astype(dt).T, DECODE_AXES["down"]))
 
     def __call__(self, x_BxTxD: jax.Array, w: dict[str, jax.Array] | None = None) -> jax.Array:
         """SwiGLU; with `w` (`decode_weights()`) gate and up are one matmul."""

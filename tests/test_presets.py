@@ -1,0 +1,87 @@
+"""Every paper preset on every mesh its YAML suggests, abstractly (no weights, no accelerator).
+
+For each device count a suggestion names (4, 8, 16, 32, 64), one process with that many fake CPU devices
+loads every preset with each suggestion of that size (`entrl.plan.plan_suggested`): the config must
+validate on the mesh (batch layout, slots, micro-batches) and its programs must trace and lower with
+their shardings (`compile=False`: minutes of XLA compile per program are what `entrl plan` spends; the
+memory figures of the presets are in the README, from `entrl plan --suggested`). Lowered per pair: the
+loss-independent programs (rollout, log-probs) once per distinct setting, the update of `sent` and
+`sent_released` (the two selection scopes) on every mesh, and every other preset's update on its model's
+first suggested mesh.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CPU_TEST_XLA_FLAGS
+from entrl import plan as P
+
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = sorted(p for p in (REPO / "configs" / "paper").glob("*/*.yaml") if not p.name.startswith("_"))
+DEVICE_COUNTS = sorted({t.devices for p in PRESETS for _, t, _ in P.mesh_suggestions(p)})
+
+_CHILD = r"""
+import json, sys
+from pathlib import Path
+from entrl import config as C, plan as P
+
+presets, devices = [Path(p) for p in json.loads(sys.argv[1])], int(sys.argv[2])
+first_mesh = {}  # model dir -> its first suggestion's overrides (every loss's update is lowered there)
+for p in presets:
+    first_mesh.setdefault(p.parent, P.mesh_suggestions(p)[0][2])
+done = set()
+
+def only(path, overrides, cfg):
+    keep = []
+    shared = json.dumps([str(path.parent), overrides, C.to_dict(cfg)["rollout"], cfg.train.microbatch_per_shard,
+                         cfg.train.length_buckets, cfg.loss.scope], sort_keys=True)
+    for name in ("rollout", "logprob"):
+        if (name, shared) not in done:
+            done.add((name, shared))
+            keep.append(name)
+    if path.stem in ("sent", "sent_released") or overrides == first_mesh[path.parent]:
+        key = ("update", json.dumps([str(path.parent), overrides, C.to_dict(cfg)["loss"], cfg.train.microbatch_per_shard]))
+        if key not in done:
+            done.add(key)
+            keep.append("update")
+    return keep
+
+rows = P.plan_suggested(presets, devices, with_eval=False, compile=False, only=only)
+print("ROWS " + json.dumps([{k: r.get(k) for k in ("config", "target", "error", "compile_s")} for r in rows]))
+"""
+
+
+@pytest.mark.parametrize("devices", DEVICE_COUNTS)
+def test_every_preset_validates_and_lowers_on_its_suggested_meshes(devices):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{CPU_TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([str(p) for p in PRESETS]), str(devices)],
+                         env=env, capture_output=True, text=True, timeout=900, check=False)
+    line = [x for x in out.stdout.splitlines() if x.startswith("ROWS ")]
+    assert line, out.stderr[-3000:]
+    rows = json.loads(line[0][len("ROWS "):])
+    expected = sum(t.devices == devices for p in PRESETS for _, t, _ in P.mesh_suggestions(p))
+    assert len(rows) == expected > 0
+    errors = [f"{Path(r['config']).relative_to(REPO)} on {r['target']}: {r['error']}" for r in rows if r["error"]]
+    assert not errors, "\n".join(errors)
+    lowered = {name for r in rows for name in r["compile_s"]}
+    assert lowered == {"update", "logprob", "rollout"}
+
+
+def test_every_model_suggests_a_mesh_per_slice_kind():
+    """TPU v5p, TPU v5e (16 GiB chips) and 8 GPUs for each paper model; the suggestion's device count
+    is the slice's, and every suggested override is a config key."""
+    from entrl import config as C
+
+    for model in sorted({p.parent for p in PRESETS}):
+        found = P.mesh_suggestions(model / "sent.yaml")
+        assert {t.kind for _, t, _ in found} == {"tpu-v5p", "tpu-v5e", "h100"}, model.name
+        for label, target, overrides in found:
+            cfg = C.load_config(model / "sent.yaml", overrides)  # unknown keys raise
+            assert cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor == target.devices, (model.name, label)
