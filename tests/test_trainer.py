@@ -419,7 +419,7 @@ def test_progress_bars_of_annotation_and_training(tmp_path, capsys):
     assert re.search(r"semantic entropy: +100%\|.*\| 16/16 \[\d\d:\d\d<\d\d:\d\d", err), err
     assert re.search(rf"train: +\d+%\|.*\| 1/{total} \[\d\d:\d\d<\d\d:\d\d", err), err  # an ETA after step 1
     assert re.search(rf"train: +100%\|.*\| {total}/{total} \[", err), err
-    assert re.search(r"eval: +100%\|.*\| 16/16 \[", err), err  # the arithmetic held-out split
+    assert re.search(r"eval: +\d+%\|.*\| \d+/16 \[", err), err  # drawn, then erased (it may not show 100%)
 
 
 # ---------------------------------------------------------------------------
