@@ -323,13 +323,17 @@ def results_markdown(results: dict) -> str:
 
 
 def _sample_benchmark(bench: Benchmark, prompts: list[list[int]], todo: list[int], *, sampler, graphdef, params,
-                      tokenizer, verifier, key, batch_size: int, buckets, samples_file) -> None:
-    """Sample and grade the `todo` problems of one benchmark, appending each batch to samples_file."""
+                      tokenizer, verifier, key, batch_size: int, buckets, samples_file, progress: str = "off") -> None:
+    """Sample and grade the `todo` problems of one benchmark, appending each batch to samples_file.
+
+    Shows a progress bar (`progress`: auto | on | off, see `entrl.progress`), or else logs one line per batch.
+    """
     import json
     import logging
     import time
     import zlib
 
+    from entrl.progress import progress_bar
     from entrl.rundir import append_text
 
     import jax
@@ -341,25 +345,29 @@ def _sample_benchmark(bench: Benchmark, prompts: list[list[int]], todo: list[int
     bkey = jax.random.fold_in(key, zlib.crc32(bench.key.encode()) & 0x7FFFFFFF)
     pad_to = batch_size if len(todo) > batch_size else 0
     t0 = time.perf_counter()
-    for b0 in range(0, len(todo), batch_size):
-        idx = todo[b0:b0 + batch_size]
-        recs = [bench.records[i] for i in idx]
-        g = sample_and_grade(sampler, graphdef, params, tokenizer, [prompts[i] for i in idx],
-                             [r.answer for r in recs], verifier=verifier, rng=jax.random.fold_in(bkey, idx[0]),
-                             pad_to=pad_to, buckets=buckets)
-        lines = []
-        for r_i, rec in enumerate(recs):
-            for j in range(n):
-                s = r_i * n + j
-                lines.append(json.dumps({
-                    "benchmark": bench.key, "id": rec.id, "sample": j, "reference": rec.answer,
-                    "answer": g.answers[s], "correct": bool(g.correct_PxN[r_i, j]), "status": g.status[s],
-                    "finish_reason": FINISH_REASONS[int(g.finish_code[s])], "length": int(g.lengths[s]),
-                    "response": g.responses[s]}, ensure_ascii=False) + "\n")
-        if jax.process_index() == 0:  # every process holds every graded row (sample_and_grade gathers them)
-            append_text(samples_file, "".join(lines), fsync=True)
-        log.info("%s: %d/%d problems sampled (%.0f s)", bench.key, min(b0 + batch_size, len(todo)), len(todo),
-                 time.perf_counter() - t0)
+    with progress_bar(len(bench.records), initial=len(bench.records) - len(todo), desc=bench.key, unit="problem",
+                      setting=progress) as bar:
+        for b0 in range(0, len(todo), batch_size):
+            idx = todo[b0:b0 + batch_size]
+            recs = [bench.records[i] for i in idx]
+            g = sample_and_grade(sampler, graphdef, params, tokenizer, [prompts[i] for i in idx],
+                                 [r.answer for r in recs], verifier=verifier, rng=jax.random.fold_in(bkey, idx[0]),
+                                 pad_to=pad_to, buckets=buckets)
+            lines = []
+            for r_i, rec in enumerate(recs):
+                for j in range(n):
+                    s = r_i * n + j
+                    lines.append(json.dumps({
+                        "benchmark": bench.key, "id": rec.id, "sample": j, "reference": rec.answer,
+                        "answer": g.answers[s], "correct": bool(g.correct_PxN[r_i, j]), "status": g.status[s],
+                        "finish_reason": FINISH_REASONS[int(g.finish_code[s])], "length": int(g.lengths[s]),
+                        "response": g.responses[s]}, ensure_ascii=False) + "\n")
+            if jax.process_index() == 0:  # every process holds every graded row (sample_and_grade gathers them)
+                append_text(samples_file, "".join(lines), fsync=True)
+            bar.update(len(idx))
+            if bar.disable:  # no bar drawn: one log line per batch instead
+                log.info("%s: %d/%d problems sampled (%.0f s)", bench.key, min(b0 + batch_size, len(todo)),
+                         len(todo), time.perf_counter() - t0)
 
 
 def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
@@ -448,7 +456,7 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
                     _sample_benchmark(s, prompts[s.key], todo[s.key], sampler=Sampler(sc, mesh=mesh),
                                       graphdef=graphdef, params=params, tokenizer=tok, verifier=verifier,
                                       key=jax.random.key(e.seed), batch_size=batch, buckets=buckets,
-                                      samples_file=samples_file)
+                                      samples_file=samples_file, progress=cfg.train.progress)
             if jax.process_count() > 1:  # process 0's appends are on disk before anyone reads them
                 multihost_utils.sync_global_devices("entrl_eval_samples_written")
             done = _read_samples(samples_file, e.n)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,12 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration problem, with a message that says what to change."""
+
+
+MATH_REWARD = "entrl.rewards:math_reward"  # the default reward term (`entrl.rewards.MATH_REWARD`)
+# `reward.fn` entries: package.module:function or path/to/file.py:function (the form is checked here, the
+# import by `entrl.rl.setup.reward_terms`); the same pattern as `entrl.rewards._SPEC_RE`
+_REWARD_SPEC_RE = re.compile(r"(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*|[^:]+\.py):[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
 
 # ---------------------------------------------------------------------------
@@ -216,16 +223,33 @@ class OptimSection:
 
 @dataclass(frozen=True)
 class RewardSection:
-    correct: float = 1.0  # reward of a verified answer
-    incorrect: float = 0.0  # reward of a wrong, missing or unverifiable answer
-    timeout_s: float = 5.0  # per-item verification timeout
-    workers: int = 0  # verification processes (0 = number of CPUs, capped at 8)
+    correct: float = 1.0  # math_reward's value for a verified answer
+    incorrect: float = 0.0  # math_reward's value for a wrong, missing or unverifiable answer
+    timeout_s: float = 5.0  # per-response time limit of the math verifier and of each reward.fn call (past it: 0 and counted)
+    workers: int = 0  # verification processes, which also run the reward.fn terms (0 = number of CPUs, capped at 8)
+    fn: list[str] | str = field(default_factory=lambda: [MATH_REWARD])  # reward terms: package.module:function or path/to/file.py:function, each called as fn(response, reference answer, record) -> float in the verification processes with reward.timeout_s (README: Custom rewards); entrl.rewards:math_reward is the math verifier
+    weights: list[float] = field(default_factory=list)  # weight of each reward.fn term (empty = 1.0 each); the reward is their weighted sum
 
     def __post_init__(self):
         _all_finite(self, "reward")
         if self.timeout_s <= 0:
             raise ConfigError(f"reward.timeout_s={self.timeout_s}: must be > 0")
         _non_negative("reward.workers", self.workers)
+        if isinstance(self.fn, str):  # one term may be given as a plain string
+            object.__setattr__(self, "fn", [self.fn])
+        if not self.fn:
+            raise ConfigError(f"reward.fn is empty: name at least one reward function (default {MATH_REWARD})")
+        for i, spec in enumerate(self.fn):
+            if not _REWARD_SPEC_RE.fullmatch(spec):
+                raise ConfigError(f"reward.fn[{i}]={spec!r}: expected package.module:function or "
+                                  f"path/to/file.py:function, e.g. {MATH_REWARD}")
+        if len(set(self.fn)) != len(self.fn):
+            raise ConfigError(f"reward.fn={self.fn}: names a function twice")
+        if self.weights and len(self.weights) != len(self.fn):
+            raise ConfigError(f"reward.weights={self.weights}: {len(self.weights)} weights for the {len(self.fn)} "
+                              "reward.fn terms (give one per term, or none for 1.0 each)")
+        if self.weights and not any(self.weights):
+            raise ConfigError(f"reward.weights={self.weights}: all 0, so every response would get the same reward")
 
 
 @dataclass(frozen=True)
@@ -246,10 +270,19 @@ class TrainSection:
     eval_every: int = 0  # RL steps between evaluations on the `val` set, logged as eval/... (0 = off)
     log_every: int = 1  # RL steps between console lines
     memory_check: bool = True  # on accelerators, plan the run's memory (`entrl plan`) at start and refuse a run that cannot fit
+    progress: str = "auto"  # tqdm progress bars with ETA (training, SE annotation, val evaluations, `entrl eval`) on stderr, drawn by process 0: auto (when stderr is a terminal) | on | off
+    log_samples_every: int = 10  # RL steps between sample completions (the first of up to 4 prompts) written to <out_dir>/rollouts.jsonl and TensorBoard text; 0 = off
     tensorboard: bool = True  # write TensorBoard events
     wandb: bool = False  # log to Weights & Biases when installed
+    wandb_project: str = "entrl"  # W&B project (with train.wandb)
+    wandb_entity: str = ""  # W&B entity (team or user); empty = your default entity
+    run_name: str = ""  # W&B run name; empty = out_dir's last two folders plus a hash of its absolute path (runs/a/sent and runs/b/sent differ)
 
     def __post_init__(self):
+        _choice("train.progress", self.progress, ("auto", "on", "off"))
+        _non_negative("train.log_samples_every", self.log_samples_every)
+        if not self.wandb_project.strip():
+            raise ConfigError("train.wandb_project is empty: name a W&B project")
         _non_negative("train.steps", self.steps)
         _positive("train.prompts_per_step", self.prompts_per_step)
         _positive("train.minibatch_prompts", self.minibatch_prompts)
@@ -487,8 +520,8 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
 
 
 # Values read as another value: booleans of the old boolean `model.remat` (and of TRL's / verl's
-# gradient-checkpointing flags, aliased to it) name a policy.
-VALUE_MAPS = {"model.remat": {True: "full", False: "none"}}
+# gradient-checkpointing flags, aliased to it) name a policy; YAML reads `on` / `off` as booleans.
+VALUE_MAPS = {"model.remat": {True: "full", False: "none"}, "train.progress": {True: "on", False: "off"}}
 
 # Keys that were renamed: old dotted key -> what to write instead.
 RENAMED = {
@@ -668,6 +701,8 @@ ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
     "logging_steps": (("train.log_every",), "TRL"),
     "eval_steps": (("train.eval_every",), "TRL"),
     "gradient_checkpointing": (("model.remat",), "TRL"),
+    "run_name": (("train.run_name",), "TRL"),
+    "reward_weights": (("reward.weights",), "TRL"),
     # verl ppo_trainer.yaml
     "data.train_files": (("data.train",), "verl"),
     "data.prompt_key": (("data.problem_key",), "verl"),
@@ -695,6 +730,8 @@ ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
     "actor_rollout_ref.actor.optim.lr_scheduler_type": (("optim.schedule",), "verl"),
     "trainer.total_training_steps": (("train.steps",), "verl"),
     "trainer.default_local_dir": (("train.out_dir",), "verl"),
+    "trainer.project_name": (("train.wandb_project",), "verl"),
+    "trainer.experiment_name": (("train.run_name",), "verl"),
     "algorithm.filter_groups.enable": (("train.only_mixed_groups",), "verl"),
     "data.val_files": (("val.data",), "verl"),
     "trainer.val_before_train": (("val.before_training",), "verl"),

@@ -207,7 +207,7 @@ def sample_and_grade(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
 def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequence[Sequence[int]],
                      references: Sequence[str], *, verifier, n: int, ks: Sequence[int] = (1,), seed: int = 0,
                      batch_prompts: int = 64, buckets: Sequence[int] | None = None,
-                     with_entropy: bool = False) -> dict:
+                     with_entropy: bool = False, progress: str = "off") -> dict:
     """Sample `n` responses per prompt with `sampler`, grade them with `verifier`, summarise.
 
     The sampler must have been built with `n` samples per prompt (its static config). Prompts are
@@ -216,10 +216,12 @@ def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
     `correct` [P, n], `answers`, `responses` ([P][n] lists), `per_problem_pass@1` (accuracy over the
     n samples of each problem), `response_length`, `truncation_rate`, and with `with_entropy` the
     mean per-token entropy of the sampled responses under the policy at the sampling temperature.
+    `progress` (auto | on | off, `entrl.progress`): a transient bar over the problems.
     """
     import jax
 
     from entrl.multihost import gather
+    from entrl.progress import progress_bar
     from entrl.rl.step import compute_logprobs
     from entrl.sampling import DEFAULT_BUCKETS
 
@@ -236,23 +238,25 @@ def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
     responses: list[list[str]] = []
     lengths, truncated, ent_sum, ent_count = [], [], 0.0, 0
     key = jax.random.key(seed)
-    for b0 in range(0, P, batch_prompts):
-        g = sample_and_grade(sampler, graphdef, params, tokenizer, prompt_tokens[b0:b0 + batch_prompts],
-                             references[b0:b0 + batch_prompts], verifier=verifier, rng=jax.random.fold_in(key, b0),
-                             pad_to=batch_prompts if P > batch_prompts else 0, buckets=buckets)
-        real, roll = g.problems, g.rollout
-        correct[b0:b0 + real] = g.correct_PxN
-        answers += [list(g.answers[i * n:(i + 1) * n]) for i in range(real)]
-        responses += [g.responses[i * n:(i + 1) * n] for i in range(real)]
-        lengths.append(g.lengths)
-        truncated.append(g.finish_code == 0)
-        if with_entropy:
-            batch = {"prompt_ids": roll.prompt_ids, "prompt_mask": roll.prompt_mask, "resp_ids": roll.tokens}
-            _, ent = compute_logprobs(graphdef, params, batch, temperature=sampler.config.logprob_temperature,
-                                      num_micro=1, chunk_size=512)
-            total, count = (float(gather(x)) for x in _entropy_sum(ent, roll.mask, real * n))
-            ent_sum += total
-            ent_count += int(count)
+    with progress_bar(P, desc="eval", unit="problem", setting=progress, leave=False) as bar:
+        for b0 in range(0, P, batch_prompts):
+            g = sample_and_grade(sampler, graphdef, params, tokenizer, prompt_tokens[b0:b0 + batch_prompts],
+                                 references[b0:b0 + batch_prompts], verifier=verifier, rng=jax.random.fold_in(key, b0),
+                                 pad_to=batch_prompts if P > batch_prompts else 0, buckets=buckets)
+            real, roll = g.problems, g.rollout
+            correct[b0:b0 + real] = g.correct_PxN
+            answers += [list(g.answers[i * n:(i + 1) * n]) for i in range(real)]
+            responses += [g.responses[i * n:(i + 1) * n] for i in range(real)]
+            lengths.append(g.lengths)
+            truncated.append(g.finish_code == 0)
+            if with_entropy:
+                batch = {"prompt_ids": roll.prompt_ids, "prompt_mask": roll.prompt_mask, "resp_ids": roll.tokens}
+                _, ent = compute_logprobs(graphdef, params, batch, temperature=sampler.config.logprob_temperature,
+                                          num_micro=1, chunk_size=512)
+                total, count = (float(gather(x)) for x in _entropy_sum(ent, roll.mask, real * n))
+                ent_sum += total
+                ent_count += int(count)
+            bar.update(real)
     hook = getattr(verifier, "equivalent_pairs", None)
     out = dict(summarize(correct, answers, ks, pairs_equivalent=hook))
     out.update(correct=correct, answers=answers, responses=responses,

@@ -18,6 +18,8 @@ Agreed metric names (per RL step unless noted; docs/method.md, "What to log"):
   time/rollout, time/reward, time/logprob, time/update, time/step   seconds per phase
   tokens_per_s            generated tokens per second
   skipped_nonfinite       1 when the step's update was skipped for NaN/inf, else 0
+  reward/<name>           mean of one reward term (`reward.fn`), unweighted; `reward` is the weighted sum
+  reward_failures/<name>  responses whose reward function timed out, raised or returned a non-number (scored 0)
 Evaluation metrics use the `eval/` prefix (`eval/pass@1`, `eval/avg@k`, ...; `train.eval_every`, the `val`
 section; step 0 is the initial policy).
 
@@ -39,28 +41,43 @@ Design decisions:
 - Only the primary process logs (`primary=None` asks `jax.process_index()`).
 - W&B is imported lazily and keeps one run id per run directory
   (`wandb_run_id`), so a resumed run continues the same W&B run; enabling it
-  without the package installed warns once and carries on.
+  without the package installed warns once and carries on. Its run name
+  defaults to `default_run_name(run_dir)`: the directory's last two path
+  components and a short hash of its full path (`runs/a/sent` and
+  `runs/b/sent` differ; the same directory always gets the same name).
+- Sample completions (`log_samples`) go to `rollouts.jsonl` (one JSON object
+  per sample, appended by name and truncated on resume like `metrics.jsonl`)
+  and to TensorBoard as text.
 - The console gets one line every `log_every` steps (step/total with a small
   bar, steps/s, ETA, reward, entropy, resp_len, loss) rather than a
-  carriage-return bar: it stays readable in redirected logs and CI.
+  carriage-return bar: it stays readable in redirected logs and CI. The line
+  goes through `tqdm.write`, so a progress bar (`entrl.progress`) on a
+  terminal stays below it instead of being split.
 - Plots draw on matplotlib's Agg canvas directly (no `matplotlib.use`), so
   importing this module never changes a notebook's backend.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import math
 import numbers
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from tqdm import tqdm
+
 from entrl import rundir as R
 
 JSONL_NAME = "metrics.jsonl"
+ROLLOUTS_NAME = "rollouts.jsonl"
+_TB_QUEUE = 10_000  # TensorBoard events in flight (tensorboardX's default, 10, is less than one step's scalars)
 _WANDB_ID_FILE = "wandb_run_id"
 # (metric key, console label) shown on the progress line when present.
 _CONSOLE_KEYS = (("reward", "reward"), ("accuracy", "acc"), ("entropy", "entropy"),
@@ -74,8 +91,9 @@ class MetricsLogger:
     """Write each step's scalar metrics to every enabled sink."""
 
     def __init__(self, run_dir: str | Path, *, console: bool = True, tensorboard: bool = True,
-                 wandb: bool = False, wandb_project: str = "entrl", config: dict | None = None,
-                 total_steps: int | None = None, log_every: int = 1, primary: bool | None = None):
+                 wandb: bool = False, wandb_project: str = "entrl", wandb_entity: str = "", run_name: str = "",
+                 config: dict | None = None, total_steps: int | None = None, log_every: int = 1,
+                 primary: bool | None = None):
         if primary is None:
             import jax  # only here: plotting and reading need no JAX
             primary = jax.process_index() == 0
@@ -94,11 +112,16 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if wandb:
-            self._wandb = _start_wandb(self.run_dir, wandb_project, config)
+            self._wandb = _start_wandb(self.run_dir, project=wandb_project, entity=wandb_entity, name=run_name,
+                                       config=config)
 
     @property
     def jsonl_path(self) -> R.Path:
         return self.run_dir / JSONL_NAME
+
+    @property
+    def rollouts_path(self) -> R.Path:
+        return self.run_dir / ROLLOUTS_NAME
 
     def truncate_after(self, step: int) -> None:
         """Forget every logged step after `step` (call with the checkpoint step when resuming).
@@ -107,7 +130,8 @@ class MetricsLogger:
         """
         if not self.primary:
             return
-        R.truncate_lines(self.jsonl_path, lambda line: (_record(line) or {"step": step + 1})["step"] <= step)
+        for path in (self.jsonl_path, self.rollouts_path):
+            R.truncate_lines(path, lambda line: (_record(line) or {"step": step + 1})["step"] <= step)
         self._purge_step = step + 1
         if self._tb is not None:  # already open: reopen so the purge applies
             self._tb.close()
@@ -131,6 +155,17 @@ class MetricsLogger:
             self._wandb.log(numeric, step=step)
         if self.console:
             self._print(step, numeric)
+
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """Append sample completions of `step` to rollouts.jsonl (one `{"step": .., **sample}` per line) and,
+        with TensorBoard on, show them as its text for that step. Samples are JSON-able dicts."""
+        if not self.primary or not samples:
+            return
+        step = int(step)
+        R.append_text(self.rollouts_path, "".join(json.dumps({"step": step, **s}, ensure_ascii=False) + "\n"
+                                                  for s in samples))
+        if self._tensorboard:
+            self._tensorboard_writer().add_text("rollouts", _samples_markdown(samples), step)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -159,8 +194,7 @@ class MetricsLogger:
             self._start = (now, step)
         evals = {k: v for k, v in numeric.items() if k.startswith("eval/")}
         if evals and len(evals) == len(numeric):
-            print(f"step {step} eval | " + " | ".join(f"{k[5:]} {_short(v)}" for k, v in evals.items()),
-                  flush=True)
+            _say(f"step {step} eval | " + " | ".join(f"{k[5:]} {_short(v)}" for k, v in evals.items()))
             return
         if step % self.log_every and step != self.total_steps:
             return
@@ -174,7 +208,7 @@ class MetricsLogger:
         parts += [f"{label} {_short(numeric[key])}" for key, label in _CONSOLE_KEYS if key in numeric]
         if numeric.get("skipped_nonfinite"):
             parts.append("SKIPPED (non-finite)")
-        print(" | ".join(parts), flush=True)
+        _say(" | ".join(parts))
 
 
 class _TensorBoard:
@@ -194,12 +228,50 @@ class _TensorBoard:
             logdir = self._staging.name
         # A session-unique file name: two sessions within one second would otherwise share one (and
         # the second upload would replace the first session's events).
-        self._writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step,
+        self._writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step, max_queue=_TB_QUEUE,
                                      filename_suffix="." + secrets.token_hex(4))
+        self._error: OSError | None = None
+        self._worker = self._watch_writer_thread()
         if config is not None:
             self._writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
 
+    def _watch_writer_thread(self):
+        """tensorboardX writes events in a thread that ends at its first write error (a full disk); once its
+        queue is full, adding an event would block forever. Keep that thread's OSError, so `_check` raises it
+        in the caller instead (the queue holds far more than one step's events). Returns the thread, or None
+        where this tensorboardX is laid out otherwise (then only the size of the queue helps)."""
+        events = getattr(getattr(self._writer, "file_writer", None), "event_writer", None)
+        records, worker = getattr(events, "_ev_writer", None), getattr(events, "_worker", None)
+        if records is None or worker is None:
+            return None
+
+        def keeping_errors(method):
+            def call(*args):
+                try:
+                    return method(*args)
+                except OSError as e:
+                    self._error = self._error or e
+                    raise
+            return call
+
+        records.write_event, records.flush = keeping_errors(records.write_event), keeping_errors(records.flush)
+        self._file = getattr(records, "_file_name", None)
+        return worker
+
+    def _check(self) -> None:
+        if self._worker is not None and not self._worker.is_alive():
+            e = self._error
+            raise OSError(e.errno if e else errno.EIO, e.strerror if e else "TensorBoard's event writer stopped",
+                          self._file)
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        self._check()
+        self._writer.add_text(tag, text, step)
+        self._writer.flush()
+        self._upload()
+
     def add_scalars_flat(self, values: dict[str, float], step: int) -> None:
+        self._check()
         for key, value in values.items():
             if math.isfinite(value):
                 self._writer.add_scalar(key, value, step)
@@ -220,7 +292,15 @@ class _TensorBoard:
             self._staging.cleanup()
 
 
-def _start_wandb(run_dir: R.Path, project: str, config: dict | None) -> Any:
+def default_run_name(run_dir: str | Path) -> str:
+    """`<parent>/<name>-<hash>`: the run directory's last two path components and 6 hex digits of a hash of its
+    absolute path, so `runs/a/sent` and `runs/b/sent` get different names and a resumed run keeps its own."""
+    full = str(R.absolute(R.as_path(run_dir, "run directory"))).rstrip("/")
+    tail = [p for p in full.split("/") if p][-2:]
+    return "/".join(tail) + "-" + hashlib.sha256(full.encode()).hexdigest()[:6]
+
+
+def _start_wandb(run_dir: R.Path, *, project: str, entity: str, name: str, config: dict | None) -> Any:
     global _warned_no_wandb
     try:
         import wandb
@@ -233,8 +313,18 @@ def _start_wandb(run_dir: R.Path, project: str, config: dict | None) -> Any:
     id_file = run_dir / _WANDB_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
     id_file.write_text(run_id)
-    return wandb.init(project=project, id=run_id, resume="allow", name=run_dir.name,
-                      dir=None if R.is_remote(run_dir) else str(run_dir), config=config)
+    return wandb.init(**wandb_init_kwargs(run_dir, project=project, entity=entity, name=name, run_id=run_id,
+                                          config=config))
+
+
+def wandb_init_kwargs(run_dir: R.Path, *, project: str, entity: str, name: str, run_id: str,
+                      config: dict | None) -> dict[str, Any]:
+    """The arguments of `wandb.init` for a run directory: `train.wandb_project` / `wandb_entity` (empty = the
+    user's default entity) / `run_name` (empty = `default_run_name`), and the directory's own run id so a
+    resumed run continues its W&B run."""
+    return {"project": project, "entity": entity or None, "id": run_id, "resume": "allow",
+            "name": name or default_run_name(run_dir), "dir": None if R.is_remote(run_dir) else str(run_dir),
+            "config": config}
 
 
 # ---------------------------------------------------------------------------
@@ -252,6 +342,25 @@ def _scalar(key: str, value: Any) -> int | float | bool | str:
     if getattr(value, "size", None) == 1 and hasattr(value, "item"):  # numpy / JAX scalars
         return _scalar(key, value.item())
     raise TypeError(f"metric {key!r} must be a scalar, got {type(value).__name__}")
+
+
+def _say(line: str) -> None:
+    """Print a console line above any progress bar (`tqdm.write`), flushed like `print(..., flush=True)`."""
+    tqdm.write(line)
+    sys.stdout.flush()
+
+
+def _samples_markdown(samples: list[dict[str, Any]]) -> str:
+    """TensorBoard text of sample completions: the scalars on one line, prompt and response as indented
+    (code) blocks, which no text inside them can close."""
+    blocks = []
+    for s in samples:
+        head = " · ".join(f"**{k}** `{v}`" for k, v in s.items() if k not in ("prompt", "response"))
+        for k in ("prompt", "response"):
+            if k in s:
+                head += f"\n\n{k}:\n\n" + "\n".join("    " + line for line in str(s[k]).splitlines() or [""])
+        blocks.append(head)
+    return "\n\n---\n\n".join(blocks)
 
 
 def _short(v: float) -> str:

@@ -47,14 +47,35 @@ Design decisions:
   emits but a caller's string may hold) never raises: extraction reads it like
   any character and the answer is graded `rejected`.
 
+- Reward functions from config (`reward.fn`, `RewardFn`): the reward is
+  `sum_k weight_k * fn_k(response, reference, record)` over plain callables
+  named `package.module:function` (the current directory is searched last, as
+  `python -m` would; the console script's path lacks it) or
+  `path/to/file.py:function` (loaded under a private module name, so two files
+  of the same name do not clash). They run in the same worker pool, one call
+  per job with the same per-item deadline: a hung, crashing or raising function,
+  or one returning a non-number, scores 0 for that response and is counted
+  (`RewardResult.failed`), never a hang. They travel by name (the init frame
+  carries the `module:function` strings) and each worker imports them once.
+  `math_reward` is the default term; named in `reward.fn` it is graded by the
+  pool's own math path (fast paths, rejection, identical pairs once) with the
+  values `reward.correct` / `reward.incorrect`, which is what calling it would
+  return. Accuracy, evaluation and semantic-entropy clustering always use the
+  math equivalence, whatever the reward terms are.
+
 Left out on purpose: relative-tolerance grading of rounded physics answers
-(Minerva) and LLM judges; both plug in through `Verifier(equivalent=...)`.
+(Minerva) and LLM judges; both plug in through `Verifier(equivalent=...)` or
+as a reward function.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
+import logging
 import math
+import numbers
 import os
 import pickle
 import re
@@ -68,6 +89,8 @@ from fractions import Fraction
 from multiprocessing.connection import wait as wait_readable
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 MAX_ANSWER_CHARS = 1000
 MAX_BRACE_DEPTH = 8
@@ -300,6 +323,151 @@ def answers_equivalent_both(a: str, b: str) -> bool:
 
 
 # ---------------------------------------------------------------------------
+# Reward functions: fn(response, reference, record) -> float
+# ---------------------------------------------------------------------------
+
+MATH_REWARD = "entrl.rewards:math_reward"
+RewardCallable = Callable[[str, str, dict], float]
+# `package.module:function` or `path/to/file.py:function` (`entrl.config` checks the same pattern)
+_SPEC_RE = re.compile(r"(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*|[^:]+\.py):[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+
+
+def math_reward(response: str, reference: str, record: dict) -> float:
+    """1.0 when the response's final answer (`extract_answer`) is equivalent to `reference`, else 0.0.
+
+    The default reward term. Named in `reward.fn` it is not called like the others: the `Verifier`
+    grades it itself (see the module docstring), with `reward.correct` / `reward.incorrect` as values.
+    """
+    answer = extract_answer(response)
+    return float(answer is not None and answers_equivalent(answer, reference))
+
+
+_FORMAT_TAIL_RE = re.compile(r"(?:\s|\$|\.|\*|\\\]|\\\))*")
+
+
+def boxed_format_reward(response: str, reference: str, record: dict) -> float:
+    """1.0 when the response ends with its one and only complete `\\boxed{...}`, else 0.0.
+
+    Exactly one `\\boxed` / `\\fbox` in the whole response, written `\\boxed{...}` with its braces
+    closed around a non-empty answer, and nothing after the closing brace but whitespace, `$`, `.`,
+    `*`, `\\]` or `\\)` (so `... is $\\boxed{5}$.` scores 1; a second box, a truncated box, a brace-less
+    `\\boxed 5` or text after the box score 0). Correctness is not looked at: pair it with
+    `math_reward`, e.g. `reward.fn=[entrl.rewards:math_reward, entrl.rewards:boxed_format_reward]`
+    with `reward.weights=[1.0, 0.1]`.
+    """
+    boxes = list(_BOX_RE.finditer(response))
+    if len(boxes) != 1:
+        return 0.0
+    p = boxes[0].end()
+    if response[p:p + 1] != "{" or not response.startswith("\\boxed", boxes[0].start()):
+        return 0.0
+    depth = _prefix_depth(response[p:])
+    closed = np.flatnonzero(depth == 0)
+    if closed.size == 0:
+        return 0.0
+    close = p + int(closed[0])
+    if not response[p + 1:close].strip():
+        return 0.0
+    return 1.0 if _FORMAT_TAIL_RE.fullmatch(response, close + 1) else 0.0
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _import_reward_module(name: str):
+    """The module of a reward spec: a `.py` file (path relative to the current directory) loaded under a
+    private name, or a dotted module looked up on the Python path and then in the current directory."""
+    if name.endswith(".py"):
+        path = os.path.abspath(os.path.expanduser(name))
+        key = "_entrl_reward_" + re.sub(r"\W", "_", path)
+        if key in sys.modules:
+            return sys.modules[key]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such file: {path}")
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # before running it, as `import` does (dataclasses and pickling look it up)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+        return module
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:  # the console script's path lacks it; `python -m` has it
+        sys.path.append(cwd)  # last: never shadows an installed package
+    return importlib.import_module(name)
+
+
+def _absolute_spec(spec: str) -> str:
+    """`spec` with a `.py` file's path made absolute (module specs unchanged)."""
+    module, attr = spec.rsplit(":", 1)
+    return f"{os.path.abspath(os.path.expanduser(module))}:{attr}" if module.endswith(".py") else spec
+
+
+def resolve_reward_fn(spec: str) -> RewardCallable:
+    """The callable named `package.module:function` or `path/to/file.py:function` (imported now).
+    ValueError in one line when it is not of that form, does not import, has no such attribute or is not
+    callable."""
+    if not isinstance(spec, str) or not _SPEC_RE.fullmatch(spec):
+        raise ValueError(f"{spec!r} is not of the form package.module:function or path/to/file.py:function")
+    module_name, attr = spec.rsplit(":", 1)
+    try:
+        obj = _import_reward_module(module_name)
+    except (Exception, SystemExit) as e:  # ModuleNotFoundError, or anything the module raises while importing
+        raise ValueError(f"{spec!r}: cannot import {module_name!r} ({type(e).__name__}: {_one_line(e)})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{spec!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{spec!r} is a {type(obj).__name__}, not a function")
+    return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardFn:
+    """One term of the reward: `weight * fn(response, reference, record)`, fn named by `spec`."""
+
+    spec: str  # "package.module:function"
+    weight: float = 1.0
+    name: str = ""  # metric name (`reward/<name>`); "" = the function's name
+
+    @property
+    def label(self) -> str:
+        return self.name or self.spec.rsplit(":", 1)[1].rsplit(".", 1)[-1]
+
+
+def reward_fns(specs: Sequence[str], weights: Sequence[float] = ()) -> tuple[RewardFn, ...]:
+    """The terms of `reward.fn` / `reward.weights` (empty weights = 1.0 each), each resolved once
+    (ValueError in one line when one does not import). Two terms whose functions share a name are
+    labelled by their full spec."""
+    if weights and len(weights) != len(specs):
+        raise ValueError(f"{len(weights)} weights for {len(specs)} reward functions")
+    if weights and not any(weights):
+        raise ValueError(f"weights {list(weights)} are all 0: every response would get the same reward")
+    for spec in specs:
+        resolve_reward_fn(spec)
+    short = [spec.rsplit(":", 1)[1].rsplit(".", 1)[-1] for spec in specs]
+    return tuple(RewardFn(spec, float(w), name if short.count(name) == 1 else spec)
+                 for spec, w, name in zip(specs, weights or [1.0] * len(specs), short))
+
+
+def _call_reward(fn: RewardCallable, response: str, reference: str, record: dict) -> float | tuple[str, str]:
+    """fn's value as a float, or ("error", why) when it raised or returned a non-finite or non-number."""
+    try:
+        value = fn(response, reference, record)
+    except Exception as e:
+        return "error", _one_line(f"{type(e).__name__}: {e}")
+    if not isinstance(value, (numbers.Real, np.bool_)):
+        return "error", f"returned a {type(value).__name__}, not a number"
+    value = float(value)
+    return value if math.isfinite(value) else ("error", f"returned {value}")
+
+
+# ---------------------------------------------------------------------------
 # Worker processes
 # ---------------------------------------------------------------------------
 
@@ -359,28 +527,44 @@ def _die_with_parent(parent_pid: int, kernel_signal: bool) -> None:
 
 
 def _worker_main() -> None:
-    """Loop of a verification worker: read (job, pred, gold, both) frames, answer (job, status).
+    """Loop of a verification worker: an init frame (equivalent, reward fn specs), then job frames
+    (job id, payload) answered with (job id, result); see `_execute`.
 
     argv: the parent's pid, then 1 when the parent-death signal may be used (spawned from the main thread).
     """
     if len(sys.argv) >= 3:
         _die_with_parent(int(sys.argv[1]), sys.argv[2] == "1")
     out_fd = os.dup(1)
-    os.dup2(2, 1)  # stray prints from parsers must not corrupt the result pipe
+    os.dup2(2, 1)  # stray prints from parsers and reward functions must not corrupt the result pipe
     in_fd = sys.stdin.fileno()
-    equivalent = _read_frame(in_fd)
-    if equivalent is None:
+    init = _read_frame(in_fd)
+    if init is None:
         return
+    equivalent, specs = init
+    try:
+        fns = [resolve_reward_fn(spec) for spec in specs]  # imported once per worker
+    except ValueError as e:
+        print(f"entrl verification worker: reward.fn {e}", file=sys.stderr, flush=True)
+        os._exit(1)
     if equivalent is math_verify_equivalent:
         math_verify_equivalent("\\frac{1}{2}", "0.5")  # pay sympy's first-call cost before "ready"
     _write_frame(out_fd, "ready")
     while (job := _read_frame(in_fd)) is not None:
-        job_id, pred, gold, both = job
-        _write_frame(out_fd, (job_id, _run_job(equivalent, pred, gold, both)))
+        job_id, payload = job
+        _write_frame(out_fd, (job_id, _execute(equivalent, fns, payload)))
+
+
+def _execute(equivalent: Equivalent, fns: Sequence[RewardCallable], payload: tuple):
+    """One job. ("eq", pred, gold, both) -> a status (`_run_job`); ("fn", k, response, reference,
+    record) -> reward function k's value or ("error", why) (`_call_reward`)."""
+    if payload[0] == "eq":
+        return _run_job(equivalent, *payload[1:])
+    _, k, response, reference, record = payload
+    return _call_reward(fns[k], response, reference, record)
 
 
 def _run_job(equivalent: Equivalent, pred: str, gold: str, both: bool) -> str:
-    """Status of one job: correct / incorrect, or error when the grader raised."""
+    """Status of one equivalence job: correct / incorrect, or error when the grader raised."""
     try:
         if both and equivalent is math_verify_equivalent:
             ok = math_verify_equivalent(pred, gold, both_directions=True)  # parses each side once
@@ -419,18 +603,27 @@ class _Worker:
 # Verifier
 # ---------------------------------------------------------------------------
 
-STATUSES = ("correct", "incorrect", "no_answer", "rejected", "timeout", "error")
+STATUSES = ("correct", "incorrect", "no_answer", "rejected", "timeout", "error", "ungraded")
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardResult:
-    """Rewards of one batch. `status[i]` is one of STATUSES; `counts` tallies them plus `total`."""
+    """Rewards of one batch. `status[i]` is one of STATUSES; `counts` tallies them plus `total`.
+
+    `correct` / `status` are the math grading. From `Verifier.score_rewards`, `rewards` is the weighted
+    sum of the reward terms, `components` holds each term's own values and `failed` the rows where a
+    reward function failed (scored 0); without the math term `graded` is False, nothing is correct and
+    answered rows are "ungraded".
+    """
 
     rewards: np.ndarray  # float32 [N]
     correct: np.ndarray  # bool [N]
     answers: list[str | None]  # extracted final answers
     status: list[str]
     counts: dict[str, int]
+    components: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # term label -> float32 [N], unweighted
+    failed: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # label of a reward function -> bool [N]
+    graded: bool = True  # the math term is among the reward terms (accuracy means something)
 
 
 class Verifier:
@@ -440,6 +633,8 @@ class Verifier:
     this process (no timeouts: for benchmarks and trusted inputs).
     equivalent: picklable top-level `(pred, gold) -> bool` run in the workers;
     None = `answers_equivalent` (fast paths in the parent, math-verify in workers).
+    rewards: the terms of `score_rewards` (`RewardFn`s; default: `math_reward` alone), resolved
+    here (ValueError when one does not import); the other methods grade the math answer only.
     Workers start on first use and stay alive across calls; use as a context
     manager or call `close()`. Not thread-safe: one calling thread at a time.
     """
@@ -452,6 +647,7 @@ class Verifier:
         incorrect: float = 0.0,
         *,
         equivalent: Equivalent | None = None,
+        rewards: Sequence[RewardFn] = (RewardFn(MATH_REWARD),),
         start_timeout_s: float = 120.0,
     ):
         for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
@@ -459,12 +655,28 @@ class Verifier:
                 raise ValueError(f"{name}={value!r}: must be a finite number of seconds > 0")
         if workers is not None and workers < 0:
             raise ValueError(f"workers={workers}: must be >= 0 or None (serial)")
+        if not rewards:
+            raise ValueError("rewards: need at least one reward term")
         self.n_workers = None if workers is None else (workers or min(os.cpu_count() or 1, 8))
         self.timeout_s = float(timeout_s)
         self.correct_reward = float(correct)
         self.incorrect_reward = float(incorrect)
         self._custom = equivalent
         self._equivalent = equivalent or math_verify_equivalent
+        self.rewards = tuple(rewards)
+        resolved = [resolve_reward_fn(r.spec) for r in self.rewards]
+        labels = [r.label for r in self.rewards]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"rewards: two terms share a label ({labels}); give them distinct names")
+        self._math_terms = [r for r, fn in zip(self.rewards, resolved) if fn is math_reward]
+        if len(self._math_terms) > 1:
+            raise ValueError("rewards: math_reward is named twice")
+        # Terms called in the workers (by name), with their callables for serial mode.
+        self._fn_terms = [r for r, fn in zip(self.rewards, resolved) if fn is not math_reward]
+        self._fns = [fn for fn in resolved if fn is not math_reward]
+        # What the workers import: file specs made absolute now (a later chdir of this process changes nothing).
+        self._worker_specs = [_absolute_spec(t.spec) for t in self._fn_terms]
+        self._warned: set[tuple[str, str]] = set()
         self.start_timeout_s = start_timeout_s
         self._workers: list[_Worker] = []
         self._next_job = 0
@@ -472,24 +684,59 @@ class Verifier:
 
     @classmethod
     def from_config(cls, section) -> Verifier:
-        """Build from a `config.RewardSection`."""
-        return cls(section.workers, section.timeout_s, section.correct, section.incorrect)
+        """Build from a `config.RewardSection` (ValueError when a `reward.fn` does not import)."""
+        return cls(section.workers, section.timeout_s, section.correct, section.incorrect,
+                   rewards=reward_fns(section.fn, section.weights))
 
     # -- public -----------------------------------------------------------------
 
     def score(self, responses: Sequence[str], references: Sequence[str]) -> RewardResult:
-        """Extract each response's final answer and grade it against its reference."""
+        """Extract each response's final answer and grade it against its reference (math only)."""
         if len(responses) != len(references):
             raise ValueError(f"{len(responses)} responses vs {len(references)} references")
         answers = [extract_answer(r) for r in responses]
         jobs = [(a, ref, False) for a, ref in zip(answers, references) if a is not None]
         graded = iter(self._grade(jobs))
         status = ["no_answer" if a is None else next(graded) for a in answers]
-        correct = np.array([s == "correct" for s in status], dtype=bool)
-        rewards = np.where(correct, self.correct_reward, self.incorrect_reward).astype(np.float32)
-        counts = {s: status.count(s) for s in STATUSES}
-        counts["total"] = len(status)
-        return RewardResult(rewards, correct, answers, status, counts)
+        return self._result(answers, status)
+
+    def score_rewards(self, responses: Sequence[str], references: Sequence[str],
+                      records: Sequence[dict] | None = None) -> RewardResult:
+        """The configured reward of each response: `sum_k weight_k * fn_k(response, reference, record)`.
+
+        `records[i]` is the prompt's row (None = empty dicts). The math term and every reward
+        function's calls share one pass over the pool; a function that times out, crashes, raises
+        or returns a non-number scores 0 there and is flagged in `failed` (and logged once per
+        function and kind of failure).
+        """
+        if len(responses) != len(references):
+            raise ValueError(f"{len(responses)} responses vs {len(references)} references")
+        records = [{}] * len(responses) if records is None else list(records)
+        if len(records) != len(responses):
+            raise ValueError(f"{len(records)} records for {len(responses)} responses")
+        answers = [extract_answer(r) for r in responses]
+        eq_jobs = [(a, ref, False) for a, ref in zip(answers, references) if a is not None] if self._math_terms else []
+        unique, eq_todo = self._triage(eq_jobs)
+        fn_jobs = [("fn", k, resp, ref, rec) for k in range(len(self._fns))
+                   for resp, ref, rec in zip(responses, references, records)]
+        results = self._run([("eq", *key) for key in eq_todo] + fn_jobs)
+        unique.update(zip(eq_todo, results[:len(eq_todo)]))
+        graded = iter([unique[j] for j in eq_jobs])
+        status = ["no_answer" if a is None else next(graded) if self._math_terms else "ungraded" for a in answers]
+        out = self._result(answers, status)
+        components, failed = {}, {}
+        total = np.zeros(len(responses), np.float64)
+        if self._math_terms:
+            term = self._math_terms[0]
+            components[term.label] = out.rewards
+            total += term.weight * out.rewards
+        per_fn = len(responses)
+        for k, term in enumerate(self._fn_terms):
+            values, bad = self._fn_values(term, results[len(eq_todo) + k * per_fn:len(eq_todo) + (k + 1) * per_fn])
+            components[term.label], failed[term.label] = values, bad
+            total += term.weight * values
+        return dataclasses.replace(out, rewards=total.astype(np.float32), components=components, failed=failed,
+                                   graded=bool(self._math_terms))
 
     def check(self, preds: Sequence[str], golds: Sequence[str], *, both_directions: bool = False) -> list[str]:
         """Status of each (extracted answer, reference) pair; see STATUSES."""
@@ -521,7 +768,36 @@ class Verifier:
 
     # -- internals --------------------------------------------------------------
 
-    def _grade(self, jobs: list[tuple[str, str, bool]]) -> list[str]:
+    def _result(self, answers: list[str | None], status: list[str]) -> RewardResult:
+        correct = np.array([s == "correct" for s in status], dtype=bool)
+        rewards = np.where(correct, self.correct_reward, self.incorrect_reward).astype(np.float32)
+        counts = {s: status.count(s) for s in STATUSES}
+        counts["total"] = len(status)
+        return RewardResult(rewards, correct, answers, status, counts)
+
+    def _fn_values(self, term: RewardFn, results: list) -> tuple[np.ndarray, np.ndarray]:
+        """A reward function's values (0 where it failed) and its failure flags; the first failure of
+        each kind (raised, returned a bad value, timed out, killed its worker) is logged with the reason."""
+        values = np.zeros(len(results), np.float32)
+        bad = np.zeros(len(results), bool)
+        for i, r in enumerate(results):
+            if isinstance(r, float):
+                values[i] = r
+                continue
+            bad[i] = True
+            # the pool's "timeout" / "error" (the worker died), or `_call_reward`'s ("error", why)
+            kind = ("crash" if r == "error" else r) if isinstance(r, str) else \
+                "returned" if r[1].startswith("returned") else "raised"
+            if (term.label, kind) not in self._warned:
+                self._warned.add((term.label, kind))
+                why = (f"took longer than reward.timeout_s={self.timeout_s:g} s" if kind == "timeout"
+                       else f"failed: {r[1]}" if isinstance(r, tuple) else "crashed its worker process")
+                log.warning("reward function %s %s; such responses score 0 (counted as reward_failures/%s, "
+                            "logged once)", term.spec, why, term.label)
+        return values, bad
+
+    def _triage(self, jobs: list[tuple[str, str, bool]]) -> tuple[dict, list]:
+        """({job: status or None}, the jobs the pool must grade): fast paths and rejections decided here."""
         unique: dict[tuple[str, str, bool], str | None] = dict.fromkeys(jobs)
         todo = []
         for key in unique:
@@ -533,13 +809,21 @@ class Verifier:
                 unique[key] = "rejected"
             else:
                 todo.append(key)
+        return unique, todo
+
+    def _grade(self, jobs: list[tuple[str, str, bool]]) -> list[str]:
+        unique, todo = self._triage(jobs)
         if todo:
-            results = self._run_serial(todo) if self.n_workers is None else self._run_pool(todo)
-            unique.update(zip(todo, results))
+            unique.update(zip(todo, self._run([("eq", *key) for key in todo])))
         return [unique[j] for j in jobs]
 
-    def _run_serial(self, todo: list[tuple[str, str, bool]]) -> list[str]:
-        return [_run_job(self._equivalent, *job) for job in todo]
+    def _run(self, payloads: list[tuple]) -> list:
+        """`_execute` of every payload, in the pool (or serially); a killed job is "timeout", a crash "error"."""
+        if not payloads:
+            return []
+        if self.n_workers is None:
+            return [_execute(self._equivalent, self._fns, p) for p in payloads]
+        return self._run_pool(payloads)
 
     def _spawn(self) -> _Worker:
         env = dict(os.environ)
@@ -556,12 +840,12 @@ class Verifier:
         )
         worker = _Worker(proc, deadline=time.monotonic() + self.start_timeout_s)
         try:
-            _write_frame(proc.stdin.fileno(), self._equivalent)
+            _write_frame(proc.stdin.fileno(), (self._equivalent, self._worker_specs))
         except OSError:
             pass  # died at once: noticed as EOF by the loop
         return worker
 
-    def _run_pool(self, todo: list[tuple[str, str, bool]]) -> list[str]:
+    def _run_pool(self, todo: list[tuple]) -> list:
         while len(self._workers) < self.n_workers:
             self._workers.append(self._spawn())
         results: list[str | None] = [None] * len(todo)
@@ -576,7 +860,7 @@ class Verifier:
                     job_id, self._next_job = self._next_job, self._next_job + 1
                     ids[job_id] = i
                     try:
-                        _write_frame(w.proc.stdin.fileno(), (job_id, *todo[i]))
+                        _write_frame(w.proc.stdin.fileno(), (job_id, todo[i]))
                         w.job, w.deadline = job_id, now + self.timeout_s
                     except OSError:
                         pending.append(i)

@@ -4,6 +4,7 @@ A run directory (`train.out_dir`) holds
   entrl_run.json          the resolved RunConfig of the run (never `config.json`: that name is a model's)
   entrl.lock              the lock of the run writing here (holder host, pid, start time)
   metrics.jsonl, tb/      metrics (`entrl.metrics`)
+  rollouts.jsonl          sample completions every `train.log_samples_every` steps (`entrl.metrics`)
   checkpoints/<step>/     orbax checkpoints (`entrl.checkpoint`)
   semantic_entropy.jsonl  SE annotation progress when `entrl train` annotates
   policy/                 the final HF policy, written only when the run finished
@@ -66,8 +67,9 @@ LEGACY_RUN_CONFIG = "config.json"  # what entrl wrote before entrl_run.json; rea
 REMOTE_SCHEMES = ("gs", "s3")  # what orbax/TensorStore and epath both handle
 READ_SCHEMES = ("gs", "s3", "az", "hf")  # what epath can read (data files)
 # Names a run writes at its top level: a directory holding only these is a run's (e.g. seeded SE progress).
-RUN_FILES = frozenset({RUN_CONFIG, LOCK_NAME, "metrics.jsonl", "tb", "checkpoints", "semantic_entropy.jsonl",
-                       "policy", "wandb_run_id", "plots", "reference", "warmstart", "result.json"})
+RUN_FILES = frozenset({RUN_CONFIG, LOCK_NAME, "metrics.jsonl", "rollouts.jsonl", "tb", "checkpoints",
+                       "semantic_entropy.jsonl", "policy", "wandb_run_id", "plots", "reference", "warmstart",
+                       "result.json"})
 HEARTBEAT_S = 60.0
 STALE_S = 300.0
 SETTLE_S = 1.0

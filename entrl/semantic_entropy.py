@@ -391,7 +391,8 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
     `out_path` (JSONL: a header line with `se_provenance`, then one row per finished prompt, appended
     per batch), so an interrupted annotation resumes where it stopped and never recomputes finished
     prompts; values computed with other settings are never reused (`open_progress`), nor any with
-    `resume=False`. Logs prompts done, rate and ETA.
+    `resume=False`. Shows a progress bar (`train.progress`, `entrl.progress`), or else logs prompts
+    done, rate and ETA once per batch.
     """
     import logging
     import time
@@ -401,6 +402,7 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
     from entrl.rundir import as_path
 
     from entrl.evaluation import sample_and_grade
+    from entrl.progress import progress_bar
     from entrl.rl.setup import build_sampler
 
     log = logging.getLogger("entrl.semantic_entropy")
@@ -417,28 +419,32 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
     key = jax.random.key(seed + 7919)
     t0 = time.perf_counter()
     primary = jax.process_index() == 0
-    # Appended by name once per batch (no long-lived handle that could point at a replaced file).
-    for b0 in range(0, len(todo), batch_prompts):
-        idx = todo[b0:b0 + batch_prompts]
-        real = len(idx)
-        # Every process samples the same batch; each decodes and grades the rows on its own devices
-        # (sample_and_grade gathers the results). Keyed by the prompt's position in `records`, so a
-        # resumed run draws the same samples.
-        g = sample_and_grade(sampler, graphdef, params, tokenizer, [prompt_tokens[i] for i in idx],
-                             [records[i].answer for i in idx], verifier=verifier,
-                             rng=jax.random.fold_in(key, idx[0]), buckets=cfg.rollout.prompt_buckets,
-                             pad_to=batch_prompts if len(todo) > batch_prompts else 0)  # the last one padded
-        groups = [g.answers[j * n:(j + 1) * n] for j in range(real)]
-        corr = [list(g.correct_PxN[j]) for j in range(real)]
-        stats = batch_prompt_stats(groups, corr, pairs_equivalent=verifier.equivalent_pairs)
-        for i, st in zip(idx, stats):
-            done[str(records[i].id)] = st
-        if primary:
-            append_progress(out_path, [{"id": str(records[i].id), **st} for i, st in zip(idx, stats)])
-        finished = min(b0 + batch_prompts, len(todo))
-        rate = finished / max(time.perf_counter() - t0, 1e-9)
-        log.info("semantic entropy: %d/%d prompts (%.1f prompts/s, ETA %.0f s)", len(records) - len(todo)
-                 + finished, len(records), rate, (len(todo) - finished) / max(rate, 1e-9))
+    with progress_bar(len(records), initial=len(records) - len(todo), desc="semantic entropy", unit="prompt",
+                      setting=cfg.train.progress) as bar:
+        # Appended by name once per batch (no long-lived handle that could point at a replaced file).
+        for b0 in range(0, len(todo), batch_prompts):
+            idx = todo[b0:b0 + batch_prompts]
+            real = len(idx)
+            # Every process samples the same batch; each decodes and grades the rows on its own devices
+            # (sample_and_grade gathers the results). Keyed by the prompt's position in `records`, so a
+            # resumed run draws the same samples.
+            g = sample_and_grade(sampler, graphdef, params, tokenizer, [prompt_tokens[i] for i in idx],
+                                 [records[i].answer for i in idx], verifier=verifier,
+                                 rng=jax.random.fold_in(key, idx[0]), buckets=cfg.rollout.prompt_buckets,
+                                 pad_to=batch_prompts if len(todo) > batch_prompts else 0)  # the last one padded
+            groups = [g.answers[j * n:(j + 1) * n] for j in range(real)]
+            corr = [list(g.correct_PxN[j]) for j in range(real)]
+            stats = batch_prompt_stats(groups, corr, pairs_equivalent=verifier.equivalent_pairs)
+            for i, st in zip(idx, stats):
+                done[str(records[i].id)] = st
+            if primary:
+                append_progress(out_path, [{"id": str(records[i].id), **st} for i, st in zip(idx, stats)])
+            bar.update(real)
+            if bar.disable:  # no bar drawn: one log line per batch instead
+                finished = min(b0 + batch_prompts, len(todo))
+                rate = finished / max(time.perf_counter() - t0, 1e-9)
+                log.info("semantic entropy: %d/%d prompts (%.1f prompts/s, ETA %.0f s)", len(records) - len(todo)
+                         + finished, len(records), rate, (len(todo) - finished) / max(rate, 1e-9))
     return [done[str(r.id)] for r in records]
 
 
@@ -487,7 +493,7 @@ def annotate_cli(cfg, *, data: str, out: str, n: int | None = None, resume: bool
     prompt_tokens, records = tokenize(cfg, records, tokenizer)
     graphdef, params = build_model(cfg, mesh, tokenizer)
     progress = out_p.with_name(out_p.name + ".progress.jsonl")
-    with build_verifier(cfg) as verifier:
+    with build_verifier(cfg, math_only=True) as verifier:
         stats = annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, verifier=verifier,
                                  out_path=progress, n=n, mesh=mesh, resume=resume)
     d = cfg.data  # the input's own column layout: the same config reads the annotated file back

@@ -105,6 +105,8 @@ def test_bad_settings_are_one_line_config_errors(tmp_path):
     long_prompt = _jsonl(tmp_path / "long.jsonl", [{"id": "short", "problem": "1+2", "answer": "3"},
                                                    {"id": "very-long", "problem": "1+" * 40 + "1", "answer": "41"}])
     math_data = ["data.task=math", "model.tokenizer=char", "data.prompt_suffix="]
+    broken_reward = tmp_path / "broken_reward.py"
+    broken_reward.write_text("1 / 0\n")
     cases = {  # name: (overrides, words the line must contain)
         "lr nan": (["optim.lr=nan"], ["optim.lr=nan", "finite"]),
         "lr inf": (["optim.lr=.inf"], ["optim.lr=inf", "finite"]),
@@ -122,6 +124,15 @@ def test_bad_settings_are_one_line_config_errors(tmp_path):
         "long prompt": ([*math_data, f"data.train={long_prompt}", "data.on_long_prompt=error",
                          "data.max_prompt_len=16", "rollout.prompt_buckets=[16]"], ["'very-long'", "82 tokens"]),
         "context length": (["rollout.max_new_tokens=100000"], ["rollout.max_new_tokens=100000", "512"]),
+        "reward module missing": (["reward.fn=no_such_rewards_module:fmt"], ["reward.fn", "no_such_rewards_module"]),
+        "reward attribute missing": (["reward.fn=entrl.rewards:no_such_reward"], ["reward.fn", "no_such_reward"]),
+        "reward not callable": (["reward.fn=entrl.rewards:MAX_ANSWER_CHARS"], ["reward.fn", "not a function"]),
+        "reward import raises": ([f"reward.fn={broken_reward}:fmt"], ["reward.fn", "ZeroDivisionError"]),
+        "reward spec form": (["reward.fn=[entrl.rewards]"], ["reward.fn[0]", "package.module:function"]),
+        "reward weight count": (["reward.weights=[1.0, 0.5]"], ["reward.weights", "2 weights"]),
+        "reward weight word": (["reward.fn=[entrl.rewards:math_reward, entrl.rewards:boxed_format_reward]",
+                                "reward.weights=[1.0, lots]"], ["reward.weights[1]", "number"]),
+        "reward weight nan": (["reward.weights=[.nan]"], ["reward.weights", "finite"]),
     }
     argvs = [["train", DEMO, *TINY, f"train.out_dir={tmp_path / name.replace(' ', '_')}", *over]
              for name, (over, _) in cases.items()]

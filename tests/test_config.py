@@ -144,3 +144,24 @@ def test_val_and_warmstart_sections():
     assert cfg.warmstart.steps == 10 and cfg.warmstart.error_rate == 0.45
     with pytest.raises(C.ConfigError, match="warmstart.error_rate"):
         C.load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml", ["warmstart.error_rate=1.5"])
+
+
+def test_reward_and_visibility_keys(tmp_path):
+    """reward.fn takes one spec or a list (its form checked here, the import at train start); weights one per
+    term; train.progress reads YAML's on/off booleans; TRL / verl names for the run name and reward weights."""
+    assert C.load_config().reward.fn == ["entrl.rewards:math_reward"]
+    one = C.load_config(None, ["reward.fn=my_rewards.py:brevity"])
+    assert one.reward.fn == ["my_rewards.py:brevity"] and C.from_dict(C.to_dict(one)) == one
+    two = C.load_config(None, ["reward.fn=[entrl.rewards:math_reward, pkg.mod:fmt]", "reward_weights=[1, -0.5]"])
+    assert two.reward.fn == ["entrl.rewards:math_reward", "pkg.mod:fmt"] and two.reward.weights == [1.0, -0.5]
+    for bad, needle in ((["reward.fn=[]"], "empty"), (["reward.fn=entrl.rewards"], "package.module:function"),
+                        (["reward.fn=[a:b, a:b]"], "twice"), (["reward.weights=[1, 2]"], "2 weights for the 1"),
+                        (["reward.weights=[0]"], "all 0"), (["train.progress=sometimes"], "train.progress")):
+        with pytest.raises(C.ConfigError, match=needle):
+            C.load_config(None, bad)
+    (tmp_path / "c.yaml").write_text("train:\n  progress: on\n  log_samples_every: 5\n")
+    assert C.load_config(tmp_path / "c.yaml").train.progress == "on"
+    assert C.load_config(None, ["train.progress=off"]).train.progress == "off"
+    names = C.load_config(None, ["run_name=mine", "trainer.project_name=proj"]).train
+    assert (names.run_name, names.wandb_project) == ("mine", "proj")
+    assert C.load_config(None, ["trainer.experiment_name=exp"]).train.run_name == "exp"

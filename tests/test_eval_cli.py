@@ -7,6 +7,7 @@ response text, so that pass@k / maj@k are not all zero on random text; the CLI s
 """
 
 import json
+import re
 import zlib
 
 import numpy as np
@@ -237,13 +238,16 @@ def test_evaluate_prompts_on_shared_batch_helper(model_dir):
     assert 0 < res["response_length"] <= NEW_TOKENS
 
 
-def test_cli_smoke(model_dir, shared_data, tmp_path):
+def test_cli_smoke(model_dir, shared_data, tmp_path, capsys):
     out = tmp_path / "cli"
     # the shapes and dtype of the runs above (2 minerva prompts fill the 1024 bucket): no new compile
     rc = main(["eval", "--model", str(model_dir), "--benchmarks", "minerva", "--data-dir", str(shared_data),
                "--n", str(N), "--k", "1,4", "--out", str(out), "--max-new-tokens", str(NEW_TOKENS),
-               "--max-problems", "2", "--batch-size", "2", "--dtype", "bfloat16", "rollout.prompt_buckets=[1024]"])
+               "--max-problems", "2", "--batch-size", "2", "--dtype", "bfloat16", "rollout.prompt_buckets=[1024]",
+               "train.progress=on"])
     assert rc == 0
+    err = capsys.readouterr().err  # train.progress=on: a bar per benchmark, with count, elapsed time and ETA
+    assert re.search(r"minerva: +100%\|.*\| 2/2 \[\d\d:\d\d<\d\d:\d\d", err), err
     res = json.loads((out / "results.json").read_text())
     assert res["benchmarks"]["minerva"]["problems"] == 2 and res["settings"]["max_new_tokens"] == NEW_TOKENS
     assert res["settings"]["dtype"] == "bfloat16" and res["ks"] == [1, 4]

@@ -120,6 +120,64 @@ def test_wandb_missing_warns_once(tmp_path, caplog, monkeypatch):
     assert sum("wandb is not installed" in r.getMessage() for r in caplog.records) == 1
 
 
+def _tb_texts(tb_dir):
+    """{(tag, step): text} of the text summaries in tensorboardX event files."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("tensor") and value.tensor.string_val:
+                    out[(value.tag, event.step)] = value.tensor.string_val[0].decode()
+    return out
+
+
+def test_rollouts_jsonl_and_tensorboard_text(tmp_path):
+    """log_samples appends one row per sample to rollouts.jsonl (step first) and shows them as TensorBoard text;
+    a resume drops the rows of the steps it redoes, as for metrics.jsonl."""
+    sample = {"id": "p1", "reward": 1.0, "prompt": "1+1=", "response": "2\n```\nnot code"}
+    with _logger(tmp_path, tensorboard=True) as logger:
+        logger.log_samples(2, [sample, {**sample, "id": "p2", "reward": 0.0}])
+        logger.log_samples(4, [{**sample, "id": "p3"}])
+        logger.log_samples(5, [])  # nothing to write
+    rows = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["id"], r["reward"]) for r in rows] == [(2, "p1", 1.0), (2, "p2", 0.0), (4, "p3", 1.0)]
+    assert list(rows[0]) == ["step", "id", "reward", "prompt", "response"] and rows[0]["response"] == sample["response"]
+    texts = _tb_texts(tmp_path / "tb")
+    step2 = next(text for (tag, step), text in texts.items() if tag.startswith("rollouts") and step == 2)
+    assert "**id** `p1`" in step2 and "**id** `p2`" in step2 and "    1+1=" in step2  # prompt as a code block
+    with _logger(tmp_path) as logger:
+        logger.truncate_after(3)
+        logger.log_samples(4, [{**sample, "id": "p4"}])
+    rows = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["id"]) for r in rows] == [(2, "p1"), (2, "p2"), (4, "p4")]
+
+
+def test_wandb_run_names_do_not_collide(tmp_path, monkeypatch):
+    """The default W&B run name tells runs/a/sent from runs/b/sent (the last folder alone did not), is the same for
+    the same directory however it is written, and train.run_name / wandb_entity / wandb_project go to wandb.init."""
+    from entrl.metrics import default_run_name, wandb_init_kwargs
+    from entrl.rundir import as_path
+
+    monkeypatch.chdir(tmp_path)
+    a, b = default_run_name("runs/a/sent"), default_run_name("runs/b/sent")
+    assert a != b and a.startswith("a/sent-") and b.startswith("b/sent-")
+    assert default_run_name(tmp_path / "runs" / "a" / "sent") == a == default_run_name("runs/a/../a/sent/")
+    assert default_run_name("gs://bucket/runs/a/sent").startswith("a/sent-")
+    run = as_path(str(tmp_path / "runs" / "a" / "sent"), "run")
+    kw = wandb_init_kwargs(run, project="p", entity="", name="", run_id="id1", config={"x": 1})
+    assert kw == {"project": "p", "entity": None, "id": "id1", "resume": "allow", "name": a, "dir": str(run),
+                  "config": {"x": 1}}
+    kw = wandb_init_kwargs(run, project="p", entity="team", name="my-run", run_id="id1", config=None)
+    assert kw["name"] == "my-run" and kw["entity"] == "team"
+
+
 def test_plot_two_runs(tmp_path):
     for name, slope in (("grpo", -0.02), ("sent", -0.005)):
         with _logger(tmp_path / name) as logger:

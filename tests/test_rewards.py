@@ -218,7 +218,7 @@ def test_score_result_and_reward_values(pool):
     assert result.rewards.tolist() == [1.0, 0.0, 0.0, 1.0]
     assert result.answers[2] is None
     assert result.counts == {"correct": 2, "incorrect": 1, "no_answer": 1, "rejected": 0, "timeout": 0,
-                             "error": 0, "total": 4}
+                             "error": 0, "ungraded": 0, "total": 4}
     signed = Verifier(workers=None, correct=1.0, incorrect=-1.0)
     assert signed.score(responses, ["0.5", "4", "1", "1/2"]).rewards.tolist() == [1.0, -1.0, -1.0, 1.0]
 
@@ -380,3 +380,154 @@ def test_lone_surrogates_are_graded_not_raised(pool):
     assert result.status == ["rejected", "rejected", "correct"]
     assert result.counts["rejected"] == 2
     assert pool.check(["\ud800"], ["1"]) == ["rejected"]
+
+
+# -- reward functions from config (reward.fn) --------------------------------------
+
+_REWARD_MODULE = '''
+import os, time
+
+
+def length(response, reference, record):
+    return len(response) / 10
+
+
+def level_if_right(response, reference, record):
+    return float(record["level"]) if reference in response else 0.0
+
+
+def flaky(response, reference, record):
+    if "raise" in response:
+        raise KeyError("no such column")
+    if "string" in response:
+        return "1.0"
+    if "nan" in response:
+        return float("nan")
+    if "hang" in response:
+        time.sleep(600)
+    if "crash" in response:
+        os._exit(3)
+    return True
+'''
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(_REWARD_MODULE)
+    return str(path)
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("so the answer is $\\boxed{5}$.", 1.0),
+    ("\\boxed{\\frac{1}{2}}", 1.0),
+    ("\\[ x = \\boxed{3} \\]", 1.0),
+    ("**\\boxed{7}**\n", 1.0),
+    ("\\boxed{5} and then more text", 0.0),  # text after the box
+    ("\\boxed{4} no, \\boxed{5}", 0.0),  # two boxes
+    ("\\boxed{}", 0.0),  # empty
+    ("\\boxed{  }", 0.0),
+    ("\\boxed{5", 0.0),  # truncated
+    ("\\boxed 5", 0.0),  # brace-less
+    ("\\fbox{5}", 0.0),  # not \boxed
+    ("Answer: 5", 0.0),
+])
+def test_boxed_format_reward(response, expected):
+    assert rewards.boxed_format_reward(response, "5", {}) == expected
+
+
+def test_reward_functions_weighted_in_the_pool(reward_file):
+    """The reward is sum_k weight_k * fn_k(response, reference, record), each fn called in the workers with the
+    prompt's row; components hold each term unweighted; the math term keeps grading (status, accuracy)."""
+    specs = [rewards.MATH_REWARD, f"{reward_file}:length", f"{reward_file}:level_if_right"]
+    terms = rewards.reward_fns(specs, [1.0, 0.5, 2.0])
+    assert [t.label for t in terms] == ["math_reward", "length", "level_if_right"]
+    responses = [_respond("7"), _respond("8"), _respond(None)]
+    records = [{"id": "a", "level": 3}, {"id": "b", "level": 4}, {"id": "c", "level": 5}]
+    refs = ["7", "7", "Let"]  # the third reference occurs in its response: level_if_right pays
+    with Verifier(workers=1, timeout_s=20.0, rewards=terms) as v:
+        res = v.score_rewards(responses, refs, records)
+    math = np.array([1.0, 0.0, 0.0])
+    length = np.array([len(r) / 10 for r in responses])
+    level = np.array([3.0, 0.0, 5.0])
+    np.testing.assert_allclose(res.rewards, math + 0.5 * length + 2.0 * level, rtol=1e-6)
+    np.testing.assert_allclose(res.components["length"], length, rtol=1e-6)
+    np.testing.assert_array_equal(res.components["level_if_right"], level)
+    np.testing.assert_array_equal(res.components["math_reward"], math)
+    assert res.status == ["correct", "incorrect", "no_answer"] and res.graded
+    assert not any(f.any() for f in res.failed.values())
+    serial = Verifier(workers=None, rewards=terms).score_rewards(responses, refs, records)  # same without a pool
+    np.testing.assert_array_equal(serial.rewards, res.rewards)
+
+
+def test_reward_function_failures_score_zero_and_are_counted(reward_file, caplog):
+    """A reward function that raises, returns a non-number or NaN, hangs past reward.timeout_s or kills its
+    worker scores 0 there, is flagged, and is logged once per kind; the math term and the pool carry on."""
+    import logging
+
+    terms = rewards.reward_fns([rewards.MATH_REWARD, f"{reward_file}:flaky"])
+    responses = [_respond(x) for x in ("1", "raise", "string", "nan", "hang", "crash", "2")]
+    with Verifier(workers=1, timeout_s=2.0, rewards=terms) as v, caplog.at_level(logging.WARNING, "entrl.rewards"):
+        t0 = time.perf_counter()
+        res = v.score_rewards(responses, ["1"] * 7)
+        assert time.perf_counter() - t0 < 20.0
+        again = v.score_rewards(responses[:2], ["1"] * 2)  # same failures: no new log lines
+    np.testing.assert_array_equal(res.components["flaky"], [1, 0, 0, 0, 0, 0, 1])
+    np.testing.assert_array_equal(res.failed["flaky"], [False, True, True, True, True, True, False])
+    np.testing.assert_array_equal(res.rewards, [2, 0, 0, 0, 0, 0, 1])
+    assert res.status[0] == "correct" and res.status[-1] == "incorrect"
+    assert again.failed["flaky"].tolist() == [False, True]
+    logged = [r.getMessage() for r in caplog.records if "flaky" in r.getMessage()]
+    assert len(logged) == 4, logged  # raised, returned a bad value (string and nan), timed out, crashed: once each
+    assert any("KeyError: 'no such column'" in m for m in logged)
+    assert any("returned a str, not a number" in m for m in logged)
+    assert any("reward.timeout_s=2" in m for m in logged) and any("crashed" in m for m in logged)
+
+
+def test_reward_functions_without_the_math_term(reward_file):
+    """Without math_reward nothing is graded: no response counts as correct, answered ones are 'ungraded'."""
+    with Verifier(workers=None, rewards=rewards.reward_fns([f"{reward_file}:length"])) as v:
+        res = v.score_rewards([_respond("7"), "no box"], ["7", "7"])
+    assert not res.graded and not res.correct.any() and res.status == ["ungraded", "no_answer"]
+    np.testing.assert_allclose(res.rewards, [len(_respond("7")) / 10, 0.6], rtol=1e-6)
+    assert list(res.components) == ["length"]
+
+
+def test_reward_specs_resolve_or_fail_in_one_line(tmp_path, reward_file, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('boom\\nsecond line')\n")
+    (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit(3)\n")
+    cases = {
+        "no colon": "entrl.rewards.math_reward",
+        "no such module": "no_such_module_xyz:f",
+        "no such attribute": "entrl.rewards:no_such_fn",
+        "not callable": "entrl.rewards:MAX_ANSWER_CHARS",
+        "raises on import": f"{tmp_path / 'raises_on_import.py'}:f",
+        "exits on import": f"{tmp_path / 'exits_on_import.py'}:f",
+        "no such file": f"{tmp_path / 'missing.py'}:f",
+    }
+    for name, spec in cases.items():
+        with pytest.raises(ValueError) as err:
+            rewards.resolve_reward_fn(spec)
+        assert "\n" not in str(err.value), (name, str(err.value))
+    with pytest.raises(ValueError, match="2 weights for 1"):
+        rewards.reward_fns([rewards.MATH_REWARD], [1.0, 2.0])
+    with pytest.raises(ValueError, match="all 0"):
+        rewards.reward_fns([rewards.MATH_REWARD], [0.0])
+    assert rewards.resolve_reward_fn(f"{reward_file}:length")("abc", "", {}) == 0.3
+    # A module in the current directory imports by name, as with `python -m` (the console script's path lacks it).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)
+    assert rewards.resolve_reward_fn("my_rewards:length")("abcd", "", {}) == 0.4
+    assert rewards.resolve_reward_fn("my_rewards.py:length")("ab", "", {}) == 0.2
+    with Verifier(workers=1, rewards=rewards.reward_fns(["my_rewards.py:length"])) as v:
+        monkeypatch.chdir("/")  # the workers start later, elsewhere: the file is found where it was named
+        assert v.score_rewards(["abcde"], ["x"]).rewards.tolist() == [0.5]
+
+
+def test_config_checks_the_same_reward_spec_form():
+    from entrl import config as C
+
+    assert C._REWARD_SPEC_RE.pattern == rewards._SPEC_RE.pattern
+    assert C.MATH_REWARD == rewards.MATH_REWARD

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -66,6 +67,9 @@ class ParityVerifier:
         status = ["correct" if c else "incorrect" for c in correct]
         counts = {"correct": int(correct.sum()), "incorrect": int((~correct).sum()), "total": len(correct)}
         return RewardResult(correct.astype(np.float32), correct, [r[-1:] or None for r in responses], status, counts)
+
+    def score_rewards(self, responses, references, records):
+        return self.score(responses, references)
 
     def equivalent_pairs(self, pairs):
         return [a == b for a, b in pairs]
@@ -337,6 +341,85 @@ def test_eval_set_errors_are_one_line(tmp_path, capsys):
                      f"val.data={missing}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("entrl: config error: val.data=") and "\n" not in err, err
+
+
+# ---------------------------------------------------------------------------
+# Reward functions from config, start-up summary, progress, sample logs
+# ---------------------------------------------------------------------------
+
+_PARITY_REWARD = """
+import json, zlib
+
+CALLS = {calls!r}
+
+
+def parity(response, reference, record):
+    with open(CALLS, "a") as f:
+        f.write(json.dumps({{"reference": reference, "record": record}}) + "\\n")
+    return float(zlib.crc32(response.encode()) % 2 == 0)
+"""
+
+
+def test_reward_fn_from_config_drives_a_training_step(tmp_path, caplog):
+    """reward.fn names a function in a user's file: the real verifier's workers call it once per response with the
+    reference answer and the prompt's row, its weighted value is the reward the advantages use (mixed groups
+    from it alone: the random-init policy never answers right), reward/<name> is logged, and rollouts.jsonl
+    holds the samples of every train.log_samples_every steps with each term's value. The start-up summary
+    is logged once, on its own lines."""
+    calls = tmp_path / "calls.jsonl"
+    module = tmp_path / "my_rewards.py"
+    module.write_text(_PARITY_REWARD.format(calls=str(calls)))
+    run = tmp_path / "run"
+    cfg = make_cfg(run, "train.steps=2", "train.log_samples_every=1", "train.only_mixed_groups=false",
+                   f"reward.fn=[entrl.rewards:math_reward, {module}:parity]", "reward.weights=[1.0, 0.5]")
+    comps = setup(cfg)
+    trainer = Trainer(comps)
+    try:
+        with caplog.at_level(logging.INFO, logger="entrl.train"):
+            trainer.run()
+    finally:
+        trainer.close()
+        comps.verifier.close()
+    seen = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert len(seen) == 2 * 4 * 4  # steps x prompts x samples: every response once
+    by_id = {r.id: r for r in comps.records}
+    for call in seen:
+        rec = by_id[call["record"]["id"]]
+        assert call["reference"] == rec.answer == call["record"]["answer"] and call["record"]["problem"] == rec.problem
+    records = read_metrics(run)
+    for r in records:
+        assert r["reward/parity"] > 0 and r["reward_failures/parity"] == 0 and r["reward/math_reward"] == 0
+        assert r["reward"] == pytest.approx(r["reward/math_reward"] + 0.5 * r["reward/parity"], abs=1e-6)
+        assert r["zero_var_group_frac"] < 1 and r["grad_norm"] > 0  # the parity reward made the advantages
+    rows = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert sorted({row["step"] for row in rows}) == [1, 2] and len(rows) == 8  # 4 prompts' samples per step
+    for row in rows:
+        parity = float(zlib.crc32(row["response"].encode()) % 2 == 0)
+        assert row["rewards"] == {"math_reward": 0.0, "parity": parity} and row["reward"] == 0.5 * parity
+        assert row["reference"] == by_id[row["id"]].answer and row["prompt"].startswith(by_id[row["id"]].problem)
+    lines = [r.getMessage() for r in caplog.records if r.name == "entrl.train"]
+    start = lines.index("run summary")
+    summary = "\n".join(lines[start:start + 12])
+    for needle in ("model       demo (", "mesh        data 4 x fsdp 1 x tensor 2 = 8 cpu devices",
+                   "4 prompts x 4 samples = 16 sequences per step", "steps       2 (train.steps=2)",
+                   f"1 x entrl.rewards:math_reward + 0.5 x {module}:parity", f"output      {run}"):
+        assert needle in summary, (needle, summary)
+    assert lines.count("run summary") == 1
+
+
+def test_progress_bars_of_annotation_and_training(tmp_path, capsys):
+    """train.progress=on: a bar for the SE annotation (prompts), one for training (steps) whose total is the
+    curriculum's when train.steps is 0, each with its count, elapsed time and ETA, and a transient one for
+    each evaluation of the val set, on stderr."""
+    cfg = make_cfg(tmp_path, *CURRICULUM, "train.steps=0", "train.progress=on")
+    trainer = run_trainer(cfg)
+    err = capsys.readouterr().err
+    total = trainer.c.pipeline.total_steps
+    assert total == 4 and trainer.step == total  # 16 prompts in 2 stages of 1 epoch, 4 prompts per step
+    assert re.search(r"semantic entropy: +100%\|.*\| 16/16 \[\d\d:\d\d<\d\d:\d\d", err), err
+    assert re.search(rf"train: +\d+%\|.*\| 1/{total} \[\d\d:\d\d<\d\d:\d\d", err), err  # an ETA after step 1
+    assert re.search(rf"train: +100%\|.*\| {total}/{total} \[", err), err
+    assert re.search(r"eval: +\d+%\|.*\| \d+/16 \[", err), err  # drawn, then erased (it may not show 100%)
 
 
 # ---------------------------------------------------------------------------

@@ -367,11 +367,26 @@ def build_sampler(cfg: C.RunConfig, tokenizer, mesh, *, n: int | None = None, ma
     return Sampler(sc, mesh=mesh)
 
 
-def build_verifier(cfg: C.RunConfig):
+def reward_terms(cfg: C.RunConfig):
+    """The `reward.fn` terms with their `reward.weights`, each imported now (`entrl.rewards.reward_fns`):
+    a ConfigError in one line when one does not import, lacks the attribute or is not callable."""
+    from entrl.rewards import reward_fns
+
+    try:
+        return reward_fns(cfg.reward.fn, cfg.reward.weights)
+    except ValueError as e:
+        raise C.ConfigError(f"reward.fn: {e}") from None
+
+
+def build_verifier(cfg: C.RunConfig, *, math_only: bool = False):
+    """The reward's `Verifier` with the `reward.fn` terms (`reward_terms`; `math_only`: the math grading
+    alone, for annotation and evaluation, which never call the other terms); its worker processes start
+    on first use."""
     from entrl.rewards import Verifier
 
     rw = cfg.reward
-    return Verifier(workers=rw.workers, timeout_s=rw.timeout_s, correct=rw.correct, incorrect=rw.incorrect)
+    extra = {} if math_only else {"rewards": reward_terms(cfg)}
+    return Verifier(workers=rw.workers, timeout_s=rw.timeout_s, correct=rw.correct, incorrect=rw.incorrect, **extra)
 
 
 def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
@@ -381,13 +396,13 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
 
     maybe_initialize_distributed()
     mesh = build_mesh(cfg)
+    verifier = verifier or build_verifier(cfg)  # imports the reward functions: before anything compiles
     tokenizer = build_tokenizer(cfg)
     records, heldout = build_records(cfg)
     prompt_tokens, records = tokenize(cfg, records, tokenizer)
     graphdef, params = build_model(cfg, mesh, tokenizer)
     ref_params = reference_params(cfg, params)
     sampler = build_sampler(cfg, tokenizer, mesh, slots=cfg.rollout.slots)
-    verifier = verifier or build_verifier(cfg)
     if needs_semantic_entropy(cfg) and se_values is None and any(cfg.curriculum.se_column not in r.extra
                                                                   for r in records):
         if not cfg.curriculum.annotate:
@@ -497,6 +512,7 @@ def train_from_config(cfg: C.RunConfig, *, resume: bool = True, overwrite: bool 
     from entrl.rl.trainer import Trainer
 
     maybe_initialize_distributed()
+    reward_terms(cfg)  # a reward function that does not import fails before the run directory, plan or warm start
     run_dir = R.RunDir.open(cfg.train.out_dir, resume=resume, overwrite=overwrite, config=C.to_dict(cfg))
     try:
         check_memory(cfg)

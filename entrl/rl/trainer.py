@@ -51,6 +51,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -66,6 +67,7 @@ from entrl import config as C
 from entrl.rl import advantages as A
 from entrl.rl import step as S
 from entrl.multihost import allgather_local, gather, gather_rows, local_rows, to_device
+from entrl.progress import progress_bar
 from entrl.sharding import data_shards
 
 log = logging.getLogger("entrl.train")
@@ -190,10 +192,15 @@ class Trainer:
                          jax.tree.map(lambda x: x.sharding, self.opt_state))
         self.update = S.make_update_fn(comps.graphdef, self.optimizer, self.settings, state_shardings=shardings)
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.train.keep_checkpoints)
+        from entrl.rl.summary import planned_steps
+
+        self.planned_steps = planned_steps(cfg, comps.pipeline)  # train.steps, or the curriculum's when 0
+        t = cfg.train
         self.logger = MetricsLogger(self.out, console=jax.process_index() == 0,
-                                    tensorboard=cfg.train.tensorboard and jax.process_index() == 0,
-                                    wandb=cfg.train.wandb and jax.process_index() == 0,
-                                    config=C.to_dict(cfg), total_steps=cfg.train.steps or None)
+                                    tensorboard=t.tensorboard and jax.process_index() == 0,
+                                    wandb=t.wandb and jax.process_index() == 0, wandb_project=t.wandb_project,
+                                    wandb_entity=t.wandb_entity, run_name=t.run_name, config=C.to_dict(cfg),
+                                    total_steps=self.planned_steps, log_every=t.log_every)
         self.step = 0
         self.stage = 0
         self.consecutive_nonfinite = 0
@@ -201,6 +208,7 @@ class Trainer:
         self._stop = False
         self.preempted = False  # set when run() stopped on SIGTERM
         self._eval_sampler = None
+        self._samples: list[dict] = []  # sample completions of the current step, when due (`_score`)
         self.history: list[dict] = []
 
     # -- state ---------------------------------------------------------------
@@ -281,9 +289,15 @@ class Trainer:
         rows, tokens = local_rows(roll["tokens"])
         _, mask = local_rows(roll["mask"])
         texts = decode_responses(c.tokenizer, tokens, mask)
-        res = c.verifier.score(texts, [c.records[int(roll["row_prompt"][r])].answer for r in rows])
+        prompts = [int(roll["row_prompt"][r]) for r in rows]
+        res = c.verifier.score_rewards(texts, [c.records[p].answer for p in prompts], self._record_rows(prompts))
+        every = cfg.train.log_samples_every
+        if every and (self.step + 1) % every == 0 and jax.process_index() == 0:
+            self._samples = self._sample_records(prompts, texts, res)
         full = gather_rows(rows, {"reward": [float(x) for x in res.rewards], "correct": [bool(x) for x in res.correct],
-                                  "answer": list(res.answers), "status": list(res.status)},
+                                  "answer": list(res.answers), "status": list(res.status),
+                                  **{f"term/{k}": [float(x) for x in v] for k, v in res.components.items()},
+                                  **{f"failed/{k}": [bool(x) for x in v] for k, v in res.failed.items()}},
                            total=len(roll["row_prompt"]))
         rewards = np.asarray(full["reward"], np.float32)
         adv = np.asarray(A.grpo_advantages(jnp.asarray(rewards), n, normalize_std=cfg.loss.advantage == "grpo"))
@@ -291,7 +305,33 @@ class Trainer:
         if cfg.train.only_mixed_groups:
             mixed = np.repeat(rewards.reshape(-1, n).std(1) > 0, n).astype(np.float32)
         return {"rewards": rewards, "correct": np.asarray(full["correct"], bool), "answers": full["answer"],
-                "status": full["status"], "advantages": adv, "mixed": mixed}
+                "status": full["status"], "advantages": adv, "mixed": mixed, "graded": res.graded,
+                "terms": {k: np.asarray(full[f"term/{k}"], np.float32) for k in res.components},
+                "failed": {k: np.asarray(full[f"failed/{k}"], bool) for k in res.failed}}
+
+    def _record_rows(self, prompts: list[int]) -> list[dict]:
+        """Each row's prompt record as the reward functions see it: the row as read (id, prompt and answer
+        under the dataset's own keys, plus every other column)."""
+        d, rows = self.cfg.data, {}
+        for p in set(prompts):
+            rows[p] = self.c.records[p].to_row(id_key=d.id_key, problem_key=d.problem_key, answer_key=d.answer_key)
+        return [rows[p] for p in prompts]
+
+    def _sample_records(self, prompts: list[int], texts: list[str], res) -> list[dict]:
+        """The first response of up to `SAMPLES_LOGGED` prompts among this process's rows, for rollouts.jsonl."""
+        out, seen = [], set()
+        for i, p in enumerate(prompts):
+            if p in seen or len(out) == SAMPLES_LOGGED:
+                continue
+            seen.add(p)
+            rec = self.c.records[p]
+            out.append({"id": rec.id, "reward": float(res.rewards[i]), "correct": bool(res.correct[i]),
+                        "status": res.status[i], "answer": res.answers[i], "reference": rec.answer,
+                        **({"rewards": {k: float(v[i]) for k, v in res.components.items()}} if res.components else {}),
+                        "prompt": self.c.tokenizer.decode([int(t) for t in self.c.prompt_tokens[p]],
+                                                          skip_special_tokens=False),
+                        "response": texts[i]})
+        return out
 
     def _logprobs(self, roll: dict, scored: dict) -> tuple[dict, dict]:
         """The update's batch: old (and reference) log-probs and entropies of every response token, plus
@@ -361,7 +401,9 @@ class Trainer:
         rewards, status = scored["rewards"], scored["status"]
         return {
             "reward": float(rewards.mean()),
-            "accuracy": float(np.mean(scored["correct"])),
+            **({"accuracy": float(np.mean(scored["correct"]))} if scored["graded"] else {}),  # the math term's
+            **{f"reward/{k}": float(v.mean()) for k, v in scored["terms"].items()},
+            **{f"reward_failures/{k}": float(v.sum()) for k, v in scored["failed"].items()},
             "entropy": stats["entropy"],
             "response_length": stats["response_length"],
             "truncation_rate": stats["truncation_rate"],
@@ -386,12 +428,16 @@ class Trainer:
                 raise C.ConfigError(f"{self.ckpt.directory} already holds checkpoints up to step {old}: a fresh "
                                     "run cannot save over them; resume, or start over with --overwrite")
             self.logger.truncate_after(self.step)  # metric lines of a run that never checkpointed
+        self._log_summary()
         if not resumed and self._evaluates() and cfg.val.before_training:  # the initial policy's point
             metrics = self.evaluate()
             if metrics:
                 self.logger.log(self.step, metrics)
                 self.history.append({"step": self.step, **metrics})
         prev = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        shown = contextlib.ExitStack()  # the progress bar (closed in `finally`)
+        bar = shown.enter_context(progress_bar(self.planned_steps, initial=self.step, desc="train", unit="step",
+                                               setting=cfg.train.progress))
         try:
             it = iter(self.c.pipeline)
             ran = 0
@@ -421,6 +467,7 @@ class Trainer:
                 elif self._evaluates() and self.step % cfg.train.eval_every == 0:
                     metrics.update(self.evaluate())
                 self.logger.log(self.step, metrics)
+                self._log_progress(metrics, bar)
                 self.history.append({"step": self.step, **metrics})
                 if self.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
                     raise NonFiniteError(
@@ -432,10 +479,33 @@ class Trainer:
             self.save(force=True)
             self.ckpt.wait()
         finally:
+            shown.close()
             if prev is not None:
                 signal.signal(signal.SIGTERM, prev)
             self.logger.flush() if hasattr(self.logger, "flush") else None
         return self.history
+
+    def _log_summary(self) -> None:
+        """The start-up summary (`entrl.rl.summary`), once per `run`, from process 0."""
+        from entrl.rl.summary import startup_summary
+
+        if jax.process_index() != 0:
+            return
+        terms = [(t.spec, t.weight) for t in self.c.verifier.rewards] if hasattr(self.c.verifier, "rewards") else None
+        summary = startup_summary(self.cfg, params=self.params, mesh=self.c.mesh, pipeline=self.c.pipeline,
+                                  settings=self.settings, out_dir=self.out, step=self.step, reward_terms=terms)
+        for line in summary.splitlines():  # one record per line: each carries the log's time and level prefix
+            log.info("%s", line)
+
+    def _log_progress(self, metrics: dict, bar) -> None:
+        """After a step's metrics: its sample completions when due (rollouts.jsonl) and the progress bar."""
+        if self._samples:
+            self.logger.log_samples(self.step, self._samples)
+            self._samples = []
+        bar.update(1)
+        bar.set_postfix({label: f"{metrics[k]:.3g}" for k, label in (("reward", "reward"), ("accuracy", "acc"),
+                                                                      ("entropy", "entropy")) if k in metrics},
+                        refresh=False)
 
     def close(self):
         try:
@@ -463,7 +533,8 @@ class Trainer:
         res = evaluate_prompts(self._eval_sampler, self.c.graphdef, self.params, self.c.tokenizer, prompts,
                                [r.answer for r in records], verifier=self.c.verifier, n=v.n, ks=tuple(v.k),
                                seed=cfg.train.seed + 10_000, batch_prompts=max(1, rows // v.n),
-                               buckets=tuple(cfg.rollout.prompt_buckets), with_entropy=v.entropy)
+                               buckets=tuple(cfg.rollout.prompt_buckets), with_entropy=v.entropy,
+                               progress=cfg.train.progress)
         out = {"eval/entropy": res["entropy"]} if v.entropy else {}
         for k in v.k:
             out[f"eval/pass@{k}"] = res[f"pass@{k}"]
@@ -519,6 +590,7 @@ class Trainer:
         self._stop = True
 
 
+SAMPLES_LOGGED = 4  # sample completions written to rollouts.jsonl per `train.log_samples_every` steps
 _PASS_THROUGH = {"loss", "grad_norm", "clip_frac", "penalized_frac", "abs_logratio_mean", "cov_mean", "cov_max",
                  "ref_kl", "pg_loss", "policy_entropy", "skipped_nonfinite"}
 _LENGTH = 0  # finish code of a response cut at max_new_tokens (entrl.sampling.FINISH_REASONS)

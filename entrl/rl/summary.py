@@ -1,0 +1,102 @@
+"""The start-up summary of a training run: what is about to run, in a dozen lines, logged once.
+
+Design decisions:
+- Everything comes from the config and the built pieces (params, mesh, pipeline, the update's
+  static settings), never from a device computation, so the summary costs nothing and shows
+  before the first compile.
+- Sizes are the step's upper bounds (every response at `rollout.max_new_tokens`); the memory
+  view is `entrl plan`'s job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from entrl import config as C
+
+
+def planned_steps(cfg: C.RunConfig, pipeline) -> int:
+    """RL steps the run will take: `train.steps`, or (0) all of the curriculum's, never more than it has."""
+    total = int(pipeline.total_steps)
+    return min(cfg.train.steps, total) if cfg.train.steps else total
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
+
+
+def startup_summary(cfg: C.RunConfig, *, params: Any, mesh, pipeline, settings, out_dir, step: int = 0,
+                    reward_terms: list[tuple[str, float]] | None = None) -> str:
+    """The summary: a title line, then lines of `label  text` (see the module docstring). `settings`: the
+    update's `StepSettings`; `reward_terms`: (spec, weight) of each reward term (default: from the config)."""
+    from entrl.rl.losses import resolve_params
+
+    m, r, t, lo, d, cc = cfg.model, cfg.rollout, cfg.train, cfg.loss, cfg.data, cfg.curriculum
+    lines: list[tuple[str, str]] = []
+
+    # -- MODEL AND DEVICES
+    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    lines.append(("model", (f"{m.path} ({_count(n_params)} params; weights {m.param_dtype}, compute {m.dtype}, "
+                           f"remat {m.remat})")))
+    if mesh is None:
+        devices = f"none (1 device), {jax.process_count()} process(es)"
+    else:
+        shape = " x ".join(f"{k} {v}" for k, v in mesh.shape.items())
+        devices = (f"{shape} = {mesh.devices.size} {mesh.devices.flat[0].platform} devices, "
+                   f"{jax.process_count()} process(es), {settings.shards} data shard(s)")
+    lines.append(("mesh", devices))
+
+    # -- ONE STEP
+    rows = t.prompts_per_step * r.n
+    decode = f"{r.slots} decode slots (continuous batching)" if r.slots else "every row decodes at once"
+    lines.append(("rollout", (f"{t.prompts_per_step} prompts x {r.n} samples = {rows} sequences per step, each at "
+                             f"most {max(r.prompt_buckets)} prompt + {r.max_new_tokens} response tokens "
+                             f"({_count(rows * r.max_new_tokens)} response tokens per step at most); "
+                             f"temperature {r.temperature:g}; {decode}")))
+    minis = t.prompts_per_step // t.minibatch_prompts
+    per_shard = C.microbatch_per_shard(cfg, settings.shards)
+    lines.append(("update", (f"{minis} mini-batch(es) of {t.minibatch_prompts * r.n} sequences x {t.ppo_epochs} "
+                            f"epoch(s) = {minis * t.ppo_epochs} optimizer step(s) per RL step; "
+                            f"{settings.num_micro} micro-batch(es) of {per_shard} sequences per data shard each")))
+
+    # -- DATA AND SCHEDULE
+    seed = d.arithmetic_seed if d.arithmetic_seed >= 0 else t.seed
+    source = d.train if d.task == "math" else f"arithmetic task (seed {seed})"
+    val = f"; eval every {t.eval_every} steps on {cfg.val.data or 'the held-out split'}" if t.eval_every else ""
+    cur = pipeline.curriculum
+    lines.append(("data", f"{cur.num_prompts} prompts from {source}{val}"))
+    stages = ", ".join(f"stage {s}: {cur.stage_indices(s).size} prompts, {pipeline.steps_per_epoch(s)} steps x "
+                       f"{cur.epochs_per_stage} epoch(s)" for s in range(cur.num_stages))
+    kind = f"semantic entropy, {cc.mode}, {cc.order}" if cc.enabled else "none (shuffled epochs)"
+    boundary = f"; at a new stage: {t.stage_boundary}" if cur.num_stages > 1 else ""
+    lines.append(("curriculum", f"{kind} ({stages}){boundary}"))
+    until = f"train.steps={t.steps}" if t.steps else "until the curriculum ends"
+    resuming = f", resuming after step {step}" if step else ""
+    lines.append(("steps", f"{planned_steps(cfg, pipeline)} ({until}){resuming}"))
+
+    # -- OBJECTIVE
+    hp = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in sorted(resolve_params(lo.name, dict(lo.params)).items()))
+    kl = f"KL to the reference {lo.kl_coef:g} ({lo.kl_estimator})" if lo.kl_coef else "no KL"
+    lines.append(("loss", f"{lo.name} ({hp}); agg {lo.agg}, advantage {lo.advantage}, {kl}"))
+    o = cfg.optim
+    lines.append(("optimizer", (f"AdamW lr {o.lr:g} ({o.schedule}, {o.warmup_steps} warm-up steps), "
+                               f"weight decay {o.weight_decay:g}, grad clip {o.grad_clip:g}")))
+    if reward_terms is None:
+        reward_terms = list(zip(cfg.reward.fn, cfg.reward.weights or [1.0] * len(cfg.reward.fn)))
+    terms = " + ".join(f"{w:g} x {spec}" for spec, w in reward_terms)
+    lines.append(("reward", f"{terms} (timeout {cfg.reward.timeout_s:g} s per response)"))
+
+    # -- OUTPUT
+    written = ["metrics.jsonl", "checkpoints/"]
+    written += [f"rollouts.jsonl every {t.log_samples_every} steps"] if t.log_samples_every else []
+    written += ["tb/"] if t.tensorboard else []
+    written += ["W&B"] if t.wandb else []
+    lines.append(("output", f"{out_dir} ({', '.join(written)})"))
+    width = max(len(label) for label, _ in lines)
+    return "run summary\n" + "\n".join(f"  {label.ljust(width)}  {text}" for label, text in lines)
