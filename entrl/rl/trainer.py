@@ -222,8 +222,12 @@ class Trainer:
         abstract = lambda tree: jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
         trained, frozen = lora.split(self.params)  # checkpoints hold the trained part (the adapters under LoRA)
-        restored = self.ckpt.restore_latest(params_target=abstract(trained),
-                                            opt_state_target=abstract(self.opt_state))
+        try:
+            restored = self.ckpt.restore_latest(params_target=abstract(trained),
+                                                opt_state_target=abstract(self.opt_state))
+        except ValueError as e:  # the run's model or optimizer differs from the one that wrote the checkpoints
+            raise C.ConfigError(f"{e}; resume with the model and optim settings the run started with "
+                                "(model.lora_rank and model.lora_targets included)") from None
         if restored is None:
             return False
         self.params, self.opt_state = lora.join(restored.params, frozen), restored.opt_state
