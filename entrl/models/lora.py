@@ -22,12 +22,15 @@ Design decisions:
   base (x A 0 = 0 exactly). Adapters are float32 whatever `param_dtype` (PEFT's
   `autocast_adapter_dtype`): a bfloat16 base still trains float32 masters.
 - The training forward is unmerged, y = x W + s (x A) B: it never forms a
-  full-size weight, nor a full-size weight gradient. Decoding merges instead:
-  `decode_weights()` (the sampler's per-call re-laid-out copy of every weight,
-  built anyway) is built from W + s A B, which costs L x r x (in x out)
-  multiply-adds once per sampling call (~0.1% of one decode step's work at
-  r = 16 on a 1.5B model's batch of 64 rows) and keeps rollout speed and
-  memory the base model's.
+  full-size weight, nor a full-size weight gradient, and adds r (in + out)
+  multiply-adds per token and kernel (1.4% of the 1.5B model's per-token
+  weight multiply-adds at r = 16 on all seven projections). Decoding merges instead: `decode_weights()`
+  (the sampler's per-call re-laid-out copy of every weight, built anyway) is
+  built from W + s A B, which costs r x in x out multiply-adds per kernel once
+  per sampling call (21 G for that model: a fifth of one decode step of 64
+  rows, ~0.01% of a 2,048-token call), after which each decode step is exactly
+  the base model's; applying the adapters unmerged there would add the 1.4% to
+  every step.
 - The trainable/frozen split is read from the params, not from a flag: a
   params State holding `nnx.LoRAParam`s trains only those (`split`), else all
   of it. The update differentiates and donates only the trainable part; the
