@@ -57,7 +57,7 @@ class ModelSection:
     demo_hidden: int = 128  # demo model only: hidden size
     demo_layers: int = 2  # demo model only: decoder layers
     demo_heads: int = 4  # demo model only: attention heads (2 KV heads)
-    lora_rank: int = 0  # LoRA adapter rank r; 0 = off (full fine-tuning). On: only the adapters train (float32), the base is frozen
+    lora_rank: int = 0  # LoRA adapter rank r; 0 = off (full fine-tuning). On: only the adapters train (in param_dtype); the frozen base is kept in dtype
     lora_alpha: float = 32.0  # LoRA scale numerator: each adapted kernel computes with W + (lora_alpha / lora_rank) A B
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # projections that get adapters: q k v o (attention), gate up down (MLP)
 

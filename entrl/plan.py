@@ -310,7 +310,7 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
     # -- state -----------------------------------------------------------------
     spec = S.lora_spec(cfg)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(
-        mcfg, rngs=nnx.Rngs(0), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, lora=spec)))
+        mcfg, rngs=nnx.Rngs(0), dtype=m.dtype, param_dtype=S.base_param_dtype(cfg), remat=m.remat, lora=spec)))
     shardings = param_shardings(state, mesh)
     params = _abstract(state, shardings)
     optimizer = run_optimizer(cfg)
@@ -399,15 +399,20 @@ def _resident_state(cfg: C.RunConfig, optimizer, params, mesh):
 
 
 def _lora_note(cfg: C.RunConfig, spec, optimizer, params, sizes: dict, mesh) -> str:
-    """What LoRA saves: its trained params, optimizer state and reference copy vs full fine-tuning's."""
+    """What LoRA saves: its weights, optimizer state and reference copy per device vs full fine-tuning's."""
     adapters, base = lora.split(params)
-    _, full_opt, full_ref = _resident_state(cfg, optimizer, base, mesh)
+    masters = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(cfg.model.param_dtype),
+                                                          sharding=x.sharding), base)
+    _, full_opt, full_ref = _resident_state(cfg, optimizer, masters, mesh)
+    full = {"params": _per_device_bytes(masters), "optimizer": _per_device_bytes(full_opt),
+            "reference": _per_device_bytes(full_ref) if full_ref is not None else 0}
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-    gib = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2**20:.1f} MiB"
+    size = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2**20:.1f} MiB"
     return (f"LoRA r={spec.rank} alpha={spec.alpha:g} on {','.join(spec.targets)}: {count(adapters) / 1e6:.1f}M "
-            f"trained params ({count(adapters) / count(base):.2%} of the base); per device optimizer state "
-            f"{gib(sizes['optimizer'])} and reference copy {gib(sizes['reference'])}, where full fine-tuning "
-            f"holds {gib(_per_device_bytes(full_opt))} and {gib(_per_device_bytes(full_ref) if full_ref is not None else 0)}")
+            f"trained params ({count(adapters) / count(base):.2%} of the base, whose weights are kept in "
+            f"{cfg.model.dtype}); per device params / optimizer state / reference copy "
+            f"{' / '.join(size(sizes[k]) for k in full)}, where full fine-tuning holds "
+            f"{' / '.join(size(full[k]) for k in full)}")
 
 
 def _eval_sampling(cfg: C.RunConfig, mcfg: ModelConfig):

@@ -25,7 +25,7 @@ from entrl.metrics import read_metrics
 from entrl.models import ModelConfig, create_model, lora
 from entrl.rewards import RewardResult
 from entrl.rl import step as S
-from entrl.rl.setup import build_model, build_tokenizer, setup
+from entrl.rl.setup import build_model, build_policy, build_tokenizer, reference_params, setup
 from entrl.rl.trainer import Trainer
 from entrl.sharding import make_mesh
 
@@ -244,6 +244,18 @@ def test_reference_is_the_base_with_adapters_off_and_shares_its_arrays(lora_runs
     assert min(gap[s] for s in (2, 3, 4)) > 1e-4  # the adapters moved the policy; the reference stayed
 
 
+def test_the_frozen_base_is_kept_in_the_compute_dtype(tmp_path):
+    """Under bfloat16 compute the base is stored in bfloat16 (it is never updated and every use casts it
+    there), the adapters in `model.param_dtype`; the reference shares the base."""
+    cfg = make_cfg(tmp_path, "model.dtype=bfloat16", "model.demo_hidden=64")
+    graphdef, params = build_policy(cfg, make_mesh(data=4, tensor=2), build_tokenizer(cfg))
+    adapters, base = lora.split(params)
+    assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype("bfloat16")}
+    assert {x.dtype for x in jax.tree.leaves(adapters)} == {jnp.dtype("float32")}
+    ref_base = lora.split(reference_params(cfg, params))[1]
+    assert all(x is y for x, y in zip(jax.tree.leaves(ref_base), jax.tree.leaves(base)))
+
+
 def test_resume_with_lora_is_exact(lora_runs, tmp_path):
     extra, straight, straight_trainer, _, half = lora_runs
     run = tmp_path / "resumed"
@@ -316,7 +328,7 @@ def test_policy_and_export_are_merged_checkpoints_transformers_runs(cli_lora_run
     # The trained policy: the base and the adapters of the last checkpoint, run unmerged by entrl.
     cfg = C.from_dict(json.loads((run / "entrl_run.json").read_text()))
     tok = build_tokenizer(cfg)
-    from entrl.rl.setup import build_policy, restore_run_params, RunSource
+    from entrl.rl.setup import RunSource, restore_run_params
 
     mesh = make_mesh(data=1, fsdp=-1)
     graphdef, init = build_policy(cfg, mesh, tok)
@@ -364,13 +376,14 @@ def test_plan_counts_adapter_only_optimizer_and_reference():
     assert s["optimizer"] < 0.1 * f["optimizer"] and s["reference"] < 0.1 * f["reference"]
     assert s["update_peak"] < f["update_peak"]
     note = next(n for n in small.notes if n.startswith("LoRA r=2"))
-    assert "trained params" in note and "full fine-tuning" in note
+    assert "trained params" in note and "full fine-tuning holds" in note and "kept in float32" in note
 
 
 def abstract_model(mcfg, spec):
     from entrl.models import Transformer
 
-    return Transformer(mcfg, rngs=nnx.Rngs(0), dtype="bfloat16", param_dtype="float32", lora=spec)
+    return Transformer(mcfg, rngs=nnx.Rngs(0), dtype="bfloat16", param_dtype="bfloat16" if spec else "float32",
+                       lora=spec)
 
 
 def test_plan_of_the_paper_model_with_lora_holds_a_fraction_of_the_state():

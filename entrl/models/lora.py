@@ -19,8 +19,11 @@ Design decisions:
   on the same leading "layers" axis, so the scan slices them with the kernels.
 - Initialised as PEFT does: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming-
   uniform with a = sqrt 5), B = 0, so the adapted model starts exactly at the
-  base (x A 0 = 0 exactly). Adapters are float32 whatever `param_dtype` (PEFT's
-  `autocast_adapter_dtype`): a bfloat16 base still trains float32 masters.
+  base (x A 0 = 0 exactly). The adapters are the trained (master) weights, in
+  their own dtype (`LoRASpec.dtype`, float32 by default as PEFT's
+  `autocast_adapter_dtype`); the frozen base may be narrower (the trainer keeps
+  it in the compute dtype: it is never updated, and the forward casts it there
+  anyway).
 - The training forward is unmerged, y = x W + s (x A) B: it never forms a
   full-size weight, nor a full-size weight gradient, and adds r (in + out)
   multiply-adds per token and kernel (1.4% of the 1.5B model's per-token
@@ -66,11 +69,13 @@ MLP_TARGETS = ("gate", "up", "down")
 
 @dataclasses.dataclass(frozen=True)
 class LoRASpec:
-    """Rank r, alpha (the update is scaled by alpha / r) and the targeted projections (`TARGETS` names)."""
+    """Rank r, alpha (the update is scaled by alpha / r), the targeted projections (`TARGETS` names) and
+    the adapters' storage dtype."""
 
     rank: int
     alpha: float
     targets: tuple[str, ...] = TARGETS
+    dtype: str = "float32"
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank <= 0:
@@ -101,11 +106,11 @@ class Adapter(nnx.Module):
         lead_names = ("layers",) * len(lead)
         in_shape, out_shape = kernel_shape[:n_in], kernel_shape[n_in:]
         in_names, out_names = kernel_names[:n_in], kernel_names[n_in:]
-        r = spec.rank
+        r, dtype = spec.rank, jnp.dtype(spec.dtype)
         bound = 1.0 / math.sqrt(math.prod(in_shape))
-        a = jax.random.uniform(rngs.params(), lead + in_shape + (r,), jnp.float32, -bound, bound)
+        a = jax.random.uniform(rngs.params(), lead + in_shape + (r,), dtype, -bound, bound)
         self.a = nnx.LoRAParam(a, out_sharding=lead_names + in_names + ("lora_rank",), eager_sharding=False)
-        self.b = nnx.LoRAParam(jnp.zeros(lead + (r,) + out_shape, jnp.float32),
+        self.b = nnx.LoRAParam(jnp.zeros(lead + (r,) + out_shape, dtype),
                                out_sharding=lead_names + ("lora_rank",) + out_names, eager_sharding=False)
         self.n_in = n_in
         self.scale = spec.scale
@@ -163,7 +168,7 @@ def join(trainable_part, frozen):
 # ---------------------------------------------------------------------------
 
 
-def _host_value(path: str, names: tuple[str, ...], shape: tuple[int, ...], seed: int) -> np.ndarray:
+def _host_value(path: str, names: tuple[str, ...], shape: tuple[int, ...], seed: int) -> np.ndarray:  # float32
     """An adapter's initial value drawn with numpy (as `create_model` draws the base): B = 0, A uniform."""
     if path.endswith(".b"):
         return np.zeros(shape, np.float32)
@@ -174,7 +179,8 @@ def _host_value(path: str, names: tuple[str, ...], shape: tuple[int, ...], seed:
 
 
 def add_adapters(model: Transformer, spec: LoRASpec, *, seed: int = 0, mesh=None) -> Transformer:
-    """`model` with freshly initialised adapters (B = 0: the same function), its base params shared, not copied.
+    """`model` with freshly initialised adapters (B = 0: the same function, adapters in `spec.dtype`), its base
+    params shared, not copied.
 
     Values are drawn on the host (see `create_model`); with a mesh each adapter is built straight into
     its sharding (`entrl.sharding.param_shardings`).
@@ -193,7 +199,7 @@ def add_adapters(model: Transformer, spec: LoRASpec, *, seed: int = 0, mesh=None
     leaves = []
     for key, var in nnx.to_flat_state(adapters):
         path, shape = ".".join(map(str, key)), tuple(var.shape)
-        value = _host_value(path, var.get_metadata()["out_sharding"], shape, seed)
+        value = _host_value(path, var.get_metadata()["out_sharding"], shape, seed).astype(var.dtype)
         if mesh is None:
             array = jnp.asarray(value)
         else:

@@ -222,7 +222,9 @@ def build_model(cfg: C.RunConfig, mesh, tokenizer):
                                                        "model.lora_targets": list(m.lora_targets)})
         graphdef, params = build_policy(as_run, mesh, tokenizer)
         params = restore_run_params(run, (graphdef, params)).params
-        return nnx.split(merge_adapters(nnx.merge(graphdef, params)))
+        graphdef, params = nnx.split(merge_adapters(nnx.merge(graphdef, params)))
+        want = jnp.dtype(cfg.model.param_dtype)  # a LoRA run's base is in its compute dtype
+        return graphdef, jax.tree.map(lambda x: x.astype(want) if x.dtype != want else x, params)
     m = cfg.model
     if m.path == "demo":
         # Exactly the tokenizer's vocabulary: padding it would let the sampler emit ids no tokenizer decodes.
@@ -240,22 +242,30 @@ def build_model(cfg: C.RunConfig, mesh, tokenizer):
 
 
 def lora_spec(cfg: C.RunConfig):
-    """The run's `entrl.models.lora.LoRASpec`, or None when `model.lora_rank` is 0."""
+    """The run's `entrl.models.lora.LoRASpec` (adapters in `model.param_dtype`: they are the trained
+    weights), or None when `model.lora_rank` is 0."""
     from entrl.models.lora import LoRASpec
 
     m = cfg.model
-    return LoRASpec(m.lora_rank, m.lora_alpha, tuple(m.lora_targets)) if m.lora_rank else None
+    return LoRASpec(m.lora_rank, m.lora_alpha, tuple(m.lora_targets), m.param_dtype) if m.lora_rank else None
+
+
+def base_param_dtype(cfg: C.RunConfig) -> str:
+    """The storage dtype of the model's own weights: `model.param_dtype`, or under LoRA (where they are
+    frozen, and every use casts them to it) the compute dtype `model.dtype`: half the bytes in bfloat16."""
+    return cfg.model.dtype if cfg.model.lora_rank else cfg.model.param_dtype
 
 
 def build_policy(cfg: C.RunConfig, mesh, tokenizer):
-    """(graphdef, params) of the policy to train: `build_model`'s, with fresh LoRA adapters (B = 0, so the
-    same function) when `model.lora_rank` > 0; the base's arrays are shared with `build_model`'s."""
+    """(graphdef, params) of the policy to train: `build_model`'s, or under LoRA the base in the compute
+    dtype (`base_param_dtype`) with fresh adapters (B = 0, so the same function) sharing its arrays."""
     from entrl.models.lora import add_adapters
 
-    graphdef, params = build_model(cfg, mesh, tokenizer)
     spec = lora_spec(cfg)
     if spec is None:
-        return graphdef, params
+        return build_model(cfg, mesh, tokenizer)
+    base = C.replace(cfg, **{"model.param_dtype": base_param_dtype(cfg)})
+    graphdef, params = build_model(base, mesh, tokenizer)
     return nnx.split(add_adapters(nnx.merge(graphdef, params), spec, seed=cfg.train.seed, mesh=mesh))
 
 
