@@ -22,10 +22,16 @@ from entrl import config as C
 from entrl import plan as P
 from entrl.checkpoint import CheckpointManager
 from entrl.metrics import read_metrics
-from entrl.models import ModelConfig, create_model, lora
+from entrl.models import ModelConfig, create_model, load_pretrained, lora
 from entrl.rewards import RewardResult
 from entrl.rl import step as S
-from entrl.rl.setup import build_model, build_policy, build_tokenizer, reference_params, setup
+from entrl.rl.setup import (
+    build_model,
+    build_policy,
+    build_tokenizer,
+    reference_params,
+    setup,
+)
 from entrl.rl.trainer import Trainer
 from entrl.sharding import make_mesh
 
@@ -70,10 +76,10 @@ def max_diff(a, b) -> float:
 # ---------------------------------------------------------------------------
 
 _ARCHS = {
-    "qwen2": dict(arch="qwen2", qkv_bias=True),
-    "qwen3": dict(arch="qwen3", qk_norm=True),
-    "llama": dict(arch="llama", rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                              "original_max_position_embeddings": 64}),
+    "qwen2": {"arch": "qwen2", "qkv_bias": True},
+    "qwen3": {"arch": "qwen3", "qk_norm": True},
+    "llama": {"arch": "llama", "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 64}},
 }
 
 
@@ -233,7 +239,7 @@ def test_reference_is_the_base_with_adapters_off_and_shares_its_arrays(lora_runs
     rng = np.random.default_rng(0)
     batch = {"prompt_ids": jnp.asarray(rng.integers(3, 20, (8, 6)), jnp.int32),
              "prompt_mask": jnp.ones((8, 6), jnp.int32), "resp_ids": jnp.asarray(rng.integers(3, 20, (8, 5)), jnp.int32)}
-    stats = dict(temperature=1.0, num_micro=1, chunk_size=512)
+    stats = {"temperature": 1.0, "num_micro": 1, "chunk_size": 512}
     ref_logp, _ = S.compute_logprobs(comps.graphdef, comps.ref_params, batch, **stats)
     base_logp, _ = S.compute_logprobs(plain_graphdef, plain_params, batch, **stats)
     np.testing.assert_allclose(np.asarray(ref_logp), np.asarray(base_logp), atol=1e-6)
@@ -248,7 +254,7 @@ def test_the_frozen_base_is_kept_in_the_compute_dtype(tmp_path):
     """Under bfloat16 compute the base is stored in bfloat16 (it is never updated and every use casts it
     there), the adapters in `model.param_dtype`; the reference shares the base."""
     cfg = make_cfg(tmp_path, "model.dtype=bfloat16", "model.demo_hidden=64")
-    graphdef, params = build_policy(cfg, make_mesh(data=4, tensor=2), build_tokenizer(cfg))
+    _graphdef, params = build_policy(cfg, make_mesh(data=4, tensor=2), build_tokenizer(cfg))
     adapters, base = lora.split(params)
     assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype("bfloat16")}
     assert {x.dtype for x in jax.tree.leaves(adapters)} == {jnp.dtype("float32")}
@@ -318,7 +324,7 @@ def test_policy_and_export_are_merged_checkpoints_transformers_runs(cli_lora_run
     for name in ("policy", "export"):
         path = run / "policy" if name == "policy" else tmp_path / "hf"
         with safe_open(path / "model.safetensors", framework="numpy") as f:
-            tensors[name] = {k: f.get_tensor(k) for k in f.keys()}
+            tensors[name] = {k: f.get_tensor(k) for k in f}
     assert tensors["policy"].keys() == tensors["export"].keys()
     assert not [k for k in tensors["policy"] if "lora" in k]
     for k, v in tensors["policy"].items():  # the export merges on another mesh: equal up to rounding
@@ -350,9 +356,7 @@ def test_a_lora_run_directory_is_a_model_path(cli_lora_run, tmp_path):
     shutil.rmtree(run / "policy")
     cfg = make_cfg(tmp_path / "next", f"model.path={run}", "model.lora_rank=0")
     mesh = make_mesh(data=1, fsdp=-1)
-    graphdef, params = build_model(cfg, mesh, build_tokenizer(cfg))
-    from entrl.models import load_pretrained
-
+    _graphdef, params = build_model(cfg, mesh, build_tokenizer(cfg))
     policy = load_pretrained(cli_lora_run / "policy")
     assert not lora.has_adapters(params)
     assert max_diff(params, nnx.state(policy)) <= 1e-6
@@ -397,7 +401,7 @@ def test_plan_of_the_paper_model_with_lora_holds_a_fraction_of_the_state():
     sizes = {}
     for rank in (0, 16):
         spec = lora.LoRASpec(rank, 32.0) if rank else None
-        state = nnx.split(nnx.eval_shape(lambda: abstract_model(mcfg, spec)))[1]
+        state = nnx.split(nnx.eval_shape(lambda spec=spec: abstract_model(mcfg, spec)))[1]
         params = P._abstract(state, P.param_shardings(state, mesh))
         _, opt_state, ref = P._resident_state(cfg, optimizer, params, mesh)
         sizes[rank] = (P._per_device_bytes(opt_state), P._per_device_bytes(ref))
