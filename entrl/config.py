@@ -50,6 +50,10 @@ _REWARD_SPEC_RE = re.compile(r"(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*|[^:]+\.py):[A-
 # ---------------------------------------------------------------------------
 
 
+# The projections LoRA can adapt (`entrl.models.lora.TARGETS`: the decoder's `<name>_kernel`s).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
 @dataclass(frozen=True)
 class ModelSection:
     path: str = "demo"  # HF checkpoint dir, hub id, entrl run dir, or "demo" (built-in tiny Qwen2 model)
@@ -60,11 +64,21 @@ class ModelSection:
     demo_hidden: int = 128  # demo model only: hidden size
     demo_layers: int = 2  # demo model only: decoder layers
     demo_heads: int = 4  # demo model only: attention heads (2 KV heads)
+    lora_rank: int = 0  # LoRA adapter rank r; 0 = off (full fine-tuning). On: only the adapters train (in param_dtype); the frozen base is kept in dtype
+    lora_alpha: float = 32.0  # LoRA scale numerator: each adapted kernel computes with W + (lora_alpha / lora_rank) A B
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # projections that get adapters: q k v o (attention), gate up down (MLP)
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         _choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _choice("model.remat", self.remat, ("none", "full", "dots"))
+        _non_negative("model.lora_rank", self.lora_rank)
+        _all_finite(self, "model")
+        _positive("model.lora_alpha", self.lora_alpha)
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown or not self.lora_targets or len(set(self.lora_targets)) != len(self.lora_targets):
+            what = f"{unknown[0]!r} is not a projection" if unknown else "name each projection once, at least one"
+            raise ConfigError(f"model.lora_targets={self.lora_targets}: {what}; choose from {', '.join(LORA_TARGETS)}")
         _positive("model.demo_hidden", self.demo_hidden)
         _positive("model.demo_layers", self.demo_layers)
         _positive("model.demo_heads", self.demo_heads)

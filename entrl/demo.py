@@ -172,6 +172,9 @@ def prepare(out: Path, *, seed: int = 0, quick: bool = False, overrides=(), base
 
 def rl_and_evaluate(ctx: DemoContext, out_dir: Path, overrides=()) -> tuple[object, dict]:
     """Step 4-5: SE annotation + curriculum RL from the warm start into `out_dir`, then evaluate."""
+    from flax import nnx
+
+    from entrl.models.lora import merge_adapters
     from entrl.rl.setup import train_from_config
 
     cfg = C.load_config(None, [*_cfg_overrides(ctx.cfg), f"model.path={ctx.warm_dir}", "warmstart.enabled=false",
@@ -180,7 +183,8 @@ def rl_and_evaluate(ctx: DemoContext, out_dir: Path, overrides=()) -> tuple[obje
     plan = f"SE curriculum {cur.order} ({cur.stages} stages)" if cur.enabled else "no curriculum (shuffled epochs)"
     print(f"[demo] RL: {cfg.loss.name}, {plan}, {cfg.train.steps} steps", flush=True)
     trainer = train_from_config(cfg, resume=False, overwrite=True)  # the demo always starts its RL afresh
-    return trainer, ctx.evaluate(trainer.params, f"after RL ({cfg.loss.name})")
+    policy = nnx.state(merge_adapters(nnx.merge(trainer.c.graphdef, trainer.params)))  # as `policy/` holds it
+    return trainer, ctx.evaluate(policy, f"after RL ({cfg.loss.name})")
 
 
 def _cfg_overrides(cfg: C.RunConfig) -> list[str]:

@@ -30,6 +30,10 @@ Design decisions:
 - Programs are compiled once per process for a given lowered text: presets
   that differ only in things a program does not see (another loss, the
   curriculum) share the sampler's and log-prob programs' analyses.
+- Under LoRA (`model.lora_rank` > 0) the params include the adapters, the
+  optimizer state and the reference copy are the adapters' only (the reference
+  shares the frozen base), and the update's gradients are the adapters'; a note
+  compares the resident state with full fine-tuning's (shapes only, no compile).
 Left out on purpose: host (CPU) memory, and the Python-side verifier pool.
 """
 
@@ -50,7 +54,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from entrl import config as C
-from entrl.models import PRESETS, ModelConfig, Transformer
+from entrl.models import PRESETS, ModelConfig, Transformer, lora
 from entrl.models.config import HUB_PRESETS
 from entrl.sharding import batch_sharding, data_shards, param_shardings
 
@@ -308,7 +312,7 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
     """
     from entrl.rl import setup as S
     from entrl.rl import step as ST
-    from entrl.rl.trainer import opt_state_shardings, run_optimizer, step_settings
+    from entrl.rl.trainer import run_optimizer, step_settings
     from entrl.sampling import Sampler, SamplingConfig
 
     mesh = S.build_mesh(cfg)
@@ -318,15 +322,13 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
     plen = max(r.prompt_buckets)
 
     # -- state -----------------------------------------------------------------
-    graphdef, state = nnx.split(nnx.eval_shape(
-        lambda: Transformer(mcfg, rngs=nnx.Rngs(0), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)))
+    spec = S.lora_spec(cfg)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(
+        mcfg, rngs=nnx.Rngs(0), dtype=m.dtype, param_dtype=S.base_param_dtype(cfg), remat=m.remat, lora=spec)))
     shardings = param_shardings(state, mesh)
     params = _abstract(state, shardings)
     optimizer = run_optimizer(cfg)
-    opt_sh = opt_state_shardings(optimizer, params, mesh)
-    opt_state = _abstract(jax.eval_shape(optimizer.init, params), opt_sh)
-    ref = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(m.dtype), sharding=x.sharding), params)
-           if cfg.loss.kl_coef > 0 else None)
+    opt_sh, opt_state, ref = _resident_state(cfg, optimizer, params, mesh)
     sizes = {"params": _per_device_bytes(params), "optimizer": _per_device_bytes(opt_state),
              "reference": _per_device_bytes(ref) if ref is not None else 0}
     resident = sum(sizes.values())
@@ -377,7 +379,7 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
     per["update_peak"] = resident + step_batch_bytes + extra("update", sizes["params"] + sizes["optimizer"])
     per["logprob_peak"] = resident + extra("logprob", params_bytes + _per_device_bytes(batch)) + step_batch_bytes
     per["rollout_peak"] = resident + extra("rollout", params_bytes)
-    notes = []
+    notes = [_lora_note(cfg, spec, optimizer, params, sizes, mesh)] if spec is not None else []
     if with_eval and cfg.train.eval_every and want("eval"):  # periodic evaluation is part of the run only when it is on
         e = cfg.eval
         eval_prompts = _eval_call_prompts(cfg, shards)
@@ -397,6 +399,39 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
         programs={k: {**dataclasses.asdict(p), "extra": p.extra(0)} for k, p in programs.items()},
         tokens_per_step={"rows": step_rows, "prompt": step_rows * plen, "response": step_rows * L},
         steps_per_stage=steps, steps_note=steps_note, notes=notes)
+
+
+def _resident_state(cfg: C.RunConfig, optimizer, params, mesh):
+    """(optimizer state shardings, optimizer state, reference copy or None) of abstract `params`, as
+    `entrl train` allocates them: for the trained params (all, or the LoRA adapters)."""
+    from entrl.rl.trainer import opt_state_shardings
+
+    trained = lora.trainable(params)
+    opt_sh = opt_state_shardings(optimizer, trained, mesh)
+    opt_state = _abstract(jax.eval_shape(optimizer.init, trained), opt_sh)
+    if cfg.loss.kl_coef == 0:
+        return opt_sh, opt_state, None
+    if lora.has_adapters(params):  # a copy of the adapters; the frozen base is shared
+        return opt_sh, opt_state, trained
+    dtype = jnp.dtype(cfg.model.dtype)  # full fine-tuning: a copy of the params in the compute dtype
+    return opt_sh, opt_state, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), params)
+
+
+def _lora_note(cfg: C.RunConfig, spec, optimizer, params, sizes: dict, mesh) -> str:
+    """What LoRA saves: its weights, optimizer state and reference copy per device vs full fine-tuning's."""
+    adapters, base = lora.split(params)
+    masters = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(cfg.model.param_dtype),
+                                                          sharding=x.sharding), base)
+    _, full_opt, full_ref = _resident_state(cfg, optimizer, masters, mesh)
+    full = {"params": _per_device_bytes(masters), "optimizer": _per_device_bytes(full_opt),
+            "reference": _per_device_bytes(full_ref) if full_ref is not None else 0}
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    size = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2**20:.1f} MiB"
+    return (f"LoRA r={spec.rank} alpha={spec.alpha:g} on {','.join(spec.targets)}: {count(adapters) / 1e6:.1f}M "
+            f"trained params ({count(adapters) / count(base):.2%} of the base, whose weights are kept in "
+            f"{cfg.model.dtype}); per device params / optimizer state / reference copy "
+            f"{' / '.join(size(sizes[k]) for k in full)}, where full fine-tuning holds "
+            f"{' / '.join(size(full[k]) for k in full)}")
 
 
 def _eval_sampling(cfg: C.RunConfig, mcfg: ModelConfig):

@@ -40,6 +40,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),  # per-head width
     ("mlp", "tensor"),  # MLP hidden width
     ("norm", None),  # RMSNorm scales
+    ("lora_rank", None),  # the rank axis of LoRA adapters (small: replicated)
     ("seq", None),  # sequence positions of activations
     ("cache_seq", None),  # KV-cache slots
     ("act_embed", None),  # model width of activations (batch already uses fsdp)

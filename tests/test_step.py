@@ -253,4 +253,4 @@ def test_update_compiles_once_for_repeated_shapes(model, batch):
         mb = dict(batch, advantages=batch["advantages"] * (i + 1))
         params, state, m = fn(params, state, mb, jax.random.key(i))
         assert float(m["skipped_nonfinite"]) == 0
-    assert fn._cache_size() == 1
+    assert fn.jitted._cache_size() == 1

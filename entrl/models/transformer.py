@@ -42,6 +42,8 @@ Design decisions:
   returned in the compute dtype so token statistics can chunk the unembedding.
 - Layers are a Python loop (not `scan`): per-layer params map one-to-one to
   checkpoint tensors, which keeps loading declarative and sliced per device.
+- LoRA (`lora=LoRASpec`, `entrl.models.lora`): each targeted projection adds
+  s (x A) B in the full forward; `decode_weights()` merges W + s A B instead.
 Left out on purpose: sliding-window attention, MoE, dropout, bias in the MLP.
 """
 
@@ -58,6 +60,7 @@ from flax import nnx, struct
 from jax import lax
 
 from entrl.models.config import ModelConfig
+from entrl.models.lora import ATTN_TARGETS, MLP_TARGETS, LoRASpec, adapters_for
 
 # Logical axes of each layer's cached keys (stored transposed) and values (for `entrl.sharding.logical_to_spec`).
 K_CACHE_AXES = ("batch", "kv_heads", "head_dim", "cache_seq")
@@ -173,8 +176,25 @@ class RMSNorm(nnx.Module):
         return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
-class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lead: tuple[int, ...] = ()):
+class _Projections(nnx.Module):
+    """Kernels `<name>_kernel`, optionally adapted by `self.lora[name]` (`entrl.models.lora.Adapter`)."""
+
+    lora: nnx.Dict | None
+    dtype: jnp.dtype
+
+    def _kernel(self, name: str) -> jax.Array:
+        """The kernel as the model computes with it: W, or W + s A B (float32) when adapted."""
+        w = getattr(self, f"{name}_kernel")[...]
+        return w if self.lora is None or name not in self.lora else self.lora[name].merged(w)
+
+    def _adapted(self, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+        """y = x W, plus s (x A) B when `name` has an adapter."""
+        return y if self.lora is None or name not in self.lora else y + self.lora[name](x, self.dtype)
+
+
+class Attention(_Projections):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lead: tuple[int, ...] = (),
+                 lora: LoRASpec | None = None):
         D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kernel = lambda shape, names: _param(_init(rngs, lead, shape, param_dtype), _names(lead, names))
         zeros = lambda shape, names: _param(jnp.zeros(lead + shape, param_dtype), _names(lead, names))
@@ -189,6 +209,12 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, lead=lead)
             self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, lead=lead)
+        # name -> (kernel shape, logical axes, input axes) of the kernels an adapter may target
+        kernels = {"q": ((D, H, Dh), ("embed", "q_heads", "head_dim"), 1),
+                   "k": ((D, K, Dh), ("embed", "kv_heads", "head_dim"), 1),
+                   "v": ((D, K, Dh), ("embed", "kv_heads", "head_dim"), 1),
+                   "o": ((H, Dh, D), ("q_heads", "head_dim", "embed"), 2)}
+        self.lora = adapters_for(ATTN_TARGETS, kernels, lora, rngs=rngs, lead=lead)
         self.cfg = cfg
         self.dtype = dtype
 
@@ -203,12 +229,12 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, self.dtype
         D, K, Dh = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
         # Cast first: the re-layout then moves compute-dtype (not float32) values between devices.
-        q_DxKxGxDh = self.q_kernel[...].astype(dt).reshape(D, K, -1, Dh)
-        k_DxKx1xDh, v_DxKx1xDh = self.k_kernel[...].astype(dt)[:, :, None], self.v_kernel[...].astype(dt)[:, :, None]
+        q_DxKxGxDh = self._kernel("q").astype(dt).reshape(D, K, -1, Dh)
+        k_DxKx1xDh, v_DxKx1xDh = self._kernel("k").astype(dt)[:, :, None], self._kernel("v").astype(dt)[:, :, None]
         qkv_DxKxJxDh = jnp.concatenate([q_DxKxGxDh, k_DxKx1xDh, v_DxKx1xDh], axis=2)
         w = dict(
             qkv=_constrain(qkv_DxKxJxDh.transpose(1, 2, 3, 0).reshape(-1, D), DECODE_AXES["qkv"]),
-            o=_constrain(self.o_kernel[...].astype(dt).reshape(-1, D).T, DECODE_AXES["o"]),
+            o=_constrain(self._kernel("o").astype(dt).reshape(-1, D).T, DECODE_AXES["o"]),
         )
         if cfg.qkv_bias:
             q_bias_KxGxDh = self.q_bias[...].astype(dt).reshape(K, -1, Dh)
@@ -225,9 +251,9 @@ class Attention(nnx.Module):
         """
         cfg, dt = self.cfg, self.dtype
         if w is None:
-            q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.q_kernel[...].astype(dt))
-            k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.k_kernel[...].astype(dt))
-            v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.v_kernel[...].astype(dt))
+            q = self._adapted("q", x_BxTxD, jnp.einsum("btd,dhk->bthk", x_BxTxD, self.q_kernel[...].astype(dt)))
+            k = self._adapted("k", x_BxTxD, jnp.einsum("btd,dhk->bthk", x_BxTxD, self.k_kernel[...].astype(dt)))
+            v = self._adapted("v", x_BxTxD, jnp.einsum("btd,dhk->bthk", x_BxTxD, self.v_kernel[...].astype(dt)))
             if cfg.qkv_bias:
                 q = q + self.q_bias[...].astype(dt)
                 k = k + self.k_bias[...].astype(dt)
@@ -269,34 +295,40 @@ class Attention(nnx.Module):
         out = jnp.einsum(f"bkg{t}s,bksd->b{t}kgd", probs, v_BxKxSxDh.astype(dt))
         out_BxTxHxDh = out.reshape(B, T, H, Dh)
         if w is None:
-            return jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.o_kernel[...].astype(dt))
+            return self._adapted("o", out_BxTxHxDh,
+                                 jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.o_kernel[...].astype(dt)))
         return jnp.einsum("btn,dn->btd", out_BxTxHxDh.reshape(B, T, H * Dh), w["o"])
 
 
-class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lead: tuple[int, ...] = ()):
+class MLP(_Projections):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lead: tuple[int, ...] = (),
+                 lora: LoRASpec | None = None):
         D, F = cfg.hidden_size, cfg.intermediate_size
         kernel = lambda shape, names: _param(_init(rngs, lead, shape, param_dtype), _names(lead, names))
         self.gate_kernel = kernel((D, F), ("embed", "mlp"))
         self.up_kernel = kernel((D, F), ("embed", "mlp"))
         self.down_kernel = kernel((F, D), ("mlp", "embed"))
+        kernels = {"gate": ((D, F), ("embed", "mlp"), 1), "up": ((D, F), ("embed", "mlp"), 1),
+                   "down": ((F, D), ("mlp", "embed"), 1)}
+        self.lora = adapters_for(MLP_TARGETS, kernels, lora, rngs=rngs, lead=lead)
         self.dtype = dtype
 
     def decode_weights(self) -> dict[str, jax.Array]:
         """gate and up interleaved [F*2, D] (one matmul; F stays the major, shardable
         axis), down [D, F]: 2-D [out, in] as in `Attention.decode_weights`."""
         dt = self.dtype
-        gate_up_Fx2xD = jnp.stack([self.gate_kernel[...].astype(dt).T, self.up_kernel[...].astype(dt).T], axis=1)
+        gate_up_Fx2xD = jnp.stack([self._kernel("gate").astype(dt).T, self._kernel("up").astype(dt).T], axis=1)
         return dict(gate_up=_constrain(gate_up_Fx2xD.reshape(-1, gate_up_Fx2xD.shape[-1]), DECODE_AXES["gate_up"]),
-                    down=_constrain(self.down_kernel[...].astype(dt).T, DECODE_AXES["down"]))
+                    down=_constrain(self._kernel("down").astype(dt).T, DECODE_AXES["down"]))
 
     def __call__(self, x_BxTxD: jax.Array, w: dict[str, jax.Array] | None = None) -> jax.Array:
         """SwiGLU; with `w` (`decode_weights()`) gate and up are one matmul."""
         dt = self.dtype
         if w is None:
-            gate_BxTxF = x_BxTxD @ self.gate_kernel[...].astype(dt)
-            up_BxTxF = x_BxTxD @ self.up_kernel[...].astype(dt)
-            return (jax.nn.silu(gate_BxTxF) * up_BxTxF) @ self.down_kernel[...].astype(dt)
+            gate_BxTxF = self._adapted("gate", x_BxTxD, x_BxTxD @ self.gate_kernel[...].astype(dt))
+            up_BxTxF = self._adapted("up", x_BxTxD, x_BxTxD @ self.up_kernel[...].astype(dt))
+            hidden_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+            return self._adapted("down", hidden_BxTxF, hidden_BxTxF @ self.down_kernel[...].astype(dt))
         B, T = x_BxTxD.shape[:2]
         gate_up_BxTxFx2 = jnp.einsum("btd,nd->btn", x_BxTxD, w["gate_up"]).reshape(B, T, -1, 2)
         hidden_BxTxF = jax.nn.silu(gate_up_BxTxFx2[..., 0]) * gate_up_BxTxFx2[..., 1]
@@ -306,12 +338,13 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """One pre-norm block; built with `lead=(L,)` it holds all L layers' params stacked (see `Transformer`)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lead: tuple[int, ...] = ()):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lead: tuple[int, ...] = (),
+                 lora: LoRASpec | None = None):
         norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, lead=lead)
         self.input_norm = norm()
-        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, lead=lead)
+        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, lead=lead, lora=lora)
         self.post_attn_norm = norm()
-        self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, lead=lead)
+        self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, lead=lead, lora=lora)
 
     def decode_weights(self) -> dict[str, dict[str, jax.Array]]:
         """Everything the cached forward reads, so decoding never touches the (stacked) params."""
@@ -368,11 +401,12 @@ class Transformer(nnx.Module):
     `dtype` is the compute dtype (activations, matmul inputs), `param_dtype` the
     storage dtype of the parameters (float32 master weights under bfloat16
     compute: weights are cast where they are used). `remat` names a
-    `REMAT_POLICIES` entry applied to each layer of the full forward.
+    `REMAT_POLICIES` entry applied to each layer of the full forward. `lora`:
+    adapters on the projections it targets (`entrl.models.lora`), or None.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: str = "none"):
+                 remat: str = "none", lora: LoRASpec | None = None):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}: must be one of {', '.join(REMAT_POLICIES)}")
         dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
@@ -380,9 +414,11 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
+        self.lora_spec = lora
         self.embedding = _param(_init_normal(rngs.params(), (V, D), param_dtype), ("vocab", "embed"))
         # All layers in one module whose params carry a leading [num_layers] axis (logical "layers").
-        self.layers = DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, lead=(cfg.num_layers,))
+        self.layers = DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, lead=(cfg.num_layers,),
+                                   lora=lora)
         self.final_norm = RMSNorm(D, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(_init_normal(rngs.params(), (D, V), param_dtype), ("embed", "vocab"))

@@ -157,11 +157,17 @@ def _as_run_model(cfg: C.RunConfig, run: RunSource) -> C.RunConfig:
 
 
 def restore_run_params(run: RunSource, graphdef_params, *, step: int | None = None):
-    """Params of `run`'s checkpoint (latest, or `step`) restored onto the layout of `graphdef_params`."""
+    """Params of `run`'s checkpoint (latest, or `step`) restored onto the layout of `graphdef_params`.
+
+    A checkpoint holds the trained params (`entrl.models.lora.trainable`): under LoRA only the adapters,
+    restored into `graphdef_params`' base.
+    """
     from entrl.checkpoint import CheckpointManager
+    from entrl.models import lora
 
     _, params = graphdef_params
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+    stored, frozen = lora.split(params)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), stored)
     mgr = CheckpointManager(run.path / "checkpoints", read_only=True)  # never renames anything in the run
     try:
         restored = mgr.restore_latest(params_target=abstract, step=step)
@@ -171,7 +177,7 @@ def restore_run_params(run: RunSource, graphdef_params, *, step: int | None = No
         mgr.close()
     if restored is None:
         raise C.ConfigError(f"{str(run.path)!r} has no restorable checkpoint")
-    return restored
+    return dataclasses.replace(restored, params=lora.join(restored.params, frozen))
 
 
 def build_tokenizer(cfg: C.RunConfig):
@@ -209,8 +215,16 @@ def build_model(cfg: C.RunConfig, mesh, tokenizer):
 
     run = run_checkpoint_source(cfg.model.path)
     if run is not None:  # an unfinished run: its model, with the params of its latest checkpoint
-        graphdef, params = build_model(_as_run_model(cfg, run), mesh, tokenizer)
-        return graphdef, restore_run_params(run, (graphdef, params)).params
+        from entrl.models.lora import merge_adapters
+
+        m = run.cfg.model  # built as that run was (with its adapters), then its adapters merged in
+        as_run = C.replace(_as_run_model(cfg, run), **{"model.lora_rank": m.lora_rank, "model.lora_alpha": m.lora_alpha,
+                                                       "model.lora_targets": list(m.lora_targets)})
+        graphdef, params = build_policy(as_run, mesh, tokenizer)
+        params = restore_run_params(run, (graphdef, params)).params
+        graphdef, params = nnx.split(merge_adapters(nnx.merge(graphdef, params)))
+        want = jnp.dtype(cfg.model.param_dtype)  # a LoRA run's base is in its compute dtype
+        return graphdef, jax.tree.map(lambda x: x.astype(want) if x.dtype != want else x, params)
     m = cfg.model
     if m.path == "demo":
         # Exactly the tokenizer's vocabulary: padding it would let the sampler emit ids no tokenizer decodes.
@@ -225,6 +239,34 @@ def build_model(cfg: C.RunConfig, mesh, tokenizer):
                                 remat=m.remat)
     graphdef, params = nnx.split(model)
     return graphdef, params
+
+
+def lora_spec(cfg: C.RunConfig):
+    """The run's `entrl.models.lora.LoRASpec` (adapters in `model.param_dtype`: they are the trained
+    weights), or None when `model.lora_rank` is 0."""
+    from entrl.models.lora import LoRASpec
+
+    m = cfg.model
+    return LoRASpec(m.lora_rank, m.lora_alpha, tuple(m.lora_targets), m.param_dtype) if m.lora_rank else None
+
+
+def base_param_dtype(cfg: C.RunConfig) -> str:
+    """The storage dtype of the model's own weights: `model.param_dtype`, or under LoRA (where they are
+    frozen, and every use casts them to it) the compute dtype `model.dtype`: half the bytes in bfloat16."""
+    return cfg.model.dtype if cfg.model.lora_rank else cfg.model.param_dtype
+
+
+def build_policy(cfg: C.RunConfig, mesh, tokenizer):
+    """(graphdef, params) of the policy to train: `build_model`'s, or under LoRA the base in the compute
+    dtype (`base_param_dtype`) with fresh adapters (B = 0, so the same function) sharing its arrays."""
+    from entrl.models.lora import add_adapters
+
+    spec = lora_spec(cfg)
+    if spec is None:
+        return build_model(cfg, mesh, tokenizer)
+    base = C.replace(cfg, **{"model.param_dtype": base_param_dtype(cfg)})
+    graphdef, params = build_model(base, mesh, tokenizer)
+    return nnx.split(add_adapters(nnx.merge(graphdef, params), spec, seed=cfg.train.seed, mesh=mesh))
 
 
 # ---------------------------------------------------------------------------
@@ -344,9 +386,18 @@ def cache_dtype(cfg: C.RunConfig, setting: str) -> str:
 
 def reference_params(cfg: C.RunConfig, params):
     """The frozen reference policy: a copy of the initial params in the compute dtype (bf16 under bf16
-    compute: half the bytes of float32 masters, and the same values the policy's forward computes with)."""
+    compute: half the bytes of float32 masters, and the same values the policy's forward computes with).
+
+    Under LoRA only the adapters are copied and the base's arrays are shared (the update never donates
+    them): at the start the adapters are B = 0, so this is the base with its adapters disabled.
+    """
+    from entrl.models import lora
+
     if cfg.loss.kl_coef == 0:
         return None
+    if lora.has_adapters(params):
+        adapters, base = lora.split(params)
+        return lora.join(jax.jit(lambda a: jax.tree.map(jnp.copy, a))(adapters), base)
     dtype = jnp.dtype(cfg.model.dtype)
     return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x.copy(), p))(params)
 
@@ -400,7 +451,7 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
     tokenizer = build_tokenizer(cfg)
     records, heldout = build_records(cfg)
     prompt_tokens, records = tokenize(cfg, records, tokenizer)
-    graphdef, params = build_model(cfg, mesh, tokenizer)
+    graphdef, params = build_policy(cfg, mesh, tokenizer)
     ref_params = reference_params(cfg, params)
     sampler = build_sampler(cfg, tokenizer, mesh, slots=cfg.rollout.slots)
     if needs_semantic_entropy(cfg) and se_values is None and any(cfg.curriculum.se_column not in r.extra
@@ -432,17 +483,21 @@ def save_policy(graphdef, params, tokenizer, out_dir, *, dtype: str | None = Non
     """Write the policy as an HF checkpoint (plus its tokenizer) to `out_dir` (local or gs://).
 
     Every process must call this: gathering sharded params to the host is a collective.
-    Process 0 writes. `dtype` casts the floating params first (None keeps theirs).
+    Process 0 writes. LoRA adapters are merged into their kernels first (a plain checkpoint);
+    `dtype` then casts the floating params (None keeps theirs).
     """
     import jax.numpy as jnp
 
     from entrl.models import save_pretrained
+    from entrl.models.lora import merge_adapters
 
     out = R.as_path(out_dir, "policy directory")
+    model = merge_adapters(nnx.merge(graphdef, params))
     if dtype is not None:
         want = jnp.dtype(dtype)
+        graphdef, params = nnx.split(model)
         params = jax.tree.map(lambda x: x.astype(want) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-    model = nnx.merge(graphdef, params)
+        model = nnx.merge(graphdef, params)
     primary = jax.process_index() == 0
     with R.local_copy_for_upload(out) if primary else contextlib.nullcontext(out) as local:
         save_pretrained(model, Path(os.fspath(local)))  # every process: its gather is a collective
@@ -557,7 +612,7 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: st
     from entrl.sharding import make_mesh
 
     mesh = make_mesh(data=1, fsdp=-1, tensor=1)
-    graphdef, params = build_model(cfg, mesh, tokenizer)
+    graphdef, params = build_policy(cfg, mesh, tokenizer)  # under LoRA: the base, and the run's adapters restored
     restored = restore_run_params(source, (graphdef, params), step=step)
     dtype = dtype or source_dtype(cfg)
     save_policy(graphdef, restored.params, tokenizer, out, dtype=dtype)

@@ -39,6 +39,12 @@ Design decisions:
   of each mini-batch by length (a permutation inside the shard, applied by
   the trainer under the global scope, where a mini-batch's loss does not
   depend on its row order), so most micro-batches are short.
+- Only the trainable part of the params is differentiated, optimised and
+  donated: all of them, or only the LoRA adapters when the params hold some
+  (`entrl.models.lora.split`); the frozen base enters the jitted update as a
+  separate argument that is neither differentiated nor donated (the KL
+  reference shares its arrays). `make_update_fn` splits and joins, so callers
+  pass and get back the whole params.
 - A step whose loss or gradient norm is non-finite leaves params and optimizer
   state untouched (selected with `jnp.where` inside the jitted step, so the
   donated buffers are reused) and reports `skipped_nonfinite = 1`.
@@ -55,6 +61,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from entrl.models import lora
 from entrl.rl import losses as L
 from entrl.token_stats import token_logprobs_and_entropy
 
@@ -240,20 +247,20 @@ def _policy_objective(logp_NxL, ent_NxL, mb: dict, rng, s: StepSettings):
     return loss, metrics
 
 
-def _grads(graphdef, params, mb_all: dict, rng, s: StepSettings):
-    """Loss, metrics and summed gradients over the micro-batches of one mini-batch."""
+def _grads(graphdef, params, frozen, mb_all: dict, rng, s: StepSettings):
+    """Loss, metrics and summed gradients (w.r.t. `params`, not `frozen`) over the micro-batches of one mini-batch."""
     n_micro, shards = s.num_micro, s.shards
     mb_all = dict(mb_all, resp_len=resp_lengths(mb_all))
     micro = {k: micro_rows(v, n_micro, shards) for k, v in mb_all.items()}  # [n_micro, N / n_micro, ...]
     splice = s.scope == "global" and n_micro > 1
     if splice:
-        logp_sg, ent_sg = batched_response_stats(graphdef, params, mb_all, temperature=s.temperature,
+        logp_sg, ent_sg = batched_response_stats(graphdef, lora.join(params, frozen), mb_all, temperature=s.temperature,
                                                  num_micro=n_micro, chunk_size=s.chunk_size, shards=shards,
                                                  length_buckets=s.length_buckets)
         logp_sg, ent_sg = micro_rows(logp_sg, n_micro, shards), micro_rows(ent_sg, n_micro, shards)
 
     def micro_loss(p, i, length: int):
-        model = nnx.merge(graphdef, p)
+        model = nnx.merge(graphdef, p, frozen)
         mb = {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in micro.items()}
         logp, ent = _trimmed_stats(model, mb, length, temperature=s.temperature, chunk_size=s.chunk_size)
         if s.scope == "global":
@@ -297,9 +304,11 @@ def _grads(graphdef, params, mb_all: dict, rng, s: StepSettings):
 
 
 def update_step(graphdef, optimizer: optax.GradientTransformation, params, opt_state, minibatch: dict, rng,
-                settings: StepSettings):
-    """One optimizer step on one mini-batch. Pure; jit with `jit_update_step`.
+                settings: StepSettings, frozen=None):
+    """One optimizer step on one mini-batch. Pure; `make_update_fn` jits it.
 
+    params: the trained params (all of them, or the LoRA adapters); frozen: the rest of the model's
+    params (`entrl.models.lora.split`), None when nothing is frozen. Returns the new trained params.
     minibatch keys: prompt_ids/prompt_mask [N, P], resp_ids/resp_mask/old_logp/ref_logp [N, L],
     advantages [N] (broadcast over each response's tokens); optional resp_len [N] (the responses' lengths,
     which bound the trimmed forward; default: the extent of resp_mask).
@@ -311,7 +320,8 @@ def update_step(graphdef, optimizer: optax.GradientTransformation, params, opt_s
     if minibatch["resp_ids"].shape[0] % (settings.num_micro * settings.shards):
         raise ValueError(f"mini-batch of {minibatch['resp_ids'].shape[0]} rows is not divisible into "
                          f"{settings.shards} shards x {settings.num_micro} micro-batches")
-    loss, metrics, grads = _grads(graphdef, params, minibatch, rng, settings)
+    frozen = nnx.State({}) if frozen is None else frozen
+    loss, metrics, grads = _grads(graphdef, params, frozen, minibatch, rng, settings)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
@@ -324,16 +334,35 @@ def update_step(graphdef, optimizer: optax.GradientTransformation, params, opt_s
     return new_params, new_opt, metrics
 
 
+class Update:
+    """`update(params, opt_state, minibatch, rng) -> (params, opt_state, metrics)` on the whole params: the
+    trainable part (`entrl.models.lora.split`) and the optimizer state are donated and updated, the frozen
+    rest is passed through as it is. `lower` takes the same arguments (for `entrl plan`)."""
+
+    def __init__(self, jitted):
+        self.jitted = jitted  # (trainable, opt_state, frozen, minibatch, rng) -> (trainable, opt_state, metrics)
+
+    def __call__(self, params, opt_state, minibatch: dict, rng):
+        trainable, frozen = lora.split(params)
+        trainable, opt_state, metrics = self.jitted(trainable, opt_state, frozen, minibatch, rng)
+        return lora.join(trainable, frozen), opt_state, metrics
+
+    def lower(self, params, opt_state, minibatch: dict, rng):
+        trainable, frozen = lora.split(params)
+        return self.jitted.lower(trainable, opt_state, frozen, minibatch, rng)
+
+
 def make_update_fn(graphdef, optimizer: optax.GradientTransformation, settings: StepSettings, *,
-                   state_shardings=None):
-    """Jit `update_step` for one (model graph, optimizer, settings), donating params and optimizer state.
+                   state_shardings=None) -> Update:
+    """Jit `update_step` for one (model graph, optimizer, settings), donating the trained params and the
+    optimizer state (the optimizer state is `optimizer.init(lora.trainable(params))`).
 
     `state_shardings` = (param_shardings, opt_shardings) pins the outputs to the inputs' shardings, so
     the state layout cannot drift between steps; None leaves placement to the compiler (single device).
     """
-    fn = lambda params, opt_state, minibatch, rng: update_step(graphdef, optimizer, params, opt_state, minibatch,
-                                                               rng, settings)
+    fn = lambda trainable, opt_state, frozen, minibatch, rng: update_step(graphdef, optimizer, trainable, opt_state,
+                                                                          minibatch, rng, settings, frozen)
     if state_shardings is None:
-        return jax.jit(fn, donate_argnums=(0, 1))
-    out = (state_shardings[0], state_shardings[1], None)
-    return jax.jit(fn, donate_argnums=(0, 1), out_shardings=out)
+        return Update(jax.jit(fn, donate_argnums=(0, 1)))
+    out = (lora.trainable(state_shardings[0]), state_shardings[1], None)
+    return Update(jax.jit(fn, donate_argnums=(0, 1), out_shardings=out))

@@ -10,7 +10,10 @@ Design decisions:
   params, optimizer state and step are restored from the checkpoint.
 - The reference policy is the initial policy (the model at `model.path`, or the
   seeded random init of the built-in demo model); it is rebuilt, not stored,
-  on resume. It is skipped entirely when `loss.kl_coef == 0`.
+  on resume. It is skipped entirely when `loss.kl_coef == 0`. Under LoRA it is
+  the base with the initial (B = 0, i.e. disabled) adapters, sharing the
+  base's arrays; checkpoints then hold only the adapters and their optimizer
+  state (`entrl.models.lora`).
 - Curriculum stage boundaries (`train.stage_boundary`): `continue` keeps the
   optimizer and the reference (one run over all stages); `reset_optimizer`
   starts a fresh optimizer; `restart` is the released two-stage recipe, where
@@ -64,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from entrl import config as C
+from entrl.models import lora
 from entrl.rl import advantages as A
 from entrl.rl import step as S
 from entrl.multihost import allgather_local, gather, gather_rows, local_rows, to_device
@@ -214,7 +218,9 @@ class Trainer:
     # -- state ---------------------------------------------------------------
 
     def _init_opt(self, params):
-        """Optimizer state laid out like the params (see `opt_state_shardings`)."""
+        """Optimizer state of the trained params (all, or the LoRA adapters), laid out like them (see
+        `opt_state_shardings`)."""
+        params = lora.trainable(params)
         if self.c.mesh is None:
             return jax.jit(self.optimizer.init)(params)
         return jax.jit(self.optimizer.init, out_shardings=opt_state_shardings(self.optimizer, params, self.c.mesh))(params)
@@ -223,11 +229,16 @@ class Trainer:
         """Resume from the latest good checkpoint, if any. Returns True when resumed."""
         abstract = lambda tree: jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
-        restored = self.ckpt.restore_latest(params_target=abstract(self.params),
-                                            opt_state_target=abstract(self.opt_state))
+        trained, frozen = lora.split(self.params)  # checkpoints hold the trained part (the adapters under LoRA)
+        try:
+            restored = self.ckpt.restore_latest(params_target=abstract(trained),
+                                                opt_state_target=abstract(self.opt_state))
+        except ValueError as e:  # the run's model or optimizer differs from the one that wrote the checkpoints
+            raise C.ConfigError(f"{e}; resume with the model and optim settings the run started with "
+                                "(model.lora_rank and model.lora_targets included)") from None
         if restored is None:
             return False
-        self.params, self.opt_state = restored.params, restored.opt_state
+        self.params, self.opt_state = lora.join(restored.params, frozen), restored.opt_state
         self.step = int(restored.meta["step"])
         self.stage = int(restored.meta.get("stage", 0))
         if self._restarts_reference() and self.stage > 0:
@@ -239,7 +250,7 @@ class Trainer:
 
     def save(self, force: bool = False):
         meta = {"step": self.step, "stage": self.stage, "config": C.to_dict(self.cfg)}
-        self.ckpt.save(self.step, params=self.params, opt_state=self.opt_state, rng=self.key, meta=meta,
+        self.ckpt.save(self.step, params=lora.trainable(self.params), opt_state=self.opt_state, rng=self.key, meta=meta,
                        data_state=self.c.pipeline.get_state(), force=force)
 
     # -- one RL step: ROLLOUT, SCORE, LOG-PROBS, UPDATE, METRICS ---------------
@@ -561,7 +572,7 @@ class Trainer:
             from entrl.rl.setup import reference_params
 
             self.c.ref_params = reference_params(self.cfg, self.params)
-            save_tree(self._reference_dir(stage), self.c.ref_params)
+            save_tree(self._reference_dir(stage), lora.trainable(self.c.ref_params))  # the base is not stored
 
     def _restarts_reference(self) -> bool:
         return self.cfg.train.stage_boundary == "restart" and self.c.ref_params is not None
@@ -577,10 +588,11 @@ class Trainer:
         if not path.exists():
             raise C.ConfigError(f"resuming in curriculum stage {stage} with train.stage_boundary=restart needs the "
                                 f"reference policy written when the stage began, and {path} is missing")
+        stored, frozen = lora.split(self.c.ref_params)
         like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                            self.c.ref_params)
+                            stored)
         try:
-            return restore_tree(path, like)
+            return lora.join(restore_tree(path, like), frozen)
         except ValueError as e:
             raise C.ConfigError(f"the reference policy of stage {stage} in {path} does not fit this run's model "
                                 f"({e})") from None
