@@ -107,8 +107,9 @@ def test_outputs_consistent_with_samples(first_run):
         for k in KS:
             assert m[f"pass@{k}"] == pytest.approx(np.mean([pass_at_k(N, int(c), k) for c in corr.sum(1)]))
             assert m[f"avg@{k}"] == pytest.approx(corr[:, :k].mean())
-            # stub answers are "0"/"1"/"2": the majority class is right iff it is "0"
-            assert 0.0 <= m[f"maj@{k}"] <= m[f"pass@{k}"] + 1e-12
+            # a majority of the first k can be right only where one of the first k is (pass@k, an estimate
+            # over all n samples, is no bound)
+            assert 0.0 <= m[f"maj@{k}"] <= corr[:, :k].any(1).mean() + 1e-12
         assert m["maj@1"] == pytest.approx(m["avg@1"])
         assert m["response_length"] == pytest.approx(np.mean([r["length"] for r in mine]))
         assert m["truncation_rate"] == pytest.approx(np.mean([r["finish_reason"] == "length" for r in mine]))

@@ -54,6 +54,9 @@ class ParityVerifier:
         counts = {"correct": int(correct.sum()), "incorrect": int((~correct).sum()), "total": len(correct)}
         return RewardResult(correct.astype(np.float32), correct, [r[-1:] or None for r in responses], status, counts)
 
+    def score_rewards(self, responses, references, records):  # the trainer's call (reward.fn terms: none here)
+        return self.score(responses, references)
+
     def equivalent_pairs(self, pairs):
         return [a == b for a, b in pairs]
 
@@ -324,7 +327,7 @@ def test_policy_and_export_are_merged_checkpoints_transformers_runs(cli_lora_run
     for name in ("policy", "export"):
         path = run / "policy" if name == "policy" else tmp_path / "hf"
         with safe_open(path / "model.safetensors", framework="numpy") as f:
-            tensors[name] = {k: f.get_tensor(k) for k in f}
+            tensors[name] = {k: f.get_tensor(k) for k in f.keys()}
     assert tensors["policy"].keys() == tensors["export"].keys()
     assert not [k for k in tensors["policy"] if "lora" in k]
     for k, v in tensors["policy"].items():  # the export merges on another mesh: equal up to rounding
