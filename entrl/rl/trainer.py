@@ -233,9 +233,9 @@ class Trainer:
         try:
             restored = self.ckpt.restore_latest(params_target=abstract(trained),
                                                 opt_state_target=abstract(self.opt_state))
-        except ValueError as e:  # the run's model or optimizer differs from the one that wrote the checkpoints
-            raise C.ConfigError(f"{e}; resume with the model and optim settings the run started with "
-                                "(model.lora_rank and model.lora_targets included)") from None
+        except ValueError as e:  # checkpoints of another model, optimizer or process count than this run's
+            raise C.ConfigError(f"{e}; resume with the settings the run started with (model.*, model.lora_* "
+                                "included, and the process count)") from None
         if restored is None:
             return False
         self.params, self.opt_state = lora.join(restored.params, frozen), restored.opt_state
@@ -250,8 +250,8 @@ class Trainer:
 
     def save(self, force: bool = False):
         meta = {"step": self.step, "stage": self.stage, "config": C.to_dict(self.cfg)}
-        self.ckpt.save(self.step, params=lora.trainable(self.params), opt_state=self.opt_state, rng=self.key, meta=meta,
-                       data_state=self.c.pipeline.get_state(), force=force)
+        self.ckpt.save(self.step, params=lora.trainable(self.params), opt_state=self.opt_state, rng=self.key,
+                       meta=meta, data_state=self.c.pipeline.get_state(), force=force)
 
     # -- one RL step: ROLLOUT, SCORE, LOG-PROBS, UPDATE, METRICS ---------------
 
