@@ -94,14 +94,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from entrl import rundir as R
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
+
+from entrl import rundir as R
+from entrl.multihost import gather_json
 
 COMMIT_MARKER = "commit_success.txt"
 INTEGRITY_ITEM = "integrity"
@@ -191,7 +192,7 @@ class CheckpointManager:
             "rng": _rng_to_json(rng),
             "meta": _as_json(meta, "meta"),
             "data_state": {"process_count": jax.process_count(),
-                           "states": _gather_json(_as_json(data_state, "data_state"))},
+                           "states": gather_json(_as_json(data_state, "data_state"))},
         }
         integrity = {"format": 1,
                      "arrays": {name: fingerprint_leaves(tree) for name, tree in arrays.items()},
@@ -612,18 +613,6 @@ def _as_json(obj: Any, what: str) -> Any:
         return json.loads(json.dumps(obj, default=_json_default))
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint {what} must be JSON: {e}") from None
-
-
-def _gather_json(obj: Any) -> list[Any]:
-    """Every process's `obj`, in process order (a collective when there are several)."""
-    if jax.process_count() == 1:
-        return [obj]
-    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32))).reshape(-1)
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[:raw.size] = raw
-    everyone = np.asarray(multihost_utils.process_allgather(padded))
-    return [json.loads(bytes(everyone[i, :n])) for i, n in enumerate(lengths)]
 
 
 _OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")

@@ -46,14 +46,7 @@ def test_annotate_writes_columns_histogram_and_resumes(small_dataset, tmp_path, 
     progress = tmp_path / "annotated.jsonl.progress.jsonl"
     lines = progress.read_text().splitlines()
     progress.write_text("\n".join(lines[:-2]) + "\n")
-    calls = []
-    real = sampling.Sampler.sample
-
-    def counting(self, model, ids, mask, rng):
-        calls.append(ids.shape[0])
-        return real(self, model, ids, mask, rng)
-
-    monkeypatch.setattr(sampling.Sampler, "sample", counting)
+    calls = _count_sampling(monkeypatch)
     annotate_cli(_cfg(), data=str(path), out=str(out))
     assert calls == [2]
     again = [json.loads(line) for line in out.read_text().splitlines()]
@@ -87,10 +80,7 @@ def test_annotate_reads_and_writes_a_bucket(small_dataset, tmp_path, fake_gcs, m
 
     progress = epath.Path(out + ".progress.jsonl")
     progress.write_text("".join(line + "\n" for line in progress.read_text().splitlines()[:-2]))
-    calls = []
-    real = sampling.Sampler.sample
-    monkeypatch.setattr(sampling.Sampler, "sample",
-                        lambda self, *a: calls.append(a[1].shape[0]) or real(self, *a))
+    calls = _count_sampling(monkeypatch)
     annotate_cli(_cfg(), data="gs://bucket/data.jsonl", out=out)
     assert calls == [2] and epath.Path(out).read_text() == local.read_text()
 

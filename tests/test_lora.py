@@ -8,13 +8,13 @@ the 8 test devices as data 4 x tensor 2), so they share its compiled sampler and
 
 import json
 import shutil
-import zlib
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from doubles import ParityVerifier
 from flax import nnx
 
 from entrl import cli
@@ -23,7 +23,6 @@ from entrl import plan as P
 from entrl.checkpoint import CheckpointManager
 from entrl.metrics import read_metrics
 from entrl.models import ModelConfig, create_model, load_pretrained, lora
-from entrl.rewards import RewardResult
 from entrl.rl import step as S
 from entrl.rl.setup import (
     build_model,
@@ -43,25 +42,6 @@ TINY = ["model.demo_layers=1", "model.demo_hidden=32", "model.demo_heads=2", "ro
         "curriculum.enabled=false", "reward.workers=1", "loss.kl_coef=0.001", "optim.lr=1e-2",
         "train.tensorboard=false", "train.length_buckets=1", "mesh.data=4", "mesh.tensor=2"]
 LORA = ["model.lora_rank=4", "model.lora_alpha=8"]
-
-
-class ParityVerifier:
-    """Reward 1 when crc32(response) is even (as in tests/test_trainer.py): mixed groups from a random policy."""
-
-    def score(self, responses, references):
-        correct = np.array([zlib.crc32(r.encode()) % 2 == 0 for r in responses])
-        status = ["correct" if c else "incorrect" for c in correct]
-        counts = {"correct": int(correct.sum()), "incorrect": int((~correct).sum()), "total": len(correct)}
-        return RewardResult(correct.astype(np.float32), correct, [r[-1:] or None for r in responses], status, counts)
-
-    def score_rewards(self, responses, references, records):  # the trainer's call (reward.fn terms: none here)
-        return self.score(responses, references)
-
-    def equivalent_pairs(self, pairs):
-        return [a == b for a, b in pairs]
-
-    def close(self):
-        pass
 
 
 def make_cfg(out_dir, *extra) -> C.RunConfig:

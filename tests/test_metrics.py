@@ -17,11 +17,11 @@ def _logger(run_dir, **kw):
     return MetricsLogger(run_dir, primary=True, **kw)
 
 
-def _tb_scalars(tb_dir):
-    """{(tag, step): value} from tensorboardX event files (TFRecord framing, no tensorboard needed)."""
+def _tb_values(tb_dir):
+    """(tag, step, summary value) of every summary in tensorboardX event files (TFRecord framing: no
+    tensorboard needed)."""
     from tensorboardX.proto import event_pb2
 
-    out = {}
     for path in sorted(tb_dir.glob("events.out.tfevents.*")):
         data = path.read_bytes()
         pos = 0
@@ -30,9 +30,12 @@ def _tb_scalars(tb_dir):
             event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
             pos += 12 + length + 4
             for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    out[(value.tag, event.step)] = value.simple_value
-    return out
+                yield value.tag, event.step, value
+
+
+def _tb_scalars(tb_dir):
+    """{(tag, step): value} of the scalar summaries."""
+    return {(tag, step): v.simple_value for tag, step, v in _tb_values(tb_dir) if v.HasField("simple_value")}
 
 
 def test_jsonl_round_trip_and_value_types(tmp_path):
@@ -121,21 +124,9 @@ def test_wandb_missing_warns_once(tmp_path, caplog, monkeypatch):
 
 
 def _tb_texts(tb_dir):
-    """{(tag, step): text} of the text summaries in tensorboardX event files."""
-    from tensorboardX.proto import event_pb2
-
-    out = {}
-    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        pos = 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4
-            for value in event.summary.value:
-                if value.HasField("tensor") and value.tensor.string_val:
-                    out[(value.tag, event.step)] = value.tensor.string_val[0].decode()
-    return out
+    """{(tag, step): text} of the text summaries."""
+    return {(tag, step): v.tensor.string_val[0].decode() for tag, step, v in _tb_values(tb_dir)
+            if v.HasField("tensor") and v.tensor.string_val}
 
 
 def test_rollouts_jsonl_and_tensorboard_text(tmp_path):

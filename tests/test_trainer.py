@@ -27,13 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from doubles import ParityVerifier
 from fake_gcs import fake_gcs  # noqa: F401  (fixture)
 
 from entrl import cli
 from entrl import config as C
 from entrl.checkpoint import CheckpointManager, nonfinite_leaves
 from entrl.metrics import read_metrics
-from entrl.rewards import RewardResult
 from entrl.rl.losses import PRESETS
 from entrl.rl.setup import setup
 from entrl.rl.trainer import NonFiniteError, Trainer
@@ -56,26 +56,6 @@ CURRICULUM = ["curriculum.enabled=true", "curriculum.annotate=true", "curriculum
               "train.stage_boundary=reset_optimizer", "train.eval_every=2"]
 # The released recipe's boundary: stage 2 is a new run from the stage-1 policy (reference and optimizer).
 RESTART = [*CURRICULUM[:-2], "train.stage_boundary=restart", "train.eval_every=2"]
-
-
-class ParityVerifier:
-    """Reward 1 when crc32(response) is even: deterministic, about half right, no worker processes."""
-
-    def score(self, responses, references):
-        assert len(responses) == len(references)
-        correct = np.array([zlib.crc32(r.encode()) % 2 == 0 for r in responses])
-        status = ["correct" if c else "incorrect" for c in correct]
-        counts = {"correct": int(correct.sum()), "incorrect": int((~correct).sum()), "total": len(correct)}
-        return RewardResult(correct.astype(np.float32), correct, [r[-1:] or None for r in responses], status, counts)
-
-    def score_rewards(self, responses, references, records):
-        return self.score(responses, references)
-
-    def equivalent_pairs(self, pairs):
-        return [a == b for a, b in pairs]
-
-    def close(self):
-        pass
 
 
 def make_cfg(out_dir, *extra) -> C.RunConfig:

@@ -102,9 +102,8 @@ def _names(lead: tuple[int, ...], names: tuple[str, ...]) -> tuple[str, ...]:
 
 # The sampler's copy of the weights (`Transformer.decode_weights`), [out, in] matrices in the compute
 # dtype: sharded over the tensor axis only. It is gathered across data/fsdp once per sampler call, so
-# the decode loop's matmuls read local weights; left to propagation, XLA:CPU gathered each layer's
-# float32 params instead and kept every layer's copies live through the loop (1.5B, 16 devices:
-# ~26 of 30 GiB of the rollout's temporaries).
+# the decode loop's matmuls read local weights; left to propagation, XLA gathered each layer's float32
+# params instead and kept every layer's copies live through the loop (README, "Memory").
 DECODE_AXES = {"qkv": ("q_heads", "act_embed"), "o": ("act_embed", "q_heads"), "gate_up": ("mlp", "act_embed"),
                "down": ("act_embed", "mlp"), "unembed": ("vocab", "act_embed")}
 
