@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from entrl import config as C
+from entrl.rl.loss_specs import LOSSES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,17 +60,17 @@ METHODS: dict[str, Method] = {
     "kl_cov": Method("kl_cov", "off", "GRPO w/ Cov (KL-Cov, Cui et al. 2025)"),
     "kl_cov_verl": Method("kl_cov_verl", "off", "GRPO w/ Cov, verl's defaults"),
     # SENT: the token loss on the SE curriculum (low -> high).
+    "high_en": Method("high_en", "low_to_high", "SENT w/ High_En (token term on high-entropy tokens)"),
     "sent": Method("sent", "low_to_high", "SENT (paper reading)"),
     "sent_released": Method("sent_released", "low_to_high", "SENT (released code)", ("loss.scope=microbatch",)),
-    "high_en": Method("high_en", "low_to_high", "SENT w/ High_En (token term on high-entropy tokens)"),
     # Component ablations of SENT.
     "sent_token_only": Method("sent", "off", "SENT token loss only (no curriculum)"),
     "sent_curriculum_only": Method("grpo", "low_to_high", "SE curriculum only (GRPO loss)"),
     "sent_high_to_low": Method("sent", "high_to_low", "SENT, curriculum high -> low SE"),
     "sent_random_order": Method("sent", "random", "SENT, curriculum of random stages"),
 }
-DEFAULT_METHODS = ("grpo", "entropy_bonus", "entropy_adv", "high_entropy_mask", "clip_cov", "kl_cov", "high_en",
-                   "sent")
+# Every loss of the paper's comparison with its own setting (the variants, e.g. kl_cov_verl, only on request).
+DEFAULT_METHODS = tuple(name for name, m in METHODS.items() if name == m.loss and not LOSSES[name].variant_of)
 # The released code selects SENT's tokens in each 4-sequence micro-batch (ppo_micro_batch_size_per_gpu=4):
 # `sent_released` uses that micro-batch size when the config leaves train.microbatch_per_shard at 0.
 RELEASED_MICROBATCH = 4

@@ -318,9 +318,13 @@ def cmd_config(args) -> int:
     import yaml
 
     from entrl import config as C
+    from entrl.rl import loss_specs
 
     if args.reference:
         print(C.docs_table())
+        return 0
+    if args.losses:
+        print(loss_specs.markdown_table())
         return 0
     cfg = C.load_config(*_config_and_overrides(args, required=False))
     print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
@@ -466,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="?", help="YAML config or preset name (default: the built-in defaults)")
     c.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     c.add_argument("--reference", action="store_true", help="print the Markdown table of every config key")
+    c.add_argument("--losses", action="store_true", help="print the Markdown table of every loss (loss.name)")
     c.set_defaults(fn=cmd_config)
 
     dt = sub.add_parser("data", help="build training and benchmark data files")

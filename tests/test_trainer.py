@@ -33,7 +33,7 @@ from entrl import config as C
 from entrl.checkpoint import CheckpointManager, nonfinite_leaves
 from entrl.metrics import read_metrics
 from entrl.rewards import RewardResult
-from entrl.rl.losses import PRESETS
+from entrl.rl.loss_specs import LOSSES
 from entrl.rl.setup import setup
 from entrl.rl.trainer import NonFiniteError, Trainer
 
@@ -120,7 +120,7 @@ def _host(tree):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss", sorted(PRESETS))
+@pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_smoke_every_loss(tmp_path, loss):
     trainer = run_trainer(make_cfg(tmp_path, f"loss.name={loss}", "train.steps=2"))
     records = read_metrics(tmp_path)
