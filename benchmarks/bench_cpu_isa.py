@@ -74,8 +74,8 @@ def workload(sft_steps: int, model: str) -> dict:
 
     from entrl import config as C
     from entrl.demo import DEMO_YAML, warm_start
-    from entrl.rl.setup import build_records, build_sampler, tokenize
-    from entrl.sampling import pad_prompts
+    from entrl.rl.setup import build_records, tokenize
+    from entrl.sampling import build_sampler, pad_prompts
     from entrl.tokenizer import CharTokenizer
 
     sizes = ["model.demo_hidden=32", "model.demo_layers=1", "model.demo_heads=2"] if model == "quick" else []

@@ -37,7 +37,10 @@ from pathlib import Path
 import numpy as np
 
 from entrl import config as C
+from entrl import demo
+from entrl.metrics import markdown_table, plot_mean_curves, plot_runs, read_metrics
 from entrl.rl.loss_specs import LOSSES
+from entrl.rl.setup import needs_semantic_entropy, train_from_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +138,6 @@ def _finished_annotation(seed_dir: Path) -> Path | None:
 
 
 def _entropy_curve(run_dir: Path) -> list[float]:
-    from entrl.metrics import read_metrics
-
     return [float(m["entropy"]) for m in read_metrics(run_dir) if m.get("entropy") is not None]
 
 
@@ -151,8 +152,6 @@ def _curve_stats(run_dir: Path) -> dict:
 
 
 def _warm_runs(config, methods, seeds, overrides, out: Path, quick: bool = False) -> list[dict]:
-    from entrl import demo
-
     base = demo.DEMO_YAML if config == "demo" else config
     shared_seed = C.load_config(base, overrides).warmstart.seed  # >= 0: one base model for every seed
     rows = []
@@ -203,9 +202,6 @@ def _warm_runs(config, methods, seeds, overrides, out: Path, quick: bool = False
 
 
 def _config_runs(config: str, methods, seeds, overrides, out: Path) -> list[dict]:
-    from entrl.metrics import read_metrics
-    from entrl.rl.setup import needs_semantic_entropy, train_from_config
-
     rows = []
     for seed in seeds:
         se_cache = None
@@ -256,8 +252,6 @@ def ci95(values) -> tuple[float, float]:
 
 def format_ablation(rows: list[dict]) -> str:
     """Markdown table: one line per method (runs grouped by method, else by loss), mean ± 95% CI over seeds."""
-    from entrl.metrics import markdown_table
-
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r.get("method", r["loss"]), []).append(r)
@@ -295,8 +289,6 @@ def format_ablation(rows: list[dict]) -> str:
 def plot_methods(rows: list[dict], out_dir: Path) -> list[Path]:
     """Per method, the mean over seeds (band: min..max) of the rollout entropy and of every logged
     `eval/pass@k` against the RL step: `entropy_by_method.png`, `eval_pass@k_by_method.png`."""
-    from entrl.metrics import plot_mean_curves, read_metrics
-
     groups: dict[str, list[list[dict]]] = {}
     for r in rows:
         groups.setdefault(r.get("method", r["loss"]), []).append(read_metrics(r["run_dir"]))
@@ -318,8 +310,6 @@ def plot_methods(rows: list[dict], out_dir: Path) -> list[Path]:
 def run_ablation(config: str, methods: list[str], seeds: list[int], *, overrides=(), out_dir: str = "ablate_out",
                  demo: bool = False, quick: bool = False) -> str:
     """Run every (seed, method); write `<out>/ablation.md`, `<out>/ablation.json` and the plots; return the table."""
-    from entrl.metrics import plot_runs
-
     overrides = list(overrides)
     check_methods(methods, overrides)
     warm = demo or config == "demo"

@@ -165,7 +165,7 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     """`entrl eval [CONFIG] [overrides]`: the config's `eval.*`; each flag is a shortcut for a key."""
     from entrl import config as C
-    from entrl.benchmarks import results_markdown, run_eval
+    from entrl.eval_suites import results_markdown, run_eval
 
     config, overrides = _config_and_overrides(args, required=False)
     shortcuts = {"model": "model.path", "tokenizer": "model.tokenizer", "dtype": "model.dtype",
@@ -192,10 +192,11 @@ def cmd_eval(args) -> int:
 
 def cmd_semantic_entropy(args) -> int:
     from entrl import config as C
-    from entrl.semantic_entropy import annotate_cli
+    from entrl.rl.setup import annotate_dataset
 
     cfg = C.load_config(*_config_and_overrides(args))
-    annotate_cli(cfg, data=args.data, out=args.out, n=args.n, resume=not args.no_resume)
+    written = annotate_dataset(cfg, data=args.data, out=args.out, n=args.n, resume=not args.no_resume)
+    print(f"wrote {written} annotated prompts to {args.out}")
     return 0
 
 

@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import logging
+import math
 import os
 import types
 import typing
@@ -36,6 +39,8 @@ from typing import Any
 import yaml
 
 from entrl.rl.loss_specs import AGG_MODES, KL_KINDS, LOSSES, LossParamError, validate_loss_params
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -401,8 +406,6 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
 
 def _all_finite(section: Any, prefix: str) -> None:
     """Raise ConfigError for a NaN or infinite value in any float (or list of float) field of `section`."""
-    import math
-
     hints = typing.get_type_hints(type(section))
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
@@ -619,11 +622,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
     """Load a YAML preset (or the defaults when `path` is None) and apply dotted overrides (TRL / verl
     option names in `ALIASES` are accepted and logged)."""
-    import logging
-
     overrides, notes = expand_aliases(list(overrides))
     for note in notes:
-        logging.getLogger(__name__).info(note)
+        log.info(note)
     data = read_yaml(path) if path else {}
     return from_dict(apply_overrides(data, overrides))
 
@@ -742,8 +743,6 @@ def replace(cfg: Any, **changes) -> Any:
 
 def docs_table(cls: type = RunConfig) -> str:
     """Markdown reference of every config field, generated from the dataclasses' comments."""
-    import inspect
-
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(cls):
         sect = typing.get_type_hints(cls)[f.name]
@@ -751,13 +750,10 @@ def docs_table(cls: type = RunConfig) -> str:
         for sf in dataclasses.fields(sect):
             default = sf.default if sf.default is not dataclasses.MISSING else sf.default_factory()
             lines.append(f"| `{f.name}.{sf.name}` | `{default!r}` | {comments.get(sf.name, '')} |")
-    del inspect
     return "\n".join(lines)
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    import inspect
-
     out = {}
     for line in inspect.getsource(cls).splitlines():
         s = line.strip()

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from entrl import config as C
 from entrl.ablate import DEFAULT_METHODS, METHODS, ci95, curriculum_label, format_ablation, method_overrides, resolve
 from entrl.cli import main
 
