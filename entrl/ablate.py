@@ -72,6 +72,10 @@ METHODS: dict[str, Method] = {
     "sent_high_to_low": Method("sent", "high_to_low", "SENT, curriculum high -> low SE"),
     "sent_random_order": Method("sent", "random", "SENT, curriculum of random stages"),
 }
+# A declared loss without an entry above is a method of its own name, trained as the baselines are (no
+# curriculum), so a new loss can be ablated without touching this file.
+for _name, _spec in LOSSES.items():
+    METHODS.setdefault(_name, Method(_name, "off", _spec.column))
 # Every loss of the paper's comparison with its own setting (the variants, e.g. kl_cov_verl, only on request).
 DEFAULT_METHODS = tuple(name for name, m in METHODS.items() if name == m.loss and not LOSSES[name].variant_of)
 # The released code selects SENT's tokens in each 4-sequence micro-batch (ppo_micro_batch_size_per_gpu=4):

@@ -133,7 +133,7 @@ def append_progress(path, rows: list[dict]) -> None:
 
 def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *, verifier, out_path,
                      n: int | None = None, batch_prompts: int = 64, mesh=None, seed: int | None = None,
-                     resume: bool = True) -> list[dict]:
+                     resume: bool = True, sampler=None) -> list[dict]:
     """SE statistics of every prompt from `n` samples of the policy (docs/method.md, "Semantic entropy").
 
     Samples with the rollout settings of `cfg` (`curriculum.samples` responses per prompt, T and top-p
@@ -142,11 +142,14 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
     `out_path` (JSONL: a header line with `se_provenance`, then one row per finished prompt, appended
     per batch), so an interrupted annotation resumes where it stopped and never recomputes finished
     prompts; values computed with other settings are never reused (`open_progress`), nor any with
-    `resume=False`. Logs prompts done, rate and ETA.
+    `resume=False`. Logs prompts done, rate and ETA. `sampler`: the rollout backend
+    (`entrl.seams.RolloutBackend` drawing n samples per prompt; default: `build_sampler` of `cfg`).
     """
     n = n or cfg.curriculum.samples
     seed = cfg.train.seed if seed is None else seed
-    sampler = build_sampler(cfg, tokenizer, mesh, n=n)
+    sampler = sampler or build_sampler(cfg, tokenizer, mesh, n=n)
+    if sampler.config.n != n:
+        raise ValueError(f"the sampler draws {sampler.config.n} samples per prompt, the annotation needs n={n}")
     out_path = as_path(out_path, "progress file")  # local or gs://
     done = open_progress(out_path, se_provenance(cfg, params, tokenizer, prompt_tokens, records, n=n, seed=seed),
                          resume=resume)

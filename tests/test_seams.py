@@ -91,3 +91,22 @@ def test_evaluation_runs_on_any_rollout_backend_and_reward():
     assert res["responses"][1] == ["5", "6 x"] and res["answers"][1] == ["5", "6"]
     assert res["response_length"] == np.mean([2, 2, 2, 4, 2, 2]) and res["truncation_rate"] == 0.0
     assert backend.calls == 4  # two calls of 2 prompts: the padding copy of the last batch is sampled, then dropped
+
+
+def test_annotation_runs_on_any_rollout_backend_and_reward(tmp_path):
+    """The SE annotation of 2 prompts from 4 scripted samples each: classes {7: 3, 8: 1} and {5, 6, 7, 9}."""
+    import math
+
+    from entrl.annotate import annotate_prompts
+    from entrl.data.sources import Record
+
+    tok = CharTokenizer()
+    backend = ScriptedRollout([["7", "7", "8", "7"], ["5", "6", "7", "9"]], tok)
+    records = [Record(id="a", problem="3+4", answer="7"), Record(id="b", problem="2+3", answer="5")]
+    stats = annotate_prompts(C.load_config("demo"), None, {"w": np.zeros(2, np.float32)}, tok,
+                             [tok.encode("3+4="), tok.encode("2+3=")], records, verifier=ExactReward(),
+                             out_path=tmp_path / "progress.jsonl", n=4, sampler=backend)
+    p = np.array([0.75, 0.25])
+    assert stats[0]["class_sizes"] == [3, 1] and stats[0]["se"] == pytest.approx(-(p * np.log(p)).sum())
+    assert stats[0]["pass_rate"] == 0.75
+    assert stats[1]["n_classes"] == 4 and stats[1]["se"] == pytest.approx(math.log(4)) and stats[1]["pass_rate"] == 0.25

@@ -59,7 +59,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from entrl.rl import losses as L
+from entrl.rl import losses
 from entrl.token_stats import (
     batched_response_stats,
     bucket_index,
@@ -146,12 +146,12 @@ def _policy_objective(logp_NxL, ent_NxL, mb: dict, rng, s: StepSettings):
     mask = mb["resp_mask"].astype(jnp.float32)
     adv_NxL = jnp.broadcast_to(mb["advantages"][:, None], logp_NxL.shape).astype(jnp.float32)
     max_len = logp_NxL.shape[1]
-    loss, metrics = L.compute_policy_loss(s.loss_name, logp_NxL, mb["old_logp"], adv_NxL, ent_NxL, mask,
+    loss, metrics = losses.compute_policy_loss(s.loss_name, logp_NxL, mb["old_logp"], adv_NxL, ent_NxL, mask,
                                           rng=rng, agg=s.agg, max_len=max_len, **s.params_dict)
     metrics = dict(metrics)
     metrics["pg_loss"] = loss
     if s.kl_coef > 0:
-        kl = L.aggregate(L.kl_penalty(logp_NxL, mb["ref_logp"], s.kl_estimator), mask, s.agg, max_len=max_len)
+        kl = losses.aggregate(losses.kl_penalty(logp_NxL, mb["ref_logp"], s.kl_estimator), mask, s.agg, max_len=max_len)
         loss = loss + s.kl_coef * kl
         metrics["ref_kl"] = kl
     else:

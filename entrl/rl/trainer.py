@@ -57,18 +57,21 @@ import signal
 import threading
 import time
 from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from entrl import config as C
 from entrl import token_stats as TS
 from entrl.checkpoint import CheckpointManager, restore_tree, save_tree
+from entrl.data.curriculum import Curriculum
+from entrl.data.pipeline import PromptPipeline
+from entrl.data.sources import Record
 from entrl.evaluation import evaluate_prompts
 from entrl.metrics import MetricsLogger
 from entrl.multihost import allgather_local, gather, gather_rows, local_rows, to_device
@@ -76,8 +79,10 @@ from entrl.rl import advantages as A
 from entrl.rl import step as S
 from entrl.rundir import RunDir
 from entrl.sampling import FINISH_LENGTH, build_sampler
+from entrl.seams import Reward, RolloutBackend
 from entrl.semantic_entropy import batch_prompt_stats
 from entrl.sharding import data_shards, shard_batch
+from entrl.tokenizer import Tokenizer
 
 log = logging.getLogger("entrl.train")
 
@@ -91,17 +96,17 @@ class Components:
     """Everything `run()` needs, built by `setup()` (tests may pass their own pieces)."""
 
     cfg: C.RunConfig
-    mesh: Any
-    graphdef: Any
-    params: Any
-    ref_params: Any
-    tokenizer: Any
-    records: list  # entrl.data.sources.Record, indexed by PromptBatch.indices
-    prompt_tokens: list  # token ids of each record's prompt
-    curriculum: Any
-    pipeline: Any
-    sampler: Any
-    verifier: Any
+    mesh: Mesh | None  # None: one device
+    graphdef: nnx.GraphDef  # the policy's structure (static under jit)
+    params: nnx.State  # the policy's master weights, on the mesh
+    ref_params: nnx.State | None  # the frozen reference policy in the compute dtype (None: loss.kl_coef = 0)
+    tokenizer: Tokenizer
+    records: list[Record]  # indexed by PromptBatch.indices
+    prompt_tokens: list[list[int]]  # token ids of each record's prompt
+    curriculum: Curriculum
+    pipeline: PromptPipeline
+    sampler: RolloutBackend
+    verifier: Reward
     heldout: tuple | None = None  # (prompt_tokens, records) of the `val` set, evaluated every train.eval_every steps
 
 
