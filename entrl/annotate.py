@@ -188,7 +188,7 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
 def plot_se_histogram(se_values: Sequence[float], path, *, bins: int = 30) -> None:
     """Histogram PNG of per-prompt semantic entropy."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (matplotlib: only for the plot)
-    from matplotlib.figure import Figure  # noqa: PLC0415 (see above)
+    from matplotlib.figure import Figure  # noqa: PLC0415 (matplotlib: only for the plot)
 
     # A bare Figure on the Agg canvas: no pyplot state, no backend switch (inline notebooks keep theirs).
     fig = Figure(figsize=(6, 3.5))

@@ -81,7 +81,7 @@ class MetricsLogger:
                  wandb: bool = False, wandb_project: str = "entrl", config: dict | None = None,
                  total_steps: int | None = None, log_every: int = 1, primary: bool | None = None):
         if primary is None:
-            import jax  # only here: plotting and reading need no JAX  # noqa: PLC0415 (reading and plotting runs (`entrl plot`) need no JAX)
+            import jax  # noqa: PLC0415 (only here: reading and plotting runs, `entrl plot`, need no JAX)
             primary = jax.process_index() == 0
         self.run_dir = R.as_path(run_dir, "run directory")
         self.primary = primary

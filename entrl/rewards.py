@@ -235,9 +235,9 @@ def _math_verify():
     """Import math-verify once, with its signal-based timeouts (and their warnings) off."""
     global _MV
     if _MV is None:
-        import math_verify  # noqa: PLC0415 (imported in the verifier workers, not in the parent)
-        import math_verify.grader  # noqa: PLC0415 (imported in the verifier workers, not in the parent)
-        import math_verify.parser  # noqa: PLC0415 (imported in the verifier workers, not in the parent)
+        import math_verify  # noqa: PLC0415 (seconds to import with sympy; only what verifies needs it)
+        import math_verify.grader  # noqa: PLC0415 (seconds to import with sympy; only what verifies needs it)
+        import math_verify.parser  # noqa: PLC0415 (seconds to import with sympy; only what verifies needs it)
 
         # We pass timeout=None on purpose (see module docstring); silence its one-time warning.
         math_verify.parser.TIMEOUT_WARNING_SHOWN = True
@@ -340,6 +340,7 @@ def _die_with_parent(parent_pid: int, kernel_signal: bool) -> None:
     """Exit as soon as the parent process is gone, even in the middle of a job (module docstring)."""
     if kernel_signal and sys.platform.startswith("linux"):
         import ctypes  # noqa: PLC0415 (Linux-only worker setup)
+
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
