@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from entrl import config as C
-from entrl import demo
+from entrl.demo import DEMO_YAML, rl_and_evaluate
+from entrl.demo import prepare as prepare_demo
 from entrl.metrics import markdown_table, plot_mean_curves, plot_runs, read_metrics
 from entrl.rl.loss_specs import LOSSES
 from entrl.rl.setup import needs_semantic_entropy, train_from_config
@@ -156,7 +157,7 @@ def _curve_stats(run_dir: Path) -> dict:
 
 
 def _warm_runs(config, methods, seeds, overrides, out: Path, quick: bool = False) -> list[dict]:
-    base = demo.DEMO_YAML if config == "demo" else config
+    base = DEMO_YAML if config == "demo" else config
     shared_seed = C.load_config(base, overrides).warmstart.seed  # >= 0: one base model for every seed
     rows = []
     ctx = None
@@ -174,9 +175,9 @@ def _warm_runs(config, methods, seeds, overrides, out: Path, quick: bool = False
                     rows.append(json.loads(done.read_text()))
                     continue
                 if ctx is None and shared_seed >= 0:  # the base model of every seed, and its evaluation
-                    ctx = demo.prepare(out / "base", seed=shared_seed, quick=quick, overrides=overrides, base=base)
+                    ctx = prepare_demo(out / "base", seed=shared_seed, quick=quick, overrides=overrides, base=base)
                 elif ctx is None:
-                    ctx = demo.prepare(seed_dir, seed=seed, quick=quick, overrides=overrides, base=base)
+                    ctx = prepare_demo(seed_dir, seed=seed, quick=quick, overrides=overrides, base=base)
                 rl = [f"train.seed={seed}", f"curriculum.seed={seed}", *method_overrides(name, ctx.cfg)]
                 if se_cache is None:  # a finished curriculum run of this seed holds the annotation
                     se_cache = _finished_annotation(seed_dir)
@@ -184,7 +185,7 @@ def _warm_runs(config, methods, seeds, overrides, out: Path, quick: bool = False
                     run_dir.mkdir(parents=True, exist_ok=True)
                     shutil.copy(se_cache, run_dir / "semantic_entropy.jsonl")
                 t0 = time.perf_counter()
-                trainer, after = demo.rl_and_evaluate(ctx, run_dir, rl)
+                trainer, after = rl_and_evaluate(ctx, run_dir, rl)
                 if _uses_se(name, ctx.cfg) and (run_dir / "semantic_entropy.jsonl").exists():
                     se_cache = se_cache or (run_dir / "semantic_entropy.jsonl")
                 ks = tuple(ctx.cfg.eval.k)

@@ -50,13 +50,13 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from entrl import plan
 from entrl.build import build_tokenizer, maybe_initialize_distributed, resolve_model_dir
 from entrl.config import ConfigError
 from entrl.data.sources import Record, load_records, number_text
 from entrl.data.tasks import tokenize_prompts
 from entrl.evaluation import _check_k, sample_and_grade, summarize
 from entrl.models import ModelConfig, load_pretrained
-from entrl.plan import auto_eval_batch, device_budget
 from entrl.rewards import Verifier, _parse, is_pathological
 from entrl.rundir import READ_SCHEMES, append_text, as_path, is_remote
 from entrl.sampling import FINISH_REASONS, Sampler, SamplingConfig, cache_dtype
@@ -447,8 +447,8 @@ def eval_batch_problems(cfg, mesh) -> int:
     shards = data_shards(mesh)
     batch = e.batch_problems
     if not batch:
-        budget, _ = device_budget()
-        batch = auto_eval_batch(cfg, budget) if budget else 64
+        budget, _ = plan.device_budget()
+        batch = plan.auto_eval_batch(cfg, budget) if budget else 64
     if batch * e.n % shards:
         raise ConfigError(f"eval.batch_problems={batch} x eval.n={e.n} rows per sampler call do not split over the "
                           f"{shards} data shards (mesh.data * mesh.fsdp)")

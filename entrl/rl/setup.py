@@ -27,6 +27,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from entrl import config as C
+from entrl import plan
 from entrl import rundir as R
 from entrl.annotate import annotate_prompts, plot_se_histogram, read_progress
 from entrl.build import (
@@ -46,7 +47,6 @@ from entrl.data.sources import load_records, write_records
 from entrl.data.tasks import ArithmeticTask, build_prompt, tokenize_prompts
 from entrl.eval_suites import load_benchmark
 from entrl.models import ModelConfig, create_model, load_pretrained, save_pretrained
-from entrl.plan import device_budget, plan_run
 from entrl.rewards import Verifier
 from entrl.rl.trainer import Components, Trainer, reference_params
 from entrl.sampling import build_sampler
@@ -370,16 +370,16 @@ def check_memory(cfg: C.RunConfig) -> None:
     no weights read) and raise `DoesNotFit` (after logging the plan's table) when it cannot fit."""
     if not cfg.train.memory_check:
         return
-    budget, source = device_budget()
+    budget, source = plan.device_budget()
     if budget is None:  # CPU, or a backend without memory stats: nothing to check against
         log.info("memory check skipped (%s)", source)
         return
-    plan = plan_run(cfg, budget_bytes=budget, budget_source=source)
-    log.info("memory plan:\n%s", plan.table())
-    if not plan.fits:
-        worst = max((k for k in plan.per_device_bytes if k.endswith("_peak")), key=plan.per_device_bytes.get)
-        raise DoesNotFit(f"the run needs {plan.peak_bytes / 2**30:.1f} GiB per device ({worst}) of "
-                         f"{budget / 2**30:.1f} GiB ({plan.headroom:.0%} kept free); see the plan above "
+    run_plan = plan.plan_run(cfg, budget_bytes=budget, budget_source=source)
+    log.info("memory plan:\n%s", run_plan.table())
+    if not run_plan.fits:
+        worst = max((k for k in run_plan.per_device_bytes if k.endswith("_peak")), key=run_plan.per_device_bytes.get)
+        raise DoesNotFit(f"the run needs {run_plan.peak_bytes / 2**30:.1f} GiB per device ({worst}) of "
+                         f"{budget / 2**30:.1f} GiB ({run_plan.headroom:.0%} kept free); see the plan above "
                          "(`entrl plan`): model.remat=full, a smaller train.microbatch_per_shard, rollout.slots or "
                          "eval.batch_problems, or more devices (train.memory_check=false skips this check)")
 
