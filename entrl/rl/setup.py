@@ -1,4 +1,8 @@
-"""Build a training run from a `RunConfig`: mesh, model, tokenizer, data, curriculum, sampler.
+"""Build a training run from a `RunConfig` (model, task, data, curriculum, sampler, reward: the
+`Components` a `Trainer` runs), and the commands made of it: `train_from_config`, `export_run`,
+`annotate_dataset`, and the demo model's warm start. The mesh, the model's origin and the tokenizer
+come from `entrl.build`; the task, reward and rollout backend are `entrl.seams` Protocols, so a
+caller may pass its own (`setup(cfg, task=..., verifier=...)`).
 
 Everything here runs on the host before the first compile, so configuration
 mistakes (a missing model path, a dataset without the answer column, a mesh
