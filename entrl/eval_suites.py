@@ -63,6 +63,8 @@ from entrl.sampling import FINISH_REASONS, Sampler, SamplingConfig, cache_dtype
 from entrl.semantic_entropy import PairsEquivalent
 from entrl.sharding import data_shards, make_mesh
 
+log = logging.getLogger(__name__)
+
 # Settings that must not change when an evaluation directory is resumed (see run.json).
 RESUME_KEYS = ("model", "tokenizer", "n", "temperature", "top_p", "max_new_tokens", "seed", "dtype",
                "cache_dtype", "chat_template", "prompt_suffix")
@@ -318,7 +320,6 @@ def results_markdown(results: dict) -> str:
 def _sample_benchmark(bench: Benchmark, prompts: list[list[int]], todo: list[int], *, sampler, graphdef, params,
                       tokenizer, verifier, key, batch_size: int, buckets, samples_file) -> None:
     """Sample and grade the `todo` problems of one benchmark, appending each batch to samples_file."""
-    log = logging.getLogger(__name__)
     n = sampler.config.n
     bkey = jax.random.fold_in(key, zlib.crc32(bench.key.encode()) & 0x7FFFFFFF)
     pad_to = batch_size if len(todo) > batch_size else 0
@@ -405,7 +406,6 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
                                               max_new_tokens=e.max_new_tokens, cache_dtype=kv_dtype)
             sc.check_vocab(net.cfg.vocab_size)
             graphdef, params = nnx.split(net)
-            log = __import__("logging").getLogger(__name__)
             log.info("eval: %d problems x %d samples per sampler call, on %d devices (%d data shards)", batch,
                      e.n, mesh.size, data_shards(mesh))
             for s in suites:
