@@ -73,18 +73,19 @@ def workload(sft_steps: int, model: str) -> dict:
     import numpy as np
 
     from entrl import config as C
-    from entrl.demo import DEMO_YAML, warm_start
-    from entrl.rl.setup import build_records, build_sampler, tokenize
-    from entrl.sampling import pad_prompts
+    from entrl.demo import DEMO_YAML
+    from entrl.rl.setup import build_records, tokenize, warm_start
+    from entrl.sampling import build_sampler, pad_prompts
     from entrl.tokenizer import CharTokenizer
 
     sizes = ["model.demo_hidden=32", "model.demo_layers=1", "model.demo_heads=2"] if model == "quick" else []
-    cfg = C.load_config(DEMO_YAML, ["train.out_dir=/nonexistent", *sizes])
+    cfg = C.load_config(DEMO_YAML, ["train.out_dir=/nonexistent", f"warmstart.steps={sft_steps}",
+                                    "warmstart.problems=4000", *sizes])
     tokenizer = CharTokenizer()
     train, held = build_records(cfg)
     held_tokens, _ = tokenize(cfg, held[:64], tokenizer)
     t0 = time.perf_counter()
-    graphdef, params, losses = warm_start(cfg, tokenizer, train, sft_steps=sft_steps, seed=0, sft_problems=4000)
+    graphdef, params, losses = warm_start(cfg, tokenizer, train, seed=0)
     sampler = build_sampler(cfg, tokenizer, None)
     ids, mask = pad_prompts(held_tokens, pad_id=tokenizer.pad_token_id, buckets=cfg.rollout.prompt_buckets)
     roll = sampler.sample((graphdef, params), ids, mask, jax.random.key(0))

@@ -348,7 +348,7 @@ def main(argv=None) -> int:
                                 hf_frac=roof["seconds"] / best["hf"][0],
                                 agree16=float(np.mean(outputs["hf"][:, :16] == outputs["entrl"][:, :16])))  # fmt: skip
                 rows.append(row)
-                fmt = lambda k, f: f.format(row[k]) if k in row else "-"  # noqa: E731
+                fmt = lambda k, f, row=row: f.format(row[k]) if k in row else "-"
                 cells = [str(hidden), str(batch), fmt("entrl_tok_s", "{:.0f}"), fmt("hf_tok_s", "{:.0f}"),
                          fmt("ratio", "{:.2f}x"), fmt("entrl_tok_cpu_s", "{:.0f}"), fmt("hf_tok_cpu_s", "{:.0f}"),
                          fmt("cpu_ratio", "{:.2f}x"), fmt("roofline_tok_s", "{:.0f}"), row["bound"],

@@ -226,7 +226,7 @@ def ragged_main(args, mcfg, out) -> None:
             mask = jnp.ones_like(ids)
             row["kv_cache_GB"] = sampler.kv_cache_bytes(mcfg, prompts, args.prompt)["total"] / 1e9
 
-            def call():
+            def call(sampler=sampler, ids=ids, mask=mask):
                 ro = sampler.sample(model, ids, mask, jax.random.key(0))
                 return np.asarray(ro.lengths)
 

@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     from flax import nnx
 
+    from entrl import token_stats as TS
     from entrl.models import ModelConfig, create_model
     from entrl.rl import step as S
 
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
                 return jax.block_until_ready(m["loss"])
 
             def logp(mb=mb, k=k, num_micro=num_micro):
-                return jax.block_until_ready(S.compute_logprobs(
+                return jax.block_until_ready(TS.compute_logprobs(
                     graphdef, params, mb, temperature=1.0, num_micro=num_micro, chunk_size=512, length_buckets=k))
 
             first_u, first_l = _timed(upd)[1], _timed(logp)[1]

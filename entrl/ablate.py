@@ -37,6 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from entrl import config as C
+from entrl.demo import DEMO_YAML, rl_and_evaluate
+from entrl.demo import prepare as prepare_demo
+from entrl.metrics import markdown_table, plot_mean_curves, plot_runs, read_metrics
+from entrl.rl.loss_specs import LOSSES
+from entrl.rl.setup import needs_semantic_entropy, train_from_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,17 +64,21 @@ METHODS: dict[str, Method] = {
     "kl_cov": Method("kl_cov", "off", "GRPO w/ Cov (KL-Cov, Cui et al. 2025)"),
     "kl_cov_verl": Method("kl_cov_verl", "off", "GRPO w/ Cov, verl's defaults"),
     # SENT: the token loss on the SE curriculum (low -> high).
+    "high_en": Method("high_en", "low_to_high", "SENT w/ High_En (token term on high-entropy tokens)"),
     "sent": Method("sent", "low_to_high", "SENT (paper reading)"),
     "sent_released": Method("sent_released", "low_to_high", "SENT (released code)", ("loss.scope=microbatch",)),
-    "high_en": Method("high_en", "low_to_high", "SENT w/ High_En (token term on high-entropy tokens)"),
     # Component ablations of SENT.
     "sent_token_only": Method("sent", "off", "SENT token loss only (no curriculum)"),
     "sent_curriculum_only": Method("grpo", "low_to_high", "SE curriculum only (GRPO loss)"),
     "sent_high_to_low": Method("sent", "high_to_low", "SENT, curriculum high -> low SE"),
     "sent_random_order": Method("sent", "random", "SENT, curriculum of random stages"),
 }
-DEFAULT_METHODS = ("grpo", "entropy_bonus", "entropy_adv", "high_entropy_mask", "clip_cov", "kl_cov", "high_en",
-                   "sent")
+# A declared loss without an entry above is a method of its own name, trained as the baselines are (no
+# curriculum), so a new loss can be ablated without touching this file.
+for _name, _spec in LOSSES.items():
+    METHODS.setdefault(_name, Method(_name, "off", _spec.column))
+# Every loss of the paper's comparison with its own setting (the variants, e.g. kl_cov_verl, only on request).
+DEFAULT_METHODS = tuple(name for name, m in METHODS.items() if name == m.loss and not LOSSES[name].variant_of)
 # The released code selects SENT's tokens in each 4-sequence micro-batch (ppo_micro_batch_size_per_gpu=4):
 # `sent_released` uses that micro-batch size when the config leaves train.microbatch_per_shard at 0.
 RELEASED_MICROBATCH = 4
@@ -134,8 +143,6 @@ def _finished_annotation(seed_dir: Path) -> Path | None:
 
 
 def _entropy_curve(run_dir: Path) -> list[float]:
-    from entrl.metrics import read_metrics
-
     return [float(m["entropy"]) for m in read_metrics(run_dir) if m.get("entropy") is not None]
 
 
@@ -150,9 +157,7 @@ def _curve_stats(run_dir: Path) -> dict:
 
 
 def _warm_runs(config, methods, seeds, overrides, out: Path, quick: bool = False) -> list[dict]:
-    from entrl import demo
-
-    base = demo.DEMO_YAML if config == "demo" else config
+    base = DEMO_YAML if config == "demo" else config
     shared_seed = C.load_config(base, overrides).warmstart.seed  # >= 0: one base model for every seed
     rows = []
     ctx = None
@@ -170,9 +175,9 @@ def _warm_runs(config, methods, seeds, overrides, out: Path, quick: bool = False
                     rows.append(json.loads(done.read_text()))
                     continue
                 if ctx is None and shared_seed >= 0:  # the base model of every seed, and its evaluation
-                    ctx = demo.prepare(out / "base", seed=shared_seed, quick=quick, overrides=overrides, base=base)
+                    ctx = prepare_demo(out / "base", seed=shared_seed, quick=quick, overrides=overrides, base=base)
                 elif ctx is None:
-                    ctx = demo.prepare(seed_dir, seed=seed, quick=quick, overrides=overrides, base=base)
+                    ctx = prepare_demo(seed_dir, seed=seed, quick=quick, overrides=overrides, base=base)
                 rl = [f"train.seed={seed}", f"curriculum.seed={seed}", *method_overrides(name, ctx.cfg)]
                 if se_cache is None:  # a finished curriculum run of this seed holds the annotation
                     se_cache = _finished_annotation(seed_dir)
@@ -180,7 +185,7 @@ def _warm_runs(config, methods, seeds, overrides, out: Path, quick: bool = False
                     run_dir.mkdir(parents=True, exist_ok=True)
                     shutil.copy(se_cache, run_dir / "semantic_entropy.jsonl")
                 t0 = time.perf_counter()
-                trainer, after = demo.rl_and_evaluate(ctx, run_dir, rl)
+                trainer, after = rl_and_evaluate(ctx, run_dir, rl)
                 if _uses_se(name, ctx.cfg) and (run_dir / "semantic_entropy.jsonl").exists():
                     se_cache = se_cache or (run_dir / "semantic_entropy.jsonl")
                 ks = tuple(ctx.cfg.eval.k)
@@ -202,9 +207,6 @@ def _warm_runs(config, methods, seeds, overrides, out: Path, quick: bool = False
 
 
 def _config_runs(config: str, methods, seeds, overrides, out: Path) -> list[dict]:
-    from entrl.metrics import read_metrics
-    from entrl.rl.setup import needs_semantic_entropy, train_from_config
-
     rows = []
     for seed in seeds:
         se_cache = None
@@ -255,8 +257,6 @@ def ci95(values) -> tuple[float, float]:
 
 def format_ablation(rows: list[dict]) -> str:
     """Markdown table: one line per method (runs grouped by method, else by loss), mean ± 95% CI over seeds."""
-    from entrl.metrics import markdown_table
-
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r.get("method", r["loss"]), []).append(r)
@@ -294,8 +294,6 @@ def format_ablation(rows: list[dict]) -> str:
 def plot_methods(rows: list[dict], out_dir: Path) -> list[Path]:
     """Per method, the mean over seeds (band: min..max) of the rollout entropy and of every logged
     `eval/pass@k` against the RL step: `entropy_by_method.png`, `eval_pass@k_by_method.png`."""
-    from entrl.metrics import plot_mean_curves, read_metrics
-
     groups: dict[str, list[list[dict]]] = {}
     for r in rows:
         groups.setdefault(r.get("method", r["loss"]), []).append(read_metrics(r["run_dir"]))
@@ -317,8 +315,6 @@ def plot_methods(rows: list[dict], out_dir: Path) -> list[Path]:
 def run_ablation(config: str, methods: list[str], seeds: list[int], *, overrides=(), out_dir: str = "ablate_out",
                  demo: bool = False, quick: bool = False) -> str:
     """Run every (seed, method); write `<out>/ablation.md`, `<out>/ablation.json` and the plots; return the table."""
-    from entrl.metrics import plot_runs
-
     overrides = list(overrides)
     check_methods(methods, overrides)
     warm = demo or config == "demo"

@@ -1,9 +1,8 @@
-"""Checkpoints of an RL run: one orbax `CheckpointManager`, six items per step.
+"""Checkpoints of an RL run: one orbax `CheckpointManager`, five items per step.
 
 A step directory `<directory>/<step>/` holds
   params/      orbax StandardSave: the policy parameters (a pure dict pytree)
   opt_state/   orbax StandardSave: the optax state
-  rng/         JSON: the host RNG key (`jax.random.key_data`, its impl, shape)
   meta/        JSON: the caller's metadata (step, curriculum position, config, metrics)
   data_state/  JSON: {"process_count": n, "states": [iterator state of process 0, ...]}
   integrity/   JSON: a fingerprint of every array leaf and a SHA-256 of each JSON item
@@ -19,11 +18,14 @@ Design decisions:
   (`nnx.to_pure_dict`), so checkpoints do not depend on NNX's Variable
   classes; when the restore target holds an `nnx.State`, the result is rebuilt
   into one with the target's Variable types.
-- The RNG key and the data-iterator state are JSON, not arrays: they are tiny,
-  identical on every device, and JSON stays readable and mesh-independent.
-  The iterator state differs per process (each reads its own shard), so `save`
-  gathers every process's dict and the primary writes the list; a restore
-  needs the same process count unless all states are equal.
+- The data-iterator state is JSON, not arrays: it is tiny and JSON stays
+  readable and mesh-independent. It differs per process (each reads its own
+  shard), so `save` gathers every process's dict and the primary writes the
+  list; a restore needs the same process count unless all states are equal.
+- No RNG key is stored: the trainer derives each step's key from `train.seed`
+  and the step number, so a resume needs none. Steps written by an older
+  entrl hold an `rng/` item; it is left unread (its handler stays registered
+  so orbax can list those steps).
 - Non-finite floats never reach a checkpoint: `save` raises `ValueError`
   naming the offending leaves, found with one jitted reduction over all
   floating leaves (compiled once per tree structure and device set).
@@ -106,8 +108,8 @@ from entrl.multihost import gather_json
 
 COMMIT_MARKER = "commit_success.txt"
 INTEGRITY_ITEM = "integrity"
-_ARRAY_ITEMS = ("params", "opt_state")
-_JSON_ITEMS = ("rng", "meta", "data_state")
+_JSON_ITEMS = ("meta", "data_state")
+_LEGACY_JSON_ITEMS = ("rng",)  # written by older entrl, never read
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +125,12 @@ class Restored:
     step: int
     params: Any  # same tree type as params_target, arrays on its shardings
     opt_state: Any  # same tree type as opt_state_target; None when no target was given
-    rng: jax.Array  # the key passed to save (typed keys come back typed)
     meta: dict
     data_state: dict  # this process's iterator state
 
 
 class CheckpointManager:
-    """Save and restore (params, opt_state, rng, meta, data_state) per RL step."""
+    """Save and restore (params, opt_state, meta, data_state) per RL step."""
 
     def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
         if keep < 1:
@@ -145,7 +146,8 @@ class CheckpointManager:
         )
         # Handlers named up front: a fresh manager (a resumed run) must read metadata before any save.
         handlers = {name: ocp.StandardCheckpointHandler() for name in ("params", "opt_state")}
-        handlers.update({name: ocp.JsonCheckpointHandler() for name in (*_JSON_ITEMS, INTEGRITY_ITEM)})
+        handlers.update({name: ocp.JsonCheckpointHandler()
+                         for name in (*_JSON_ITEMS, *_LEGACY_JSON_ITEMS, INTEGRITY_ITEM)})
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         _ClosedLoopNoiseFilter.install()
         self._closed = False
@@ -168,8 +170,8 @@ class CheckpointManager:
 
     # -- save --------------------------------------------------------------
 
-    def save(self, step: int, *, params: Any, opt_state: Any, rng: jax.Array, meta: dict,
-             data_state: dict, force: bool = False) -> bool:
+    def save(self, step: int, *, params: Any, opt_state: Any, meta: dict, data_state: dict,
+             force: bool = False) -> bool:
         """Start saving `step` (asynchronously unless async_save=False); True if a save started.
 
         Returns False when orbax skips the step (already saved, or not after the
@@ -189,7 +191,6 @@ class CheckpointManager:
             shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
             raise ValueError(f"refusing to checkpoint step {step}: non-finite values in {shown}")
         docs = {
-            "rng": _rng_to_json(rng),
             "meta": _as_json(meta, "meta"),
             "data_state": {"process_count": jax.process_count(),
                            "states": gather_json(_as_json(data_state, "data_state"))},
@@ -341,7 +342,6 @@ class CheckpointManager:
             step=step,
             params=_from_pure(params_target, out["params"]),
             opt_state=None if opt_state_target is None else _from_pure(opt_state_target, out["opt_state"]),
-            rng=_rng_from_json(out["rng"]),
             meta=out["meta"],
             data_state=data_state,
         )
@@ -669,20 +669,3 @@ def _agree(problem: str | None) -> str | None:
     if problem is None and failed.any():
         return "failed to restore on another process"
     return problem
-
-
-def _rng_to_json(rng: jax.Array) -> dict:
-    typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-    data = jax.random.key_data(rng) if typed else rng
-    if isinstance(data, jax.Array) and not data.is_fully_addressable:
-        if not data.sharding.is_fully_replicated:
-            raise ValueError("the checkpointed rng key must be replicated across processes")
-        data = data.addressable_data(0)
-    data = np.asarray(data)
-    return {"impl": str(jax.random.key_impl(rng)) if typed else None,
-            "dtype": str(data.dtype), "shape": list(data.shape), "data": data.ravel().tolist()}
-
-
-def _rng_from_json(stored: dict) -> jax.Array:
-    data = jnp.asarray(np.asarray(stored["data"], dtype=stored["dtype"]).reshape(stored["shape"]))
-    return data if stored["impl"] is None else jax.random.wrap_key_data(data, impl=stored["impl"])

@@ -165,7 +165,7 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     """`entrl eval [CONFIG] [overrides]`: the config's `eval.*`; each flag is a shortcut for a key."""
     from entrl import config as C
-    from entrl.benchmarks import results_markdown, run_eval
+    from entrl.eval_suites import results_markdown, run_eval
 
     config, overrides = _config_and_overrides(args, required=False)
     shortcuts = {"model": "model.path", "tokenizer": "model.tokenizer", "dtype": "model.dtype",
@@ -192,10 +192,11 @@ def cmd_eval(args) -> int:
 
 def cmd_semantic_entropy(args) -> int:
     from entrl import config as C
-    from entrl.semantic_entropy import annotate_cli
+    from entrl.rl.setup import annotate_dataset
 
     cfg = C.load_config(*_config_and_overrides(args))
-    annotate_cli(cfg, data=args.data, out=args.out, n=args.n, resume=not args.no_resume)
+    written = annotate_dataset(cfg, data=args.data, out=args.out, n=args.n, resume=not args.no_resume)
+    print(f"wrote {written} annotated prompts to {args.out}")
     return 0
 
 
@@ -318,9 +319,13 @@ def cmd_config(args) -> int:
     import yaml
 
     from entrl import config as C
+    from entrl.rl import loss_specs
 
     if args.reference:
         print(C.docs_table())
+        return 0
+    if args.losses:
+        print(loss_specs.markdown_table())
         return 0
     cfg = C.load_config(*_config_and_overrides(args, required=False))
     print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
@@ -466,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="?", help="YAML config or preset name (default: the built-in defaults)")
     c.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     c.add_argument("--reference", action="store_true", help="print the Markdown table of every config key")
+    c.add_argument("--losses", action="store_true", help="print the Markdown table of every loss (loss.name)")
     c.set_defaults(fn=cmd_config)
 
     dt = sub.add_parser("data", help="build training and benchmark data files")

@@ -35,6 +35,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+
+from entrl.config import ModelSection
+
 GiB = 1024 ** 3
 
 # Device kind pattern -> memory per device in bytes (vendor specs), when `memory_stats()` says nothing.
@@ -112,8 +116,6 @@ def _memory(device: Any) -> tuple[int | None, str]:
 def describe_devices(devices: Sequence[Any] | None = None) -> DeviceInfo:
     """Platform, kind, count and per-device memory of `devices` (default: `jax.devices()`)."""
     if devices is None:
-        import jax
-
         devices = jax.devices()
     first = devices[0]
     if first.platform == "cpu":
@@ -131,8 +133,6 @@ def _host_memory() -> int | None:
 
 def lora_supported() -> bool:
     """Whether this entrl has LoRA settings (`model.lora_rank`)."""
-    from entrl.config import ModelSection
-
     return "lora_rank" in {f.name for f in dataclasses.fields(ModelSection)}
 
 

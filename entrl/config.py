@@ -16,14 +16,19 @@ Design decisions:
   every verification deadline). Loss hyperparameters, where `.inf` does mean
   something (`dual_clip`), have their own ranges.
 - Loss hyperparameters are a free-form mapping (`loss.params`) because each loss
-  has its own; they are validated against that loss's preset table in
-  `entrl.rl.losses` when the config is built.
+  has its own; they are validated against that loss's declaration in
+  `entrl.rl.loss_specs` (which imports no jax) when the section is built. The
+  field comments may name `{losses}`, `{agg_modes}` or `{kl_kinds}`: the
+  reference table lists the registered names there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import logging
+import math
 import os
 import re
 import types
@@ -33,6 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from entrl.rl.loss_specs import AGG_MODES, KL_KINDS, LOSSES, LossParamError, validate_loss_params
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -193,22 +202,26 @@ class RolloutSection:
 
 @dataclass(frozen=True)
 class LossSection:
-    name: str = "sent"  # policy loss: grpo | sent | sent_released | kl_cov | kl_cov_verl | clip_cov | entropy_bonus | entropy_adv | high_entropy_mask | high_en
+    name: str = "sent"  # policy loss: {losses}
     params: dict[str, Any] = field(default_factory=dict)  # overrides of that loss's preset hyperparameters (README: Supported models and losses)
-    agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    agg: str = "token-mean"  # {agg_modes}
     scope: str = "global"  # token-selection scope: global (whole mini-batch) | microbatch
     advantage: str = "grpo"  # grpo (group mean/std) | drgrpo (no std division)
     kl_coef: float = 0.001  # reference-KL coefficient (0 skips the reference forward)
-    kl_estimator: str = "k3"  # k1 | k2 | k3 (low_var_kl)
+    kl_estimator: str = "k3"  # {kl_kinds} (k3: verl's low_var_kl)
 
     def __post_init__(self):
         _all_finite(self, "loss")
-        _choice("loss.agg", self.agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"))
+        _choice("loss.agg", self.agg, AGG_MODES)
         _choice("loss.scope", self.scope, ("global", "microbatch"))
         _choice("loss.advantage", self.advantage, ("grpo", "drgrpo"))
-        _choice("loss.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        _choice("loss.kl_estimator", self.kl_estimator, KL_KINDS)
         if self.kl_coef < 0:
             raise ConfigError(f"loss.kl_coef={self.kl_coef}: must be >= 0")
+        try:
+            validate_loss_params(self.name, self.params)
+        except LossParamError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -418,24 +431,12 @@ class RunConfig:
         if self.warmstart.enabled and (self.model.path != "demo" or self.data.task != "arithmetic"):
             raise ConfigError("warmstart.enabled is the demo's noisy-teacher SFT: it needs model.path=demo and "
                               f"data.task=arithmetic (got model.path={self.model.path!r}, data.task={self.data.task!r})")
-        if _LOSS_VALIDATOR is None:
-            import entrl.rl.losses  # noqa: F401  (registers the loss-name/hyperparameter validator)
-        _LOSS_VALIDATOR(self.loss.name, dict(self.loss.params))
 
 
 def microbatch_per_shard(cfg: RunConfig, shards: int) -> int:
     """Sequences per data shard per forward/backward: `train.microbatch_per_shard`, or (0) a shard's
     whole mini-batch."""
     return cfg.train.microbatch_per_shard or cfg.train.minibatch_prompts * cfg.rollout.n // shards
-
-
-# Set by entrl.rl.losses at import time: (name, params) -> None, raising ConfigError.
-_LOSS_VALIDATOR: typing.Callable[[str, dict], None] | None = None
-
-
-def register_loss_validator(fn: typing.Callable[[str, dict], None]) -> None:
-    global _LOSS_VALIDATOR
-    _LOSS_VALIDATOR = fn
 
 
 # ---------------------------------------------------------------------------
@@ -452,8 +453,6 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
 
 def _all_finite(section: Any, prefix: str) -> None:
     """Raise ConfigError for a NaN or infinite value in any float (or list of float) field of `section`."""
-    import math
-
     hints = typing.get_type_hints(type(section))
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
@@ -670,11 +669,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
     """Load a YAML preset (or the defaults when `path` is None) and apply dotted overrides (TRL / verl
     option names in `ALIASES` are accepted and logged)."""
-    import logging
-
     overrides, notes = expand_aliases(list(overrides))
     for note in notes:
-        logging.getLogger(__name__).info(note)
+        log.info(note)
     data = read_yaml(path) if path else {}
     return from_dict(apply_overrides(data, overrides))
 
@@ -797,8 +794,6 @@ def replace(cfg: Any, **changes) -> Any:
 
 def docs_table(cls: type = RunConfig) -> str:
     """Markdown reference of every config field, generated from the dataclasses' comments."""
-    import inspect
-
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(cls):
         sect = typing.get_type_hints(cls)[f.name]
@@ -806,18 +801,23 @@ def docs_table(cls: type = RunConfig) -> str:
         for sf in dataclasses.fields(sect):
             default = sf.default if sf.default is not dataclasses.MISSING else sf.default_factory()
             lines.append(f"| `{f.name}.{sf.name}` | `{default!r}` | {comments.get(sf.name, '')} |")
-    del inspect
     return "\n".join(lines)
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    import inspect
-
     out = {}
     for line in inspect.getsource(cls).splitlines():
         s = line.strip()
         if ":" in s and "#" in s and not s.startswith(("#", "def", "raise", "if", "_")):
             name = s.split(":", 1)[0].strip()
             if name.isidentifier():
-                out[name] = s.split("#", 1)[1].strip().replace("|", "\\|")
+                out[name] = _named_lists(s.split("#", 1)[1].strip()).replace("|", "\\|")
     return out
+
+
+def _named_lists(comment: str) -> str:
+    """A field comment with `{losses}`, `{agg_modes}`, `{kl_kinds}` replaced by the registered names."""
+    lists = {"losses": LOSSES, "agg_modes": AGG_MODES, "kl_kinds": KL_KINDS}
+    for key, names in lists.items():
+        comment = comment.replace("{" + key + "}", " | ".join(names))
+    return comment

@@ -29,12 +29,22 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import platform
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 
 from entrl import config as C
+from entrl.evaluation import evaluate_prompts
+from entrl.metrics import plot_runs
+from entrl.models.lora import merge_adapters
+from entrl.rl.setup import build_records, build_verifier, save_policy, tokenize, train_from_config, warm_start
+from entrl.sampling import build_sampler
+from entrl.tokenizer import CharTokenizer
 
 log = logging.getLogger("entrl.demo")
 
@@ -69,50 +79,6 @@ def paired_ci(before: np.ndarray, after: np.ndarray, z: float = 1.96) -> tuple[f
     return mean, mean - half, mean + half
 
 
-def warm_start(cfg: C.RunConfig, tokenizer, train_records, *, seed: int | None = None):
-    """Random-init demo model + noisy-teacher SFT (the `warmstart` section). Returns (graphdef, params, sft_losses)."""
-    from entrl.data.tasks import build_prompt
-    from entrl.rl.setup import arithmetic_task, build_model
-    from entrl.sft import train_sft
-
-    w = cfg.warmstart
-    if seed is None:
-        seed = w.seed if w.seed >= 0 else cfg.train.seed
-    task = arithmetic_task(cfg)
-    rng = np.random.default_rng(seed + 1)
-    # SFT problems: a larger draw of the training split (the RL prompt pool is part of it; held-out never is).
-    sft_records = task.make_problems(max(w.problems, len(train_records)), seed=seed, split="train")
-    prompts = [tokenizer.encode(build_prompt(r.problem, tokenizer, suffix="", chat_template=True))
-               for r in sft_records]
-    responses = [tokenizer.encode(task.noisy_solution(r.problem, rng, w.error_rate)) + [tokenizer.eos_token_id]
-                 for r in sft_records]
-    graphdef, params = build_model(cfg, None, tokenizer)
-    params, losses = train_sft(graphdef, params, prompts, responses, pad_id=tokenizer.pad_token_id,
-                               steps=w.steps, batch_size=w.batch, lr=w.lr, seed=seed,
-                               prompt_len=max(cfg.rollout.prompt_buckets),
-                               # the teacher's solutions, whole, even when RL samples shorter responses
-                               response_len=max(cfg.rollout.max_new_tokens, max(map(len, responses))))
-    return graphdef, params, losses
-
-
-def warm_started(cfg: C.RunConfig, directory) -> C.RunConfig:
-    """`cfg` with `model.path` at its warm start in `directory` (made there by `warm_start` unless it
-    is already there, so a resumed run reuses it) and `warmstart.enabled` off. What `entrl train`
-    does with a `warmstart.enabled` config."""
-    from entrl.rl.setup import build_records, build_tokenizer, save_policy
-    from entrl.rundir import as_path
-
-    out = as_path(directory, "warm-start directory")
-    if not (out / "config.json").exists():
-        tokenizer = build_tokenizer(cfg)
-        train_records, _ = build_records(cfg)
-        log.info("warm start: SFT of the demo model on the noisy teacher (%d steps, %.0f%% flawed solutions)",
-                 cfg.warmstart.steps, 100 * cfg.warmstart.error_rate)
-        graphdef, params, _ = warm_start(cfg, tokenizer, train_records)
-        save_policy(graphdef, params, tokenizer, out)
-    return C.replace(cfg, **{"model.path": str(out), "model.tokenizer": str(out), "warmstart.enabled": False})
-
-
 @dataclasses.dataclass
 class DemoContext:
     """The warm-started policy and the held-out evaluation shared by the demo and `entrl ablate --demo`."""
@@ -130,8 +96,6 @@ class DemoContext:
     sft_losses: list
 
     def evaluate(self, params, tag: str) -> dict:
-        from entrl.evaluation import evaluate_prompts
-
         cfg, ks = self.cfg, tuple(self.cfg.eval.k)
         res = evaluate_prompts(self.eval_sampler, self.graphdef, params, self.tokenizer, self.held_tokens,
                                self.held_answers, verifier=self.verifier, n=cfg.eval.n, ks=ks,
@@ -147,9 +111,6 @@ class DemoContext:
 
 def prepare(out: Path, *, seed: int = 0, quick: bool = False, overrides=(), base: str | Path = DEMO_YAML) -> DemoContext:
     """Steps 1-3: task, warm start (saved to `out/warmstart`), evaluation before RL."""
-    from entrl.rl.setup import build_records, build_sampler, build_verifier, save_policy, tokenize
-    from entrl.tokenizer import CharTokenizer
-
     out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(out, seed=seed, quick=quick, overrides=overrides, base=base)
     if cfg.model.path != "demo" or cfg.data.task != "arithmetic":
@@ -172,11 +133,6 @@ def prepare(out: Path, *, seed: int = 0, quick: bool = False, overrides=(), base
 
 def rl_and_evaluate(ctx: DemoContext, out_dir: Path, overrides=()) -> tuple[object, dict]:
     """Step 4-5: SE annotation + curriculum RL from the warm start into `out_dir`, then evaluate."""
-    from flax import nnx
-
-    from entrl.models.lora import merge_adapters
-    from entrl.rl.setup import train_from_config
-
     cfg = C.load_config(None, [*_cfg_overrides(ctx.cfg), f"model.path={ctx.warm_dir}", "warmstart.enabled=false",
                                f"model.tokenizer={ctx.warm_dir}", f"train.out_dir={out_dir}", *overrides])
     cur = cfg.curriculum
@@ -220,11 +176,6 @@ def summarize_demo(ctx: DemoContext, trainer, after: dict, wall: float) -> dict:
 
 def machine_info() -> dict:
     """What the numbers may depend on (README, 'Which numbers depend on the machine')."""
-    import os
-    import platform
-
-    import jax
-
     cpu, isa = platform.processor(), []
     try:
         with open("/proc/cpuinfo") as f:
@@ -252,8 +203,6 @@ def run_demo(out_dir: str | Path = "demo_out", *, overrides=(), seed: int = 0, q
     summary = summarize_demo(ctx, trainer, after, time.perf_counter() - t0)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     try:
-        from entrl.metrics import plot_runs
-
         plot_runs([str(out / "rl")], out / "plots")
     except Exception as e:  # plots are a convenience; never lose the run over them
         log.warning("plotting failed: %s", e)

@@ -30,8 +30,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
+from entrl.multihost import gather, gather_rows, local_rows
+from entrl.progress import progress_bar
+from entrl.sampling import DEFAULT_BUCKETS, FINISH_LENGTH, pad_prompts
 from entrl.semantic_entropy import PairsEquivalent, cluster_answer_groups
+from entrl.sharding import batch_sharding, data_shards
+from entrl.token_stats import compute_logprobs
 
 
 def _check_k(n: int, k: int) -> None:
@@ -157,7 +163,7 @@ class GradedBatch:
     status: list[str]  # [R] `entrl.rewards.STATUSES`
     correct_PxN: np.ndarray  # [problems, n] bool
     lengths: np.ndarray  # [R] response tokens, the stop token included
-    finish_code: np.ndarray  # [R] index into `entrl.sampling.FINISH_REASONS` (0 = length = truncated)
+    finish_code: np.ndarray  # [R] `entrl.sampling.FINISH_LENGTH` (truncated) | `FINISH_STOP`
     rollout: Any  # the sampler's `Rollout`, padding rows included (for log-prob / entropy passes)
 
 
@@ -169,12 +175,6 @@ def sample_and_grade(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
     Multi-host: every process calls it with the same prompts; each decodes and verifies only the rows
     its own devices hold, and the graded results are gathered, so every process returns all of them.
     """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from entrl.multihost import gather_rows, local_rows
-    from entrl.sampling import DEFAULT_BUCKETS, pad_prompts
-
     n = sampler.config.n
     chunk = [list(p) for p in prompt_tokens]
     real = len(chunk)
@@ -183,8 +183,6 @@ def sample_and_grade(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
     chunk += [chunk[0]] * max(pad_to - real, 0)
     ids, mask = pad_prompts(chunk, pad_id=sampler.config.pad_id, buckets=tuple(buckets or DEFAULT_BUCKETS))
     if sampler.mesh is not None:  # the same host rows on every process: one global array, split when it can be
-        from entrl.sharding import batch_sharding, data_shards
-
         split = len(chunk) % data_shards(sampler.mesh) == 0
         sharding = batch_sharding(sampler.mesh, 2) if split else NamedSharding(sampler.mesh, PartitionSpec())
         ids, mask = (jax.device_put(x, sharding) for x in (ids, mask))
@@ -218,13 +216,6 @@ def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
     mean per-token entropy of the sampled responses under the policy at the sampling temperature.
     `progress` (auto | on | off, `entrl.progress`): a transient bar over the problems.
     """
-    import jax
-
-    from entrl.multihost import gather
-    from entrl.progress import progress_bar
-    from entrl.rl.step import compute_logprobs
-    from entrl.sampling import DEFAULT_BUCKETS
-
     if sampler.config.n != n:
         raise ValueError(f"sampler draws {sampler.config.n} samples per prompt, evaluation asked for n={n}")
     if len(prompt_tokens) != len(references) or not prompt_tokens:
@@ -248,7 +239,7 @@ def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
             answers += [list(g.answers[i * n:(i + 1) * n]) for i in range(real)]
             responses += [g.responses[i * n:(i + 1) * n] for i in range(real)]
             lengths.append(g.lengths)
-            truncated.append(g.finish_code == 0)
+            truncated.append(g.finish_code == FINISH_LENGTH)
             if with_entropy:
                 batch = {"prompt_ids": roll.prompt_ids, "prompt_mask": roll.prompt_mask, "resp_ids": roll.tokens}
                 _, ent = compute_logprobs(graphdef, params, batch, temperature=sampler.config.logprob_temperature,

@@ -67,10 +67,13 @@ import math
 import numbers
 import secrets
 import sys
+import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from entrl import rundir as R
@@ -95,7 +98,7 @@ class MetricsLogger:
                  config: dict | None = None, total_steps: int | None = None, log_every: int = 1,
                  primary: bool | None = None):
         if primary is None:
-            import jax  # only here: plotting and reading need no JAX
+            import jax  # noqa: PLC0415 (only here: reading and plotting runs, `entrl plot`, need no JAX)
             primary = jax.process_index() == 0
         self.run_dir = R.as_path(run_dir, "run directory")
         self.primary = primary
@@ -175,7 +178,7 @@ class MetricsLogger:
             self._wandb.finish()
             self._wandb = None
 
-    def __enter__(self) -> "MetricsLogger":
+    def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -183,7 +186,7 @@ class MetricsLogger:
 
     # -- sinks -------------------------------------------------------------
 
-    def _tensorboard_writer(self) -> "_TensorBoard":
+    def _tensorboard_writer(self) -> _TensorBoard:
         if self._tb is None:
             self._tb = _TensorBoard(self.run_dir / "tb", self._purge_step, self._config)
         return self._tb
@@ -218,12 +221,10 @@ class _TensorBoard:
     """
 
     def __init__(self, logdir: R.Path, purge_step: int | None, config: dict | None):
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # noqa: PLC0415 (optional: only with train.tensorboard)
 
         self._remote, self._staging = None, None
         if R.is_remote(logdir):
-            import tempfile
-
             self._remote, self._staging = logdir, tempfile.TemporaryDirectory(prefix="entrl-tb-")
             logdir = self._staging.name
         # A session-unique file name: two sessions within one second would otherwise share one (and
@@ -303,7 +304,7 @@ def default_run_name(run_dir: str | Path) -> str:
 def _start_wandb(run_dir: R.Path, *, project: str, entity: str, name: str, config: dict | None) -> Any:
     global _warned_no_wandb
     try:
-        import wandb
+        import wandb  # noqa: PLC0415 (optional extra: only with train.wandb)
     except ImportError:
         if not _warned_no_wandb:
             log.warning("W&B logging is enabled but wandb is not installed (pip install wandb); "
@@ -452,8 +453,8 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, *, labels: list[s
     One colour per run, one line style per metric; x is the RL step. A figure
     none of whose metrics any run logged is not written.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (matplotlib: only plots need it)
+    from matplotlib.figure import Figure  # noqa: PLC0415 (matplotlib: only plots need it)
 
     run_dirs = [R.as_path(d, "run directory") for d in run_dirs]
     if labels is None:
@@ -505,9 +506,8 @@ def plot_mean_curves(groups: dict[str, list[list[dict]]], key: str, path, *, tit
     """One line per group: the mean over its runs of `key` per step (only steps every run logged),
     with a band from the runs' minimum to their maximum. `groups` maps a label to its runs' records
     (`read_metrics`). Returns the PNG's path, or None when no run logged `key`."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (matplotlib: only plots need it)
+    from matplotlib.figure import Figure  # noqa: PLC0415 (matplotlib: only plots need it)
 
     fig = Figure(figsize=(7, 4.2), dpi=120)
     FigureCanvasAgg(fig)

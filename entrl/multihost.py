@@ -23,8 +23,11 @@ import json
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+
+from entrl.sharding import batch_sharding
 
 
 def gather(x):
@@ -49,12 +52,8 @@ def to_device(x, mesh):
     `jnp.asarray` would make a process-local array, which cannot meet global arrays in one jitted
     call when there are several processes.
     """
-    import jax.numpy as jnp
-
     if mesh is None:
         return jnp.asarray(x)
-    from entrl.sharding import batch_sharding
-
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda index: x[index])
 

@@ -5,7 +5,7 @@ The plan builds the run abstractly and compiles the very jitted functions
 simulated CPU devices, and reads XLA's memory analysis of each:
 
     update      `entrl.rl.step.make_update_fn` (one mini-batch, gradient accumulation, AdamW)
-    log-probs   `entrl.rl.step.compute_logprobs` (old and reference log-probs of the step's rows)
+    log-probs   `entrl.token_stats.compute_logprobs` (old and reference log-probs of the step's rows)
     rollout     the rollout `Sampler` (one call on the step's prompts; at most `rollout.slots` rows decoding)
     eval        the periodic-evaluation sampler (`eval.n` samples, `eval.max_new_tokens`)
 
@@ -53,10 +53,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from entrl import build as B
 from entrl import config as C
+from entrl import token_stats as TS
 from entrl.models import PRESETS, ModelConfig, Transformer, lora
 from entrl.models.config import HUB_PRESETS
-from entrl.sharding import batch_sharding, data_shards, param_shardings
+from entrl.rl import step as ST
+from entrl.rl.trainer import opt_state_shardings, run_optimizer, step_settings
+from entrl.sampling import Sampler, SamplingConfig, cache_dtype
+from entrl.sharding import batch_sharding, data_shards, make_mesh, param_shardings
 
 GIB = 2**30
 DEFAULT_HEADROOM = 0.10
@@ -134,21 +139,19 @@ def mesh_suggestions(path: str | Path) -> list[tuple[str, Target, list[str]]]:
 def model_config(cfg: C.RunConfig) -> ModelConfig:
     """The policy's architecture without reading weights: the demo model, a local HF/run directory's
     config.json, a paper model's hub id (built in), or a hub id already in the local HF cache."""
-    from entrl.rl import setup as S
-
     path = cfg.model.path
-    run = S.run_checkpoint_source(path)
+    run = B.run_checkpoint_source(path)
     if run is not None:
-        return model_config(S._as_run_model(cfg, run))
+        return model_config(B.run_model_config(cfg, run))
     if path == "demo":
-        tok = S.build_tokenizer(cfg)
-        return S.demo_model_config(tok.vocab_size, cfg, tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
+        tok = B.build_tokenizer(cfg)
+        return B.demo_model_config(tok.vocab_size, cfg, tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
     if path in HUB_PRESETS:
         return PRESETS[HUB_PRESETS[path]]
     if Path(path).is_dir():
-        return ModelConfig.from_pretrained(S.resolve_model_dir(path))
+        return ModelConfig.from_pretrained(B.resolve_model_dir(path))
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415 (hub cache lookups only)
 
         cached = try_to_load_from_cache(path, "config.json")
     except Exception:  # noqa: BLE001 - not a valid repo id, no cache: the same answer
@@ -284,7 +287,7 @@ def _steps_per_stage(cfg: C.RunConfig) -> tuple[list[int] | None, str]:
         if path is None or not path.is_file():
             return None, f"data.train={d.train!r} is not a local file"
         if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # noqa: PLC0415 (Parquet only)
 
             prompts = pq.ParquetFile(path).metadata.num_rows
         else:
@@ -310,21 +313,16 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
     of minutes): the memory figures of the programs are then 0. `only`: build just these programs
     (update, logprob, rollout, eval; None = all); the others count 0.
     """
-    from entrl.rl import setup as S
-    from entrl.rl import step as ST
-    from entrl.rl.trainer import run_optimizer, step_settings
-    from entrl.sampling import Sampler, SamplingConfig
-
-    mesh = S.build_mesh(cfg)
+    mesh = B.build_mesh(cfg)
     shards = data_shards(mesh)
     mcfg = model_config(cfg)
     m, r, t = cfg.model, cfg.rollout, cfg.train
     plen = max(r.prompt_buckets)
 
     # -- state -----------------------------------------------------------------
-    spec = S.lora_spec(cfg)
+    spec = B.lora_spec(cfg)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(
-        mcfg, rngs=nnx.Rngs(0), dtype=m.dtype, param_dtype=S.base_param_dtype(cfg), remat=m.remat, lora=spec)))
+        mcfg, rngs=nnx.Rngs(0), dtype=m.dtype, param_dtype=B.base_param_dtype(cfg), remat=m.remat, lora=spec)))
     shardings = param_shardings(state, mesh)
     params = _abstract(state, shardings)
     optimizer = run_optimizer(cfg)
@@ -364,12 +362,12 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
         lp_args = dict(temperature=settings.temperature, num_micro=step_rows // (shards * micro),
                        chunk_size=settings.chunk_size, shards=shards, length_buckets=settings.length_buckets)
         if want("logprob"):
-            programs["logprob"] = analyse("logprob", lambda: ST.compute_logprobs.lower(graphdef, params, batch, **lp_args))
+            programs["logprob"] = analyse("logprob", lambda: TS.compute_logprobs.lower(graphdef, params, batch, **lp_args))
     # -- rollout ------------------------------------------------------------------
     eos = mcfg.eos_token_ids or (0,)
     pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else eos[0]
     sc = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=L,
-                        eos_ids=tuple(eos), pad_id=pad, cache_dtype=S.cache_dtype(cfg, r.cache_dtype), slots=r.slots)
+                        eos_ids=tuple(eos), pad_id=pad, cache_dtype=cache_dtype(cfg, r.cache_dtype), slots=r.slots)
     prompts = rows_of(t.prompts_per_step, plen)
     if want("rollout"):
         programs["rollout"] = analyse("rollout", lambda: Sampler(sc, mesh=mesh).lower(graphdef, params, prompts, prompts))
@@ -404,8 +402,6 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
 def _resident_state(cfg: C.RunConfig, optimizer, params, mesh):
     """(optimizer state shardings, optimizer state, reference copy or None) of abstract `params`, as
     `entrl train` allocates them: for the trained params (all, or the LoRA adapters)."""
-    from entrl.rl.trainer import opt_state_shardings
-
     trained = lora.trainable(params)
     opt_sh = opt_state_shardings(optimizer, trained, mesh)
     opt_state = _abstract(jax.eval_shape(optimizer.init, trained), opt_sh)
@@ -435,9 +431,6 @@ def _lora_note(cfg: C.RunConfig, spec, optimizer, params, sizes: dict, mesh) -> 
 
 
 def _eval_sampling(cfg: C.RunConfig, mcfg: ModelConfig):
-    from entrl.rl.setup import cache_dtype
-    from entrl.sampling import SamplingConfig
-
     e = cfg.eval
     eos = mcfg.eos_token_ids or (0,)
     pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else eos[0]
@@ -449,9 +442,6 @@ def plan_eval(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_sourc
               headroom: float = DEFAULT_HEADROOM, batch_problems: int | None = None) -> MemoryPlan:
     """The memory plan of `entrl eval` with `cfg`: the weights in the compute dtype (all `entrl eval`
     loads) and one sampler call of `batch_problems` (default `eval.batch_problems`, else 64) problems."""
-    from entrl.sampling import Sampler
-    from entrl.sharding import make_mesh
-
     try:
         mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     except ValueError as e:
@@ -488,8 +478,6 @@ def auto_eval_batch(cfg: C.RunConfig, budget_bytes: int, headroom: float = DEFAU
     the batch; the probe's fixed costs make the estimate conservative); the chosen size is then planned
     itself and shrunk by a quarter until it fits.
     """
-    from entrl.sharding import make_mesh
-
     shards = data_shards(make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
     step = shards // math.gcd(shards, cfg.eval.n)  # the smallest batch whose rows split over the shards
     probe = plan_eval(cfg, budget_bytes=budget_bytes, batch_problems=step, headroom=headroom)

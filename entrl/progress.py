@@ -15,6 +15,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
+import jax
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -25,8 +26,6 @@ def wanted(setting: str) -> bool:
     """Whether `setting` (auto | on | off) draws a bar in this process."""
     if setting not in SETTINGS:
         raise ValueError(f"progress={setting!r}: must be one of {', '.join(SETTINGS)}")
-    import jax
-
     if setting == "off" or jax.process_index() != 0:
         return False
     return setting == "on" or sys.stderr.isatty()

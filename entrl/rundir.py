@@ -47,14 +47,17 @@ import contextlib
 import json
 import logging
 import os
+import pathlib
 import re
 import secrets
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 from etils import epath
 
 from entrl.config import ConfigError
@@ -107,8 +110,6 @@ def as_path(path: Any, what: str = "path", *, schemes: tuple[str, ...] = REMOTE_
 
 def native(path: Any) -> Any:
     """A `pathlib.Path` for a local path (what callers had before), the epath for a remote one."""
-    import pathlib
-
     return path if is_remote(path) else pathlib.Path(os.fspath(path))
 
 
@@ -186,8 +187,6 @@ def local_copy_for_upload(dest: epath.Path) -> Iterator[epath.Path]:
     if not is_remote(dest):
         yield dest
         return
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="entrl-upload-") as tmp:
         yield epath.Path(tmp)
         dest.mkdir(parents=True, exist_ok=True)
@@ -337,7 +336,7 @@ class RunLock:
                           f"{_describe(holder)}{extra}; wait for it to finish or use another train.out_dir")
 
     def _acquire_local(self) -> None:
-        import fcntl
+        import fcntl  # noqa: PLC0415 (POSIX only)
 
         fd = os.open(os.fspath(self.path), os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -386,7 +385,7 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            import fcntl
+            import fcntl  # noqa: PLC0415 (POSIX only)
 
             with contextlib.suppress(OSError):
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -437,7 +436,7 @@ class RunDir:
 
         Raises ConfigError (on every process of a multi-process run) when the directory must not be used.
         """
-        import jax
+        import jax  # noqa: PLC0415 (multi-process only; `entrl plot` reads run directories without JAX)
 
         primary = jax.process_index() == 0
         path, lock, error = None, None, ""
@@ -479,12 +478,11 @@ class RunDir:
 
 def _broadcast_text(text: str, size: int = 4096) -> str:
     """Process 0's `text` on every process (a collective when there are several)."""
-    import jax
+    import jax  # noqa: PLC0415 (multi-process only; `entrl plot` reads run directories without JAX)
 
     if jax.process_count() == 1:
         return text
-    import numpy as np
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # noqa: PLC0415 (multi-process only; `entrl plot` reads run directories without JAX)
 
     raw = text.encode()[:size]
     buf = np.zeros(size + 4, np.uint8)

@@ -47,9 +47,9 @@ per-token log-prob of every sampled token. Design decisions:
   Same result: token i of row r draws with the key fold_in(fold_in(seed, r),
   i) (`token_keys`), never from the loop's step, so the tokens are the
   one-shot sampler's whatever S (up to floating-point ties; tested). What it
-  saves: on CPU, where decoding at these sizes is compute-bound, the steps
-  the one-shot loop spends on stopped rows (2.5-2.8x useful tokens/s at 1%
-  EOS, benchmarks/bench_sampler.py --ragged). What it does not: the
+  saves: where decoding is compute-bound (CPU at these sizes), the steps the
+  one-shot loop spends on stopped rows (`benchmarks/bench_sampler.py
+  --ragged` measures useful tokens/s against the one-shot loop). What it does not: the
   attention of a slot still reads its whole cache segment (masked), so on a
   memory-bound accelerator the K/V bytes read per useful token are about the
   one-shot loop's; the gain there is the S-sized cache (a per-row ragged
@@ -81,18 +81,14 @@ per-token log-prob of every sampled token. Design decisions:
   included) is constrained to the mesh's ("data", "fsdp") axes; everything else
   is left to the compiler, driven by the parameters' own shardings
   (Auto axis types), so heads follow the tensor axis as in training.
-* CPU notes (measured on the 2-core project machine, see
-  benchmarks/bench_sampler.py): the unembedding is used as [V, D] in the loop
-  (faster than [D, V] at decode batch sizes), greedy log-probs reuse the max
-  logit instead of a gather, and the PAD/BOS ban is a fused `where`, not a
-  scatter. The decode loop runs on `Transformer.decode_weights()`, built once
-  per call (a copy of the layer weights): q/k/v fused into one matmul, gate/up
-  into one, all [out, in]; at hidden 1024, batch 16 that took ~15% less CPU
-  time per call, at hidden 256 no measurable change. Attention of the one new
-  token per row uses einsums without the T axis over a transposed key cache
-  (`Attention.attend`), 12-20% more tokens/s per call than the T-axis
-  einsums; a broadcast-multiply-reduce over the cache instead
-  of the einsums measured no better inside the loop.
+* Layouts chosen for decode-size batches (benchmarks/bench_sampler.py compares
+  them with the alternatives): the unembedding is used as [V, D] in the loop
+  (each logit reads one contiguous row), greedy log-probs reuse the max logit
+  instead of a gather, and the PAD/BOS ban is a fused `where`, not a scatter.
+  The decode loop runs on `Transformer.decode_weights()`, built once per call
+  (a copy of the layer weights): q/k/v fused into one matmul, gate/up into
+  one, all [out, in]. Attention of the one new token per row uses einsums
+  without the T axis over a transposed key cache (`Attention.attend`).
 * Left out on purpose: streaming, stop strings (host-side, needs the
   tokenizer), speculative decoding, paged attention, per-row settings
   (temperature etc. are per call), and shrinking the slot batch for the tail
@@ -118,30 +114,36 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from entrl import config as C
 from entrl.models import DECODE_AXES, K_CACHE_AXES, V_CACHE_AXES, KVCache, Transformer
 from entrl.sharding import data_shards, logical_to_spec
 
-_NEG = float(np.finfo(np.float32).min)  # masked score (finite, as in the model: no NaN)
-
 __all__ = [
     "DEFAULT_BUCKETS",
+    "FINISH_LENGTH",
     "FINISH_REASONS",
+    "FINISH_STOP",
     "Rollout",
     "Sampler",
     "SamplingConfig",
+    "build_sampler",
+    "cache_dtype",
     "choose_bucket",
     "filter_logits",
     "generate",
     "pad_prompts",
     "sample_next_token",
     "slot_layout",
+    "special_token_ids",
     "token_keys",
 ]
 
 _F32 = jnp.float32
 #: Prompt-length buckets: prompts are left-padded to the smallest one that fits.
 DEFAULT_BUCKETS: tuple[int, ...] = tuple(2**k for k in range(6, 16))  # 64 ... 32768
-#: `Rollout.finish_code` values index this tuple.
+#: `Rollout.finish_code` values: a row cut at max_new_tokens, or one that emitted a stop id.
+FINISH_LENGTH, FINISH_STOP = 0, 1
+#: The codes' names (indexed by the code).
 FINISH_REASONS: tuple[str, ...] = ("length", "stop")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -220,6 +222,40 @@ class SamplingConfig:
         if len(self.banned_ids) >= vocab_size:
             raise ValueError(f"banned_ids {self.banned_ids} leave no token to sample")
 
+    @classmethod
+    def for_tokenizer(cls, tokenizer, **settings) -> SamplingConfig:
+        """`settings` plus the token ids a tokenizer decides: stop on its stop ids (EOS / end of turn), PAD
+        as filler, and the PAD/BOS ban (`special_token_ids`)."""
+        return cls(**settings, **special_token_ids(tokenizer.stop_token_ids, tokenizer.pad_token_id,
+                                                   tokenizer.bos_token_id))
+
+
+def special_token_ids(eos_ids, pad_id: int, bos_id) -> dict:
+    """`eos_ids`, `pad_id` and `banned_ids` of a `SamplingConfig`: the one place PAD and BOS are banned
+    (a response never holds them mid-sequence; an id that is also EOS stays allowed, see the module
+    docstring)."""
+    banned = {int(pad_id), *_as_id_tuple(bos_id)}
+    return {"eos_ids": _as_id_tuple(eos_ids), "pad_id": int(pad_id), "banned_ids": tuple(sorted(banned))}
+
+
+def cache_dtype(cfg: C.RunConfig, setting: str) -> str:
+    """A KV-cache dtype setting of a run config resolved: "auto" is the compute dtype."""
+    return cfg.model.dtype if setting == "auto" else setting
+
+
+def build_sampler(cfg: C.RunConfig, tokenizer, mesh, *, n: int | None = None, max_new_tokens: int | None = None,
+                  temperature: float | None = None, top_p: float | None = None, slots: int = 0) -> Sampler:
+    """A sampler with a run's rollout settings and the tokenizer's token ids (`SamplingConfig.for_tokenizer`).
+
+    `slots`: continuous batching; the training rollout passes `rollout.slots`, the evaluation and
+    annotation samplers (other batch shapes) decode every row at once."""
+    r = cfg.rollout
+    sc = SamplingConfig.for_tokenizer(
+        tokenizer, n=n or r.n, temperature=r.temperature if temperature is None else temperature,
+        top_p=top_p or r.top_p, top_k=r.top_k, max_new_tokens=max_new_tokens or r.max_new_tokens,
+        cache_dtype=cache_dtype(cfg, r.cache_dtype), slots=slots)
+    return Sampler(sc, mesh=mesh)
+
 
 # ----------------------------------------------------------------------------
 # Output
@@ -236,7 +272,7 @@ class Rollout:
     mask: jax.Array  # [R, L] int32; 1 for response tokens up to and including the stop token
     logprobs: jax.Array  # [R, L] float32 log softmax(logits / T)[token] (full vocabulary); 0 where masked
     lengths: jax.Array  # [R] int32 response length (= mask.sum(-1))
-    finish_code: jax.Array  # [R] int32 index into FINISH_REASONS (0 = length, 1 = stop)
+    finish_code: jax.Array  # [R] int32: FINISH_LENGTH | FINISH_STOP (their names: FINISH_REASONS)
     prompt_index: jax.Array  # [R] int32 which prompt the row answers
     prompt_ids: jax.Array  # [R, P] int32 prompt tokens, left-padded with PAD
     prompt_mask: jax.Array  # [R, P] int32; 1 on real prompt tokens
@@ -431,9 +467,8 @@ def _logits(h_BxD, w_DxV):
 def _logits_vd(h_BxD, w_VxD):
     """Float32 logits h @ W^T for W^T stored [V, D] (each logit reads one contiguous row).
 
-    On CPU the [V, D] layout measured ~1.5x faster than [D, V] for decode-size
-    batches (B = 16) and the same at B = 128; the values equal `_logits` up to
-    float32 summation order.
+    The layout the decode loop uses (benchmarks/bench_sampler.py compares it with
+    [D, V]); the values equal `_logits` up to float32 summation order.
     """
     return lax.dot_general(h_BxD, w_VxD, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
 
@@ -722,7 +757,7 @@ def _sample(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: Samp
         mask=(jnp.arange(max_new, dtype=jnp.int32)[None, :] < lengths_R[:, None]).astype(jnp.int32),
         logprobs=state.logprobs,
         lengths=lengths_R,
-        finish_code=stopped_R.astype(jnp.int32),
+        finish_code=jnp.where(stopped_R, FINISH_STOP, FINISH_LENGTH).astype(jnp.int32),
         prompt_index=jnp.arange(rows, dtype=jnp.int32) // cfg.n,
         prompt_ids=_rows(jnp.repeat(prompt_ids_BxP, cfg.n, axis=0), mesh),
         prompt_mask=_rows(jnp.repeat(prompt_mask_BxP, cfg.n, axis=0), mesh),
@@ -900,10 +935,9 @@ def generate(
         pad_id = mcfg.pad_token_id if mcfg is not None else None
         if pad_id is None:
             pad_id = eos[0] if eos else 0
-    banned = {pad_id} | set(_as_id_tuple(mcfg.bos_token_id if mcfg is not None else None))
     cfg = SamplingConfig(
         n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-        eos_ids=eos, pad_id=int(pad_id), banned_ids=tuple(sorted(banned)), cache_dtype=cache_dtype, slots=slots,
+        cache_dtype=cache_dtype, slots=slots, **special_token_ids(eos, pad_id, mcfg.bos_token_id if mcfg is not None else None),
     )  # fmt: skip
     ids, mask = pad_prompts(prompts, pad_id=cfg.pad_id, buckets=DEFAULT_BUCKETS if buckets is None else buckets)
     if mcfg is not None:

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from entrl.rl.step import response_stats
+from entrl.token_stats import response_stats
 
 log = logging.getLogger("entrl.sft")
 

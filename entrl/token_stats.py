@@ -26,12 +26,9 @@ token. Design decisions:
   unsharded (a contiguous split would shard the scan axis instead).
 * Matmuls run in the inputs' dtype (bfloat16 allowed) with float32
   accumulation; all softmax statistics are float32.
-* Default chunk_size = 512 tokens. Measured on the shared 2-core CPU box
-  (T = 4096, D = 1536, V = 151,936, float32; benchmarks/bench_token_stats.py),
-  peak extra RSS as a fraction of the naive full-logits version:
-  forward 6% / 9% / 18% for chunks of 256 / 512 / 1024; forward+backward
-  23% (512) and 26% (1024); times within load noise of naive (0.9-1.3x).
-  512 is the largest chunk under the 25% budget for both passes. On
+* Default chunk_size = 512 tokens: the largest chunk whose peak extra memory
+  stays under a quarter of the naive full-logits version's in both passes at a
+  1.5B model's sizes (benchmarks/bench_token_stats.py measures it). On
   accelerators, bigger chunks feed the matrix units better; the global chunk
   is split across data-parallel shards.
 * The backward accumulates dW in a float32 [D, V] carry (one extra copy of w;
@@ -49,9 +46,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax import lax
 
-__all__ = ["token_logprobs_and_entropy", "token_logprobs", "naive_token_stats"]
+__all__ = ["batched_response_stats", "compute_logprobs", "micro_rows", "naive_token_stats", "response_stats",
+           "token_logprobs", "token_logprobs_and_entropy"]
 
 _F32 = jnp.float32
 
@@ -279,3 +278,100 @@ def _naive_jit(h_BxTxD, w_DxV, targets_BxT, temperature):
     logp_BxT = jnp.take_along_axis(logp_all_BxTxV, targets_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
     ent_BxT = -jnp.sum(jnp.exp(logp_all_BxTxV) * logp_all_BxTxV, axis=-1)
     return logp_BxT, ent_BxT
+
+
+# ---------------------------------------------------------------------------
+# Response rows: prompt (left-padded, P) ++ response (L) -> per-token stats of the response.
+# Used by the RL update (`entrl.rl.step`), the evaluation's entropy and the SFT warm start.
+# ---------------------------------------------------------------------------
+
+
+def response_stats(model, prompt_ids_NxP, prompt_mask_NxP, resp_ids_NxL, *, temperature: float, chunk_size: int = 512):
+    """Per-token log-prob and entropy of the response tokens under `model`.
+
+    Returns `(logp_NxL, entropy_NxL)` in float32 at `temperature`. Positions are
+    `cumsum(mask) - 1` over the left-padded prompt, continuing through the
+    response, exactly as the sampler assigns them.
+    """
+    P = prompt_ids_NxP.shape[1]
+    seq_NxS = jnp.concatenate([prompt_ids_NxP, resp_ids_NxL], axis=1)
+    mask_NxS = jnp.concatenate([prompt_mask_NxP.astype(jnp.int32), jnp.ones_like(resp_ids_NxL, jnp.int32)], axis=1)
+    pos_NxS = jnp.maximum(jnp.cumsum(mask_NxS, axis=1) - 1, 0)
+    h_NxSxD = model.hidden(seq_NxS[:, :-1], attention_mask=mask_NxS[:, :-1], positions=pos_NxS[:, :-1])
+    h_NxLxD = h_NxSxD[:, P - 1:]
+    return token_logprobs_and_entropy(h_NxLxD, model.unembedding(), resp_ids_NxL, temperature=temperature, chunk_size=chunk_size)
+
+
+def micro_rows(x, num_micro: int, shards: int = 1):
+    """[N, ...] -> [num_micro, N / num_micro, ...], micro-batch i = the i-th block of every shard's rows.
+
+    Shard s holds rows [s N/S, (s+1) N/S); micro-batch i takes rows s N/S + i p + [0, p) of each
+    shard (p = N / (S num_micro)), in shard order, so it stays split over the shards as the batch is.
+    """
+    n = x.shape[0]
+    if n % (shards * num_micro):
+        raise ValueError(f"{n} rows do not split into {shards} shards x {num_micro} micro-batches")
+    x = x.reshape((shards, num_micro, n // (shards * num_micro)) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((num_micro, n // num_micro) + x.shape[3:])
+
+
+def from_micro_rows(x, shards: int = 1):
+    """Inverse of `micro_rows`: [num_micro, N / num_micro, ...] -> [N, ...] in the original row order."""
+    num_micro, m = x.shape[:2]
+    x = x.reshape((num_micro, shards, m // shards) + x.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape((num_micro * m,) + x.shape[3:])
+
+
+def response_buckets(max_len: int, count: int) -> tuple[int, ...]:
+    """The response lengths micro-batches are trimmed to: ceil(L k / K) for k = 1..K, distinct, ending at L."""
+    return tuple(sorted({-(-max_len * k // count) for k in range(1, max(count, 1) + 1)}))
+
+
+def bucket_index(resp_len_M, buckets: tuple[int, ...]):
+    """Index of the smallest bucket that holds the longest of the rows' responses ([] int32)."""
+    longest = jnp.max(resp_len_M)
+    return jnp.sum(longest > jnp.asarray(buckets[:-1], jnp.int32)).astype(jnp.int32)
+
+
+def resp_lengths(batch: dict):
+    """[N] response lengths: `resp_len` if the batch has it, else the extent of `resp_mask`, else L for every row."""
+    if "resp_len" in batch:
+        return jnp.asarray(batch["resp_len"], jnp.int32)
+    n, max_len = batch["resp_ids"].shape
+    if "resp_mask" in batch:
+        cols = jnp.arange(1, max_len + 1, dtype=jnp.int32)
+        return jnp.max(jnp.where(jnp.asarray(batch["resp_mask"]) > 0, cols, 0), axis=1)
+    return jnp.full((n,), max_len, jnp.int32)
+
+
+def trimmed_response_stats(model, mb: dict, length: int, *, temperature: float, chunk_size: int):
+    """`response_stats` on the first `length` response columns, zero-padded back to L."""
+    max_len = mb["resp_ids"].shape[1]
+    logp, ent = response_stats(model, mb["prompt_ids"], mb["prompt_mask"], mb["resp_ids"][:, :length],
+                               temperature=temperature, chunk_size=chunk_size)
+    pad = ((0, 0), (0, max_len - length))
+    return jnp.pad(logp, pad), jnp.pad(ent, pad)
+
+
+def batched_response_stats(graphdef, params, batch: dict, *, temperature: float, num_micro: int, chunk_size: int,
+                           shards: int = 1, length_buckets: int = 1):
+    """Detached log-probs/entropies of a whole batch, one micro-batch at a time (lax.map), each run up to its
+    length bucket (`resp_len` of the batch, see `resp_lengths`)."""
+    model = nnx.merge(graphdef, params)
+    buckets = response_buckets(batch["resp_ids"].shape[1], length_buckets)
+
+    def one(mb):
+        branches = [lambda m, b=b: trimmed_response_stats(model, m, b, temperature=temperature, chunk_size=chunk_size)
+                    for b in buckets]
+        if len(branches) == 1:
+            return branches[0](mb)
+        return jax.lax.switch(bucket_index(mb["resp_len"], buckets), branches, mb)
+
+    full = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "resp_ids")} | {"resp_len": resp_lengths(batch)}
+    logp, ent = jax.lax.map(one, {k: micro_rows(v, num_micro, shards) for k, v in full.items()})
+    return (jax.lax.stop_gradient(from_micro_rows(logp, shards)),
+            jax.lax.stop_gradient(from_micro_rows(ent, shards)))
+
+
+compute_logprobs = jax.jit(batched_response_stats, static_argnames=("graphdef", "temperature", "num_micro",
+                                                                   "chunk_size", "shards", "length_buckets"))

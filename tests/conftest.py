@@ -20,6 +20,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+pytest_plugins = ["fake_gcs"]  # the `fake_gcs` fixture (tests/fake_gcs.py) for every test module
+
 _CACHE = Path(os.environ.get("ENTRL_TEST_COMPILE_CACHE", Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"))
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from entrl import config as C
-from entrl.ablate import METHODS, ci95, curriculum_label, format_ablation, method_overrides, resolve
+from entrl.ablate import DEFAULT_METHODS, METHODS, ci95, curriculum_label, format_ablation, method_overrides, resolve
 from entrl.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +33,14 @@ def test_baselines_resolve_without_the_curriculum(config, tmp_path):
     assert (cfg.loss.name, cfg.curriculum.enabled) == ("sent", False)
     released = resolve(config, "sent_released", out_dir=tmp_path / "r")
     assert released.loss.scope == "microbatch" and released.train.microbatch_per_shard == 4
+
+
+def test_every_loss_is_a_method_and_the_default_columns_are_the_papers():
+    from entrl.rl.loss_specs import LOSSES
+
+    assert all(METHODS[name].loss == name for name in LOSSES)  # `entrl ablate --methods <loss>` runs each loss
+    assert DEFAULT_METHODS == ("grpo", "entropy_bonus", "entropy_adv", "high_entropy_mask", "clip_cov", "kl_cov",
+                               "high_en", "sent")
 
 
 def test_method_table_and_refusals(tmp_path, capsys):

@@ -2,12 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
-from fake_gcs import fake_gcs  # noqa: F401  (fixture)
 
 from entrl import config as C
 from entrl import sampling
-from entrl.semantic_entropy import SE_COLUMNS, annotate_cli
+from entrl.rl.setup import annotate_dataset
+from entrl.semantic_entropy import SE_COLUMNS
 
 
 @pytest.fixture()
@@ -32,14 +33,15 @@ def _cfg():
 def test_annotate_writes_columns_histogram_and_resumes(small_dataset, tmp_path, monkeypatch):
     path, rows = small_dataset
     out = tmp_path / "annotated.jsonl"
-    annotate_cli(_cfg(), data=str(path), out=str(out))
+    assert annotate_dataset(_cfg(), data=str(path), out=str(out)) == len(rows)
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["id"] for g in got] == [r["id"] for r in rows]
     for g in got:
         assert set(SE_COLUMNS) <= set(g)
-        assert 0.0 <= g["se_norm"] <= 1.0 + 1e-9
         assert sum(g["class_sizes"]) == 4 and len(g["class_sizes"]) == g["n_classes"]
-        assert 0.0 <= g["pass_rate"] <= 1.0
+        p = np.array(g["class_sizes"]) / 4  # classes are never empty; the SE of the written classes, recomputed: -sum p ln p
+        assert g["se"] == pytest.approx(-(p * np.log(p)).sum()) and g["se_norm"] == pytest.approx(g["se"] / np.log(4))
+        assert g["pass_rate"] * 4 == round(g["pass_rate"] * 4)  # correct samples out of 4
     assert (tmp_path / "annotated.jsonl.se_hist.png").stat().st_size > 0
 
     # Interrupted run: the progress file lost its last two prompts. Only those are sampled again.
@@ -47,21 +49,21 @@ def test_annotate_writes_columns_histogram_and_resumes(small_dataset, tmp_path, 
     lines = progress.read_text().splitlines()
     progress.write_text("\n".join(lines[:-2]) + "\n")
     calls = _count_sampling(monkeypatch)
-    annotate_cli(_cfg(), data=str(path), out=str(out))
+    annotate_dataset(_cfg(), data=str(path), out=str(out))
     assert calls == [2]
     again = [json.loads(line) for line in out.read_text().splitlines()]
     assert again == got  # same samples for the same prompts (keyed by prompt position)
 
     # Finished: nothing is sampled at all.
     calls.clear()
-    annotate_cli(_cfg(), data=str(path), out=str(out))
+    annotate_dataset(_cfg(), data=str(path), out=str(out))
     assert calls == []
 
 
 def test_annotate_rejects_unknown_output_format(small_dataset, tmp_path):
     path, _ = small_dataset
     with pytest.raises(ValueError, match="jsonl or .parquet"):
-        annotate_cli(_cfg(), data=str(path), out=str(tmp_path / "x.csv"))
+        annotate_dataset(_cfg(), data=str(path), out=str(tmp_path / "x.csv"))
 
 
 def test_annotate_reads_and_writes_a_bucket(small_dataset, tmp_path, fake_gcs, monkeypatch):
@@ -71,17 +73,17 @@ def test_annotate_reads_and_writes_a_bucket(small_dataset, tmp_path, fake_gcs, m
 
     path, rows = small_dataset
     local = tmp_path / "local.jsonl"
-    annotate_cli(_cfg(), data=str(path), out=str(local))
+    annotate_dataset(_cfg(), data=str(path), out=str(local))
     epath.Path("gs://bucket/data.jsonl").write_text(path.read_text())
     out = "gs://bucket/se/annotated.jsonl"
-    annotate_cli(_cfg(), data="gs://bucket/data.jsonl", out=out)
+    annotate_dataset(_cfg(), data="gs://bucket/data.jsonl", out=out)
     assert epath.Path(out).read_text() == local.read_text()
     assert epath.Path(out + ".se_hist.png").read_bytes()[:4] == b"\x89PNG"
 
     progress = epath.Path(out + ".progress.jsonl")
     progress.write_text("".join(line + "\n" for line in progress.read_text().splitlines()[:-2]))
     calls = _count_sampling(monkeypatch)
-    annotate_cli(_cfg(), data="gs://bucket/data.jsonl", out=out)
+    annotate_dataset(_cfg(), data="gs://bucket/data.jsonl", out=out)
     assert calls == [2] and epath.Path(out).read_text() == local.read_text()
 
 
@@ -105,7 +107,7 @@ def test_stale_progress_is_never_reused(small_dataset, tmp_path, monkeypatch, ca
     path, rows = small_dataset
     out = tmp_path / "annotated.jsonl"
     progress = tmp_path / "annotated.jsonl.progress.jsonl"
-    annotate_cli(_cfg(), data=str(path), out=str(out))
+    annotate_dataset(_cfg(), data=str(path), out=str(out))
     provenance = json.loads((tmp_path / "annotated.jsonl.provenance.json").read_text())["provenance"]
     assert provenance["n"] == 4 and provenance["dataset"] and provenance["model"]["params"]
 
@@ -125,7 +127,7 @@ def test_stale_progress_is_never_reused(small_dataset, tmp_path, monkeypatch, ca
         progress.write_text("\n".join(lines[1:]) + "\n")
     calls = _count_sampling(monkeypatch)
     with caplog.at_level(logging.INFO, logger="entrl.semantic_entropy"):
-        annotate_cli(cfg, data=str(path), out=str(out), **kwargs)
+        annotate_dataset(cfg, data=str(path), out=str(out), **kwargs)
     assert sum(calls) == len(rows), "every prompt must be sampled again"
     assert len(list(tmp_path.glob("annotated.jsonl.progress.jsonl.stale-*"))) == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -139,5 +141,5 @@ def test_stale_progress_is_never_reused(small_dataset, tmp_path, monkeypatch, ca
     assert (new == provenance) == (change in ("no_resume", "legacy_file"))
     # The fresh progress file resumes like any other.
     calls.clear()
-    annotate_cli(cfg, data=str(path), out=str(out), **{k: v for k, v in kwargs.items() if k != "resume"})
+    annotate_dataset(cfg, data=str(path), out=str(out), **{k: v for k, v in kwargs.items() if k != "resume"})
     assert calls == []

@@ -9,7 +9,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from entrl.checkpoint import COMMIT_MARKER, CheckpointManager, nonfinite_leaves
 
@@ -26,7 +27,7 @@ def _model_and_opt(seed=0):
 
 
 def _save(mgr, step, params, opt_state, **kw):
-    return mgr.save(step, params=params, opt_state=opt_state, rng=jax.random.key(step),
+    return mgr.save(step, params=params, opt_state=opt_state,
                     meta={"step": step, "stage": 1, "metrics": {"reward": np.float32(0.25)}},
                     data_state={"epoch": 0, "position": 7 * step}, **kw)
 
@@ -58,8 +59,6 @@ def test_round_trip_pure_dict(tmp_path):
     _assert_trees_equal(got.params, params)
     _assert_trees_equal(got.opt_state, opt_state)  # namedtuple Adam state comes back as such
     assert int(got.opt_state[0].count) == 1
-    assert jax.random.key_impl(got.rng) == jax.random.key_impl(jax.random.key(3))
-    np.testing.assert_array_equal(jax.random.key_data(got.rng), jax.random.key_data(jax.random.key(3)))
     assert got.meta == {"step": 3, "stage": 1, "metrics": {"reward": 0.25}}
     assert got.data_state == {"epoch": 0, "position": 21}
 
@@ -69,22 +68,43 @@ def test_round_trip_pure_dict(tmp_path):
     mgr.close()
 
 
-def test_round_trip_nnx_state_and_raw_key(tmp_path):
+def test_round_trip_nnx_state(tmp_path):
     model = nnx.Linear(4, 3, rngs=nnx.Rngs(1))
     state = nnx.state(model)
     opt_state = optax.adamw(1e-2).init(state)  # Adam moments are nnx.States too
     mgr = CheckpointManager(tmp_path, async_save=False)
-    raw_key = jax.random.PRNGKey(5)
-    mgr.save(1, params=state, opt_state=opt_state, rng=raw_key, meta={}, data_state={})
+    mgr.save(1, params=state, opt_state=opt_state, meta={}, data_state={})
 
     abstract = nnx.state(nnx.eval_shape(lambda: nnx.Linear(4, 3, rngs=nnx.Rngs(0))))
     got = mgr.restore_latest(params_target=abstract, opt_state_target=jax.eval_shape(lambda: opt_state))
     assert isinstance(got.params, nnx.State) and isinstance(got.params["kernel"], nnx.Param)
     np.testing.assert_array_equal(got.params["kernel"][...], model.kernel[...])
     assert isinstance(got.opt_state[0].mu, nnx.State)
-    assert got.rng.dtype == jnp.uint32
-    np.testing.assert_array_equal(got.rng, raw_key)
     nnx.update(model, got.params)  # the restored state plugs straight into a module
+    mgr.close()
+
+
+def test_a_step_written_with_an_rng_item_still_restores(tmp_path):
+    """Older entrl saved the (never read) RNG key as a sixth item; those run directories still resume."""
+    import orbax.checkpoint as ocp
+
+    from entrl.checkpoint import INTEGRITY_ITEM, _json_digest, fingerprint_leaves
+
+    params, opt_state = _model_and_opt()
+    docs = {"rng": {"impl": None, "dtype": "uint32", "shape": [2], "data": [0, 5]}, "meta": {"step": 2},
+            "data_state": {"process_count": 1, "states": [{"position": 3}]}}
+    integrity = {"format": 1, "arrays": {"params": fingerprint_leaves(params), "opt_state": fingerprint_leaves(opt_state)},
+                 "json": {name: _json_digest(doc) for name, doc in docs.items()}}
+    old = CheckpointManager(tmp_path, async_save=False)
+    old._manager.save(2, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+        **{name: ocp.args.JsonSave(doc) for name, doc in docs.items()}, **{INTEGRITY_ITEM: ocp.args.JsonSave(integrity)}))
+    old.close()
+    assert (tmp_path / "2" / "rng").is_dir()
+    mgr = CheckpointManager(tmp_path, async_save=False)
+    got = mgr.restore_latest(params_target=params, opt_state_target=opt_state, strict=True)
+    assert got.step == 2 and got.meta == {"step": 2} and got.data_state == {"position": 3}
+    _assert_trees_equal(got.params, params)
     mgr.close()
 
 
@@ -107,7 +127,7 @@ def test_corrupt_latest_falls_back(tmp_path, caplog, damage):
     params, opt_state = _model_and_opt()
     mgr = CheckpointManager(tmp_path, keep=3, async_save=False)
     for step in (1, 2):
-        _save(mgr, step, jax.tree.map(lambda p: p + step, params), opt_state)
+        _save(mgr, step, jax.tree.map(lambda p, step=step: p + step, params), opt_state)
     latest = tmp_path / "2"
     if damage == "delete":
         for f in _data_files(latest / "params"):
@@ -180,7 +200,7 @@ def test_nonfinite_refused(tmp_path):
              "loose": jnp.asarray(jnp.nan), "host": np.ones(2)}
     assert nonfinite_leaves(mixed) == ["['loose']", "['pinned']"]
     with pytest.raises(ValueError, match="JSON"):
-        mgr.save(1, params=params, opt_state=opt_state, rng=jax.random.key(0), meta={"x": object()},
+        mgr.save(1, params=params, opt_state=opt_state, meta={"x": object()},
                  data_state={})
     mgr.close()
 
@@ -193,7 +213,7 @@ def test_restore_onto_different_mesh(tmp_path):
     params = {"w": jax.device_put(value, NamedSharding(mesh_a, P("x", "y")))}
     opt_state = optax.adamw(1e-3).init(params)
     mgr = CheckpointManager(tmp_path, async_save=True)
-    mgr.save(4, params=params, opt_state=opt_state, rng=jax.random.key(0), meta={}, data_state={})
+    mgr.save(4, params=params, opt_state=opt_state, meta={}, data_state={})
     mgr.wait()
 
     sharding_b = NamedSharding(mesh_b, P("x", "y"))
@@ -301,7 +321,7 @@ def test_clean_restore_is_bitwise_across_dtypes_and_meshes(tmp_path):
     params = put(mesh_a)
     mgr = CheckpointManager(tmp_path, async_save=True)
     count = {"count": jnp.array(7, jnp.int32)}
-    mgr.save(1, params=params, opt_state=count, rng=jax.random.key(0), meta={}, data_state={})
+    mgr.save(1, params=params, opt_state=count, meta={}, data_state={})
     mgr.wait()
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), put(mesh_b))
     got = mgr.restore_latest(params_target=target, opt_state_target=count)

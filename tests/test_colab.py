@@ -6,8 +6,8 @@ import pytest
 
 from entrl import colab
 from entrl import config as C
+from entrl.build import check_batch_layout
 from entrl.colab import GiB, describe_devices, plan_run
-from entrl.rl.setup import check_batch_layout
 
 R1, QWEN = colab.MODELS["r1-1.5b"].name, colab.MODELS["qwen-0.5b"].name
 

@@ -25,12 +25,19 @@ def test_demo_quick_writes_summary_checkpoint_and_plots(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())
+    problems, n = s["heldout_problems"], s["samples_per_problem"]
+    assert (problems, n, s["k"]) == (32, 2, 2)  # demo.QUICK's held-out set
     for side in ("before", "after"):
         assert set(s[side]) >= {"pass@1", "pass@k", "entropy"}
-        assert 0.0 <= s[side]["pass@1"] <= 1.0 and 0.0 <= s[side]["pass@k"] <= 1.0
-        assert s[side]["pass@k"] >= s[side]["pass@1"] - 1e-9
+        # counts over the whole held-out set: pass@1 of `n` samples per problem, pass@k (k = n) of problems
+        assert s[side]["pass@1"] * problems * n == pytest.approx(round(s[side]["pass@1"] * problems * n))
+        assert s[side]["pass@k"] * problems == pytest.approx(round(s[side]["pass@k"] * problems))
+        assert s[side]["pass@k"] == s[side]["pass@2"]
+    # the paired gain is the difference of the two means, and its normal interval is centred on it
     lo, hi = s["pass@1_gain_ci95"]
-    assert lo <= s["pass@1_gain"] <= hi and s["wall_seconds"] > 0 and s["k"] == 2
+    assert s["pass@1_gain"] == pytest.approx(s["after"]["pass@1"] - s["before"]["pass@1"])
+    assert hi - s["pass@1_gain"] == pytest.approx(s["pass@1_gain"] - lo)
+    assert s["wall_seconds"] > 0
     assert (out / "rl" / "policy" / "config.json").exists()
     assert (out / "warmstart" / "char_tokenizer.json").exists()
     assert list((out / "rl" / "checkpoints").iterdir())

@@ -5,15 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from entrl.evaluation import (
-    avg_at_k,
-    maj_at_k,
-    majority_votes,
-    mean_pass_at_k,
-    pass_at_k,
-    pass_at_k_array,
-    summarize,
-)
+from entrl.evaluation import avg_at_k, maj_at_k, majority_votes, mean_pass_at_k, pass_at_k, pass_at_k_array, summarize
 
 
 def _brute_pass_at_k(n, c, k):

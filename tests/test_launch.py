@@ -475,7 +475,7 @@ def _free_port() -> int:
 
 
 JOIN = textwrap.dedent("""
-    from entrl.rl.setup import maybe_initialize_distributed
+    from entrl.build import maybe_initialize_distributed
     maybe_initialize_distributed()
     import jax
     print("joined", jax.process_index(), jax.process_count(), flush=True)

@@ -20,19 +20,15 @@ from flax import nnx
 from entrl import cli
 from entrl import config as C
 from entrl import plan as P
+from entrl.build import build_tokenizer
 from entrl.checkpoint import CheckpointManager
 from entrl.metrics import read_metrics
 from entrl.models import ModelConfig, create_model, load_pretrained, lora
 from entrl.rl import step as S
-from entrl.rl.setup import (
-    build_model,
-    build_policy,
-    build_tokenizer,
-    reference_params,
-    setup,
-)
-from entrl.rl.trainer import Trainer
+from entrl.rl.setup import build_model, build_policy, setup
+from entrl.rl.trainer import Trainer, reference_params
 from entrl.sharding import make_mesh
+from entrl.token_stats import compute_logprobs
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -223,8 +219,8 @@ def test_reference_is_the_base_with_adapters_off_and_shares_its_arrays(lora_runs
     batch = {"prompt_ids": jnp.asarray(rng.integers(3, 20, (8, 6)), jnp.int32),
              "prompt_mask": jnp.ones((8, 6), jnp.int32), "resp_ids": jnp.asarray(rng.integers(3, 20, (8, 5)), jnp.int32)}
     stats = {"temperature": 1.0, "num_micro": 1, "chunk_size": 512}
-    ref_logp, _ = S.compute_logprobs(comps.graphdef, comps.ref_params, batch, **stats)
-    base_logp, _ = S.compute_logprobs(plain_graphdef, plain_params, batch, **stats)
+    ref_logp, _ = compute_logprobs(comps.graphdef, comps.ref_params, batch, **stats)
+    base_logp, _ = compute_logprobs(plain_graphdef, plain_params, batch, **stats)
     np.testing.assert_allclose(np.asarray(ref_logp), np.asarray(base_logp), atol=1e-6)
 
     gap = {step: float(np.abs(ref - old)[mask.astype(bool)].max()) for step, ref, old, mask in seen}
@@ -317,7 +313,8 @@ def test_policy_and_export_are_merged_checkpoints_transformers_runs(cli_lora_run
     # The trained policy: the base and the adapters of the last checkpoint, run unmerged by entrl.
     cfg = C.from_dict(json.loads((run / "entrl_run.json").read_text()))
     tok = build_tokenizer(cfg)
-    from entrl.rl.setup import RunSource, restore_run_params
+    from entrl.build import RunSource
+    from entrl.rl.setup import restore_run_params
 
     mesh = make_mesh(data=1, fsdp=-1)
     graphdef, init = build_policy(cfg, mesh, tok)

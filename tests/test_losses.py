@@ -9,6 +9,7 @@ Compile time dominates on CPU, so the random comparisons run every loss config i
 one jitted, vmapped function (`_batched`), and hand examples share one shape [1, 6].
 """
 
+import dataclasses
 import math
 from fractions import Fraction
 
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 
 from entrl import config as C
 from entrl.rl import losses as L
+from entrl.rl.loss_specs import LOSSES
 
 E = math.exp
 KEY = jax.random.key(0)
@@ -163,7 +165,7 @@ def test_clip_cov_hand_computed():
 def test_clip_cov_recipe_turns_the_ppo_clip_off():
     """Cui et al.'s recipe (the preset): clip ratio 1 / 1, so r is clipped to [0, 2] and none of the
     ratios 0.90 .. 1.35 is; t1 (0.08) is now a candidate too, and k = 3 zeroes t0, t1, t3."""
-    assert {k: L.PRESETS["clip_cov"][k] for k in ("clip_low", "clip_high")} == {"clip_low": 1.0, "clip_high": 1.0}
+    assert {k: LOSSES["clip_cov"].preset[k] for k in ("clip_low", "clip_high")} == {"clip_low": 1.0, "clip_high": 1.0}
     v, _, _, m = run6("clip_cov", ratio=0.6, cov_lb=0.0, cov_ub=1.0)
     close(v[:5], [0.0, 0.0, R[2], 0.0, R[4]])
     close([m["penalized_frac"], m["clip_frac"]], [0.6, 0.0])
@@ -273,7 +275,7 @@ def test_on_policy_gradient_is_pure_policy_gradient():
     assert g[5] == 0.0
 
 
-@pytest.mark.parametrize("name", sorted(L.PRESETS))
+@pytest.mark.parametrize("name", sorted(LOSSES))
 def test_no_gradient_through_masked_tokens_or_ranking_entropy(name):
     g_lp, g_old, g_adv, g_h = _grad6(name, (0, 1, 2, 3))
     for g in (g_lp, g_old, g_adv, g_h):
@@ -285,7 +287,7 @@ def test_no_gradient_through_masked_tokens_or_ranking_entropy(name):
     assert np.abs(g_lp[:5]).sum() + np.abs(g_adv[:5]).sum() > 0
 
 
-@pytest.mark.parametrize("name", sorted(L.PRESETS))
+@pytest.mark.parametrize("name", sorted(LOSSES))
 def test_all_masked_gives_zero_loss_and_no_nan(name):
     z = np.full((2, 3), np.nan, np.float32)
     fn = lambda lp: L.compute_policy_loss(name, lp, z, z, z, np.zeros((2, 3)), rng=KEY)
@@ -379,7 +381,7 @@ def np_cov(adv, logp, s):
 
 def np_loss(name, hp, logp, old, adv, ent, valid):
     """Reference of docs/method.md (SENT token loss, baselines) on flat arrays; returns per-token values and sets."""
-    hp = {**L.PRESETS[name], **hp}
+    hp = {**LOSSES[name].preset, **hp}
     n = int(valid.sum())
     zero = lambda x: np.where(valid, x, 0).astype(np.float32)
     logp, old, adv, ent = zero(logp), zero(old), zero(adv), zero(ent)
@@ -389,57 +391,120 @@ def np_loss(name, hp, logp, old, adv, ent, valid):
     none = np.zeros(valid.shape, bool)
     out = {"agg": valid.copy(), "penalized": none, "clipped": none, "dual": none, "selected": valid.copy(),
            "cov": np.zeros(valid.shape, np.float32), "cov_set": none}
-
-    def ppo(a, dual=True):
-        p1, p2 = -a * r, -a * np.clip(r, 1 - hp["clip_low"], 1 + hp["clip_high"])
-        pc = np.maximum(p1, p2)
-        if not dual:
-            return pc, p2 > p1, none
-        p3 = -a * hp["dual_clip"]
-        return np.where(a < 0, np.minimum(pc, p3), pc), p2 > p1, (a < 0) & (pc > p3)
-
-    if name == "grpo":
-        values, out["clipped"], out["dual"] = ppo(a)
-    elif name in ("sent", "sent_released", "high_en"):
-        if name == "high_en":
-            s = np_smallest(-h, valid, max(1, math.floor((1 - _frac(hp["rho"])) * n)))
-        else:
-            s = np_smallest(h, valid, max(1, math.floor(_frac(hp["rho"]) * n)))
-        c = np_cov(adv, logp, s)
-        kc = max(1, math.floor(_frac(hp["kcov"]) * int(s.sum())))
-        w = np.where(s, hp["base_mult"], 0.0)
-        w[np_smallest(-c, s, kc)] = hp["high_mult"]
-        w[np_smallest(c, s, kc)] = hp["low_mult"]
-        if hp["pg"] == "clip":
-            pg, out["clipped"], out["dual"] = ppo(a)
-        else:
-            pg = -a * r
-        values = pg + w * hp["beta"] * np.abs(lr)
-        out.update(penalized=w * hp["beta"] > 0, cov=c, cov_set=s, selected=s, w=w)
-    elif name in ("kl_cov", "kl_cov_verl"):
-        c = np_cov(adv, logp, valid)
-        top = np_smallest(-c, valid, max(1, math.floor(_frac(hp["kcov"]) * n)))
-        values = -a * r + np.where(top, hp["beta"], 0.0) * np.abs(lr)
-        out.update(penalized=top & (hp["beta"] > 0), cov=c, cov_set=valid)
-    elif name == "clip_cov":
-        values, clipped, _ = ppo(a, dual=False)
-        c = np_cov(adv, logp, valid)
-        out.update(clipped=clipped, cov=c, cov_set=valid,
-                   cand=valid & ~clipped & (c > hp["cov_lb"]) & (c < hp["cov_ub"]),
-                   k=max(1, math.floor(_frac(hp["ratio"]) * n)))
-    elif name == "entropy_bonus":
-        pg, out["clipped"], out["dual"] = ppo(a)
-        values = pg - hp["coef"] * h
-    elif name == "entropy_adv":
-        a2 = a + np.where(a != 0, np.minimum(hp["alpha"] * h, np.abs(a) / hp["kappa"]), 0.0)
-        values, out["clipped"], out["dual"] = ppo(a2)
-    elif name == "high_entropy_mask":
-        s = np_smallest(-h, valid, math.ceil(_frac(hp["top_frac"]) * n))
-        values, clipped, dual = ppo(a)
-        out.update(agg=s, selected=s, clipped=clipped & s, dual=dual & s)
+    ref = Ref(hp, n, valid, logp, adv, lr, r, a, h, none)
+    values = NP_REFERENCE[name](ref, out)
     out["values"] = np.where(out["agg"], values, 0.0)
     out["lr"], out["r"], out["a"] = lr, r, a
     return out
+
+
+@dataclasses.dataclass
+class Ref:
+    """The inputs of one reference call: hyperparameters, n valid tokens, float32 arrays and float64 lr, r, A, H."""
+
+    hp: dict
+    n: int
+    valid: np.ndarray
+    logp: np.ndarray
+    adv: np.ndarray
+    lr: np.ndarray
+    r: np.ndarray
+    a: np.ndarray
+    h: np.ndarray
+    none: np.ndarray
+
+    def ppo(self, a, dual=True):
+        p1, p2 = -a * self.r, -a * np.clip(self.r, 1 - self.hp["clip_low"], 1 + self.hp["clip_high"])
+        pc = np.maximum(p1, p2)
+        if not dual:
+            return pc, p2 > p1, self.none
+        p3 = -a * self.hp["dual_clip"]
+        return np.where(a < 0, np.minimum(pc, p3), pc), p2 > p1, (a < 0) & (pc > p3)
+
+
+# One reference per registered loss: (inputs, out) -> per-token values, filling out's sets
+# (test_numpy_reference_covers_every_loss keeps it complete).
+def np_grpo(x, out):
+    values, out["clipped"], out["dual"] = x.ppo(x.a)
+    return values
+
+
+def _np_sent_term(x, out, s):
+    hp = x.hp
+    c = np_cov(x.adv, x.logp, s)
+    kc = max(1, math.floor(_frac(hp["kcov"]) * int(s.sum())))
+    w = np.where(s, hp["base_mult"], 0.0)
+    w[np_smallest(-c, s, kc)] = hp["high_mult"]
+    w[np_smallest(c, s, kc)] = hp["low_mult"]
+    if hp["pg"] == "clip":
+        pg, out["clipped"], out["dual"] = x.ppo(x.a)
+    else:
+        pg = -x.a * x.r
+    out.update(penalized=w * hp["beta"] > 0, cov=c, cov_set=s, selected=s, w=w)
+    return pg + w * hp["beta"] * np.abs(x.lr)
+
+
+def np_sent(x, out):
+    return _np_sent_term(x, out, np_smallest(x.h, x.valid, max(1, math.floor(_frac(x.hp["rho"]) * x.n))))
+
+
+def np_high_en(x, out):
+    return _np_sent_term(x, out, np_smallest(-x.h, x.valid, max(1, math.floor((1 - _frac(x.hp["rho"])) * x.n))))
+
+
+def np_kl_cov(x, out):
+    c = np_cov(x.adv, x.logp, x.valid)
+    top = np_smallest(-c, x.valid, max(1, math.floor(_frac(x.hp["kcov"]) * x.n)))
+    out.update(penalized=top & (x.hp["beta"] > 0), cov=c, cov_set=x.valid)
+    return -x.a * x.r + np.where(top, x.hp["beta"], 0.0) * np.abs(x.lr)
+
+
+def np_clip_cov(x, out):
+    """The deterministic part: the values before the random pick, the candidates and how many are picked."""
+    values, clipped, _ = x.ppo(x.a, dual=False)
+    c = np_cov(x.adv, x.logp, x.valid)
+    out.update(clipped=clipped, cov=c, cov_set=x.valid,
+               cand=x.valid & ~clipped & (c > x.hp["cov_lb"]) & (c < x.hp["cov_ub"]),
+               k=max(1, math.floor(_frac(x.hp["ratio"]) * x.n)))
+    return values
+
+
+def np_entropy_bonus(x, out):
+    pg, out["clipped"], out["dual"] = x.ppo(x.a)
+    return pg - x.hp["coef"] * x.h
+
+
+def np_entropy_adv(x, out):
+    a2 = x.a + np.where(x.a != 0, np.minimum(x.hp["alpha"] * x.h, np.abs(x.a) / x.hp["kappa"]), 0.0)
+    values, out["clipped"], out["dual"] = x.ppo(a2)
+    return values
+
+
+def np_high_entropy_mask(x, out):
+    s = np_smallest(-x.h, x.valid, math.ceil(_frac(x.hp["top_frac"]) * x.n))
+    values, clipped, dual = x.ppo(x.a)
+    out.update(agg=s, selected=s, clipped=clipped & s, dual=dual & s)
+    return values
+
+
+NP_REFERENCE = {
+    "grpo": np_grpo,
+    "sent": np_sent,
+    "sent_released": np_sent,
+    "high_en": np_high_en,
+    "kl_cov": np_kl_cov,
+    "kl_cov_verl": np_kl_cov,
+    "clip_cov": np_clip_cov,
+    "entropy_bonus": np_entropy_bonus,
+    "entropy_adv": np_entropy_adv,
+    "high_entropy_mask": np_high_entropy_mask,
+}
+
+
+def test_numpy_reference_covers_every_loss():
+    """A new loss needs its reference here and a case in CONFIGS; a removed one leaves nothing behind."""
+    assert set(NP_REFERENCE) == set(LOSSES)
+    assert {name for name, _ in CONFIGS} == set(LOSSES)
 
 
 def np_metrics(ref, valid):
@@ -495,7 +560,8 @@ def _all_configs(logp, old, adv, ent, mask, key):
         loss, _ = L.compute_policy_loss(name, logp, old, adv, ent, mask, rng=key, agg="seq-mean-token-mean", **hp)
         g = None
         if i in GRAD_CONFIGS:
-            g = jax.grad(lambda lp: L.compute_policy_loss(name, lp, old, adv, ent, mask, **hp)[0])(logp)
+            g = jax.grad(lambda lp, name=name, hp=hp: L.compute_policy_loss(name, lp, old, adv, ent, mask, **hp)[0])(
+                logp)
         res.append((vals, agg, met, loss, g))
     return res
 
@@ -551,7 +617,7 @@ def test_every_loss_matches_numpy_reference(batched):
             if grad is not None:  # token-mean gradient: (1/n)(dpg/dlogp + w beta sign(lr))
                 # (the sequence-mean loss above is not the one differentiated; token-mean is the default agg)
                 n = max(valid.sum(), 1)
-                hp_full = {**L.PRESETS[name], **hp}
+                hp_full = {**LOSSES[name].preset, **hp}
                 if hp_full["pg"] == "clip":
                     continue
                 g_ref = (-ref["a"] * ref["r"] * (np.abs(ref["lr"]) < 20)
@@ -641,12 +707,22 @@ def test_bad_inputs():
         L.aggregate(LP6, M6, "seq-mean-token-sum-norm", max_len=0)
 
 
-def test_validator_is_registered_with_config():
+def test_config_validates_losses_from_their_declarations():
     with pytest.raises(C.ConfigError, match="valid losses"):
         C.load_config(None, ["loss.name=sentt"])
     with pytest.raises(C.ConfigError, match="rho"):
         C.load_config(None, ["loss.name=sent", "loss.params={rho: 2.0}"])
+    with pytest.raises(C.ConfigError, match="cov_lb=6.0 must be < cov_ub"):
+        C.load_config(None, ["loss.name=clip_cov", "loss.params={cov_lb: 6.0}"])
     cfg = C.load_config(None, ["loss.name=kl_cov_verl", "loss.params={beta: 0.2}"])
     assert cfg.loss.params == {"beta": 0.2}
-    with pytest.raises(C.ConfigError, match="valid: clip_low, clip_high, dual_clip"):
+    with pytest.raises(ValueError, match="valid: clip_low, clip_high, dual_clip"):
         L.validate_loss_params("grpo", {"eps": 0.2})
+
+
+def test_every_declared_loss_has_one_function():
+    assert set(L._LOSS_FNS) == set(LOSSES)
+    with pytest.raises(KeyError, match="no declaration"):
+        L.loss_fn("not_declared")(lambda *a, **k: None)
+    with pytest.raises(KeyError, match="two functions"):
+        L.loss_fn("grpo")(lambda *a, **k: None)

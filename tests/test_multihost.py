@@ -29,8 +29,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from conftest import CPU_TEST_XLA_FLAGS
+
 from entrl.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent

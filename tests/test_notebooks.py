@@ -178,8 +178,10 @@ def test_quickstart(workdir, jupyter_dir):
     out = workdir / "quickstart_out"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "demo" and set(summary["results"]) == {"before RL", "sent", "grpo"}
-    for res in summary["results"].values():
-        assert 0.0 <= res["pass@1"] <= res[f"pass@{summary['k']}"] <= 1.0
+    curve = summary["pass@k_curve"]
+    for label, res in summary["results"].items():  # the curve (from the correctness matrix) ends at the table's
+        at = dict(zip(curve["k"], curve[label]))
+        assert at[1] == pytest.approx(res["pass@1"]) and at[summary["k"]] == pytest.approx(res[f"pass@{summary['k']}"])
     for loss in ("sent", "grpo"):
         run = out / "seed0" / loss
         assert (run / "metrics.jsonl").exists() and json.loads((run / "result.json").read_text())["loss"] == loss

@@ -228,7 +228,7 @@ def test_property_cover_and_resume(n, batch, procs, stages, epochs, seed, data):
     for stream in streams:
         for stage, epoch, _, idx, _ in stream:
             per_epoch.setdefault((stage, epoch), []).extend(idx)
-    for (stage, epoch), idx in per_epoch.items():
+    for (stage, _epoch), idx in per_epoch.items():
         assert len(idx) == len(set(idx)) == pipes[0].steps_per_epoch(stage) * g
         assert set(idx) <= set(cur.stage_indices(stage).tolist())
     cut = data.draw(st.integers(0, len(streams[0])))

@@ -160,7 +160,7 @@ def test_prepare_with_semantic_entropy_column(tmp_path):
 def test_prepare_benchmarks_from_hub(tmp_path, monkeypatch):
     import datasets
 
-    from entrl.benchmarks import load_benchmark
+    from entrl.eval_suites import load_benchmark
 
     tables = {"HuggingFaceH4/aime_2024": [{"id": 60, "problem": "Find x.", "answer": "025"}],
               "math-ai/amc23": [{"id": 1, "question": "Find y.", "answer": 27.0}]}

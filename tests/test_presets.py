@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import CPU_TEST_XLA_FLAGS
+
 from entrl import plan as P
 
 REPO = Path(__file__).resolve().parent.parent

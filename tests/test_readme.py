@@ -67,3 +67,20 @@ def test_config_reference_is_generated():
     assert start in README and end in README, "README lacks the generated configuration reference"
     block = README.split(start, 1)[1].split(end, 1)[0].strip()
     assert block == C.docs_table(), "regenerate with: entrl config --reference"
+
+
+def test_loss_table_is_generated():
+    from entrl.rl import loss_specs
+
+    start, end = "<!-- loss-table:start -->", "<!-- loss-table:end -->"
+    assert start in README and end in README, "README lacks the generated table of losses"
+    block = README.split(start, 1)[1].split(end, 1)[0].strip()
+    assert block == loss_specs.markdown_table(), "regenerate with: entrl config --losses"
+
+
+def test_method_doc_describes_every_loss():
+    from entrl.rl.loss_specs import LOSSES
+
+    method = (REPO / "docs" / "method.md").read_text()
+    missing = [name for name in LOSSES if f"`{name}`" not in method]
+    assert not missing, f"docs/method.md does not describe {missing}"

@@ -15,13 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from entrl import rewards
-from entrl.rewards import (
-    Verifier,
-    answers_equivalent,
-    extract_answer,
-    fast_equivalence,
-    normalize_answer,
-)
+from entrl.rewards import Verifier, answers_equivalent, extract_answer, fast_equivalence, normalize_answer
 
 
 def _sleepy_equivalent(pred: str, gold: str) -> bool:

@@ -15,7 +15,6 @@ from pathlib import Path
 import jax
 import pytest
 from etils import epath
-from fake_gcs import fake_gcs  # noqa: F401  (fixture)
 
 from entrl import cli
 from entrl import config as C

@@ -5,15 +5,14 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from scipy import stats
 
 from entrl import sampling
 from entrl.sampling import SamplingConfig, filter_logits, sample_next_token
-
 
 # ----------------------------------------------------------------------------
 # Strategies on raw logits
@@ -169,6 +168,19 @@ def test_config_normalises_and_hashes():
     assert SamplingConfig(temperature=0).logprob_temperature == 1.0
     with pytest.raises(ValueError, match="vocabulary"):
         SamplingConfig(eos_ids=(300,)).check_vocab(256)
+
+
+def test_settings_from_a_tokenizer_ban_pad_and_bos_unless_they_stop():
+    from types import SimpleNamespace
+
+    from entrl.tokenizer import CharTokenizer
+
+    char = CharTokenizer()  # PAD 0, BOS 1, EOS 2
+    cfg = SamplingConfig.for_tokenizer(char, n=3, max_new_tokens=5)
+    assert (cfg.n, cfg.max_new_tokens, cfg.eos_ids, cfg.pad_id, cfg.banned_ids) == (3, 5, (2,), 0, (0, 1))
+    qwen = SimpleNamespace(stop_token_ids=[151643, 151645], pad_token_id=151643, bos_token_id=None)  # PAD = EOS
+    cfg = SamplingConfig.for_tokenizer(qwen)
+    assert (cfg.eos_ids, cfg.pad_id, cfg.banned_ids) == ((151643, 151645), 151643, ())
 
 
 def test_pad_prompts_and_buckets():
@@ -377,8 +389,8 @@ def _finish_order(lengths, slots: int, shards: int = 1) -> list[int]:
 def test_slots_sample_the_same_responses_as_one_shot(tiny, stochastic, slots):
     """Fewer slots than rows (1: one row at a time; 5: not a multiple of n, rows finishing out of order),
     as many, and more: the same tokens, log-probs and finish reasons as the one-shot sampler for the
-    same seed, and log-probs equal to the trainer's recompute (`entrl.rl.step.response_stats`)."""
-    from entrl.rl.step import response_stats
+    same seed, and log-probs equal to the trainer's recompute (`entrl.token_stats.response_stats`)."""
+    from entrl.token_stats import response_stats
 
     _, model = tiny
     ids, mask, base = stochastic

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from entrl.models import ModelConfig, Transformer, create_model, load_pretrained, save_pretrained
-from entrl.sharding import (batch_sharding, logical_to_spec, make_mesh, param_shardings, shard_batch,
-                            shard_model)
+from entrl.sharding import batch_sharding, logical_to_spec, make_mesh, param_shardings, shard_batch, shard_model
 
 CFG = ModelConfig(arch="qwen2", vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True)

@@ -235,8 +235,8 @@ def test_float_answers_are_exact(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from entrl.benchmarks import _answer_text
     from entrl.data.sources import number_text
+    from entrl.eval_suites import _answer_text
 
     values = [1e23, 27.0, 2.5, 1e-7, -0.0, 0.1, 123456789012345678.0, np.float32(0.1), np.int64(-4)]
     want = ["100000000000000000000000", "27", "2.5", "0.0000001", "0", "0.1", "123456789012345680", "0.1", "-4"]

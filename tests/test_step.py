@@ -15,6 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
+from entrl import token_stats as TS
 from entrl.models import ModelConfig, create_model
 from entrl.rl import losses as L
 from entrl.rl import step as S
@@ -41,7 +42,7 @@ def batch(model):
     resp_len = rng.integers(1, LEN + 1, N)
     resp_mask = (np.arange(LEN)[None] < resp_len[:, None]).astype(np.float32)
     resp_ids = np.where(resp_mask > 0, rng.integers(1, V, (N, LEN)), 0).astype(np.int32)
-    logp, _ = S.compute_logprobs(g, p, {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "resp_ids": resp_ids},
+    logp, _ = TS.compute_logprobs(g, p, {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "resp_ids": resp_ids},
                                  temperature=T, num_micro=1, chunk_size=1024)
     logp = np.asarray(logp)
     return {
@@ -122,7 +123,7 @@ def test_length_trimmed_microbatches_equal_one_shot(model, batch, num_micro, sha
     trimmed = _settings(num_micro=num_micro, shards=shards, length_buckets=3)
     buckets = S.response_buckets(LEN, 3)
     assert buckets == (2, 4, 6)
-    micro_longest = np.asarray(S.micro_rows(jnp.asarray(mb["resp_len"]), num_micro, shards)).max(1)
+    micro_longest = np.asarray(TS.micro_rows(jnp.asarray(mb["resp_len"]), num_micro, shards)).max(1)
     assert min(micro_longest) <= 4  # some micro-batch runs on a shorter branch
     loss_t, m_t, g_t = _sgd_grads(model, mb, trimmed, rng)
     assert abs(loss1 - loss_t) < 1e-6
@@ -138,8 +139,8 @@ def test_trimmed_logprobs_equal_full_and_bucket_choice(model, batch):
     g, p = model
     full = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "resp_ids")}
     resp_len = batch["resp_mask"].sum(1).astype(np.int32)
-    want = S.compute_logprobs(g, p, full, temperature=T, num_micro=4, chunk_size=1024)
-    got = S.compute_logprobs(g, p, dict(full, resp_len=resp_len), temperature=T, num_micro=4, chunk_size=1024,
+    want = TS.compute_logprobs(g, p, full, temperature=T, num_micro=4, chunk_size=1024)
+    got = TS.compute_logprobs(g, p, dict(full, resp_len=resp_len), temperature=T, num_micro=4, chunk_size=1024,
                              length_buckets=3)
     m = batch["resp_mask"] > 0
     # Micro-batch i = rows 2i, 2i+1, run on the smallest of (2, 4, 6) columns holding its longer row:
@@ -164,9 +165,9 @@ def test_length_order_sorts_within_each_shard_block():
 
 def test_micro_rows_take_every_shards_block():
     x = np.arange(12)  # 3 shards of 4 rows, 2 micro-batches of 2 rows per shard
-    micro = np.asarray(S.micro_rows(jnp.asarray(x), 2, 3))
+    micro = np.asarray(TS.micro_rows(jnp.asarray(x), 2, 3))
     np.testing.assert_array_equal(micro, [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10, 11]])
-    np.testing.assert_array_equal(np.asarray(S.from_micro_rows(jnp.asarray(micro), 3)), x)
+    np.testing.assert_array_equal(np.asarray(TS.from_micro_rows(jnp.asarray(micro), 3)), x)
 
 
 @pytest.mark.parametrize("shards", [1, 2])
@@ -186,7 +187,7 @@ def test_microbatch_scope_is_mean_of_per_microbatch_losses(model, batch, shards)
         for i, sh in [(i, sh) for i in range(n_micro) for sh in range(shards)]:
             rows = slice(sh * local + i * m, sh * local + (i + 1) * m)
             mb = {k: jnp.asarray(v[rows]) for k, v in batch.items()}
-            logp, ent = S.response_stats(mdl, mb["prompt_ids"], mb["prompt_mask"], mb["resp_ids"], temperature=T)
+            logp, ent = TS.response_stats(mdl, mb["prompt_ids"], mb["prompt_mask"], mb["resp_ids"], temperature=T)
             adv = jnp.broadcast_to(mb["advantages"][:, None], logp.shape)
             pg, lm = L.compute_policy_loss("sent", logp, mb["old_logp"], adv, ent, mb["resp_mask"],
                                            rng=None, agg="token-mean", max_len=LEN, kcov=0.2)
@@ -230,7 +231,7 @@ def test_nonfinite_step_leaves_state_bitwise_unchanged(model, batch, poison):
 def test_response_stats_equals_full_forward_log_softmax(model, batch):
     g, p = model
     mdl = nnx.merge(g, p)
-    logp, ent = jax.jit(lambda m, a, b, c: S.response_stats(m, a, b, c, temperature=T, chunk_size=16))(
+    logp, ent = jax.jit(lambda m, a, b, c: TS.response_stats(m, a, b, c, temperature=T, chunk_size=16))(
         mdl, batch["prompt_ids"], batch["prompt_mask"], batch["resp_ids"])
     seq = np.concatenate([batch["prompt_ids"], batch["resp_ids"]], 1)
     mask = np.concatenate([batch["prompt_mask"], np.ones_like(batch["resp_ids"])], 1)

@@ -28,13 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from doubles import ParityVerifier
-from fake_gcs import fake_gcs  # noqa: F401  (fixture)
 
 from entrl import cli
 from entrl import config as C
 from entrl.checkpoint import CheckpointManager, nonfinite_leaves
+from entrl.data.sources import Record
 from entrl.metrics import read_metrics
-from entrl.rl.losses import PRESETS
+from entrl.rewards import RewardResult
+from entrl.rl.loss_specs import LOSSES
 from entrl.rl.setup import setup
 from entrl.rl.trainer import NonFiniteError, Trainer
 
@@ -99,12 +100,53 @@ def _host(tree):
     return jax.tree.map(np.asarray, tree)
 
 
+class CountingTask:
+    """An `entrl.seams.Task` double: 8 problems `k+1` of its own, no instruction, and a reward that grades a
+    response right iff it holds an even number of characters (counting what it was asked to grade)."""
+
+    instruction = ""
+
+    def __init__(self):
+        self.graded = self.right = 0
+
+    def records(self):
+        return [Record(id=f"count{k}", problem=f"{k}+1", answer=str(k + 1)) for k in range(8)], None
+
+    def reward(self):
+        task = self
+
+        class EvenLength(ParityVerifier):
+            def score(self, responses, references):
+                assert set(references) <= {str(k + 1) for k in range(8)}  # the task's own answers
+                correct = np.array([len(r) % 2 == 0 for r in responses])
+                task.graded, task.right = task.graded + len(responses), task.right + int(correct.sum())
+                counts = {"correct": int(correct.sum()), "incorrect": int((~correct).sum()), "total": len(correct)}
+                return RewardResult(correct.astype(np.float32), correct, [None] * len(responses),
+                                    ["correct" if c else "incorrect" for c in correct], counts)
+
+        return EvenLength()
+
+
+def test_a_task_supplies_the_prompts_answers_and_reward(tmp_path):
+    task = CountingTask()
+    comps = setup(make_cfg(tmp_path, "train.steps=1"), task=task)
+    assert [r.id for r in comps.records] == [f"count{k}" for k in range(8)]
+    assert comps.tokenizer.decode(comps.prompt_tokens[3]) == "3+1="  # no instruction appended
+    trainer = Trainer(comps)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    assert task.graded == 4 * 4  # train.prompts_per_step x rollout.n responses, all graded by the task's reward
+    assert read_metrics(tmp_path)[0]["reward"] == pytest.approx(task.right / task.graded)
+
+
 # ---------------------------------------------------------------------------
 # Smoke test per loss
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss", sorted(PRESETS))
+@pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_smoke_every_loss(tmp_path, loss):
     trainer = run_trainer(make_cfg(tmp_path, f"loss.name={loss}", "train.steps=2"))
     records = read_metrics(tmp_path)
@@ -287,7 +329,10 @@ def test_eval_during_training_for_the_math_task(tmp_path):
     records = read_metrics(run)
     assert [r["step"] for r in records] == [0, 1, 2]
     for r in records:
-        assert 0.0 <= r["eval/pass@1"] <= r["eval/pass@2"] + 1e-9 <= 1.0 + 1e-9 and 0 <= r["eval/avg@2"] <= 1
+        # 3 problems x 2 samples: pass@1 counts correct samples of 6, pass@2 problems of 3; avg@2 = pass@1 at k = n
+        assert r["eval/pass@1"] * 6 == pytest.approx(round(r["eval/pass@1"] * 6))
+        assert r["eval/pass@2"] * 3 == pytest.approx(round(r["eval/pass@2"] * 3))
+        assert r["eval/avg@2"] == pytest.approx(r["eval/pass@1"])
         assert r["eval/response_length"] > 0
     from entrl.evaluation import evaluate_prompts
 
@@ -503,10 +548,14 @@ def test_sigterm_writes_a_checkpoint_and_no_policy(cli_run, tmp_path, capsys):
     assert not (out / "policy").exists()  # the run did not finish: no policy as if it had
     assert list((out / "tb").glob("events.*"))
     assert "\n" not in err and "SIGTERM" in err and "step 2" in err and "run the same command again" in err, err
-    # ... and the same command resumes it to the end, then writes the policy.
+    # ... and the same command resumes it to the end, then writes the policy (a console line every
+    # train.log_every = 2 steps, and one for the last step).
     run = tmp_path / "resumed"
     shutil.copytree(out, run)
-    assert cli.main(_cli_args(run)) == 0
+    capsys.readouterr()
+    assert cli.main([*_cli_args(run), "train.log_every=2"]) == 0
+    console = [line.split(" [")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert console == ["step 4/4"]
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
     assert (run / "policy" / "config.json").exists()
 
@@ -516,7 +565,8 @@ def test_export_loads_in_transformers_with_matching_logits(cli_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     from flax import nnx
 
-    from entrl.rl.setup import build_model, build_tokenizer
+    from entrl.build import build_tokenizer
+    from entrl.rl.setup import build_model
     from entrl.sharding import make_mesh
 
     _, run, _, _ = cli_run
@@ -579,7 +629,8 @@ def test_export_steps_dtypes_buckets_and_read_only(cli_run, tmp_path, capsys, fa
 
 def test_model_path_accepts_a_run_directory(cli_run, tmp_path):
     """`model.path=<run dir>`: its policy/ when the run finished, else its latest checkpoint."""
-    from entrl.rl.setup import build_mesh, build_model, build_tokenizer, resolve_model_dir
+    from entrl.build import build_mesh, build_tokenizer, resolve_model_dir
+    from entrl.rl.setup import build_model
 
     _, run, _, _ = cli_run  # stopped by SIGTERM: no policy/, checkpoint of step 2
     cfg = make_cfg(tmp_path / "next", f"model.path={run}")

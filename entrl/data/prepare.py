@@ -68,7 +68,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from entrl import config as C
+from entrl.config import ConfigError
 from entrl.data.sources import Record, load_records, source_columns, write_records
+from entrl.eval_suites import BENCHMARKS, load_benchmark
+from entrl.rl.setup import annotate_dataset
 
 BENCHMARK_NAMES = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
 
@@ -285,8 +289,6 @@ def _keys(source: str, split: str, preset: Preset | None, problem_key, answer_ke
 
 def load_benchmarks(names: Sequence[str], bench_dir: str | None) -> dict[str, list[Record]]:
     """The benchmarks to decontaminate against: `<bench_dir>/<name>.jsonl`, else each one's hub dataset."""
-    from entrl.benchmarks import load_benchmark
-
     return {name: list(load_benchmark(name, data_dir=bench_dir).records) for name in names}
 
 
@@ -298,8 +300,6 @@ def prepare(source: str, out: str | Path, *, split: str = "train", problem_key: 
             echo: Callable[[str], None] = print) -> PrepareResult:
     """Read `source` (a preset name, a hub id, a file or directory), clean it up, write `out` (see the module
     docstring); prints one line per stage through `echo`."""
-    from entrl.config import ConfigError
-
     out = Path(out)
     if out.suffix not in (".jsonl", ".parquet"):
         raise ConfigError(f"--out {str(out)!r}: must end in .jsonl or .parquet")
@@ -357,14 +357,11 @@ def prepare(source: str, out: str | Path, *, split: str = "train", problem_key: 
     counts = {"read": len(records) + res.skipped, "unique": distinct, "consistent": len(unique), "kept": len(rows)}
 
     if se_config:
-        from entrl import config as C
-        from entrl.semantic_entropy import annotate_cli
-
         cfg = C.load_config(se_config, list(se_overrides))
         cfg = C.replace(cfg, **{"data.task": "math", "data.id_key": "id", "data.problem_key": "problem",
                                 "data.answer_key": "answer", "data.max_rows": 0})
         echo(f"annotating semantic entropy with {se_config} (progress in {out.name}.progress.jsonl; resumable)")
-        annotate_cli(cfg, data=str(out), out=str(out))
+        annotate_dataset(cfg, data=str(out), out=str(out))
         rows = [r.to_row() for r in load_records(out).records]
     return PrepareResult(rows, counts, removed, out)
 
@@ -373,9 +370,6 @@ def prepare_benchmarks(out_dir: str | Path, names: Sequence[str] = BENCHMARK_NAM
                        echo: Callable[[str], None] = print) -> list[Path]:
     """`entrl data prepare-benchmarks`: each named benchmark from the hub as `<out_dir>/<name>.jsonl`
     (`id, problem, answer, source`), the layout `entrl eval --data-dir` and `eval.data_dir` read."""
-    from entrl.benchmarks import BENCHMARKS, load_benchmark
-    from entrl.config import ConfigError
-
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise ConfigError(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")

@@ -192,7 +192,7 @@ def _json_rows(path: Path) -> tuple[list[str] | None, Iterator[_RawRow]]:
 
 
 def _parquet_rows(path: Path, max_rows: int) -> tuple[list[str], Iterator[_RawRow]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # noqa: PLC0415 (Parquet only)
 
     pf = pq.ParquetFile(path.open("rb") if is_remote(path) else path)
     columns = list(pf.schema_arrow.names)
@@ -210,7 +210,7 @@ def _parquet_rows(path: Path, max_rows: int) -> tuple[list[str], Iterator[_RawRo
 
 
 def _hub_rows(name: str, split: str) -> tuple[list[str], Iterator[_RawRow]]:
-    import datasets
+    import datasets  # noqa: PLC0415 (hub datasets: seconds to import, local files do not need it)
 
     try:
         ds = datasets.load_dataset(name, split=split)
@@ -301,7 +301,7 @@ def source_columns(source: str | Path, *, split: str = "train") -> list[str]:
     if path.exists():
         f = _files_of(path)[0]
         if f.suffix in _PARQUET_SUFFIXES:
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # noqa: PLC0415 (Parquet only)
 
             return list(pq.ParquetFile(f).schema_arrow.names)
         return _json_rows(f)[0] or []
@@ -417,8 +417,8 @@ def write_records(path: str | Path, rows: list[dict[str, Any]]) -> Path:
                 for r in plain:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
         else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+            import pyarrow as pa  # noqa: PLC0415 (Parquet only)
+            import pyarrow.parquet as pq  # noqa: PLC0415 (Parquet only)
 
             columns = list(dict.fromkeys(k for r in plain for k in r))
             arrays = []

@@ -85,10 +85,6 @@ class ModelConfig:
     # -- derived -----------------------------------------------------------------
 
     @property
-    def rope_scaling_dict(self) -> dict[str, float] | None:
-        return None if self.rope_scaling is None else dict(self.rope_scaling)
-
-    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         """All end-of-sequence ids as a tuple (empty when unknown)."""
         if self.eos_token_id is None:
@@ -110,7 +106,7 @@ class ModelConfig:
     # -- Hugging Face config.json ------------------------------------------------
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Reads a HF `config.json` dict (Qwen2/Qwen2.5, Qwen3, Llama); ValueError on what is unsupported."""
         arch = d.get("model_type")
         if arch not in ARCHS:
@@ -206,7 +202,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
         """Reads `<path>/config.json`."""
         f = Path(path) / "config.json"
         if not f.is_file():

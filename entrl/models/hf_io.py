@@ -37,11 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from entrl.models.config import ModelConfig
 from entrl.models.transformer import Transformer
+from entrl.sharding import param_shardings
 
 _L = "model.layers.{i}."
 _P = "layers.{i}."
@@ -173,8 +175,6 @@ def load_pretrained(path, *, dtype="float32", param_dtype="float32", mesh=None, 
     read) and computed in `dtype`; with a mesh each param is placed directly
     into its sharding (`entrl.sharding.param_shardings`).
     """
-    from entrl.sharding import param_shardings
-
     path = Path(path)
     cfg = ModelConfig.from_pretrained(path)
     param_dtype = jnp.dtype(param_dtype)
@@ -218,7 +218,8 @@ def load_pretrained(path, *, dtype="float32", param_dtype="float32", mesh=None, 
     if cfg.tie_word_embeddings and "lm_head.weight" in extra:  # some tied checkpoints store it anyway
         extra.remove("lm_head.weight")
     if extra:
-        warnings.warn(f"load_pretrained({path}): {len(extra)} checkpoint tensors unused, e.g. {extra[:3]}")
+        warnings.warn(f"load_pretrained({path}): {len(extra)} checkpoint tensors unused, e.g. {extra[:3]}",
+                      stacklevel=2)
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
@@ -229,8 +230,6 @@ def load_pretrained(path, *, dtype="float32", param_dtype="float32", mesh=None, 
 
 def _to_host(x: jax.Array) -> np.ndarray:
     if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
 

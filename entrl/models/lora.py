@@ -58,6 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from entrl.sharding import param_shardings
+
 if TYPE_CHECKING:
     from entrl.models.transformer import Transformer
 
@@ -185,16 +187,12 @@ def add_adapters(model: Transformer, spec: LoRASpec, *, seed: int = 0, mesh=None
     Values are drawn on the host (see `create_model`); with a mesh each adapter is built straight into
     its sharding (`entrl.sharding.param_shardings`).
     """
-    from entrl.models.transformer import Transformer
-
     param_dtype = model.embedding.get_value().dtype
-    abstract = nnx.eval_shape(lambda: Transformer(model.cfg, rngs=nnx.Rngs(seed), dtype=model.dtype,
+    abstract = nnx.eval_shape(lambda: type(model)(model.cfg, rngs=nnx.Rngs(seed), dtype=model.dtype,
                                                   param_dtype=param_dtype, remat=model.remat, lora=spec))
     graphdef, abstract_state = nnx.split(abstract)
     adapters, _ = nnx.split_state(abstract_state, nnx.LoRAParam, ...)
     if mesh is not None:
-        from entrl.sharding import param_shardings
-
         shardings = dict(nnx.to_flat_state(param_shardings(adapters, mesh)))
     leaves = []
     for key, var in nnx.to_flat_state(adapters):
@@ -211,12 +209,10 @@ def add_adapters(model: Transformer, spec: LoRASpec, *, seed: int = 0, mesh=None
 def merge_adapters(model: Transformer) -> Transformer:
     """The plain model (no adapters) whose kernels are W + s A B, in the kernels' dtype; `model` unchanged.
     A model without adapters is returned as it is."""
-    from entrl.models.transformer import Transformer
-
     if model.lora_spec is None:
         return model
     param_dtype = model.embedding.get_value().dtype
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(model.cfg, rngs=nnx.Rngs(0), dtype=model.dtype,
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: type(model)(model.cfg, rngs=nnx.Rngs(0), dtype=model.dtype,
                                                                param_dtype=param_dtype, remat=model.remat)))
     merged = {}  # flat path of a kernel -> W + s A B
     for name, module, targets in (("attn", model.layers.attn, ATTN_TARGETS), ("mlp", model.layers.mlp, MLP_TARGETS)):

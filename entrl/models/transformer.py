@@ -25,9 +25,9 @@ Design decisions:
   caller owns the slot mask. Heads-major, so both attention matmuls read the
   cache as it lies: with the slot-major [B, S, K, Dh] layout XLA:CPU copied every layer's k and
   v into this order on every decode step. Keys transposed because q k^T then
-  contracts a non-minor axis, which XLA:CPU runs faster for one query per row
-  (with `Attention.attend`'s T-free einsums for that case: 12-20% more decode
-  tokens/s on the CPU sweep of benchmarks/bench_sampler.py). One array per
+  contracts a non-minor axis, the layout XLA:CPU handles best for one query
+  per row (with `Attention.attend`'s T-free einsums for that case; compared in
+  benchmarks/bench_sampler.py). One array per
   layer, not a stacked [L, ...] one, because XLA copies a layer slice of a
   stacked array before a matmul reads it (and inside a while loop then copied
   the whole stack too).
@@ -35,13 +35,15 @@ Design decisions:
   the two cannot drift apart.
 - Decoding may run on `decode_weights()` instead of the kernels: the same
   values re-laid out once per sampling call (q/k/v fused into one matrix,
-  gate/up into one, all 2-D [out, in]), fewer and faster matmuls on CPU at
-  decode batch sizes. The parameters keep the checkpoint-shaped layout, so
+  gate/up into one, all 2-D [out, in]): fewer, larger matmuls at decode batch
+  sizes. The parameters keep the checkpoint-shaped layout, so
   loading, sharding and training never see the fused form.
 - Softmax and logits are float32 whatever the compute dtype; hidden states are
   returned in the compute dtype so token statistics can chunk the unembedding.
-- Layers are a Python loop (not `scan`): per-layer params map one-to-one to
-  checkpoint tensors, which keeps loading declarative and sliced per device.
+- The decoder layers' params are stacked along a leading "layers" axis and the
+  full forward is one `lax.scan` over them, so a deep model compiles like one
+  layer and a remat policy applies to every layer; `hf_io` maps each
+  checkpoint tensor to its slice of the stack.
 - LoRA (`lora=LoRASpec`, `entrl.models.lora`): each targeted projection adds
   s (x A) B in the full forward; `decode_weights()` merges W + s A B instead.
 Left out on purpose: sliding-window attention, MoE, dropout, bias in the MLP.
@@ -61,6 +63,7 @@ from jax import lax
 
 from entrl.models.config import ModelConfig
 from entrl.models.lora import ATTN_TARGETS, MLP_TARGETS, LoRASpec, adapters_for
+from entrl.sharding import logical_to_spec, param_shardings
 
 # Logical axes of each layer's cached keys (stored transposed) and values (for `entrl.sharding.logical_to_spec`).
 K_CACHE_AXES = ("batch", "kv_heads", "head_dim", "cache_seq")
@@ -110,8 +113,6 @@ DECODE_AXES = {"qkv": ("q_heads", "act_embed"), "o": ("act_embed", "q_heads"), "
 
 def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Pins an activation's sharding when a mesh is in context (no-op otherwise)."""
-    from entrl.sharding import logical_to_spec  # sharding does not import models
-
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
@@ -277,9 +278,8 @@ class Attention(_Projections):
         Keys come transposed ([B,K,Dh,S]) and values heads-major ([B,K,S,Dh]):
         the KV cache's layouts. With one query per row (decoding, T = 1) the
         einsums drop the T axis: with it XLA:CPU laid the p v product out as
-        [B,K,Dh,G] batched matmuls; without it (and with the transposed key
-        cache) decoding was 12-20% faster per sampling call on the sweep of
-        benchmarks/bench_sampler.py.
+        [B,K,Dh,G] batched matmuls (benchmarks/bench_sampler.py compares the
+        two).
         """
         B, T, H, Dh = q_BxTxHxDh.shape
         K = kT_BxKxDhxS.shape[1]
@@ -544,8 +544,8 @@ def create_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", param_dtyp
 
     Values are drawn on the host with numpy (`_host_init`, the same
     distributions as the module's initializers) rather than with jax.random:
-    XLA takes ~1 s per random tensor to compile on a small CPU, which made a
-    2-layer test model cost half a minute. With a mesh every param is built
+    XLA compiles every random tensor's initializer separately, which made even
+    a 2-layer test model slow to build. With a mesh every param is built
     straight into its sharding (`make_array_from_callback`, one param on the
     host at a time), so the unsharded model is never on a device; the values
     do not depend on the mesh.
@@ -555,8 +555,6 @@ def create_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", param_dtyp
         nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, remat=remat))
     )
     if mesh is not None:
-        from entrl.sharding import param_shardings
-
         shardings = dict(nnx.to_flat_state(param_shardings(abstract_state, mesh)))
     leaves = []
     for key, var in nnx.to_flat_state(abstract_state):

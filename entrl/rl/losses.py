@@ -8,8 +8,9 @@ Design decisions:
   a mask, returning per-token values and the mask to aggregate them with;
   reduction (`aggregate`) is a separate step. `compute_policy_loss` composes the
   two and is what the trainer calls. Hyperparameters are Python scalars (static
-  under jit), never config objects; a plain dict maps the loss name to its
-  function and `PRESETS` holds each name's defaults.
+  under jit), never config objects. A loss is declared once in `loss_specs`
+  (name, preset, ranges, needs-entropy; importable without jax, so the config
+  validates from it) and its function is registered here with `@loss_fn(name)`.
 - Selection scope = everything passed in. Token selections ("the k lowest-entropy
   tokens", "top-k by covariance", "k random candidates") are rank based over the
   flattened masked scope: one `lax.sort` keyed by (is-masked, key, position), so
@@ -40,101 +41,44 @@ Design decisions:
 from __future__ import annotations
 
 import math
-import numbers
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from entrl.config import ConfigError, register_loss_validator
 from entrl.rl.advantages import entropy_shaped_advantages
+from entrl.rl.loss_specs import AGG_MODES, KL_KINDS, LOSSES, PRESETS, resolve_params, validate_loss_params
+
+__all__ = ["AGG_MODES", "KL_KINDS", "LOSSES", "METRIC_KEYS", "PRESETS", "aggregate", "clipped_pg",
+           "compute_policy_loss", "kl_penalty", "loss_fn", "per_token_policy_loss", "resolve_params",
+           "validate_loss_params"]
 
 # ---------------------------------------------------------------------------
-# Presets and validation
+# Registration: every loss declared in `loss_specs` has exactly one function here
 # ---------------------------------------------------------------------------
 
-# GRPO's clipped surrogate: eps = 0.2 both sides (DAPO clip-higher: clip_high = 0.28),
-# dual clip 3.0 for negative advantages (use .inf to turn it off).
-_CLIP = {"clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0}
-# SENT's token term. pg = "unclipped" (-A r, as released) or "clip" (the GRPO term, using _CLIP).
-_SENT = {"rho": 0.8, "kcov": 0.02, "beta": 0.1, "base_mult": 1.0, "high_mult": 2.0, "low_mult": 0.5,
-         "pg": "unclipped", **_CLIP}
-
-PRESETS: dict[str, dict[str, float | str]] = {
-    "grpo": dict(_CLIP),
-    "sent": dict(_SENT),  # paper reading: KL on every low-entropy token
-    "sent_released": {**_SENT, "base_mult": 0.0, "kcov": 0.0002},  # released code (integer-mask bug fixed)
-    "high_en": dict(_SENT),  # ablation: the SENT term on the top (1 - rho) highest-entropy tokens
-    "kl_cov": {"kcov": 0.002, "beta": 1.0},  # Cui et al. 2025, paper defaults
-    "kl_cov_verl": {"kcov": 0.0002, "beta": 0.1},  # Cui et al. 2025, verl yaml defaults
-    # Cui et al. 2025's recipe (verl recipe/entropy/*_clip_cov.sh): clip ratio 1 / 1, i.e. r clipped to
-    # [0, 2], which almost never binds: the covariance-selected detachment is the only constraint.
-    "clip_cov": {"clip_low": 1.0, "clip_high": 1.0, "ratio": 0.0002, "cov_lb": 1.0, "cov_ub": 5.0},
-    "entropy_bonus": {"coef": 0.001, **_CLIP},
-    "entropy_adv": {"alpha": 0.4, "kappa": 2.0, **_CLIP},
-    "high_entropy_mask": {"top_frac": 0.2, **_CLIP},
-}
-
-_FRAC = (lambda v: 0 < v <= 1, "in (0, 1]")
-_NONNEG = (lambda v: v >= 0, ">= 0")
-# name -> (predicate on the float value, what the predicate requires)
-_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "clip_low": (lambda v: 0 <= v <= 1, "in [0, 1] (1: no lower clip, as Clip-Cov's recipe)"),
-    "clip_high": _NONNEG,
-    "dual_clip": (lambda v: v > 1, "> 1 (.inf turns the dual clip off)"),
-    "rho": _FRAC, "kcov": _FRAC, "ratio": _FRAC, "top_frac": _FRAC,
-    "beta": _NONNEG, "base_mult": _NONNEG, "high_mult": _NONNEG, "low_mult": _NONNEG,
-    "coef": _NONNEG, "alpha": _NONNEG,
-    "kappa": (lambda v: v > 0, "> 0"),
-    "cov_lb": (lambda v: not math.isinf(v) or v < 0, "a number (may be -inf)"),
-    "cov_ub": (lambda v: not math.isinf(v) or v > 0, "a number (may be +inf)"),
-}
-_STR_CHOICES = {"pg": ("unclipped", "clip")}
+_LOSS_FNS: dict[str, Callable] = {}
 
 
-def validate_loss_params(name: str, params: dict) -> None:
-    """Check a loss name and overrides of its preset hyperparameters; raise ConfigError.
+def loss_fn(*names: str):
+    """Register the decorated function as the math of the losses `names` (each declared in `LOSSES`)."""
+    def register(fn: Callable) -> Callable:
+        for name in names:
+            if name not in LOSSES:
+                raise KeyError(f"loss {name!r} has a function but no declaration in entrl.rl.loss_specs")
+            if name in _LOSS_FNS:
+                raise KeyError(f"loss {name!r} has two functions")
+            _LOSS_FNS[name] = fn
+        return fn
+    return register
 
-    Registered with `entrl.config` at import, so a RunConfig is checked when it is built.
-    """
-    if name not in PRESETS:
-        raise ConfigError(f"unknown loss {name!r}; valid losses: {', '.join(PRESETS)}")
-    preset = PRESETS[name]
-    for key, value in params.items():
-        if key not in preset:
-            raise ConfigError(f"loss {name!r} has no hyperparameter {key!r}; valid: {', '.join(preset)}")
-        if key in _STR_CHOICES:
-            if value not in _STR_CHOICES[key]:
-                raise ConfigError(f"loss {name!r}: {key}={value!r} must be one of {', '.join(_STR_CHOICES[key])}")
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ConfigError(f"loss {name!r}: {key}={value!r} must be a Python number "
-                              "(hyperparameters are static, not arrays)")
-        ok, need = _RANGES[key]
-        if math.isnan(value) or not ok(float(value)):
-            raise ConfigError(f"loss {name!r}: {key}={value!r} must be {need}")
-    full = {**preset, **params}
-    if "cov_lb" in full and not full["cov_lb"] < full["cov_ub"]:
-        raise ConfigError(f"loss {name!r}: cov_lb={full['cov_lb']} must be < cov_ub={full['cov_ub']}")
-
-
-def resolve_params(name: str, params: dict) -> dict:
-    """The preset of `name` with `params` overriding it, validated (numbers as float)."""
-    validate_loss_params(name, params)
-    return {k: (v if isinstance(v, str) else float(v)) for k, v in {**PRESETS[name], **params}.items()}
-
-
-register_loss_validator(validate_loss_params)
 
 # ---------------------------------------------------------------------------
 # Aggregation (docs/method.md, "Aggregation")
 # ---------------------------------------------------------------------------
-
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-
 
 def _safe_div(num, den):
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
@@ -179,9 +123,6 @@ def aggregate(values_BxT, mask_BxT, mode: str, *, max_len: int | None = None):
 # ---------------------------------------------------------------------------
 # Reference KL (docs/method.md, "Reference KL")
 # ---------------------------------------------------------------------------
-
-KL_KINDS = ("k1", "k2", "k3")
-
 
 def kl_penalty(logp, ref_logp, kind: str):
     """Per-token estimators of KL(pi || pi_ref) from the sampled token's log-probs (Schulman 2020).
@@ -304,6 +245,7 @@ def clipped_pg(adv, logratio, *, clip_low: float, clip_high: float, dual_clip: f
 # ---------------------------------------------------------------------------
 
 
+@loss_fn("grpo")
 def _grpo(logp, old, adv, ent, valid, rng, *, clip_low, clip_high, dual_clip):
     """`grpo`: the clipped surrogate of `clipped_pg` on every valid token."""
     pg, clipped, dual = clipped_pg(adv, logp - old, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
@@ -329,6 +271,7 @@ def _sent_term(logp, old, adv, valid, set_N, *, kcov, beta, base_mult, high_mult
     return values, valid, stats
 
 
+@loss_fn("sent", "sent_released")
 def _sent(logp, old, adv, ent, valid, rng, *, rho, **hp):
     """`sent` / `sent_released`: KL-style constraint on low-entropy tokens (Cao et al. 2025; docs/method.md).
 
@@ -356,6 +299,7 @@ def _sent(logp, old, adv, ent, valid, rng, *, rho, **hp):
     return _sent_term(logp, old, adv, valid, low_ent, **hp)
 
 
+@loss_fn("high_en")
 def _high_en(logp, old, adv, ent, valid, rng, *, rho, **hp):
     """`high_en` (ablation "w/ High_En"): SENT's term on the k_H = max(1, floor((1 - rho) n))
     valid tokens of highest sg(H) (ties by position) instead of the low-entropy set."""
@@ -365,6 +309,7 @@ def _high_en(logp, old, adv, ent, valid, rng, *, rho, **hp):
     return _sent_term(logp, old, adv, valid, high_ent, **hp)
 
 
+@loss_fn("kl_cov", "kl_cov_verl")
 def _kl_cov(logp, old, adv, ent, valid, rng, *, kcov, beta):
     """`kl_cov` / `kl_cov_verl` ("w/ Cov", Cui et al. 2025, arXiv 2505.22617). No PPO clip.
 
@@ -380,6 +325,7 @@ def _kl_cov(logp, old, adv, ent, valid, rng, *, kcov, beta):
     return values, valid, {"penalized": top & (beta > 0), "cov": c_N, "cov_set": valid}
 
 
+@loss_fn("clip_cov")
 def _clip_cov(logp, old, adv, ent, valid, rng, *, clip_low, clip_high, ratio, cov_lb, cov_ub):
     """`clip_cov` ("w/ Clip", Cui et al. 2025, arXiv 2505.22617), as in verl.
 
@@ -405,6 +351,7 @@ def _clip_cov(logp, old, adv, ent, valid, rng, *, clip_low, clip_high, ratio, co
     return values, valid, {"clipped": clipped, "penalized": chosen, "cov": c_N, "cov_set": valid}
 
 
+@loss_fn("entropy_bonus")
 def _entropy_bonus(logp, old, adv, ent, valid, rng, *, coef, **clip):
     """`entropy_bonus` ("w/ En"): l_t = pg_t - coef H_t, gradient through H_t.
 
@@ -414,6 +361,7 @@ def _entropy_bonus(logp, old, adv, ent, valid, rng, *, coef, **clip):
     return pg - coef * ent, valid, {"clipped": clipped, "dual": dual}
 
 
+@loss_fn("entropy_adv")
 def _entropy_adv(logp, old, adv, ent, valid, rng, *, alpha, kappa, **clip):
     """`entropy_adv` ("w/ Adv", Cheng et al. 2025): the GRPO term with
     A'_t = A_t + min(alpha sg(H_t), |A_t| / kappa) (see `entropy_shaped_advantages`)."""
@@ -422,6 +370,7 @@ def _entropy_adv(logp, old, adv, ent, valid, rng, *, alpha, kappa, **clip):
     return pg, valid, {"clipped": clipped, "dual": dual}
 
 
+@loss_fn("high_entropy_mask")
 def _high_entropy_mask(logp, old, adv, ent, valid, rng, *, top_frac, **clip):
     """`high_entropy_mask` ("w/ Mask", Wang et al. 2025, arXiv 2506.01939): the GRPO term
     only on the ceil(top_frac n) valid tokens of highest sg(H) (ties by position);
@@ -432,19 +381,9 @@ def _high_entropy_mask(logp, old, adv, ent, valid, rng, *, top_frac, **clip):
     return pg, sel, {"clipped": clipped & sel, "dual": dual & sel, "selected": sel}
 
 
-_LOSS_FNS: dict[str, Callable] = {
-    "grpo": _grpo,
-    "sent": _sent,
-    "sent_released": _sent,
-    "high_en": _high_en,
-    "kl_cov": _kl_cov,
-    "kl_cov_verl": _kl_cov,
-    "clip_cov": _clip_cov,
-    "entropy_bonus": _entropy_bonus,
-    "entropy_adv": _entropy_adv,
-    "high_entropy_mask": _high_entropy_mask,
-}
-_NEEDS_ENTROPY = ("sent", "sent_released", "high_en", "entropy_bonus", "entropy_adv", "high_entropy_mask")
+_UNREGISTERED = set(LOSSES) ^ set(_LOSS_FNS)
+if _UNREGISTERED:  # a declaration without a function (or the reverse) is a bug of entrl, found at import
+    raise ImportError(f"losses declared but without a function (or the reverse): {sorted(_UNREGISTERED)}")
 
 METRIC_KEYS = ("n_valid", "penalized_frac", "clip_frac", "dual_clip_frac", "selected_frac",
                "abs_logratio_mean", "cov_mean", "cov_max")
@@ -490,13 +429,12 @@ def per_token_policy_loss(name: str, logp, old_logp, advantages, entropy, mask, 
     """Per-token policy loss of the named loss, unreduced.
 
     Args:
-      name: one of `PRESETS` (grpo, sent, sent_released, high_en, kl_cov, kl_cov_verl,
-        clip_cov, entropy_bonus, entropy_adv, high_entropy_mask).
+      name: a loss declared in `entrl.rl.loss_specs.LOSSES`.
       logp, old_logp, advantages, entropy, mask: `[B, T]`; the selection scope is
         everything passed in. `entropy` may be None for losses that do not use it.
         `mask` is boolean or 0/1 (nonzero = valid token).
       rng: PRNG key (required by clip_cov only).
-      **hyperparams: Python scalars overriding `PRESETS[name]`.
+      **hyperparams: Python scalars overriding the loss's preset (`LOSSES[name].preset`).
 
     Returns:
       (values_BxT, agg_mask_BxT, metrics): per-token losses (0 outside agg_mask), the
@@ -507,7 +445,7 @@ def per_token_policy_loss(name: str, logp, old_logp, advantages, entropy, mask, 
         raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(_LOSS_FNS)}")
     hp = resolve_params(name, hyperparams)
     if entropy is None:
-        if name in _NEEDS_ENTROPY:
+        if LOSSES[name].needs_entropy:
             raise ValueError(f"loss {name!r} needs the token entropies")
         entropy = jnp.zeros(jnp.shape(logp), jnp.float32)
     arrays = {"logp": logp, "old_logp": old_logp, "advantages": advantages, "entropy": entropy, "mask": mask}

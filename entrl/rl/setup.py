@@ -1,4 +1,8 @@
-"""Build a training run from a `RunConfig`: mesh, model, tokenizer, data, curriculum, sampler.
+"""Build a training run from a `RunConfig` (model, task, data, curriculum, sampler, reward: the
+`Components` a `Trainer` runs), and the commands made of it: `train_from_config`, `export_run`,
+`annotate_dataset`, and the demo model's warm start. The mesh, the model's origin and the tokenizer
+come from `entrl.build`; the task, reward and rollout backend are `entrl.seams` Protocols, so a
+caller may pass its own (`setup(cfg, task=..., verifier=...)`).
 
 Everything here runs on the host before the first compile, so configuration
 mistakes (a missing model path, a dataset without the answer column, a mesh
@@ -24,136 +28,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from entrl import config as C
+from entrl import plan
 from entrl import rundir as R
-from entrl.sharding import data_shards
+from entrl.annotate import annotate_prompts, plot_se_histogram, read_progress
+from entrl.build import (
+    RunSource,
+    base_param_dtype,
+    build_mesh,
+    build_tokenizer,
+    demo_model_config,
+    lora_spec,
+    maybe_initialize_distributed,
+    resolve_model_dir,
+    run_checkpoint_source,
+    run_model_config,
+)
+from entrl.checkpoint import CheckpointManager
+from entrl.data.curriculum import Curriculum
+from entrl.data.pipeline import PromptPipeline
+from entrl.data.sources import load_records, write_records
+from entrl.data.tasks import ArithmeticTask, build_prompt, tokenize_prompts
+from entrl.eval_suites import load_benchmark
+from entrl.models import ModelConfig, create_model, load_pretrained, lora, save_pretrained
+from entrl.rewards import Verifier, reward_fns
+from entrl.rl.trainer import Components, Trainer, reference_params
+from entrl.sampling import build_sampler
+from entrl.sft import train_sft
+from entrl.sharding import make_mesh
 
 log = logging.getLogger("entrl.setup")
 
-DEMO_BUCKETS = (16, 32)
-
 
 # ---------------------------------------------------------------------------
-# Distributed runtime and mesh
+# Model (its origin, the mesh and the tokenizer are `entrl.build`'s)
 # ---------------------------------------------------------------------------
-
-
-def maybe_initialize_distributed() -> None:
-    """Join the multi-controller JAX cluster when launched by `launch/` (ENTRL_DISTRIBUTED=1)."""
-    if os.environ.get("ENTRL_DISTRIBUTED") != "1" or jax.distributed.is_initialized():
-        return
-    coord = os.environ.get("ENTRL_COORDINATOR")
-    if coord:
-        jax.distributed.initialize(coord, int(os.environ["ENTRL_NUM_PROCESSES"]), int(os.environ["ENTRL_PROCESS_ID"]))
-    else:  # TPU VMs / SLURM: JAX discovers the cluster itself
-        jax.distributed.initialize()
-    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
-
-
-def build_mesh(cfg: C.RunConfig):
-    from entrl.sharding import make_mesh
-
-    try:
-        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    except ValueError as e:
-        raise C.ConfigError(str(e) if str(e).startswith("mesh") else f"mesh: {e}") from e
-    check_batch_layout(cfg, data_shards(mesh), jax.process_count())
-    return mesh
-
-
-def check_batch_layout(cfg: C.RunConfig, shards: int, processes: int = 1) -> None:
-    """ConfigError unless the step's batches split evenly over `shards` data shards and the processes."""
-    t, n = cfg.train, cfg.rollout.n
-    if t.prompts_per_step % processes:
-        raise C.ConfigError(f"train.prompts_per_step={t.prompts_per_step} is not divisible by the "
-                            f"{processes} processes")
-    if t.prompts_per_step % shards:  # the sampler splits the step's prompts over the data shards
-        raise C.ConfigError(f"train.prompts_per_step={t.prompts_per_step} must be divisible by the {shards} data "
-                            "shards (mesh.data * mesh.fsdp); change it or the mesh (e.g. more mesh.tensor)")
-    if 0 < cfg.rollout.slots < t.prompts_per_step * n and cfg.rollout.slots % shards:
-        raise C.ConfigError(f"rollout.slots={cfg.rollout.slots} must be a multiple of the {shards} data shards "
-                            "(mesh.data * mesh.fsdp): each shard decodes its own prompts in its own slots")
-    rows = t.minibatch_prompts * n
-    if rows % shards or rows % (shards * C.microbatch_per_shard(cfg, shards)):
-        raise C.ConfigError(
-            f"a mini-batch of {rows} sequences (train.minibatch_prompts * rollout.n) must split into the {shards} "
-            f"data shards (mesh.data * mesh.fsdp) x train.microbatch_per_shard={t.microbatch_per_shard}; change "
-            "train.microbatch_per_shard or the mesh")
-
-
-# ---------------------------------------------------------------------------
-# Model and tokenizer
-# ---------------------------------------------------------------------------
-
-
-def resolve_model_dir(path: str) -> Path:
-    """A local HF checkpoint dir, an entrl run dir's `policy/`, or a hub id (downloaded).
-
-    A run directory without `policy/` has no HF checkpoint: `build_model` restores its latest
-    checkpoint instead (`run_checkpoint_source`); here it is an error saying how to export one.
-    """
-    p = Path(path)
-    if p.is_dir():
-        if R.is_run_dir(p):  # before config.json: an old run dir's config.json is the run's, not a model's
-            if (p / "policy" / "config.json").exists():
-                return p / "policy"
-            raise C.ConfigError(f"model.path={path!r} is an entrl run directory without policy/ (the run did not "
-                                f"finish); write one with `entrl export {path} --out DIR` and use DIR")
-        if (p / "config.json").exists():
-            return p
-        raise C.ConfigError(f"model.path={path!r} is a directory without config.json (not an HF checkpoint "
-                            "nor an entrl run directory)")
-    if p.suffix or path.startswith((".", "/")) or path.count("/") != 1:
-        raise C.ConfigError(f"model.path={path!r} does not exist (give an HF checkpoint dir, an entrl run dir, "
-                            "a hub id like Qwen/Qwen3-14B, or 'demo')")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
-
-
-def demo_model_config(vocab_size: int, cfg: C.RunConfig, eos_id: int, pad_id: int, bos_id: int | None):
-    from entrl.models import ModelConfig
-
-    m = cfg.model
-    heads = m.demo_heads
-    return ModelConfig(arch="qwen2", vocab_size=vocab_size, hidden_size=m.demo_hidden,
-                       intermediate_size=m.demo_hidden * 3, num_layers=m.demo_layers, num_heads=heads,
-                       num_kv_heads=max(heads // 2, 1), head_dim=m.demo_hidden // heads, rope_theta=10000.0,
-                       rope_scaling=None, rms_norm_eps=1e-6, tie_word_embeddings=True, qkv_bias=True,
-                       qk_norm=False, max_position_embeddings=512, bos_token_id=bos_id if bos_id is not None else eos_id,
-                       eos_token_id=eos_id, pad_token_id=pad_id)
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSource:
-    """`model.path` naming an entrl run directory without `policy/`: the policy is its checkpoint."""
-
-    path: R.Path
-    cfg: C.RunConfig  # the run's own config (its model.path is the model it started from)
-
-
-def run_checkpoint_source(path: str) -> RunSource | None:
-    """The run behind `path` when it is a run directory without `policy/`, else None."""
-    if path == "demo" or (not R.is_remote(path) and not Path(path).is_dir()):
-        return None
-    p = R.absolute(R.as_path(path, "model.path"))
-    stored = R.read_run_config(p)
-    if stored is None or (p / "policy" / "config.json").exists():
-        return None
-    run_cfg = C.from_dict(stored)
-    if R.is_run_dir(run_cfg.model.path) and R.absolute(R.as_path(run_cfg.model.path)) == p:
-        raise C.ConfigError(f"model.path={path!r}: the run names itself as its model")
-    return RunSource(p, run_cfg)
-
-
-def _as_run_model(cfg: C.RunConfig, run: RunSource) -> C.RunConfig:
-    """`cfg` with the model identity (path, demo shape, tokenizer) of the run's own model."""
-    m = run.cfg.model
-    tok = cfg.model.tokenizer or m.tokenizer or ("char" if m.path == "demo" else "")
-    return C.replace(cfg, **{"model.path": m.path, "model.tokenizer": tok, "model.demo_hidden": m.demo_hidden,
-                             "model.demo_layers": m.demo_layers, "model.demo_heads": m.demo_heads})
 
 
 def restore_run_params(run: RunSource, graphdef_params, *, step: int | None = None):
@@ -162,9 +73,6 @@ def restore_run_params(run: RunSource, graphdef_params, *, step: int | None = No
     A checkpoint holds the trained params (`entrl.models.lora.trainable`): under LoRA only the adapters,
     restored into `graphdef_params`' base.
     """
-    from entrl.checkpoint import CheckpointManager
-    from entrl.models import lora
-
     _, params = graphdef_params
     stored, frozen = lora.split(params)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), stored)
@@ -178,20 +86,6 @@ def restore_run_params(run: RunSource, graphdef_params, *, step: int | None = No
     if restored is None:
         raise C.ConfigError(f"{str(run.path)!r} has no restorable checkpoint")
     return dataclasses.replace(restored, params=lora.join(restored.params, frozen))
-
-
-def build_tokenizer(cfg: C.RunConfig):
-    from entrl.tokenizer import load_tokenizer
-
-    run = run_checkpoint_source(cfg.model.path)
-    if run is not None:
-        return build_tokenizer(_as_run_model(cfg, run))
-    name = cfg.model.tokenizer or ("char" if cfg.model.path == "demo" else str(resolve_model_dir(cfg.model.path)))
-    if name != "char" and Path(name).is_dir() and (Path(name) / "char_tokenizer.json").exists():
-        from entrl.tokenizer import CharTokenizer
-
-        return CharTokenizer.load(name)
-    return load_tokenizer(name)
 
 
 def check_context_length(cfg: C.RunConfig, max_position_embeddings: int) -> None:
@@ -211,18 +105,14 @@ def check_context_length(cfg: C.RunConfig, max_position_embeddings: int) -> None
 
 def build_model(cfg: C.RunConfig, mesh, tokenizer):
     """(graphdef, params) of the policy, placed on `mesh` (after `check_context_length`)."""
-    from entrl.models import ModelConfig, create_model, load_pretrained
-
     run = run_checkpoint_source(cfg.model.path)
     if run is not None:  # an unfinished run: its model, with the params of its latest checkpoint
-        from entrl.models.lora import merge_adapters
-
         m = run.cfg.model  # built as that run was (with its adapters), then its adapters merged in
-        as_run = C.replace(_as_run_model(cfg, run), **{"model.lora_rank": m.lora_rank, "model.lora_alpha": m.lora_alpha,
-                                                       "model.lora_targets": list(m.lora_targets)})
+        as_run = C.replace(run_model_config(cfg, run), **{"model.lora_rank": m.lora_rank, "model.lora_alpha": m.lora_alpha,
+                                                          "model.lora_targets": list(m.lora_targets)})
         graphdef, params = build_policy(as_run, mesh, tokenizer)
         params = restore_run_params(run, (graphdef, params)).params
-        graphdef, params = nnx.split(merge_adapters(nnx.merge(graphdef, params)))
+        graphdef, params = nnx.split(lora.merge_adapters(nnx.merge(graphdef, params)))
         want = jnp.dtype(cfg.model.param_dtype)  # a LoRA run's base is in its compute dtype
         return graphdef, jax.tree.map(lambda x: x.astype(want) if x.dtype != want else x, params)
     m = cfg.model
@@ -241,32 +131,15 @@ def build_model(cfg: C.RunConfig, mesh, tokenizer):
     return graphdef, params
 
 
-def lora_spec(cfg: C.RunConfig):
-    """The run's `entrl.models.lora.LoRASpec` (adapters in `model.param_dtype`: they are the trained
-    weights), or None when `model.lora_rank` is 0."""
-    from entrl.models.lora import LoRASpec
-
-    m = cfg.model
-    return LoRASpec(m.lora_rank, m.lora_alpha, tuple(m.lora_targets), m.param_dtype) if m.lora_rank else None
-
-
-def base_param_dtype(cfg: C.RunConfig) -> str:
-    """The storage dtype of the model's own weights: `model.param_dtype`, or under LoRA (where they are
-    frozen, and every use casts them to it) the compute dtype `model.dtype`: half the bytes in bfloat16."""
-    return cfg.model.dtype if cfg.model.lora_rank else cfg.model.param_dtype
-
-
 def build_policy(cfg: C.RunConfig, mesh, tokenizer):
     """(graphdef, params) of the policy to train: `build_model`'s, or under LoRA the base in the compute
-    dtype (`base_param_dtype`) with fresh adapters (B = 0, so the same function) sharing its arrays."""
-    from entrl.models.lora import add_adapters
-
+    dtype (`entrl.build.base_param_dtype`) with fresh adapters (B = 0, so the same function) sharing its arrays."""
     spec = lora_spec(cfg)
     if spec is None:
         return build_model(cfg, mesh, tokenizer)
     base = C.replace(cfg, **{"model.param_dtype": base_param_dtype(cfg)})
     graphdef, params = build_model(base, mesh, tokenizer)
-    return nnx.split(add_adapters(nnx.merge(graphdef, params), spec, seed=cfg.train.seed, mesh=mesh))
+    return nnx.split(lora.add_adapters(nnx.merge(graphdef, params), spec, seed=cfg.train.seed, mesh=mesh))
 
 
 # ---------------------------------------------------------------------------
@@ -275,15 +148,11 @@ def build_policy(cfg: C.RunConfig, mesh, tokenizer):
 
 
 def arithmetic_task(cfg: C.RunConfig):
-    from entrl.data.tasks import ArithmeticTask
-
     return ArithmeticTask(max_operands=cfg.data.arithmetic_max_operands, max_number=cfg.data.arithmetic_max_number)
 
 
 def build_records(cfg: C.RunConfig):
     """(train records, held-out records or None) of the configured task."""
-    from entrl.data.sources import load_records
-
     d = cfg.data
     if d.task == "arithmetic":
         task = arithmetic_task(cfg)
@@ -305,11 +174,30 @@ def build_records(cfg: C.RunConfig):
     return list(res.records), None
 
 
-def tokenize(cfg: C.RunConfig, records, tokenizer):
-    from entrl.data.tasks import tokenize_prompts
+@dataclasses.dataclass(frozen=True)
+class ConfiguredTask:
+    """The built-in tasks (`entrl.seams.Task`) of `data.task`: `math` reads `data.train` (JSONL/Parquet/hub,
+    with `data.*_key` columns) and appends `data.prompt_suffix`; `arithmetic` draws the demo's synthetic
+    problems (with a held-out split) and appends nothing. Both are graded by the `Verifier` of `reward.*`."""
 
+    cfg: C.RunConfig
+
+    @property
+    def instruction(self) -> str:
+        return "" if self.cfg.data.task == "arithmetic" else self.cfg.data.prompt_suffix
+
+    def records(self):
+        return build_records(self.cfg)
+
+    def reward(self):
+        return build_verifier(self.cfg)
+
+
+def tokenize(cfg: C.RunConfig, records, tokenizer, *, instruction: str | None = None):
+    """(prompt token lists, the records kept) of `records`; `instruction` is appended to plain-text problems
+    (None = the configured task's)."""
     d = cfg.data
-    suffix = "" if d.task == "arithmetic" else d.prompt_suffix
+    suffix = ConfiguredTask(cfg).instruction if instruction is None else instruction
     max_len = min(d.max_prompt_len, max(cfg.rollout.prompt_buckets))
     try:
         tokens, kept, dropped = tokenize_prompts(records, tokenizer, max_prompt_len=max_len,
@@ -325,8 +213,6 @@ def tokenize(cfg: C.RunConfig, records, tokenizer):
 
 
 def build_curriculum(cfg: C.RunConfig, records, se_values=None):
-    from entrl.data.curriculum import Curriculum
-
     cur = cfg.curriculum
     if not cur.enabled:
         return Curriculum.uniform(len(records), cur.epochs_per_stage, cur.seed)
@@ -353,10 +239,10 @@ def needs_semantic_entropy(cfg: C.RunConfig) -> bool:
     return cur.enabled and (cur.order != "random" or cur.drop_trivial)
 
 
-def build_val_set(cfg: C.RunConfig, tokenizer, heldout_records=None):
+def build_val_set(cfg: C.RunConfig, tokenizer, heldout_records=None, *, instruction: str | None = None):
     """(prompt tokens, records) that `train.eval_every` evaluates, or None when it is off.
 
-    `val.data` names a benchmark (`entrl.benchmarks.BENCHMARKS`, read from `eval.data_dir` or the hub) or
+    `val.data` names a benchmark (`entrl.eval_suites.BENCHMARKS`, read from `eval.data_dir` or the hub) or
     a JSONL/Parquet file; empty, it is the task's held-out split (`heldout_records`). `val.max_problems`
     keeps the first N.
     """
@@ -364,8 +250,6 @@ def build_val_set(cfg: C.RunConfig, tokenizer, heldout_records=None):
     if not cfg.train.eval_every:
         return None
     if v.data:
-        from entrl.benchmarks import load_benchmark
-
         try:
             records = load_benchmark(v.data, data_dir=cfg.eval.data_dir or None, max_problems=v.max_problems).records
         except (FileNotFoundError, KeyError, ValueError, ImportError) as e:
@@ -376,53 +260,12 @@ def build_val_set(cfg: C.RunConfig, tokenizer, heldout_records=None):
         records = list(heldout_records[:v.max_problems] if v.max_problems else heldout_records)
     if not records:
         raise C.ConfigError(f"val.data={v.data!r} holds no problems")
-    return tokenize(cfg, records, tokenizer)
-
-
-def cache_dtype(cfg: C.RunConfig, setting: str) -> str:
-    """A KV-cache dtype setting resolved: "auto" is the compute dtype."""
-    return cfg.model.dtype if setting == "auto" else setting
-
-
-def reference_params(cfg: C.RunConfig, params):
-    """The frozen reference policy: a copy of the initial params in the compute dtype (bf16 under bf16
-    compute: half the bytes of float32 masters, and the same values the policy's forward computes with).
-
-    Under LoRA only the adapters are copied and the base's arrays are shared (the update never donates
-    them): at the start the adapters are B = 0, so this is the base with its adapters disabled.
-    """
-    from entrl.models import lora
-
-    if cfg.loss.kl_coef == 0:
-        return None
-    if lora.has_adapters(params):
-        adapters, base = lora.split(params)
-        return lora.join(jax.jit(lambda a: jax.tree.map(jnp.copy, a))(adapters), base)
-    dtype = jnp.dtype(cfg.model.dtype)
-    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x.copy(), p))(params)
-
-
-def build_sampler(cfg: C.RunConfig, tokenizer, mesh, *, n: int | None = None, max_new_tokens: int | None = None,
-                  temperature: float | None = None, top_p: float | None = None, slots: int = 0):
-    """A sampler with the run's rollout settings (PAD and BOS banned from responses; stop on EOS / end-of-turn
-    ids). `slots`: continuous batching (`entrl.sampling`); the training rollout passes `rollout.slots`, the
-    evaluation and annotation samplers (other batch shapes) decode every row at once."""
-    from entrl.sampling import Sampler, SamplingConfig
-
-    r = cfg.rollout
-    banned = {tokenizer.pad_token_id} | ({tokenizer.bos_token_id} if tokenizer.bos_token_id is not None else set())
-    sc = SamplingConfig(n=n or r.n, temperature=r.temperature if temperature is None else temperature,
-                        top_p=top_p or r.top_p, top_k=r.top_k, max_new_tokens=max_new_tokens or r.max_new_tokens,
-                        eos_ids=tuple(tokenizer.stop_token_ids), pad_id=tokenizer.pad_token_id,
-                        banned_ids=tuple(sorted(banned)), cache_dtype=cache_dtype(cfg, r.cache_dtype), slots=slots)
-    return Sampler(sc, mesh=mesh)
+    return tokenize(cfg, records, tokenizer, instruction=instruction)
 
 
 def reward_terms(cfg: C.RunConfig):
     """The `reward.fn` terms with their `reward.weights`, each imported now (`entrl.rewards.reward_fns`):
     a ConfigError in one line when one does not import, lacks the attribute or is not callable."""
-    from entrl.rewards import reward_fns
-
     try:
         return reward_fns(cfg.reward.fn, cfg.reward.weights)
     except ValueError as e:
@@ -433,24 +276,23 @@ def build_verifier(cfg: C.RunConfig, *, math_only: bool = False):
     """The reward's `Verifier` with the `reward.fn` terms (`reward_terms`; `math_only`: the math grading
     alone, for annotation and evaluation, which never call the other terms); its worker processes start
     on first use."""
-    from entrl.rewards import Verifier
-
     rw = cfg.reward
     extra = {} if math_only else {"rewards": reward_terms(cfg)}
     return Verifier(workers=rw.workers, timeout_s=rw.timeout_s, correct=rw.correct, incorrect=rw.incorrect, **extra)
 
 
-def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
-    """Everything a `Trainer` needs, validated before any compile."""
-    from entrl.data.pipeline import PromptPipeline
-    from entrl.rl.trainer import Components
+def setup(cfg: C.RunConfig, *, se_values=None, verifier=None, task=None):
+    """Everything a `Trainer` needs, validated before any compile.
 
+    `task` (an `entrl.seams.Task`; default: `ConfiguredTask(cfg)`) gives the prompts, answers and reward;
+    `verifier` (an `entrl.seams.Reward`) replaces the task's reward."""
     maybe_initialize_distributed()
     mesh = build_mesh(cfg)
-    verifier = verifier or build_verifier(cfg)  # imports the reward functions: before anything compiles
+    task = task or ConfiguredTask(cfg)
+    verifier = verifier or task.reward()  # imports the reward functions: before anything compiles
     tokenizer = build_tokenizer(cfg)
-    records, heldout = build_records(cfg)
-    prompt_tokens, records = tokenize(cfg, records, tokenizer)
+    records, heldout = task.records()
+    prompt_tokens, records = tokenize(cfg, records, tokenizer, instruction=task.instruction)
     graphdef, params = build_policy(cfg, mesh, tokenizer)
     ref_params = reference_params(cfg, params)
     sampler = build_sampler(cfg, tokenizer, mesh, slots=cfg.rollout.slots)
@@ -458,8 +300,6 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
                                                                   for r in records):
         if not cfg.curriculum.annotate:
             build_curriculum(cfg, records)  # raises the missing-column error
-        from entrl.semantic_entropy import annotate_prompts
-
         out_path = R.as_path(cfg.train.out_dir, "train.out_dir") / "semantic_entropy.jsonl"
         # Batches of a rollout call's prompts: with curriculum.samples == rollout.n (the paper's 8 and 8) the
         # annotation runs the rollout's own sampler program (one compile, and the memory the plan checked).
@@ -473,7 +313,7 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None):
     pipeline = PromptPipeline(prompt_tokens, curriculum, batch_size=per_process, pad_id=tokenizer.pad_token_id,
                               buckets=tuple(cfg.rollout.prompt_buckets), process_index=jax.process_index(),
                               process_count=jax.process_count())
-    held = build_val_set(cfg, tokenizer, heldout)
+    held = build_val_set(cfg, tokenizer, heldout, instruction=task.instruction)
     return Components(cfg=cfg, mesh=mesh, graphdef=graphdef, params=params, ref_params=ref_params,
                       tokenizer=tokenizer, records=records, prompt_tokens=prompt_tokens, curriculum=curriculum,
                       pipeline=pipeline, sampler=sampler, verifier=verifier, heldout=held)
@@ -486,13 +326,8 @@ def save_policy(graphdef, params, tokenizer, out_dir, *, dtype: str | None = Non
     Process 0 writes. LoRA adapters are merged into their kernels first (a plain checkpoint);
     `dtype` then casts the floating params (None keeps theirs).
     """
-    import jax.numpy as jnp
-
-    from entrl.models import save_pretrained
-    from entrl.models.lora import merge_adapters
-
     out = R.as_path(out_dir, "policy directory")
-    model = merge_adapters(nnx.merge(graphdef, params))
+    model = lora.merge_adapters(nnx.merge(graphdef, params))
     if dtype is not None:
         want = jnp.dtype(dtype)
         graphdef, params = nnx.split(model)
@@ -504,8 +339,6 @@ def save_policy(graphdef, params, tokenizer, out_dir, *, dtype: str | None = Non
         if primary:
             tokenizer.save(Path(os.fspath(local)))
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("entrl_save_policy")
     return R.native(out)
 
@@ -520,6 +353,48 @@ def source_dtype(cfg: C.RunConfig) -> str:
     hf = json.loads((resolve_model_dir(cfg.model.path) / "config.json").read_text())
     dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
     return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
+# ---------------------------------------------------------------------------
+# The demo model's warm start (`warmstart` section)
+# ---------------------------------------------------------------------------
+
+
+def warm_start(cfg: C.RunConfig, tokenizer, train_records, *, seed: int | None = None):
+    """Random-init demo model + noisy-teacher SFT (the `warmstart` section). Returns (graphdef, params, sft_losses)."""
+    w = cfg.warmstart
+    if seed is None:
+        seed = w.seed if w.seed >= 0 else cfg.train.seed
+    task = arithmetic_task(cfg)
+    rng = np.random.default_rng(seed + 1)
+    # SFT problems: a larger draw of the training split (the RL prompt pool is part of it; held-out never is).
+    sft_records = task.make_problems(max(w.problems, len(train_records)), seed=seed, split="train")
+    prompts = [tokenizer.encode(build_prompt(r.problem, tokenizer, suffix="", chat_template=True))
+               for r in sft_records]
+    responses = [tokenizer.encode(task.noisy_solution(r.problem, rng, w.error_rate)) + [tokenizer.eos_token_id]
+                 for r in sft_records]
+    graphdef, params = build_model(cfg, None, tokenizer)
+    params, losses = train_sft(graphdef, params, prompts, responses, pad_id=tokenizer.pad_token_id,
+                               steps=w.steps, batch_size=w.batch, lr=w.lr, seed=seed,
+                               prompt_len=max(cfg.rollout.prompt_buckets),
+                               # the teacher's solutions, whole, even when RL samples shorter responses
+                               response_len=max(cfg.rollout.max_new_tokens, max(map(len, responses))))
+    return graphdef, params, losses
+
+
+def warm_started(cfg: C.RunConfig, directory) -> C.RunConfig:
+    """`cfg` with `model.path` at its warm start in `directory` (made there by `warm_start` unless it
+    is already there, so a resumed run reuses it) and `warmstart.enabled` off. What `entrl train`
+    does with a `warmstart.enabled` config."""
+    out = R.as_path(directory, "warm-start directory")
+    if not (out / "config.json").exists():
+        tokenizer = build_tokenizer(cfg)
+        train_records, _ = build_records(cfg)
+        log.info("warm start: SFT of the demo model on the noisy teacher (%d steps, %.0f%% flawed solutions)",
+                 cfg.warmstart.steps, 100 * cfg.warmstart.error_rate)
+        graphdef, params, _ = warm_start(cfg, tokenizer, train_records)
+        save_policy(graphdef, params, tokenizer, out)
+    return C.replace(cfg, **{"model.path": str(out), "model.tokenizer": str(out), "warmstart.enabled": False})
 
 
 class Preempted(RuntimeError):
@@ -540,18 +415,16 @@ def check_memory(cfg: C.RunConfig) -> None:
     no weights read) and raise `DoesNotFit` (after logging the plan's table) when it cannot fit."""
     if not cfg.train.memory_check:
         return
-    from entrl.plan import device_budget, plan_run
-
-    budget, source = device_budget()
+    budget, source = plan.device_budget()
     if budget is None:  # CPU, or a backend without memory stats: nothing to check against
         log.info("memory check skipped (%s)", source)
         return
-    plan = plan_run(cfg, budget_bytes=budget, budget_source=source)
-    log.info("memory plan:\n%s", plan.table())
-    if not plan.fits:
-        worst = max((k for k in plan.per_device_bytes if k.endswith("_peak")), key=plan.per_device_bytes.get)
-        raise DoesNotFit(f"the run needs {plan.peak_bytes / 2**30:.1f} GiB per device ({worst}) of "
-                         f"{budget / 2**30:.1f} GiB ({plan.headroom:.0%} kept free); see the plan above "
+    run_plan = plan.plan_run(cfg, budget_bytes=budget, budget_source=source)
+    log.info("memory plan:\n%s", run_plan.table())
+    if not run_plan.fits:
+        worst = max((k for k in run_plan.per_device_bytes if k.endswith("_peak")), key=run_plan.per_device_bytes.get)
+        raise DoesNotFit(f"the run needs {run_plan.peak_bytes / 2**30:.1f} GiB per device ({worst}) of "
+                         f"{budget / 2**30:.1f} GiB ({run_plan.headroom:.0%} kept free); see the plan above "
                          "(`entrl plan`): model.remat=full, a smaller train.microbatch_per_shard, rollout.slots or "
                          "eval.batch_problems, or more devices (train.memory_check=false skips this check)")
 
@@ -564,16 +437,12 @@ def train_from_config(cfg: C.RunConfig, *, resume: bool = True, overwrite: bool 
     ConfigError unless `overwrite` (which deletes that run first). Raises `Preempted` when the run
     stopped on SIGTERM (a checkpoint is written, `policy/` is not).
     """
-    from entrl.rl.trainer import Trainer
-
     maybe_initialize_distributed()
     reward_terms(cfg)  # a reward function that does not import fails before the run directory, plan or warm start
     run_dir = R.RunDir.open(cfg.train.out_dir, resume=resume, overwrite=overwrite, config=C.to_dict(cfg))
     try:
         check_memory(cfg)
         if cfg.warmstart.enabled:  # the demo model's noisy-teacher SFT, once per run directory
-            from entrl.demo import warm_started
-
             cfg = warm_started(cfg, run_dir.path / "warmstart")
         comps = setup(cfg)
         trainer = Trainer(comps, run_dir=run_dir)
@@ -605,12 +474,10 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: st
     if out.exists() and any(True for _ in out.iterdir()) and not R.is_model_dir(out):
         raise C.ConfigError(f"--out {out_dir!r} is a non-empty directory that is not a model directory")
     source = RunSource(run, C.from_dict(stored))
-    cfg = _as_run_model(source.cfg, source)
+    cfg = run_model_config(source.cfg, source)
     tokenizer = build_tokenizer(cfg)
     # Params FSDP-sharded over whatever devices this machine has: the run's batch layout (build_mesh's
     # checks) is irrelevant to an export, which may run on a different machine than the training.
-    from entrl.sharding import make_mesh
-
     mesh = make_mesh(data=1, fsdp=-1, tensor=1)
     graphdef, params = build_policy(cfg, mesh, tokenizer)  # under LoRA: the base, and the run's adapters restored
     restored = restore_run_params(source, (graphdef, params), step=step)
@@ -619,3 +486,39 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: st
     if jax.process_index() == 0:
         log.info("exported step %d of %s to %s (%s)", restored.step, run_dir, out, dtype)
     return R.native(out)
+
+
+def annotate_dataset(cfg, *, data: str, out: str, n: int | None = None, resume: bool = True) -> int:
+    """Annotate a dataset with the policy of `cfg.model` and write it out (`entrl semantic-entropy`);
+    returns the number of prompts written.
+
+    Writes `out` (.jsonl or .parquet: the input columns plus `entrl.semantic_entropy.SE_COLUMNS`),
+    `<out>.se_hist.png` and `<out>.provenance.json` (what the values were computed with:
+    `entrl.annotate.se_provenance`). Progress lives in `<out>.progress.jsonl`; rerunning the same
+    command resumes from it, unless the settings changed
+    or `resume=False` (`--no-resume`): then the old progress is moved aside and everything is sampled
+    again. `out` may be a gs:// path (the outputs are written locally, then uploaded).
+    """
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=data))
+    out_p = R.as_path(out, "--out")
+    if out_p.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"--out {out!r}: must end in .jsonl or .parquet")
+    mesh = build_mesh(cfg)
+    tokenizer = build_tokenizer(cfg)
+    records, _ = build_records(cfg)
+    prompt_tokens, records = tokenize(cfg, records, tokenizer)
+    graphdef, params = build_model(cfg, mesh, tokenizer)
+    progress = out_p.with_name(out_p.name + ".progress.jsonl")
+    with build_verifier(cfg, math_only=True) as verifier:
+        stats = annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, verifier=verifier,
+                                 out_path=progress, n=n, mesh=mesh, resume=resume)
+    d = cfg.data  # the input's own column layout: the same config reads the annotated file back
+    rows = [{**r.to_row(id_key=d.id_key, problem_key=d.problem_key, answer_key=d.answer_key), **s}
+            for r, s in zip(records, stats)]
+    with R.local_copy_for_upload(out_p.parent) as local_dir:
+        local = Path(os.fspath(local_dir)) / out_p.name
+        write_records(local, rows)
+        plot_se_histogram([s["se"] for s in stats], local.with_name(local.name + ".se_hist.png"))
+        local.with_name(local.name + ".provenance.json").write_text(json.dumps(
+            {"provenance": read_progress(progress)[0], "data": data, "prompts": len(rows)}, indent=2) + "\n")
+    return len(rows)

@@ -1,4 +1,8 @@
-"""The pure, jitted pieces of an RL step: sequence log-probs and the update.
+"""The pure, jitted RL update: (params, optimizer state, mini-batch) -> (params, optimizer state, metrics).
+
+The row statistics it differentiates (`response_stats`, the micro-batch layout `micro_rows`, the
+length buckets) are `entrl.token_stats`'s, shared with the log-prob phase (`compute_logprobs`), the
+evaluation and the SFT warm start, none of which needs this module.
 
 Design decisions:
 - The model crosses the jit boundary as `(graphdef, params)` (NNX split); it is
@@ -62,8 +66,16 @@ import optax
 from flax import nnx
 
 from entrl.models import lora
-from entrl.rl import losses as L
-from entrl.token_stats import token_logprobs_and_entropy
+from entrl.rl import losses
+from entrl.token_stats import (
+    batched_response_stats,
+    bucket_index,
+    from_micro_rows,
+    micro_rows,
+    resp_lengths,
+    response_buckets,
+    trimmed_response_stats,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,66 +100,8 @@ class StepSettings:
 
 
 # ---------------------------------------------------------------------------
-# Sequence statistics
+# Row order (the log-prob phase itself is `entrl.token_stats.compute_logprobs`)
 # ---------------------------------------------------------------------------
-
-
-def response_stats(model, prompt_ids_NxP, prompt_mask_NxP, resp_ids_NxL, *, temperature: float, chunk_size: int = 512):
-    """Per-token log-prob and entropy of the response tokens under `model`.
-
-    Returns `(logp_NxL, entropy_NxL)` in float32 at `temperature`. Positions are
-    `cumsum(mask) - 1` over the left-padded prompt, continuing through the
-    response, exactly as the sampler assigns them.
-    """
-    P = prompt_ids_NxP.shape[1]
-    seq_NxS = jnp.concatenate([prompt_ids_NxP, resp_ids_NxL], axis=1)
-    mask_NxS = jnp.concatenate([prompt_mask_NxP.astype(jnp.int32), jnp.ones_like(resp_ids_NxL, jnp.int32)], axis=1)
-    pos_NxS = jnp.maximum(jnp.cumsum(mask_NxS, axis=1) - 1, 0)
-    h_NxSxD = model.hidden(seq_NxS[:, :-1], attention_mask=mask_NxS[:, :-1], positions=pos_NxS[:, :-1])
-    h_NxLxD = h_NxSxD[:, P - 1:]
-    return token_logprobs_and_entropy(h_NxLxD, model.unembedding(), resp_ids_NxL, temperature=temperature, chunk_size=chunk_size)
-
-
-def micro_rows(x, num_micro: int, shards: int = 1):
-    """[N, ...] -> [num_micro, N / num_micro, ...], micro-batch i = the i-th block of every shard's rows.
-
-    Shard s holds rows [s N/S, (s+1) N/S); micro-batch i takes rows s N/S + i p + [0, p) of each
-    shard (p = N / (S num_micro)), in shard order, so it stays split over the shards as the batch is.
-    """
-    n = x.shape[0]
-    if n % (shards * num_micro):
-        raise ValueError(f"{n} rows do not split into {shards} shards x {num_micro} micro-batches")
-    x = x.reshape((shards, num_micro, n // (shards * num_micro)) + x.shape[1:])
-    return jnp.swapaxes(x, 0, 1).reshape((num_micro, n // num_micro) + x.shape[3:])
-
-
-def from_micro_rows(x, shards: int = 1):
-    """Inverse of `micro_rows`: [num_micro, N / num_micro, ...] -> [N, ...] in the original row order."""
-    num_micro, m = x.shape[:2]
-    x = x.reshape((num_micro, shards, m // shards) + x.shape[2:])
-    return jnp.swapaxes(x, 0, 1).reshape((num_micro * m,) + x.shape[3:])
-
-
-def response_buckets(max_len: int, count: int) -> tuple[int, ...]:
-    """The response lengths micro-batches are trimmed to: ceil(L k / K) for k = 1..K, distinct, ending at L."""
-    return tuple(sorted({-(-max_len * k // count) for k in range(1, max(count, 1) + 1)}))
-
-
-def bucket_index(resp_len_M, buckets: tuple[int, ...]):
-    """Index of the smallest bucket that holds the longest of the rows' responses ([] int32)."""
-    longest = jnp.max(resp_len_M)
-    return jnp.sum(longest > jnp.asarray(buckets[:-1], jnp.int32)).astype(jnp.int32)
-
-
-def resp_lengths(batch: dict):
-    """[N] response lengths: `resp_len` if the batch has it, else the extent of `resp_mask`, else L for every row."""
-    if "resp_len" in batch:
-        return jnp.asarray(batch["resp_len"], jnp.int32)
-    n, max_len = batch["resp_ids"].shape
-    if "resp_mask" in batch:
-        cols = jnp.arange(1, max_len + 1, dtype=jnp.int32)
-        return jnp.max(jnp.where(jnp.asarray(batch["resp_mask"]) > 0, cols, 0), axis=1)
-    return jnp.full((n,), max_len, jnp.int32)
 
 
 def length_order(lengths_N, shards: int, blocks: int) -> np.ndarray:
@@ -161,39 +115,6 @@ def length_order(lengths_N, shards: int, blocks: int) -> np.ndarray:
     groups = lengths_N.reshape(shards * blocks, -1)
     order = np.argsort(groups, axis=1, kind="stable") + np.arange(groups.shape[0])[:, None] * groups.shape[1]
     return order.reshape(-1)
-
-
-def _trimmed_stats(model, mb: dict, length: int, *, temperature: float, chunk_size: int):
-    """`response_stats` on the first `length` response columns, zero-padded back to L."""
-    max_len = mb["resp_ids"].shape[1]
-    logp, ent = response_stats(model, mb["prompt_ids"], mb["prompt_mask"], mb["resp_ids"][:, :length],
-                               temperature=temperature, chunk_size=chunk_size)
-    pad = ((0, 0), (0, max_len - length))
-    return jnp.pad(logp, pad), jnp.pad(ent, pad)
-
-
-def batched_response_stats(graphdef, params, batch: dict, *, temperature: float, num_micro: int, chunk_size: int,
-                           shards: int = 1, length_buckets: int = 1):
-    """Detached log-probs/entropies of a whole batch, one micro-batch at a time (lax.map), each run up to its
-    length bucket (`resp_len` of the batch, see `resp_lengths`)."""
-    model = nnx.merge(graphdef, params)
-    buckets = response_buckets(batch["resp_ids"].shape[1], length_buckets)
-
-    def one(mb):
-        branches = [lambda m, b=b: _trimmed_stats(model, m, b, temperature=temperature, chunk_size=chunk_size)
-                    for b in buckets]
-        if len(branches) == 1:
-            return branches[0](mb)
-        return jax.lax.switch(bucket_index(mb["resp_len"], buckets), branches, mb)
-
-    full = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "resp_ids")} | {"resp_len": resp_lengths(batch)}
-    logp, ent = jax.lax.map(one, {k: micro_rows(v, num_micro, shards) for k, v in full.items()})
-    return (jax.lax.stop_gradient(from_micro_rows(logp, shards)),
-            jax.lax.stop_gradient(from_micro_rows(ent, shards)))
-
-
-compute_logprobs = jax.jit(batched_response_stats, static_argnames=("graphdef", "temperature", "num_micro",
-                                                                   "chunk_size", "shards", "length_buckets"))
 
 
 # ---------------------------------------------------------------------------
@@ -232,12 +153,12 @@ def _policy_objective(logp_NxL, ent_NxL, mb: dict, rng, s: StepSettings):
     mask = mb["resp_mask"].astype(jnp.float32)
     adv_NxL = jnp.broadcast_to(mb["advantages"][:, None], logp_NxL.shape).astype(jnp.float32)
     max_len = logp_NxL.shape[1]
-    loss, metrics = L.compute_policy_loss(s.loss_name, logp_NxL, mb["old_logp"], adv_NxL, ent_NxL, mask,
+    loss, metrics = losses.compute_policy_loss(s.loss_name, logp_NxL, mb["old_logp"], adv_NxL, ent_NxL, mask,
                                           rng=rng, agg=s.agg, max_len=max_len, **s.params_dict)
     metrics = dict(metrics)
     metrics["pg_loss"] = loss
     if s.kl_coef > 0:
-        kl = L.aggregate(L.kl_penalty(logp_NxL, mb["ref_logp"], s.kl_estimator), mask, s.agg, max_len=max_len)
+        kl = losses.aggregate(losses.kl_penalty(logp_NxL, mb["ref_logp"], s.kl_estimator), mask, s.agg, max_len=max_len)
         loss = loss + s.kl_coef * kl
         metrics["ref_kl"] = kl
     else:
@@ -262,7 +183,7 @@ def _grads(graphdef, params, frozen, mb_all: dict, rng, s: StepSettings):
     def micro_loss(p, i, length: int):
         model = nnx.merge(graphdef, p, frozen)
         mb = {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in micro.items()}
-        logp, ent = _trimmed_stats(model, mb, length, temperature=s.temperature, chunk_size=s.chunk_size)
+        logp, ent = trimmed_response_stats(model, mb, length, temperature=s.temperature, chunk_size=s.chunk_size)
         if s.scope == "global":
             if splice:  # the live values spliced into the detached full arrays (see module docstring)
                 logp = from_micro_rows(jax.lax.dynamic_update_index_in_dim(logp_sg, logp, i, 0), shards)

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from entrl import config as C
+from entrl.rl.loss_specs import resolve_params
 
 
 def planned_steps(cfg: C.RunConfig, pipeline) -> int:
@@ -34,8 +35,6 @@ def startup_summary(cfg: C.RunConfig, *, params: Any, mesh, pipeline, settings, 
                     reward_terms: list[tuple[str, float]] | None = None) -> str:
     """The summary: a title line, then lines of `label  text` (see the module docstring). `settings`: the
     update's `StepSettings`; `reward_terms`: (spec, weight) of each reward term (default: from the config)."""
-    from entrl.rl.losses import resolve_params
-
     m, r, t, lo, d, cc = cfg.model, cfg.rollout, cfg.train, cfg.loss, cfg.data, cfg.curriculum
     lines: list[tuple[str, str]] = []
 

@@ -36,7 +36,7 @@ Design decisions:
   every host computes the same advantages. Token statistics for the metrics are
   reduced on the devices; nothing [rows, length]-sized is fetched to a host.
 - Micro- and mini-batches take each data shard's block of rows
-  (`entrl.rl.step.micro_rows`), rollouts of several sampler calls are joined
+  (`entrl.token_stats.micro_rows`), rollouts of several sampler calls are joined
   shard-wise: rows never move between devices inside a step.
 - Non-finite steps are skipped inside the jitted update; the host counts them
   and stops the run after `train.max_nonfinite_steps` in a row. A checkpoint is
@@ -58,21 +58,38 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import threading
 import time
 from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from entrl import config as C
+from entrl import token_stats as TS
+from entrl.checkpoint import CheckpointManager, restore_tree, save_tree
+from entrl.data.curriculum import Curriculum
+from entrl.data.pipeline import PromptPipeline
+from entrl.data.sources import Record
+from entrl.evaluation import evaluate_prompts
+from entrl.metrics import MetricsLogger
 from entrl.models import lora
-from entrl.rl import advantages as A
-from entrl.rl import step as S
 from entrl.multihost import allgather_local, gather, gather_rows, local_rows, to_device
 from entrl.progress import progress_bar
-from entrl.sharding import data_shards
+from entrl.rl import advantages as A
+from entrl.rl import step as S
+from entrl.rl.summary import planned_steps, startup_summary
+from entrl.rundir import RunDir
+from entrl.sampling import FINISH_LENGTH, build_sampler
+from entrl.seams import Reward, RolloutBackend
+from entrl.semantic_entropy import batch_prompt_stats
+from entrl.sharding import data_shards, shard_batch
+from entrl.tokenizer import Tokenizer
 
 log = logging.getLogger("entrl.train")
 
@@ -86,17 +103,17 @@ class Components:
     """Everything `run()` needs, built by `setup()` (tests may pass their own pieces)."""
 
     cfg: C.RunConfig
-    mesh: Any
-    graphdef: Any
-    params: Any
-    ref_params: Any
-    tokenizer: Any
-    records: list  # entrl.data.sources.Record, indexed by PromptBatch.indices
-    prompt_tokens: list  # token ids of each record's prompt
-    curriculum: Any
-    pipeline: Any
-    sampler: Any
-    verifier: Any
+    mesh: Mesh | None  # None: one device
+    graphdef: nnx.GraphDef  # the policy's structure (static under jit)
+    params: nnx.State  # the policy's master weights, on the mesh
+    ref_params: nnx.State | None  # the frozen reference policy in the compute dtype (None: loss.kl_coef = 0)
+    tokenizer: Tokenizer
+    records: list[Record]  # indexed by PromptBatch.indices
+    prompt_tokens: list[list[int]]  # token ids of each record's prompt
+    curriculum: Curriculum
+    pipeline: PromptPipeline
+    sampler: RolloutBackend
+    verifier: Reward
     heldout: tuple | None = None  # (prompt_tokens, records) of the `val` set, evaluated every train.eval_every steps
 
 
@@ -120,8 +137,6 @@ def group_stats(rewards: np.ndarray, n: int) -> dict:
 
 def batch_semantic_entropy(answers: list, n: int, verifier=None) -> float:
     """Mean semantic entropy of the batch's prompts, from their own n rollouts (docs/method.md, "What to log")."""
-    from entrl.semantic_entropy import batch_prompt_stats
-
     groups = [answers[i:i + n] for i in range(0, len(answers), n)]
     hook = verifier.equivalent_pairs if verifier is not None else None
     stats = batch_prompt_stats(groups, pairs_equivalent=hook)
@@ -137,13 +152,26 @@ def run_optimizer(cfg: C.RunConfig):
                             schedule=o.schedule, warmup_steps=o.warmup_steps, total_steps=total_opt_steps)
 
 
+def reference_params(cfg: C.RunConfig, params):
+    """The frozen reference policy: a copy of `params` in the compute dtype (bf16 under bf16 compute: half the
+    bytes of float32 masters, and the same values the policy's forward computes with); None without KL.
+
+    Under LoRA only the adapters are copied and the base's arrays are shared (the update never donates
+    them): at the start the adapters are B = 0, so this is the base with its adapters disabled.
+    """
+    if cfg.loss.kl_coef == 0:
+        return None
+    if lora.has_adapters(params):
+        adapters, base = lora.split(params)
+        return lora.join(jax.jit(lambda a: jax.tree.map(jnp.copy, a))(adapters), base)
+    dtype = jnp.dtype(cfg.model.dtype)
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x.copy(), p))(params)
+
+
 def opt_state_shardings(optimizer, params, mesh):
     """Shardings of `optimizer.init(params)`: Adam moments laid out as their params, counters replicated.
     `params` may be abstract (ShapeDtypeStructs with shardings). Without explicit shardings jit would put
     the data-independent zeros on device 0."""
-    import optax
-    from jax.sharding import NamedSharding, PartitionSpec
-
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     return optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params), param_sh,
                                  transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))
@@ -175,10 +203,6 @@ class Trainer:
     """Runs `cfg` to completion (or `max_steps`), checkpointing and logging as it goes."""
 
     def __init__(self, comps: Components, run_dir=None):
-        from entrl.checkpoint import CheckpointManager
-        from entrl.metrics import MetricsLogger
-        from entrl.rundir import RunDir
-
         self.c = comps
         cfg = comps.cfg
         self.cfg = cfg
@@ -196,8 +220,6 @@ class Trainer:
                          jax.tree.map(lambda x: x.sharding, self.opt_state))
         self.update = S.make_update_fn(comps.graphdef, self.optimizer, self.settings, state_shardings=shardings)
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.train.keep_checkpoints)
-        from entrl.rl.summary import planned_steps
-
         self.planned_steps = planned_steps(cfg, comps.pipeline)  # train.steps, or the curriculum's when 0
         t = cfg.train
         self.logger = MetricsLogger(self.out, console=jax.process_index() == 0,
@@ -250,8 +272,8 @@ class Trainer:
 
     def save(self, force: bool = False):
         meta = {"step": self.step, "stage": self.stage, "config": C.to_dict(self.cfg)}
-        self.ckpt.save(self.step, params=lora.trainable(self.params), opt_state=self.opt_state, rng=self.key,
-                       meta=meta, data_state=self.c.pipeline.get_state(), force=force)
+        self.ckpt.save(self.step, params=lora.trainable(self.params), opt_state=self.opt_state, meta=meta,
+                       data_state=self.c.pipeline.get_state(), force=force)
 
     # -- one RL step: ROLLOUT, SCORE, LOG-PROBS, UPDATE, METRICS ---------------
 
@@ -284,8 +306,6 @@ class Trainer:
         c = self.c
         ids, pmask = batch.input_ids, batch.attention_mask
         if c.mesh is not None:
-            from entrl.sharding import shard_batch
-
             ids, pmask = shard_batch(ids, c.mesh), shard_batch(pmask, c.mesh)
         roll = c.sampler.sample((c.graphdef, self.params), ids, pmask, rng)
         out = {f.name: getattr(roll, f.name) for f in dataclasses.fields(roll)}
@@ -377,12 +397,12 @@ class Trainer:
                      length_buckets=self.settings.length_buckets)
         if cfg.rollout.reuse_sampler_logprobs:
             old_logp = jnp.asarray(arrays["logprobs"])
-            _, entropy = S.compute_logprobs(c.graphdef, self.params, full, **stats)
+            _, entropy = TS.compute_logprobs(c.graphdef, self.params, full, **stats)
         else:
-            old_logp, entropy = S.compute_logprobs(c.graphdef, self.params, full, **stats)
+            old_logp, entropy = TS.compute_logprobs(c.graphdef, self.params, full, **stats)
         full["old_logp"] = old_logp
         if cfg.loss.kl_coef > 0:
-            full["ref_logp"], _ = S.compute_logprobs(c.graphdef, c.ref_params, full, **stats)
+            full["ref_logp"], _ = TS.compute_logprobs(c.graphdef, c.ref_params, full, **stats)
         else:
             full["ref_logp"] = jnp.zeros_like(old_logp)
         token_stats = _token_metrics(entropy, old_logp, arrays["logprobs"], arrays["mask"], arrays["finish_code"])
@@ -493,13 +513,10 @@ class Trainer:
             shown.close()
             if prev is not None:
                 signal.signal(signal.SIGTERM, prev)
-            self.logger.flush() if hasattr(self.logger, "flush") else None
         return self.history
 
     def _log_summary(self) -> None:
         """The start-up summary (`entrl.rl.summary`), once per `run`, from process 0."""
-        from entrl.rl.summary import startup_summary
-
         if jax.process_index() != 0:
             return
         terms = [(t.spec, t.weight) for t in self.c.verifier.rewards] if hasattr(self.c.verifier, "rewards") else None
@@ -532,9 +549,6 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """pass@k and avg@k of the `val` set (`val.n` samples per problem), as `eval/...` metrics."""
-        from entrl.evaluation import evaluate_prompts
-        from entrl.rl.setup import build_sampler
-
         cfg, v = self.cfg, self.cfg.val
         if self._eval_sampler is None:  # the rollout sampler draws rollout.n per prompt; this one val.n
             self._eval_sampler = build_sampler(cfg, self.c.tokenizer, self.c.mesh, n=v.n, temperature=v.temperature,
@@ -557,8 +571,6 @@ class Trainer:
         """The SIGTERM flag, agreed by every process (a signal may reach only some of them)."""
         if jax.process_count() == 1:
             return self._stop
-        from jax.experimental import multihost_utils
-
         return bool(np.asarray(multihost_utils.process_allgather(np.asarray([self._stop]))).any())
 
     def _enter_stage(self, stage: int):
@@ -568,9 +580,6 @@ class Trainer:
         if boundary in ("reset_optimizer", "restart"):
             self.opt_state = self._init_opt(self.params)
         if self._restarts_reference():
-            from entrl.checkpoint import save_tree
-            from entrl.rl.setup import reference_params
-
             self.c.ref_params = reference_params(self.cfg, self.params)
             save_tree(self._reference_dir(stage), lora.trainable(self.c.ref_params))  # the base is not stored
 
@@ -582,8 +591,6 @@ class Trainer:
 
     def _restore_reference(self, stage: int):
         """The reference of a `restart` stage, written when the stage began."""
-        from entrl.checkpoint import restore_tree
-
         path = self._reference_dir(stage)
         if not path.exists():
             raise C.ConfigError(f"resuming in curriculum stage {stage} with train.stage_boundary=restart needs the "
@@ -605,12 +612,9 @@ class Trainer:
 SAMPLES_LOGGED = 4  # sample completions written to rollouts.jsonl per `train.log_samples_every` steps
 _PASS_THROUGH = {"loss", "grad_norm", "clip_frac", "penalized_frac", "abs_logratio_mean", "cov_mean", "cov_max",
                  "ref_kl", "pg_loss", "policy_entropy", "skipped_nonfinite"}
-_LENGTH = 0  # finish code of a response cut at max_new_tokens (entrl.sampling.FINISH_REASONS)
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -629,7 +633,7 @@ def _token_metrics(entropy_RxL, old_logp_RxL, sampler_logp_RxL, mask_RxL, finish
     return {"entropy": (entropy_RxL * m).sum() / jnp.maximum(count, 1.0),
             "sampler_logprob_gap": jnp.max(jnp.abs(old_logp_RxL - sampler_logp_RxL) * m),
             "tokens": count, "response_length": m.sum(1).mean(),
-            "truncation_rate": (finish_R == _LENGTH).astype(jnp.float32).mean()}
+            "truncation_rate": (finish_R == FINISH_LENGTH).astype(jnp.float32).mean()}
 
 
 @jax.jit
@@ -647,6 +651,6 @@ def _shard_permute(arrays: dict, local_SxM) -> dict:
 
 @partial(jax.jit, static_argnums=(2, 3))
 def _minibatch(full: dict, j, n_mini: int, shards: int) -> dict:
-    """Mini-batch j of the step: the j-th block of every shard's rows (`entrl.rl.step.micro_rows`)."""
-    return {k: jax.lax.dynamic_index_in_dim(S.micro_rows(v, n_mini, shards), j, keepdims=False)
+    """Mini-batch j of the step: the j-th block of every shard's rows (`entrl.token_stats.micro_rows`)."""
+    return {k: jax.lax.dynamic_index_in_dim(TS.micro_rows(v, n_mini, shards), j, keepdims=False)
             for k, v in full.items()}

@@ -1,4 +1,6 @@
-"""`entrl eval`: benchmarks -> samples.jsonl (resumable) -> results.json / results.md
+"""`entrl eval`: the six evaluation suites (benchmarks) -> samples.jsonl (resumable) -> results.json / results.md
+
+(Named apart from the repository's top-level `benchmarks/`, which holds performance scripts.)
 
 Design decisions:
 - Every sample is one line of `<out>/samples.jsonl`, appended and flushed after each sampler call
@@ -33,13 +35,36 @@ Left out on purpose: tolerance grading of rounded physics answers and LLM judges
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import os
+import re
+import time
+import zlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 
+from entrl import plan
+from entrl.build import build_tokenizer, maybe_initialize_distributed, resolve_model_dir
+from entrl.config import ConfigError
+from entrl.data.sources import Record, load_records, number_text
+from entrl.data.tasks import tokenize_prompts
 from entrl.evaluation import _check_k, sample_and_grade, summarize
+from entrl.models import ModelConfig, load_pretrained
+from entrl.progress import progress_bar
+from entrl.rewards import Verifier, _parse, is_pathological
+from entrl.rundir import READ_SCHEMES, append_text, as_path, is_remote
+from entrl.sampling import FINISH_REASONS, Sampler, SamplingConfig, cache_dtype
 from entrl.semantic_entropy import PairsEquivalent
+from entrl.sharding import data_shards, make_mesh
+
+log = logging.getLogger(__name__)
 
 # Settings that must not change when an evaluation directory is resumed (see run.json).
 RESUME_KEYS = ("model", "tokenizer", "n", "temperature", "top_p", "max_new_tokens", "seed", "dtype",
@@ -81,8 +106,6 @@ class Benchmark:
 def _answer_text(value: Any) -> str:
     """A hub answer cell as a reference string: lists joined with ", ", numbers exactly as written
     (`number_text`: 27.0 -> "27", 1e23 -> "1" and 23 zeros), no `$`."""
-    from entrl.data.sources import number_text
-
     if isinstance(value, (list, tuple)):
         return ", ".join(_answer_text(v) for v in value)
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
@@ -91,9 +114,7 @@ def _answer_text(value: Any) -> str:
 
 
 def _hub_records(src: BenchmarkSource) -> list:
-    import datasets
-
-    from entrl.data.sources import Record
+    import datasets  # noqa: PLC0415 (hub datasets: seconds to import, local files do not need it)
 
     try:
         ds = datasets.load_dataset(src.hub_id, split=src.split)
@@ -118,12 +139,6 @@ def _hub_records(src: BenchmarkSource) -> list:
 def load_benchmark(name: str, *, data_dir: str | None = None, max_problems: int = 0) -> Benchmark:
     """A named benchmark (`BENCHMARKS`: `<data_dir>/<name>.jsonl`, else its hub dataset), or any
     JSONL/Parquet path or hub id with columns `problem`/`answer` (and `id` when present)."""
-    from pathlib import Path
-
-    from entrl.config import ConfigError
-    from entrl.data.sources import load_records
-    from entrl.rundir import READ_SCHEMES, as_path
-
     if max_problems < 0:
         raise ValueError(f"max_problems={max_problems}: must be >= 0 (0 = all)")
     if name in BENCHMARKS:
@@ -157,11 +172,7 @@ def answer_format_flags(answer: str) -> list[str]:
     `e_notation` (`4.5e33`: LaTeX reads `e` as Euler's number; only the rational fast path gets it
     right), `text` (`\\text{..}`: words or units), `pathological` / `unparseable`.
     """
-    import re
-
-    import sympy
-
-    from entrl.rewards import _parse, is_pathological
+    import sympy  # noqa: PLC0415 (seconds to import; only for this check)
 
     if is_pathological(answer):
         return ["pathological"]
@@ -200,10 +211,6 @@ def _read_samples(path, n: int) -> dict[tuple[str, str], list[dict]]:
     A torn last line (no newline: the run died mid-write) and problems with fewer than n samples are
     removed from the file (atomically) so that they can be appended again without duplicates.
     """
-    import json
-    import logging
-    import os
-
     if not path.exists():
         return {}
     raw = path.read_bytes()
@@ -225,8 +232,6 @@ def _read_samples(path, n: int) -> dict[tuple[str, str], list[dict]]:
         logging.getLogger(__name__).warning("%s: dropping %d problems with fewer than %d samples%s; they are "
                                             "sampled again", path, partial, n, " and a torn last line" if torn else "")
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for rows in complete.values() for r in rows)
-        from entrl.rundir import is_remote
-
         if is_remote(path):  # an object store replaces whole objects atomically anyway
             path.write_text(text)
         else:
@@ -238,10 +243,6 @@ def _read_samples(path, n: int) -> dict[tuple[str, str], list[dict]]:
 
 def _check_run_settings(out, settings: dict, have_samples: bool) -> None:
     """Write run.json, or compare with the one there; a mismatch with samples on disk is an error."""
-    import json
-
-    from entrl.config import ConfigError
-
     path = out / "run.json"
     if path.exists() and have_samples:
         old = json.loads(path.read_text()).get("settings", {})
@@ -251,8 +252,6 @@ def _check_run_settings(out, settings: dict, have_samples: bool) -> None:
             raise ConfigError(f"{out} holds samples drawn with other settings ({lines}); use another --out "
                              "or delete its samples.jsonl")
         return
-    import jax
-
     if jax.process_index() == 0:
         path.write_text(json.dumps({"settings": settings}, indent=2) + "\n")
 
@@ -262,9 +261,6 @@ def _check_context(model_dir, prompts: dict, buckets: Sequence[int], max_new_tok
 
     Checked from config.json before any weight is read or anything compiled.
     """
-    from entrl.config import ConfigError
-    from entrl.models import ModelConfig
-
     longest = max((len(t) for tokens in prompts.values() for t in tokens), default=0)
     bucket = min((b for b in buckets if b >= longest), default=max(buckets))
     context = ModelConfig.from_pretrained(model_dir).max_position_embeddings
@@ -328,19 +324,6 @@ def _sample_benchmark(bench: Benchmark, prompts: list[list[int]], todo: list[int
 
     Shows a progress bar (`progress`: auto | on | off, see `entrl.progress`), or else logs one line per batch.
     """
-    import json
-    import logging
-    import time
-    import zlib
-
-    from entrl.progress import progress_bar
-    from entrl.rundir import append_text
-
-    import jax
-
-    from entrl.sampling import FINISH_REASONS
-
-    log = logging.getLogger(__name__)
     n = sampler.config.n
     bkey = jax.random.fold_in(key, zlib.crc32(bench.key.encode()) & 0x7FFFFFFF)
     pad_to = batch_size if len(todo) > batch_size else 0
@@ -379,21 +362,6 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
     turn of the chat template (`data.chat_template`). `verifier` (default: an `entrl.rewards.Verifier`
     pool, closed at the end) grades. See the module docstring.
     """
-    import json
-
-    import jax
-    from flax import nnx
-    from jax.experimental import multihost_utils
-
-    from entrl.config import ConfigError
-    from entrl.data.tasks import tokenize_prompts
-    from entrl.models import load_pretrained
-    from entrl.rewards import Verifier
-    from entrl.rl.setup import build_tokenizer, cache_dtype, maybe_initialize_distributed, resolve_model_dir
-    from entrl.rundir import as_path
-    from entrl.sampling import Sampler, SamplingConfig
-    from entrl.sharding import data_shards, make_mesh
-
     e, m = cfg.eval, cfg.model
     ks = sorted({int(k) for k in e.k})
     if not e.benchmarks:
@@ -442,13 +410,10 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
                 raise ConfigError(str(err)) from None
             batch = eval_batch_problems(cfg, mesh)
             net = load_pretrained(model_dir, dtype=m.dtype, param_dtype=m.dtype, mesh=mesh)
-            banned = {tok.pad_token_id} | ({tok.bos_token_id} if tok.bos_token_id is not None else set())
-            sc = SamplingConfig(n=e.n, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
-                                eos_ids=tuple(tok.stop_token_ids), pad_id=tok.pad_token_id,
-                                banned_ids=tuple(sorted(banned)), cache_dtype=kv_dtype)
+            sc = SamplingConfig.for_tokenizer(tok, n=e.n, temperature=e.temperature, top_p=e.top_p,
+                                              max_new_tokens=e.max_new_tokens, cache_dtype=kv_dtype)
             sc.check_vocab(net.cfg.vocab_size)
             graphdef, params = nnx.split(net)
-            log = __import__("logging").getLogger(__name__)
             log.info("eval: %d problems x %d samples per sampler call, on %d devices (%d data shards)", batch,
                      e.n, mesh.size, data_shards(mesh))
             for s in suites:
@@ -486,17 +451,12 @@ def eval_batch_problems(cfg, mesh) -> int:
     """Problems per sampler call: `eval.batch_problems`, or (0) the most that fit the accelerator's memory
     (`entrl.plan.auto_eval_batch`), or 64 where the devices report no memory (CPU). The call's rows
     (problems x eval.n) must split over the data shards."""
-    from entrl.config import ConfigError
-    from entrl.sharding import data_shards
-
     e = cfg.eval
     shards = data_shards(mesh)
     batch = e.batch_problems
     if not batch:
-        from entrl.plan import auto_eval_batch, device_budget
-
-        budget, _ = device_budget()
-        batch = auto_eval_batch(cfg, budget) if budget else 64
+        budget, _ = plan.device_budget()
+        batch = plan.auto_eval_batch(cfg, budget) if budget else 64
     if batch * e.n % shards:
         raise ConfigError(f"eval.batch_problems={batch} x eval.n={e.n} rows per sampler call do not split over the "
                           f"{shards} data shards (mesh.data * mesh.fsdp)")

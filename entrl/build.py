@@ -1,0 +1,172 @@
+"""What every command starts from, built from a run config: the distributed runtime and the device mesh,
+where the policy's weights come from (an HF checkpoint directory, a hub id, an entrl run directory, or
+the built-in demo model), and its tokenizer.
+
+Design decisions:
+- Below everything that builds on it: `entrl.rl.setup` (a training run), `entrl.plan` (the memory plan,
+  which needs the model's config but never its weights) and `entrl.eval_suites` (`entrl eval`) all
+  import this module, and it imports none of them.
+- A bad setting is a one-line `ConfigError` saying what to change, raised before any weights are read
+  or anything is compiled.
+- An entrl run directory is a model too: its `policy/` when the run finished, else its latest
+  checkpoint (`run_checkpoint_source`; `entrl.rl.setup.build_model` restores it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import jax
+
+from entrl import config as C
+from entrl import rundir as R
+from entrl.models import ModelConfig
+from entrl.models.lora import LoRASpec
+from entrl.sharding import data_shards, make_mesh
+from entrl.tokenizer import CharTokenizer, load_tokenizer
+
+log = logging.getLogger("entrl.setup")
+
+
+# ---------------------------------------------------------------------------
+# Distributed runtime and mesh
+# ---------------------------------------------------------------------------
+
+
+def maybe_initialize_distributed() -> None:
+    """Join the multi-controller JAX cluster when launched by `launch/` (ENTRL_DISTRIBUTED=1)."""
+    if os.environ.get("ENTRL_DISTRIBUTED") != "1" or jax.distributed.is_initialized():
+        return
+    coord = os.environ.get("ENTRL_COORDINATOR")
+    if coord:
+        jax.distributed.initialize(coord, int(os.environ["ENTRL_NUM_PROCESSES"]), int(os.environ["ENTRL_PROCESS_ID"]))
+    else:  # TPU VMs / SLURM: JAX discovers the cluster itself
+        jax.distributed.initialize()
+    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+
+
+def build_mesh(cfg: C.RunConfig):
+    try:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    except ValueError as e:
+        raise C.ConfigError(str(e) if str(e).startswith("mesh") else f"mesh: {e}") from e
+    check_batch_layout(cfg, data_shards(mesh), jax.process_count())
+    return mesh
+
+
+def check_batch_layout(cfg: C.RunConfig, shards: int, processes: int = 1) -> None:
+    """ConfigError unless the step's batches split evenly over `shards` data shards and the processes."""
+    t, n = cfg.train, cfg.rollout.n
+    if t.prompts_per_step % processes:
+        raise C.ConfigError(f"train.prompts_per_step={t.prompts_per_step} is not divisible by the "
+                            f"{processes} processes")
+    if t.prompts_per_step % shards:  # the sampler splits the step's prompts over the data shards
+        raise C.ConfigError(f"train.prompts_per_step={t.prompts_per_step} must be divisible by the {shards} data "
+                            "shards (mesh.data * mesh.fsdp); change it or the mesh (e.g. more mesh.tensor)")
+    if 0 < cfg.rollout.slots < t.prompts_per_step * n and cfg.rollout.slots % shards:
+        raise C.ConfigError(f"rollout.slots={cfg.rollout.slots} must be a multiple of the {shards} data shards "
+                            "(mesh.data * mesh.fsdp): each shard decodes its own prompts in its own slots")
+    rows = t.minibatch_prompts * n
+    if rows % shards or rows % (shards * C.microbatch_per_shard(cfg, shards)):
+        raise C.ConfigError(
+            f"a mini-batch of {rows} sequences (train.minibatch_prompts * rollout.n) must split into the {shards} "
+            f"data shards (mesh.data * mesh.fsdp) x train.microbatch_per_shard={t.microbatch_per_shard}; change "
+            "train.microbatch_per_shard or the mesh")
+
+
+# ---------------------------------------------------------------------------
+# The model's origin and its tokenizer
+# ---------------------------------------------------------------------------
+
+
+def resolve_model_dir(path: str) -> Path:
+    """A local HF checkpoint dir, an entrl run dir's `policy/`, or a hub id (downloaded).
+
+    A run directory without `policy/` has no HF checkpoint: `build_model` restores its latest
+    checkpoint instead (`run_checkpoint_source`); here it is an error saying how to export one.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if R.is_run_dir(p):  # before config.json: an old run dir's config.json is the run's, not a model's
+            if (p / "policy" / "config.json").exists():
+                return p / "policy"
+            raise C.ConfigError(f"model.path={path!r} is an entrl run directory without policy/ (the run did not "
+                                f"finish); write one with `entrl export {path} --out DIR` and use DIR")
+        if (p / "config.json").exists():
+            return p
+        raise C.ConfigError(f"model.path={path!r} is a directory without config.json (not an HF checkpoint "
+                            "nor an entrl run directory)")
+    if p.suffix or path.startswith((".", "/")) or path.count("/") != 1:
+        raise C.ConfigError(f"model.path={path!r} does not exist (give an HF checkpoint dir, an entrl run dir, "
+                            "a hub id like Qwen/Qwen3-14B, or 'demo')")
+    from huggingface_hub import snapshot_download  # noqa: PLC0415 (hub downloads only)
+
+    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+
+
+def demo_model_config(vocab_size: int, cfg: C.RunConfig, eos_id: int, pad_id: int, bos_id: int | None):
+    m = cfg.model
+    heads = m.demo_heads
+    return ModelConfig(arch="qwen2", vocab_size=vocab_size, hidden_size=m.demo_hidden,
+                       intermediate_size=m.demo_hidden * 3, num_layers=m.demo_layers, num_heads=heads,
+                       num_kv_heads=max(heads // 2, 1), head_dim=m.demo_hidden // heads, rope_theta=10000.0,
+                       rope_scaling=None, rms_norm_eps=1e-6, tie_word_embeddings=True, qkv_bias=True,
+                       qk_norm=False, max_position_embeddings=512, bos_token_id=bos_id if bos_id is not None else eos_id,
+                       eos_token_id=eos_id, pad_token_id=pad_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSource:
+    """`model.path` naming an entrl run directory without `policy/`: the policy is its checkpoint."""
+
+    path: R.Path
+    cfg: C.RunConfig  # the run's own config (its model.path is the model it started from)
+
+
+def run_checkpoint_source(path: str) -> RunSource | None:
+    """The run behind `path` when it is a run directory without `policy/`, else None."""
+    if path == "demo" or (not R.is_remote(path) and not Path(path).is_dir()):
+        return None
+    p = R.absolute(R.as_path(path, "model.path"))
+    stored = R.read_run_config(p)
+    if stored is None or (p / "policy" / "config.json").exists():
+        return None
+    run_cfg = C.from_dict(stored)
+    if R.is_run_dir(run_cfg.model.path) and R.absolute(R.as_path(run_cfg.model.path)) == p:
+        raise C.ConfigError(f"model.path={path!r}: the run names itself as its model")
+    return RunSource(p, run_cfg)
+
+
+def run_model_config(cfg: C.RunConfig, run: RunSource) -> C.RunConfig:
+    """`cfg` with the model identity (path, demo shape, tokenizer) of the run's own model."""
+    m = run.cfg.model
+    tok = cfg.model.tokenizer or m.tokenizer or ("char" if m.path == "demo" else "")
+    return C.replace(cfg, **{"model.path": m.path, "model.tokenizer": tok, "model.demo_hidden": m.demo_hidden,
+                             "model.demo_layers": m.demo_layers, "model.demo_heads": m.demo_heads})
+
+
+def lora_spec(cfg: C.RunConfig) -> LoRASpec | None:
+    """The run's `entrl.models.lora.LoRASpec` (adapters in `model.param_dtype`: they are the trained
+    weights), or None when `model.lora_rank` is 0."""
+    m = cfg.model
+    return LoRASpec(m.lora_rank, m.lora_alpha, tuple(m.lora_targets), m.param_dtype) if m.lora_rank else None
+
+
+def base_param_dtype(cfg: C.RunConfig) -> str:
+    """The storage dtype of the model's own weights: `model.param_dtype`, or under LoRA (where they are
+    frozen, and every use casts them to it) the compute dtype `model.dtype`: half the bytes in bfloat16."""
+    return cfg.model.dtype if cfg.model.lora_rank else cfg.model.param_dtype
+
+
+def build_tokenizer(cfg: C.RunConfig):
+    run = run_checkpoint_source(cfg.model.path)
+    if run is not None:
+        return build_tokenizer(run_model_config(cfg, run))
+    name = cfg.model.tokenizer or ("char" if cfg.model.path == "demo" else str(resolve_model_dir(cfg.model.path)))
+    if name != "char" and Path(name).is_dir() and (Path(name) / "char_tokenizer.json").exists():
+        return CharTokenizer.load(name)
+    return load_tokenizer(name)
