@@ -139,7 +139,7 @@ def rl_and_evaluate(ctx: DemoContext, out_dir: Path, overrides=()) -> tuple[obje
     plan = f"SE curriculum {cur.order} ({cur.stages} stages)" if cur.enabled else "no curriculum (shuffled epochs)"
     print(f"[demo] RL: {cfg.loss.name}, {plan}, {cfg.train.steps} steps", flush=True)
     trainer = train_from_config(cfg, resume=False, overwrite=True)  # the demo always starts its RL afresh
-    policy = nnx.state(merge_adapters(nnx.merge(trainer.c.graphdef, trainer.params)))  # as `policy/` holds it
+    policy = nnx.state(merge_adapters(nnx.merge(trainer.comps.graphdef, trainer.params)))  # as `policy/` holds it
     return trainer, ctx.evaluate(policy, f"after RL ({cfg.loss.name})")
 
 

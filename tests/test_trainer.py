@@ -189,7 +189,7 @@ def test_slots_and_length_buckets_train_exactly_as_one_shot_full_length(tmp_path
     extra = ["train.steps=2", "train.microbatch_per_shard=1", "loss.name=sent"]
     base = run_trainer(make_cfg(tmp_path / "base", *extra))
     fast = run_trainer(make_cfg(tmp_path / "fast", *extra, "rollout.slots=8", "train.length_buckets=4"))
-    assert fast.c.sampler.config.slots == 8 and fast.settings.length_buckets == 4 and fast.settings.num_micro == 2
+    assert fast.comps.sampler.config.slots == 8 and fast.settings.length_buckets == 4 and fast.settings.num_micro == 2
     records = read_metrics(tmp_path / "base")
     assert 1 < np.mean([r["response_length"] for r in records]) < 12  # ragged: there is something to trim
     assert_same_metrics(tmp_path / "base", tmp_path / "fast", tol=1e-5)
@@ -242,11 +242,11 @@ def test_resume_equals_straight_run(resume_runs, tmp_path):
     fresh = setup(cfg, verifier=ParityVerifier())
     if kind == "restart":  # the stage-2 reference, read back from reference/stage1: the straight run's
         assert (run / "reference" / "stage1").is_dir()
-        assert_same_params(straight_trainer.c.ref_params, resumed.c.ref_params, tol=0)
+        assert_same_params(straight_trainer.comps.ref_params, resumed.comps.ref_params, tol=0)
         assert max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(fresh.ref_params),
-                                                                   jax.tree.leaves(resumed.c.ref_params))) > 0
+                                                                   jax.tree.leaves(resumed.comps.ref_params))) > 0
     else:  # the reference policy is the initial model, not the resumed one
-        assert_same_params(fresh.ref_params, resumed.c.ref_params, tol=0)
+        assert_same_params(fresh.ref_params, resumed.comps.ref_params, tol=0)
     if kind != "plain":
         records = read_metrics(run)
         assert [r["step"] for r in records] == [0, 1, 2, 3, 4]  # step 0: the initial policy (val.before_training)
@@ -325,7 +325,7 @@ def test_eval_during_training_for_the_math_task(tmp_path):
     cfg = make_cfg(run, "data.task=math", f"data.train={train}", "data.prompt_suffix=", "train.steps=2",
                    "train.eval_every=1", f"val.data={heldout}", "val.max_problems=3", "val.n=2", "val.k=[1, 2]")
     trainer = run_trainer(cfg)
-    assert [r.id for r in trainer.c.heldout[1]] == ["e0", "e1", "e2"]
+    assert [r.id for r in trainer.comps.heldout[1]] == ["e0", "e1", "e2"]
     records = read_metrics(run)
     assert [r["step"] for r in records] == [0, 1, 2]
     for r in records:
@@ -336,8 +336,8 @@ def test_eval_during_training_for_the_math_task(tmp_path):
         assert r["eval/response_length"] > 0
     from entrl.evaluation import evaluate_prompts
 
-    prompts, recs = trainer.c.heldout
-    again = evaluate_prompts(trainer._eval_sampler, trainer.c.graphdef, trainer.params, trainer.c.tokenizer, prompts,
+    prompts, recs = trainer.comps.heldout
+    again = evaluate_prompts(trainer._eval_sampler, trainer.comps.graphdef, trainer.params, trainer.comps.tokenizer, prompts,
                              [r.answer for r in recs], verifier=ParityVerifier(), n=2, ks=(1, 2),
                              seed=cfg.train.seed + 10_000, batch_prompts=8, buckets=(8,))
     assert (again["pass@1"], again["pass@2"]) == (records[2]["eval/pass@1"], records[2]["eval/pass@2"])
@@ -439,7 +439,7 @@ def test_progress_bars_of_annotation_and_training(tmp_path, capsys):
     cfg = make_cfg(tmp_path, *CURRICULUM, "train.steps=0", "train.progress=on")
     trainer = run_trainer(cfg)
     err = capsys.readouterr().err
-    total = trainer.c.pipeline.total_steps
+    total = trainer.comps.pipeline.total_steps
     assert total == 4 and trainer.step == total  # 16 prompts in 2 stages of 1 epoch, 4 prompts per step
     assert re.search(r"semantic entropy: +100%\|.*\| 16/16 \[\d\d:\d\d<\d\d:\d\d", err), err
     assert re.search(rf"train: +\d+%\|.*\| 1/{total} \[\d\d:\d\d<\d\d:\d\d", err), err  # an ETA after step 1

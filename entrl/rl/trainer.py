@@ -71,7 +71,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from entrl import config as C
-from entrl import token_stats as TS
 from entrl.checkpoint import CheckpointManager, restore_tree, save_tree
 from entrl.data.curriculum import Curriculum
 from entrl.data.pipeline import PromptPipeline
@@ -81,14 +80,15 @@ from entrl.metrics import MetricsLogger
 from entrl.models import lora
 from entrl.multihost import allgather_local, gather, gather_rows, local_rows, to_device
 from entrl.progress import progress_bar
-from entrl.rl import advantages as A
-from entrl.rl import step as S
+from entrl.rl.advantages import grpo_advantages
+from entrl.rl.step import StepSettings, length_order, make_optimizer, make_update_fn
 from entrl.rl.summary import planned_steps, startup_summary
 from entrl.rundir import RunDir
 from entrl.sampling import FINISH_LENGTH, build_sampler
 from entrl.seams import Reward, RolloutBackend
 from entrl.semantic_entropy import batch_prompt_stats
 from entrl.sharding import data_shards, shard_batch
+from entrl.token_stats import compute_logprobs, micro_rows
 from entrl.tokenizer import Tokenizer
 
 log = logging.getLogger("entrl.train")
@@ -148,7 +148,7 @@ def run_optimizer(cfg: C.RunConfig):
     total_opt_steps = max(cfg.train.steps, 1) * cfg.train.ppo_epochs * (
         cfg.train.prompts_per_step // cfg.train.minibatch_prompts)
     o = cfg.optim
-    return S.make_optimizer(lr=o.lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
+    return make_optimizer(lr=o.lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
                             schedule=o.schedule, warmup_steps=o.warmup_steps, total_steps=total_opt_steps)
 
 
@@ -177,10 +177,10 @@ def opt_state_shardings(optimizer, params, mesh):
                                  transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))
 
 
-def step_settings(cfg: C.RunConfig, shards: int = 1) -> S.StepSettings:
+def step_settings(cfg: C.RunConfig, shards: int = 1) -> StepSettings:
     """The update's static settings; `shards` = data shards of the mesh (`entrl.sharding.data_shards`)."""
     rows = cfg.train.minibatch_prompts * cfg.rollout.n
-    return S.StepSettings(
+    return StepSettings(
         loss_name=cfg.loss.name,
         loss_params=tuple(sorted(cfg.loss.params.items())),
         agg=cfg.loss.agg,
@@ -203,7 +203,7 @@ class Trainer:
     """Runs `cfg` to completion (or `max_steps`), checkpointing and logging as it goes."""
 
     def __init__(self, comps: Components, run_dir=None):
-        self.c = comps
+        self.comps = comps
         cfg = comps.cfg
         self.cfg = cfg
         # A caller that built the components itself gets the lock here (train_from_config passes its own).
@@ -218,7 +218,7 @@ class Trainer:
         if comps.mesh is not None:
             shardings = (jax.tree.map(lambda x: x.sharding, self.params),
                          jax.tree.map(lambda x: x.sharding, self.opt_state))
-        self.update = S.make_update_fn(comps.graphdef, self.optimizer, self.settings, state_shardings=shardings)
+        self.update = make_update_fn(comps.graphdef, self.optimizer, self.settings, state_shardings=shardings)
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.train.keep_checkpoints)
         self.planned_steps = planned_steps(cfg, comps.pipeline)  # train.steps, or the curriculum's when 0
         t = cfg.train
@@ -243,9 +243,9 @@ class Trainer:
         """Optimizer state of the trained params (all, or the LoRA adapters), laid out like them (see
         `opt_state_shardings`)."""
         params = lora.trainable(params)
-        if self.c.mesh is None:
+        if self.comps.mesh is None:
             return jax.jit(self.optimizer.init)(params)
-        return jax.jit(self.optimizer.init, out_shardings=opt_state_shardings(self.optimizer, params, self.c.mesh))(params)
+        return jax.jit(self.optimizer.init, out_shardings=opt_state_shardings(self.optimizer, params, self.comps.mesh))(params)
 
     def restore(self) -> bool:
         """Resume from the latest good checkpoint, if any. Returns True when resumed."""
@@ -264,8 +264,8 @@ class Trainer:
         self.step = int(restored.meta["step"])
         self.stage = int(restored.meta.get("stage", 0))
         if self._restarts_reference() and self.stage > 0:
-            self.c.ref_params = self._restore_reference(self.stage)
-        self.c.pipeline.set_state(restored.data_state)
+            self.comps.ref_params = self._restore_reference(self.stage)
+        self.comps.pipeline.set_state(restored.data_state)
         self.logger.truncate_after(self.step)
         log.info("resumed from step %d (stage %d)", self.step, self.stage)
         return True
@@ -273,7 +273,7 @@ class Trainer:
     def save(self, force: bool = False):
         meta = {"step": self.step, "stage": self.stage, "config": C.to_dict(self.cfg)}
         self.ckpt.save(self.step, params=lora.trainable(self.params), opt_state=self.opt_state, meta=meta,
-                       data_state=self.c.pipeline.get_state(), force=force)
+                       data_state=self.comps.pipeline.get_state(), force=force)
 
     # -- one RL step: ROLLOUT, SCORE, LOG-PROBS, UPDATE, METRICS ---------------
 
@@ -303,11 +303,11 @@ class Trainer:
         arrays of all R rows in the step's row order: prompt-major (rows of a prompt contiguous), the
         prompts in process order, so each data shard's rows are contiguous.
         """
-        c = self.c
+        comps = self.comps
         ids, pmask = batch.input_ids, batch.attention_mask
-        if c.mesh is not None:
-            ids, pmask = shard_batch(ids, c.mesh), shard_batch(pmask, c.mesh)
-        roll = c.sampler.sample((c.graphdef, self.params), ids, pmask, rng)
+        if comps.mesh is not None:
+            ids, pmask = shard_batch(ids, comps.mesh), shard_batch(pmask, comps.mesh)
+        roll = comps.sampler.sample((comps.graphdef, self.params), ids, pmask, rng)
         out = {f.name: getattr(roll, f.name) for f in dataclasses.fields(roll)}
         out["row_prompt"] = np.repeat(allgather_local(np.asarray(batch.indices)), self.cfg.rollout.n)
         return out
@@ -315,13 +315,13 @@ class Trainer:
     def _score(self, batch, roll: dict) -> dict:
         """Rewards and GRPO advantages (host side). Each process decodes and verifies only the rows its
         own devices hold; the per-row results are then gathered, so every process has all of them."""
-        cfg, c = self.cfg, self.c
+        cfg, comps = self.cfg, self.comps
         n = cfg.rollout.n
         rows, tokens = local_rows(roll["tokens"])
         _, mask = local_rows(roll["mask"])
-        texts = decode_responses(c.tokenizer, tokens, mask)
+        texts = decode_responses(comps.tokenizer, tokens, mask)
         prompts = [int(roll["row_prompt"][r]) for r in rows]
-        res = c.verifier.score_rewards(texts, [c.records[p].answer for p in prompts], self._record_rows(prompts))
+        res = comps.verifier.score_rewards(texts, [comps.records[p].answer for p in prompts], self._record_rows(prompts))
         every = cfg.train.log_samples_every
         if every and (self.step + 1) % every == 0 and jax.process_index() == 0:
             self._samples = self._sample_records(prompts, texts, res)
@@ -331,7 +331,7 @@ class Trainer:
                                   **{f"failed/{k}": [bool(x) for x in v] for k, v in res.failed.items()}},
                            total=len(roll["row_prompt"]))
         rewards = np.asarray(full["reward"], np.float32)
-        adv = np.asarray(A.grpo_advantages(jnp.asarray(rewards), n, normalize_std=cfg.loss.advantage == "grpo"))
+        adv = np.asarray(grpo_advantages(jnp.asarray(rewards), n, normalize_std=cfg.loss.advantage == "grpo"))
         mixed = np.ones(len(rewards), np.float32)
         if cfg.train.only_mixed_groups:
             mixed = np.repeat(rewards.reshape(-1, n).std(1) > 0, n).astype(np.float32)
@@ -345,7 +345,7 @@ class Trainer:
         under the dataset's own keys, plus every other column)."""
         d, rows = self.cfg.data, {}
         for p in set(prompts):
-            rows[p] = self.c.records[p].to_row(id_key=d.id_key, problem_key=d.problem_key, answer_key=d.answer_key)
+            rows[p] = self.comps.records[p].to_row(id_key=d.id_key, problem_key=d.problem_key, answer_key=d.answer_key)
         return [rows[p] for p in prompts]
 
     def _sample_records(self, prompts: list[int], texts: list[str], res) -> list[dict]:
@@ -355,11 +355,11 @@ class Trainer:
             if p in seen or len(out) == SAMPLES_LOGGED:
                 continue
             seen.add(p)
-            rec = self.c.records[p]
+            rec = self.comps.records[p]
             out.append({"id": rec.id, "reward": float(res.rewards[i]), "correct": bool(res.correct[i]),
                         "status": res.status[i], "answer": res.answers[i], "reference": rec.answer,
                         **({"rewards": {k: float(v[i]) for k, v in res.components.items()}} if res.components else {}),
-                        "prompt": self.c.tokenizer.decode([int(t) for t in self.c.prompt_tokens[p]],
+                        "prompt": self.comps.tokenizer.decode([int(t) for t in self.comps.prompt_tokens[p]],
                                                           skip_special_tokens=False),
                         "response": texts[i]})
         return out
@@ -372,7 +372,7 @@ class Trainer:
         put in order of length first (`entrl.rl.step.length_order`: rows stay on their shard and in
         their mini-batch, whose loss does not depend on row order), so most micro-batches run short.
         """
-        cfg, c = self.cfg, self.c
+        cfg, comps = self.cfg, self.comps
         sh = self.settings.shards
         rows = roll["tokens"].shape[0]
         keys = ("prompt_ids", "prompt_mask", "tokens", "mask", "logprobs", "lengths", "finish_code")
@@ -380,29 +380,29 @@ class Trainer:
         mixed, advantages = scored["mixed"], scored["advantages"]
         if self.settings.scope == "global" and self.settings.length_buckets > 1:
             n_mini = rows // (cfg.train.minibatch_prompts * cfg.rollout.n)
-            order = S.length_order(np.asarray(gather(roll["lengths"])), sh, n_mini)
+            order = length_order(np.asarray(gather(roll["lengths"])), sh, n_mini)
             local = order.reshape(sh, -1) - (np.arange(sh) * (rows // sh))[:, None]
-            arrays = _shard_permute(arrays, to_device(local.astype(np.int32), c.mesh))
+            arrays = _shard_permute(arrays, to_device(local.astype(np.int32), comps.mesh))
             mixed, advantages = mixed[order], advantages[order]
         full = {
             "prompt_ids": arrays["prompt_ids"],
             "prompt_mask": arrays["prompt_mask"],
             "resp_ids": arrays["tokens"],
             "resp_len": arrays["lengths"],
-            "resp_mask": _masked(arrays["mask"], to_device(mixed, c.mesh)),
-            "advantages": to_device(advantages, c.mesh),
+            "resp_mask": _masked(arrays["mask"], to_device(mixed, comps.mesh)),
+            "advantages": to_device(advantages, comps.mesh),
         }
         stats = dict(temperature=self.settings.temperature, chunk_size=self.settings.chunk_size,
                      num_micro=rows // (sh * C.microbatch_per_shard(cfg, sh)), shards=sh,
                      length_buckets=self.settings.length_buckets)
         if cfg.rollout.reuse_sampler_logprobs:
             old_logp = jnp.asarray(arrays["logprobs"])
-            _, entropy = TS.compute_logprobs(c.graphdef, self.params, full, **stats)
+            _, entropy = compute_logprobs(comps.graphdef, self.params, full, **stats)
         else:
-            old_logp, entropy = TS.compute_logprobs(c.graphdef, self.params, full, **stats)
+            old_logp, entropy = compute_logprobs(comps.graphdef, self.params, full, **stats)
         full["old_logp"] = old_logp
         if cfg.loss.kl_coef > 0:
-            full["ref_logp"], _ = TS.compute_logprobs(c.graphdef, c.ref_params, full, **stats)
+            full["ref_logp"], _ = compute_logprobs(comps.graphdef, comps.ref_params, full, **stats)
         else:
             full["ref_logp"] = jnp.zeros_like(old_logp)
         token_stats = _token_metrics(entropy, old_logp, arrays["logprobs"], arrays["mask"], arrays["finish_code"])
@@ -439,7 +439,7 @@ class Trainer:
             "response_length": stats["response_length"],
             "truncation_rate": stats["truncation_rate"],
             "sampler_logprob_gap": stats["sampler_logprob_gap"],
-            "batch_semantic_entropy": batch_semantic_entropy(scored["answers"], n, self.c.verifier),
+            "batch_semantic_entropy": batch_semantic_entropy(scored["answers"], n, self.comps.verifier),
             "stage": float(batch.stage),
             "epoch": float(batch.epoch),
             "no_answer_frac": status.count("no_answer") / max(len(status), 1),
@@ -470,7 +470,7 @@ class Trainer:
         bar = shown.enter_context(progress_bar(self.planned_steps, initial=self.step, desc="train", unit="step",
                                                setting=cfg.train.progress))
         try:
-            it = iter(self.c.pipeline)
+            it = iter(self.comps.pipeline)
             ran = 0
             while True:
                 if cfg.train.steps and self.step >= cfg.train.steps:
@@ -519,8 +519,8 @@ class Trainer:
         """The start-up summary (`entrl.rl.summary`), once per `run`, from process 0."""
         if jax.process_index() != 0:
             return
-        terms = [(t.spec, t.weight) for t in self.c.verifier.rewards] if hasattr(self.c.verifier, "rewards") else None
-        summary = startup_summary(self.cfg, params=self.params, mesh=self.c.mesh, pipeline=self.c.pipeline,
+        terms = [(t.spec, t.weight) for t in self.comps.verifier.rewards] if hasattr(self.comps.verifier, "rewards") else None
+        summary = startup_summary(self.cfg, params=self.params, mesh=self.comps.mesh, pipeline=self.comps.pipeline,
                                   settings=self.settings, out_dir=self.out, step=self.step, reward_terms=terms)
         for line in summary.splitlines():  # one record per line: each carries the log's time and level prefix
             log.info("%s", line)
@@ -545,18 +545,18 @@ class Trainer:
                 self.run_dir.close()
 
     def _evaluates(self) -> bool:
-        return bool(self.cfg.train.eval_every and self.c.heldout)
+        return bool(self.cfg.train.eval_every and self.comps.heldout)
 
     def evaluate(self) -> dict:
         """pass@k and avg@k of the `val` set (`val.n` samples per problem), as `eval/...` metrics."""
         cfg, v = self.cfg, self.cfg.val
         if self._eval_sampler is None:  # the rollout sampler draws rollout.n per prompt; this one val.n
-            self._eval_sampler = build_sampler(cfg, self.c.tokenizer, self.c.mesh, n=v.n, temperature=v.temperature,
+            self._eval_sampler = build_sampler(cfg, self.comps.tokenizer, self.comps.mesh, n=v.n, temperature=v.temperature,
                                                top_p=v.top_p, max_new_tokens=v.max_new_tokens or None)
-        prompts, records = self.c.heldout
+        prompts, records = self.comps.heldout
         rows = cfg.rollout.slots or cfg.train.prompts_per_step * cfg.rollout.n  # the rollout's rows per call
-        res = evaluate_prompts(self._eval_sampler, self.c.graphdef, self.params, self.c.tokenizer, prompts,
-                               [r.answer for r in records], verifier=self.c.verifier, n=v.n, ks=tuple(v.k),
+        res = evaluate_prompts(self._eval_sampler, self.comps.graphdef, self.params, self.comps.tokenizer, prompts,
+                               [r.answer for r in records], verifier=self.comps.verifier, n=v.n, ks=tuple(v.k),
                                seed=cfg.train.seed + 10_000, batch_prompts=max(1, rows // v.n),
                                buckets=tuple(cfg.rollout.prompt_buckets), with_entropy=v.entropy,
                                progress=cfg.train.progress)
@@ -580,11 +580,11 @@ class Trainer:
         if boundary in ("reset_optimizer", "restart"):
             self.opt_state = self._init_opt(self.params)
         if self._restarts_reference():
-            self.c.ref_params = reference_params(self.cfg, self.params)
-            save_tree(self._reference_dir(stage), lora.trainable(self.c.ref_params))  # the base is not stored
+            self.comps.ref_params = reference_params(self.cfg, self.params)
+            save_tree(self._reference_dir(stage), lora.trainable(self.comps.ref_params))  # the base is not stored
 
     def _restarts_reference(self) -> bool:
-        return self.cfg.train.stage_boundary == "restart" and self.c.ref_params is not None
+        return self.cfg.train.stage_boundary == "restart" and self.comps.ref_params is not None
 
     def _reference_dir(self, stage: int):
         return self.out / "reference" / f"stage{stage}"
@@ -595,7 +595,7 @@ class Trainer:
         if not path.exists():
             raise C.ConfigError(f"resuming in curriculum stage {stage} with train.stage_boundary=restart needs the "
                                 f"reference policy written when the stage began, and {path} is missing")
-        stored, frozen = lora.split(self.c.ref_params)
+        stored, frozen = lora.split(self.comps.ref_params)
         like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                             stored)
         try:
@@ -652,5 +652,5 @@ def _shard_permute(arrays: dict, local_SxM) -> dict:
 @partial(jax.jit, static_argnums=(2, 3))
 def _minibatch(full: dict, j, n_mini: int, shards: int) -> dict:
     """Mini-batch j of the step: the j-th block of every shard's rows (`entrl.token_stats.micro_rows`)."""
-    return {k: jax.lax.dynamic_index_in_dim(TS.micro_rows(v, n_mini, shards), j, keepdims=False)
+    return {k: jax.lax.dynamic_index_in_dim(micro_rows(v, n_mini, shards), j, keepdims=False)
             for k, v in full.items()}
