@@ -256,6 +256,7 @@ class RewardSection:
     workers: int = 0  # verification processes, which also run the reward.fn terms (0 = number of CPUs, capped at 8)
     fn: list[str] | str = field(default_factory=lambda: [MATH_REWARD])  # reward terms: package.module:function or path/to/file.py:function, each called as fn(response, reference answer, record) -> float in the verification processes with reward.timeout_s (README: Custom rewards); entrl.rewards:math_reward is the math verifier
     weights: list[float] = field(default_factory=list)  # weight of each reward.fn term (empty = 1.0 each); the reward is their weighted sum
+    equivalent: str = ""  # the answer equivalence (pred, gold) -> bool as package.module:function or path/to/file.py:function, run in the verification processes; it grades accuracy, math_reward, evaluation and SE clustering ("" = math-verify)
 
     def __post_init__(self):
         _all_finite(self, "reward")
@@ -270,6 +271,9 @@ class RewardSection:
             if not _REWARD_SPEC_RE.fullmatch(spec):
                 raise ConfigError(f"reward.fn[{i}]={spec!r}: expected package.module:function or "
                                   f"path/to/file.py:function, e.g. {MATH_REWARD}")
+        if self.equivalent and not _REWARD_SPEC_RE.fullmatch(self.equivalent):
+            raise ConfigError(f"reward.equivalent={self.equivalent!r}: expected package.module:function or "
+                              "path/to/file.py:function (empty = math-verify)")
         if len(set(self.fn)) != len(self.fn):
             raise ConfigError(f"reward.fn={self.fn}: names a function twice")
         if self.weights and len(self.weights) != len(self.fn):

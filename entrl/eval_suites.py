@@ -401,7 +401,12 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
     _check_context(model_dir, prompts, buckets, e.max_new_tokens)
 
     own_verifier = verifier is None
-    verifier = Verifier(workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s) if own_verifier else verifier
+    if own_verifier:
+        try:
+            verifier = Verifier(workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s,
+                                equivalent=cfg.reward.equivalent or None)
+        except ValueError as err:  # reward.equivalent that does not import
+            raise ConfigError(f"reward.equivalent: {err}") from None
     try:
         if any(todo.values()):
             try:

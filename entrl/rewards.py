@@ -64,8 +64,9 @@ Design decisions:
   math equivalence, whatever the reward terms are.
 
 Left out on purpose: relative-tolerance grading of rounded physics answers
-(Minerva) and LLM judges; both plug in through `Verifier(equivalent=...)` or
-as a reward function.
+(Minerva) and LLM judges; both plug in as the answer equivalence
+(`reward.equivalent=package.module:function`, or `Verifier(equivalent=...)`)
+or as a reward function.
 """
 
 from __future__ import annotations
@@ -542,9 +543,11 @@ def _worker_main() -> None:
         return
     equivalent, specs = init
     try:
+        if isinstance(equivalent, str):  # reward.equivalent, named like a reward function
+            equivalent = resolve_reward_fn(equivalent)
         fns = [resolve_reward_fn(spec) for spec in specs]  # imported once per worker
     except ValueError as e:
-        print(f"entrl verification worker: reward.fn {e}", file=sys.stderr, flush=True)
+        print(f"entrl verification worker: reward.fn / reward.equivalent {e}", file=sys.stderr, flush=True)
         os._exit(1)
     if equivalent is math_verify_equivalent:
         math_verify_equivalent("\\frac{1}{2}", "0.5")  # pay sympy's first-call cost before "ready"
@@ -631,8 +634,11 @@ class Verifier:
 
     workers: 0 = min(cpu count, 8) processes; k > 0 = k processes; None = serial in
     this process (no timeouts: for benchmarks and trusted inputs).
-    equivalent: picklable top-level `(pred, gold) -> bool` run in the workers;
-    None = `answers_equivalent` (fast paths in the parent, math-verify in workers).
+    equivalent: `(pred, gold) -> bool` run in the workers, as a picklable top-level function or named
+    like a reward function (`package.module:function` or `path/to/file.py:function`, imported now and by
+    each worker; `reward.equivalent`); None = `answers_equivalent` (fast paths in the parent,
+    math-verify in workers). It grades the math answer everywhere: accuracy, `math_reward`, evaluation and
+    semantic-entropy clustering.
     rewards: the terms of `score_rewards` (`RewardFn`s; default: `math_reward` alone), resolved
     here (ValueError when one does not import); the other methods grade the math answer only.
     Workers start on first use and stay alive across calls; use as a context
@@ -646,7 +652,7 @@ class Verifier:
         correct: float = 1.0,
         incorrect: float = 0.0,
         *,
-        equivalent: Equivalent | None = None,
+        equivalent: Equivalent | str | None = None,
         rewards: Sequence[RewardFn] = (RewardFn(MATH_REWARD),),
         start_timeout_s: float = 120.0,
     ):
@@ -661,6 +667,11 @@ class Verifier:
         self.timeout_s = float(timeout_s)
         self.correct_reward = float(correct)
         self.incorrect_reward = float(incorrect)
+        if isinstance(equivalent, str):  # by name: resolved here (errors now), re-imported by the workers
+            self._worker_equivalent: Equivalent | str = _absolute_spec(equivalent)
+            equivalent = resolve_reward_fn(equivalent)
+        else:
+            self._worker_equivalent = equivalent or math_verify_equivalent
         self._custom = equivalent
         self._equivalent = equivalent or math_verify_equivalent
         self.rewards = tuple(rewards)
@@ -834,7 +845,7 @@ class Verifier:
         )
         worker = _Worker(proc, deadline=time.monotonic() + self.start_timeout_s)
         try:
-            _write_frame(proc.stdin.fileno(), (self._equivalent, self._worker_specs))
+            _write_frame(proc.stdin.fileno(), (self._worker_equivalent, self._worker_specs))
         except OSError:
             pass  # died at once: noticed as EOF by the loop
         return worker

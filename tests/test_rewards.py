@@ -525,3 +525,37 @@ def test_config_checks_the_same_reward_spec_form():
 
     assert C._REWARD_SPEC_RE.pattern == rewards._SPEC_RE.pattern
     assert C.MATH_REWARD == rewards.MATH_REWARD
+
+
+_CHOICE_MODULE = '''
+def same_letter(pred, gold):
+    """Multiple choice: the same option letter, whatever the case and parentheses."""
+    return pred.strip("() ").upper() == gold.strip("() ").upper()
+'''
+
+
+def test_answer_equivalence_from_config(tmp_path):
+    """`reward.equivalent` (a file's function, by name) replaces math-verify wherever the math answer is graded:
+    `math_reward` in the workers and serially, accuracy, and the SE clustering's pairs; a bad name is a one-line
+    ConfigError before anything starts; `entrl eval` reads the same key."""
+    from entrl import config as C
+    from entrl.rl.setup import build_verifier
+
+    (tmp_path / "choices.py").write_text(_CHOICE_MODULE)
+    spec = f"{tmp_path / 'choices.py'}:same_letter"
+    cfg = C.load_config(None, ["reward.workers=1", f"reward.equivalent={spec}"])
+    responses = [_respond("b)"), _respond("C"), _respond("( b )")]
+    with build_verifier(cfg) as v:
+        res = v.score_rewards(responses, ["B", "B", "(B)"])
+        pairs = v.equivalent_pairs([("a)", "A"), ("a", "b")])
+    assert res.status == ["correct", "incorrect", "correct"] and res.rewards.tolist() == [1.0, 0.0, 1.0]
+    assert pairs == [True, False]
+    serial = Verifier(workers=None, equivalent=spec).score(responses, ["B", "B", "(B)"])
+    assert serial.status == res.status
+    # The default (math-verify) calls "b)" and "B" different answers.
+    assert Verifier(workers=None).score(responses[:1], ["B"]).status == ["incorrect"]
+    with pytest.raises(C.ConfigError, match="reward.equivalent") as err:
+        build_verifier(C.load_config(None, [f"reward.equivalent={tmp_path / 'missing.py'}:f"]))
+    assert "\n" not in str(err.value)
+    with pytest.raises(C.ConfigError, match="reward.equivalent"):
+        C.load_config(None, ["reward.equivalent=not a spec"])

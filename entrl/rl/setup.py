@@ -274,11 +274,15 @@ def reward_terms(cfg: C.RunConfig):
 
 def build_verifier(cfg: C.RunConfig, *, math_only: bool = False):
     """The reward's `Verifier` with the `reward.fn` terms (`reward_terms`; `math_only`: the math grading
-    alone, for annotation and evaluation, which never call the other terms); its worker processes start
-    on first use."""
+    alone, for annotation and evaluation, which never call the other terms) and the `reward.equivalent`
+    answer equivalence; its worker processes start on first use."""
     rw = cfg.reward
     extra = {} if math_only else {"rewards": reward_terms(cfg)}
-    return Verifier(workers=rw.workers, timeout_s=rw.timeout_s, correct=rw.correct, incorrect=rw.incorrect, **extra)
+    try:
+        return Verifier(workers=rw.workers, timeout_s=rw.timeout_s, correct=rw.correct, incorrect=rw.incorrect,
+                        equivalent=rw.equivalent or None, **extra)
+    except ValueError as e:  # reward.equivalent that does not import
+        raise C.ConfigError(f"reward.equivalent: {e}") from None
 
 
 def setup(cfg: C.RunConfig, *, se_values=None, verifier=None, task=None):
