@@ -61,6 +61,9 @@ _REWARD_SPEC_RE = re.compile(r"(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*|[^:]+\.py):[A-
 
 # The projections LoRA can adapt (`entrl.models.lora.TARGETS`: the decoder's `<name>_kernel`s).
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# PEFT's module names for them (`target_modules`, what TRL and verl configs hold), read as ours.
+PEFT_TARGETS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+                "down_proj": "down"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class ModelSection:
     demo_heads: int = 4  # demo model only: attention heads (2 KV heads)
     lora_rank: int = 0  # LoRA adapter rank r; 0 = off (full fine-tuning). On: only the adapters train (in param_dtype); the frozen base is kept in dtype
     lora_alpha: float = 32.0  # LoRA scale numerator: each adapted kernel computes with W + (lora_alpha / lora_rank) A B
-    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # projections that get adapters: q k v o (attention), gate up down (MLP)
+    lora_targets: list[str] | str = field(default_factory=lambda: list(LORA_TARGETS))  # projections that get adapters: q k v o (attention), gate up down (MLP); PEFT's names (q_proj, ..., down_proj, all-linear) are read as these
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
@@ -84,6 +87,10 @@ class ModelSection:
         _non_negative("model.lora_rank", self.lora_rank)
         _all_finite(self, "model")
         _positive("model.lora_alpha", self.lora_alpha)
+        targets = [self.lora_targets] if isinstance(self.lora_targets, str) else list(self.lora_targets)
+        if targets == ["all-linear"]:  # PEFT's "every linear layer but the output head"
+            targets = list(LORA_TARGETS)
+        object.__setattr__(self, "lora_targets", [PEFT_TARGETS.get(t, t) for t in targets])
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if unknown or not self.lora_targets or len(set(self.lora_targets)) != len(self.lora_targets):
             what = f"{unknown[0]!r} is not a projection" if unknown else "name each projection once, at least one"
@@ -718,6 +725,10 @@ ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
     "gradient_checkpointing": (("model.remat",), "TRL"),
     "run_name": (("train.run_name",), "TRL"),
     "reward_weights": (("reward.weights",), "TRL"),
+    # TRL's ModelConfig (its scripts' --lora_r ...; PEFT's LoraConfig r / lora_alpha / target_modules)
+    "lora_r": (("model.lora_rank",), "TRL"),
+    "lora_alpha": (("model.lora_alpha",), "TRL"),
+    "lora_target_modules": (("model.lora_targets",), "TRL"),
     # verl ppo_trainer.yaml
     "data.train_files": (("data.train",), "verl"),
     "data.prompt_key": (("data.problem_key",), "verl"),
@@ -726,6 +737,9 @@ ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
     "data.train_batch_size": (("train.prompts_per_step",), "verl"),
     "actor_rollout_ref.model.path": (("model.path",), "verl"),
     "actor_rollout_ref.model.enable_gradient_checkpointing": (("model.remat",), "verl"),
+    "actor_rollout_ref.model.lora_rank": (("model.lora_rank",), "verl"),
+    "actor_rollout_ref.model.lora_alpha": (("model.lora_alpha",), "verl"),
+    "actor_rollout_ref.model.target_modules": (("model.lora_targets",), "verl"),
     "actor_rollout_ref.rollout.n": (("rollout.n",), "verl"),
     "actor_rollout_ref.rollout.temperature": (("rollout.temperature",), "verl"),
     "actor_rollout_ref.rollout.top_p": (("rollout.top_p",), "verl"),

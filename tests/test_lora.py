@@ -281,6 +281,20 @@ def test_lora_config_errors_are_one_line(tmp_path, capsys, override, needle):
     assert not (tmp_path / "run").exists()
 
 
+def test_peft_trl_and_verl_lora_names():
+    """PEFT's target_modules (q_proj ... down_proj, all-linear) read as entrl's projections; TRL's and verl's option
+    names set the model.lora_* keys."""
+    verl = C.load_config(None, ["actor_rollout_ref.model.lora_rank=8", "actor_rollout_ref.model.lora_alpha=16",
+                                "actor_rollout_ref.model.target_modules=all-linear"]).model
+    assert (verl.lora_rank, verl.lora_alpha, verl.lora_targets) == (8, 16.0, list(C.LORA_TARGETS))
+    trl = C.load_config(None, ["lora_r=4", "lora_alpha=8", "lora_target_modules=[q_proj, v_proj, down_proj]"])
+    assert (trl.model.lora_rank, trl.model.lora_targets) == (4, ["q", "v", "down"])
+    assert C.from_dict(C.to_dict(trl)) == trl  # the run's stored config reads back the same
+    assert C.load_config(None, ["model.lora_targets=v_proj"]).model.lora_targets == ["v"]
+    with pytest.raises(C.ConfigError, match="'qkv_proj' is not a projection"):
+        C.load_config(None, ["model.lora_targets=[q_proj, qkv_proj]"])
+
+
 @pytest.fixture(scope="module")
 def cli_lora_run(tmp_path_factory):
     """`entrl train` with LoRA to the end (real verifier; `entropy_bonus` has a gradient without reward)."""
