@@ -546,8 +546,8 @@ def _worker_main() -> None:
         if isinstance(equivalent, str):  # reward.equivalent, named like a reward function
             equivalent = resolve_reward_fn(equivalent)
         fns = [resolve_reward_fn(spec) for spec in specs]  # imported once per worker
-    except ValueError as e:
-        print(f"entrl verification worker: reward.fn / reward.equivalent {e}", file=sys.stderr, flush=True)
+    except ValueError as e:  # imports in the parent, not here (e.g. defined in a notebook cell or __main__)
+        _write_frame(out_fd, ("init_error", str(e)))
         os._exit(1)
     if equivalent is math_verify_equivalent:
         math_verify_equivalent("\\frac{1}{2}", "0.5")  # pay sympy's first-call cost before "ready"
@@ -627,6 +627,16 @@ class RewardResult:
     components: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # term label -> float32 [N], unweighted
     failed: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # label of a reward function -> bool [N]
     graded: bool = True  # the math term is among the reward terms (accuracy means something)
+
+
+class WorkerImportError(ValueError):
+    """A reward function or answer equivalence that imports in this process but not in a verification worker
+    (a fresh interpreter): defined in a notebook cell or in `__main__`, or on a path only this process has."""
+
+    def __init__(self, why: str):
+        super().__init__(f"{why}: it imports here but not in the verification worker processes (a fresh Python); "
+                         "define it in a module or a .py file and name it package.module:function or "
+                         "path/to/file.py:function, not in a notebook cell or __main__")
 
 
 class Verifier:
@@ -754,6 +764,33 @@ class Verifier:
         """
         return [s == "correct" for s in self._grade([(a, b, True) for a, b in pairs])]
 
+    def start(self) -> None:
+        """Start the worker processes now and wait until each has imported the reward functions and the
+        answer equivalence (they otherwise start on first use). `WorkerImportError` when one cannot import
+        them; RuntimeError when they fail to start at all. A no-op in serial mode."""
+        if self.n_workers is None:
+            return
+        while len(self._workers) < self.n_workers:
+            self._workers.append(self._spawn())
+        deadline = time.monotonic() + self.start_timeout_s
+        while not all(w.ready for w in self._workers):
+            waiting = [w for w in self._workers if not w.ready]
+            readable = wait_readable([w.out_fd for w in waiting], max(0.0, deadline - time.monotonic()))
+            if not readable:
+                self.close()
+                raise RuntimeError(f"verification workers did not start within {self.start_timeout_s:g} s")
+            for w in waiting:
+                if w.out_fd in readable:
+                    msg = _read_frame(w.out_fd)
+                    if msg == "ready":
+                        w.ready = True
+                        continue
+                    self.close()
+                    if isinstance(msg, tuple) and msg[0] == "init_error":
+                        raise WorkerImportError(msg[1])
+                    raise RuntimeError(f"a verification worker exited while starting (`{sys.executable} -c "
+                                       f"'{_BOOT}'`); see its stderr above")
+
     def close(self) -> None:
         for w in self._workers:
             w.kill()
@@ -880,6 +917,9 @@ class Verifier:
                     if msg == "ready":
                         w.ready, start_failures = True, 0
                         continue
+                    if not w.ready and isinstance(msg, tuple) and msg[0] == "init_error":
+                        self.close()
+                        raise WorkerImportError(msg[1])
                     if msg is not None and msg[0] == w.job:
                         results[ids.pop(w.job)] = msg[1]
                         w.job = None

@@ -559,3 +559,27 @@ def test_answer_equivalence_from_config(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(C.ConfigError, match="reward.equivalent"):
         C.load_config(None, ["reward.equivalent=not a spec"])
+
+
+def test_reward_code_only_this_process_has_fails_in_one_line(monkeypatch):
+    """A reward function that imports here but not in a fresh worker (a notebook cell, `__main__`, a module made at
+    run time): one-line WorkerImportError when the pool starts (the trainer's `build_verifier` starts it before any
+    compile, as a ConfigError), not three failed restarts and a RuntimeError pointing at stderr."""
+    import types
+
+    from entrl import config as C
+    from entrl.rl.setup import build_verifier
+
+    mod = types.ModuleType("entrl_test_injected_rewards")
+    mod.always = lambda response, reference, record: 1.0
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    terms = rewards.reward_fns([rewards.MATH_REWARD, f"{mod.__name__}:always"])  # resolves here
+    with pytest.raises(rewards.WorkerImportError, match="not in a notebook cell") as err:
+        Verifier(workers=1, rewards=terms).score_rewards([_respond("1")], ["1"])
+    assert "\n" not in str(err.value)
+    cfg = C.load_config(None, ["reward.workers=1", f"reward.fn=[{rewards.MATH_REWARD}, {mod.__name__}:always]"])
+    t0 = time.perf_counter()
+    with pytest.raises(C.ConfigError, match="imports here but not in the verification worker"):
+        build_verifier(cfg)
+    assert time.perf_counter() - t0 < 60
+    assert Verifier(workers=None, rewards=terms).score_rewards([_respond("1")], ["1"]).rewards.tolist() == [2.0]

@@ -53,7 +53,7 @@ from entrl.data.sources import load_records, write_records
 from entrl.data.tasks import ArithmeticTask, build_prompt, tokenize_prompts
 from entrl.eval_suites import load_benchmark
 from entrl.models import ModelConfig, create_model, load_pretrained, lora, save_pretrained
-from entrl.rewards import Verifier, reward_fns
+from entrl.rewards import MATH_REWARD, Verifier, WorkerImportError, reward_fns
 from entrl.rl.trainer import Components, Trainer, reference_params
 from entrl.sampling import build_sampler
 from entrl.sft import train_sft
@@ -279,10 +279,16 @@ def build_verifier(cfg: C.RunConfig, *, math_only: bool = False):
     rw = cfg.reward
     extra = {} if math_only else {"rewards": reward_terms(cfg)}
     try:
-        return Verifier(workers=rw.workers, timeout_s=rw.timeout_s, correct=rw.correct, incorrect=rw.incorrect,
-                        equivalent=rw.equivalent or None, **extra)
+        verifier = Verifier(workers=rw.workers, timeout_s=rw.timeout_s, correct=rw.correct, incorrect=rw.incorrect,
+                            equivalent=rw.equivalent or None, **extra)
     except ValueError as e:  # reward.equivalent that does not import
         raise C.ConfigError(f"reward.equivalent: {e}") from None
+    if rw.equivalent or (not math_only and list(rw.fn) != [MATH_REWARD]):
+        try:  # user code: the workers must import it too, checked now rather than at the first step
+            verifier.start()
+        except WorkerImportError as e:
+            raise C.ConfigError(f"reward.fn / reward.equivalent: {e}") from None
+    return verifier
 
 
 def setup(cfg: C.RunConfig, *, se_values=None, verifier=None, task=None):
