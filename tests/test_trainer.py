@@ -432,12 +432,17 @@ def test_reward_fn_from_config_drives_a_training_step(tmp_path, caplog):
     assert lines.count("run summary") == 1
 
 
-def test_progress_bars_of_annotation_and_training(tmp_path, capsys):
+def test_progress_bars_of_annotation_and_training(tmp_path, capsys, caplog):
     """train.progress=on: a bar for the SE annotation (prompts), one for training (steps) whose total is the
     curriculum's when train.steps is 0, each with its count, elapsed time and ETA, and a transient one for
-    each evaluation of the val set, on stderr."""
+    each evaluation of the val set, on stderr. The run's summary is logged before the annotation too (with the
+    stages pending), not only after it."""
     cfg = make_cfg(tmp_path, *CURRICULUM, "train.steps=0", "train.progress=on")
-    trainer = run_trainer(cfg)
+    with caplog.at_level(logging.INFO, logger="entrl.setup"):
+        trainer = run_trainer(cfg)
+    early = [r.getMessage() for r in caplog.records if r.name == "entrl.setup"]
+    summary = "\n".join(early[early.index("run summary"):])
+    assert "16 prompts from arithmetic task" in summary and "steps       known after the annotation" in summary
     err = capsys.readouterr().err
     total = trainer.comps.pipeline.total_steps
     assert total == 4 and trainer.step == total  # 16 prompts in 2 stages of 1 epoch, 4 prompts per step

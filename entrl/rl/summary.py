@@ -32,9 +32,11 @@ def _count(n: float) -> str:
 
 
 def startup_summary(cfg: C.RunConfig, *, params: Any, mesh, pipeline, settings, out_dir, step: int = 0,
-                    reward_terms: list[tuple[str, float]] | None = None) -> str:
+                    reward_terms: list[tuple[str, float]] | None = None, prompts: int = 0) -> str:
     """The summary: a title line, then lines of `label  text` (see the module docstring). `settings`: the
-    update's `StepSettings`; `reward_terms`: (spec, weight) of each reward term (default: from the config)."""
+    update's `StepSettings`; `reward_terms`: (spec, weight) of each reward term (default: from the config).
+    `pipeline` None: before the semantic-entropy annotation of `prompts` prompts, which the curriculum's
+    stages and the step count depend on (they are summarised as pending)."""
     m, r, t, lo, d, cc = cfg.model, cfg.rollout, cfg.train, cfg.loss, cfg.data, cfg.curriculum
     lines: list[tuple[str, str]] = []
 
@@ -67,16 +69,23 @@ def startup_summary(cfg: C.RunConfig, *, params: Any, mesh, pipeline, settings, 
     seed = d.arithmetic_seed if d.arithmetic_seed >= 0 else t.seed
     source = d.train if d.task == "math" else f"arithmetic task (seed {seed})"
     val = f"; eval every {t.eval_every} steps on {cfg.val.data or 'the held-out split'}" if t.eval_every else ""
-    cur = pipeline.curriculum
-    lines.append(("data", f"{cur.num_prompts} prompts from {source}{val}"))
-    stages = ", ".join(f"stage {s}: {cur.stage_indices(s).size} prompts, {pipeline.steps_per_epoch(s)} steps x "
-                       f"{cur.epochs_per_stage} epoch(s)" for s in range(cur.num_stages))
     kind = f"semantic entropy, {cc.mode}, {cc.order}" if cc.enabled else "none (shuffled epochs)"
-    boundary = f"; at a new stage: {t.stage_boundary}" if cur.num_stages > 1 else ""
-    lines.append(("curriculum", f"{kind} ({stages}){boundary}"))
     until = f"train.steps={t.steps}" if t.steps else "until the curriculum ends"
-    resuming = f", resuming after step {step}" if step else ""
-    lines.append(("steps", f"{planned_steps(cfg, pipeline)} ({until}){resuming}"))
+    if pipeline is None:  # before the annotation that orders the prompts
+        lines.append(("data", f"{prompts} prompts from {source}{val}"))
+        lines.append(("curriculum", f"{kind} ({cc.stages} stages, {cc.epochs_per_stage} epoch(s) each: sized "
+                                    f"after the semantic-entropy annotation of the {prompts} prompts, "
+                                    f"{cc.samples} samples each)"))
+        lines.append(("steps", f"{t.steps or 'known after the annotation'} ({until})"))
+    else:
+        cur = pipeline.curriculum
+        lines.append(("data", f"{cur.num_prompts} prompts from {source}{val}"))
+        stages = ", ".join(f"stage {s}: {cur.stage_indices(s).size} prompts, {pipeline.steps_per_epoch(s)} steps x "
+                           f"{cur.epochs_per_stage} epoch(s)" for s in range(cur.num_stages))
+        boundary = f"; at a new stage: {t.stage_boundary}" if cur.num_stages > 1 else ""
+        lines.append(("curriculum", f"{kind} ({stages}){boundary}"))
+        resuming = f", resuming after step {step}" if step else ""
+        lines.append(("steps", f"{planned_steps(cfg, pipeline)} ({until}){resuming}"))
 
     # -- OBJECTIVE
     hp = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
