@@ -432,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default=None, help="directory for the PNGs (default: <first run>/plots)")
     pl.set_defaults(fn=cmd_plot)
 
-    from entrl.ablate import DEFAULT_METHODS, METHODS
+    from entrl.methods import DEFAULT_METHODS, METHODS
 
     a = sub.add_parser("ablate", help="run one config with several methods and seeds; print a table",
                        epilog="methods (loss, curriculum): " + "; ".join(

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from entrl.ablate import DEFAULT_METHODS, METHODS, ci95, curriculum_label, format_ablation, method_overrides, resolve
+from entrl.ablate import ci95, curriculum_label, format_ablation, method_overrides, resolve
 from entrl.cli import main
+from entrl.methods import DEFAULT_METHODS, METHODS
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER = REPO / "configs" / "paper" / "r1-distill-qwen-1.5b" / "sent.yaml"  # its own curriculum is on

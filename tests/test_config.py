@@ -62,7 +62,7 @@ def test_every_paper_preset_loads():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "configs" / "paper"
-    from entrl.ablate import METHODS
+    from entrl.methods import METHODS
 
     files = sorted(p for p in root.rglob("*.yaml") if not p.name.startswith("_"))
     assert len(files) == 39  # 3 models x (9 methods of the paper's comparison + 4 ablations of SENT)

@@ -84,10 +84,20 @@ def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
-@pytest.mark.parametrize("module", ["entrl.config", "entrl.rl.loss_specs", "entrl.seams", "entrl.cli"])
+@pytest.mark.parametrize("module", ["entrl.config", "entrl.rl.loss_specs", "entrl.seams", "entrl.methods", "entrl.cli"])
 def test_modules_needed_before_jax_starts_import_no_jax(module):
     """`entrl --portable-cpu` sets XLA_FLAGS after the CLI module is imported and before JAX is; the config and
     the loss declarations are validated before anything touches a device."""
     code = f"import sys, {module}; print('jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_cli_parser_imports_no_jax_and_leaves_logging_to_main():
+    """Building the CLI's parser (every command's help) imports no JAX: `--portable-cpu` sets XLA_FLAGS after it,
+    and an import that installs a root log handler before `main` configures logging silenced every INFO line
+    of `entrl train` (the ablate methods' table once came from the JAX-importing ablate module)."""
+    code = ("import logging, sys; from entrl import cli; cli.build_parser(); "
+            "print('jax' in sys.modules, len(logging.getLogger().handlers))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "0"]
