@@ -766,30 +766,11 @@ class Verifier:
 
     def start(self) -> None:
         """Start the worker processes now and wait until each has imported the reward functions and the
-        answer equivalence (they otherwise start on first use). `WorkerImportError` when one cannot import
-        them; RuntimeError when they fail to start at all. A no-op in serial mode."""
-        if self.n_workers is None:
-            return
-        while len(self._workers) < self.n_workers:
-            self._workers.append(self._spawn())
-        deadline = time.monotonic() + self.start_timeout_s
-        while not all(w.ready for w in self._workers):
-            waiting = [w for w in self._workers if not w.ready]
-            readable = wait_readable([w.out_fd for w in waiting], max(0.0, deadline - time.monotonic()))
-            if not readable:
-                self.close()
-                raise RuntimeError(f"verification workers did not start within {self.start_timeout_s:g} s")
-            for w in waiting:
-                if w.out_fd in readable:
-                    msg = _read_frame(w.out_fd)
-                    if msg == "ready":
-                        w.ready = True
-                        continue
-                    self.close()
-                    if isinstance(msg, tuple) and msg[0] == "init_error":
-                        raise WorkerImportError(msg[1])
-                    raise RuntimeError(f"a verification worker exited while starting (`{sys.executable} -c "
-                                       f"'{_BOOT}'`); see its stderr above")
+        answer equivalence (they otherwise start on first use), with the pool's own start-up handling:
+        `WorkerImportError` when one cannot import them, RuntimeError when they keep failing to start. A
+        no-op in serial mode."""
+        if self.n_workers is not None:
+            self._run_pool([], until_ready=True)
 
     def close(self) -> None:
         for w in self._workers:
@@ -887,14 +868,14 @@ class Verifier:
             pass  # died at once: noticed as EOF by the loop
         return worker
 
-    def _run_pool(self, todo: list[tuple]) -> list:
+    def _run_pool(self, todo: list[tuple], *, until_ready: bool = False) -> list:
         while len(self._workers) < self.n_workers:
             self._workers.append(self._spawn())
         results: list[str | None] = [None] * len(todo)
         pending = list(range(len(todo)))[::-1]  # stack; pop() takes the lowest index first
         ids: dict[int, int] = {}  # job id -> index in todo
         start_failures = 0
-        while pending or any(w.job is not None for w in self._workers):
+        while pending or any(w.job is not None or (until_ready and not w.ready) for w in self._workers):
             now = time.monotonic()
             for w in self._workers:  # dispatch
                 if w.ready and w.job is None and pending:

@@ -54,7 +54,7 @@ from entrl.data.tasks import ArithmeticTask, build_prompt, tokenize_prompts
 from entrl.eval_suites import load_benchmark
 from entrl.models import ModelConfig, create_model, load_pretrained, lora, save_pretrained
 from entrl.rewards import MATH_REWARD, Verifier, WorkerImportError, reward_fns
-from entrl.rl.summary import startup_summary
+from entrl.rl.summary import log_startup_summary
 from entrl.rl.trainer import Components, Trainer, reference_params, step_settings
 from entrl.sampling import build_sampler
 from entrl.sft import train_sft
@@ -312,13 +312,10 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None, task=None):
         if not cfg.curriculum.annotate:
             build_curriculum(cfg, records)  # raises the missing-column error
         out_path = R.as_path(cfg.train.out_dir, "train.out_dir") / "semantic_entropy.jsonl"
-        if jax.process_index() == 0:  # what will run, before what may be hours of annotation
-            terms = [(t.spec, t.weight) for t in verifier.rewards] if hasattr(verifier, "rewards") else None
-            summary = startup_summary(cfg, params=params, mesh=mesh, pipeline=None, out_dir=cfg.train.out_dir,
-                                      settings=step_settings(cfg, data_shards(mesh)), reward_terms=terms,
-                                      prompts=len(records))
-            for line in summary.splitlines():
-                log.info("%s", line)
+        # What will run, before what may be hours of annotation (the stages are sized after it).
+        log_startup_summary(log, cfg, verifier=verifier, params=params, mesh=mesh, pipeline=None,
+                            out_dir=cfg.train.out_dir, settings=step_settings(cfg, data_shards(mesh)),
+                            prompts=len(records))
         # Batches of a rollout call's prompts: with curriculum.samples == rollout.n (the paper's 8 and 8) the
         # annotation runs the rollout's own sampler program (one compile, and the memory the plan checked).
         per_call = cfg.rollout.slots // cfg.rollout.n if cfg.rollout.slots else cfg.train.prompts_per_step
@@ -520,7 +517,7 @@ def annotate_dataset(cfg, *, data: str, out: str, n: int | None = None, resume: 
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=data))
     out_p = R.as_path(out, "--out")
     if out_p.suffix not in (".jsonl", ".parquet"):
-        raise ValueError(f"--out {out!r}: must end in .jsonl or .parquet")
+        raise C.ConfigError(f"--out {out!r}: must end in .jsonl or .parquet")
     mesh = build_mesh(cfg)
     tokenizer = build_tokenizer(cfg)
     records, _ = build_records(cfg)

@@ -31,6 +31,18 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
+def log_startup_summary(logger, cfg: C.RunConfig, *, verifier, **kwargs) -> None:
+    """`startup_summary` logged from process 0, one record per line (each carries the log's time and level
+    prefix). The reward terms come from `verifier` when it has them (`entrl.rewards.Verifier.rewards`), else
+    from the config; `kwargs` go to `startup_summary`."""
+    if jax.process_index() != 0:
+        return
+    rewards = getattr(verifier, "rewards", None)
+    terms = [(t.spec, t.weight) for t in rewards] if rewards is not None else None
+    for line in startup_summary(cfg, reward_terms=terms, **kwargs).splitlines():
+        logger.info("%s", line)
+
+
 def startup_summary(cfg: C.RunConfig, *, params: Any, mesh, pipeline, settings, out_dir, step: int = 0,
                     reward_terms: list[tuple[str, float]] | None = None, prompts: int = 0) -> str:
     """The summary: a title line, then lines of `label  text` (see the module docstring). `settings`: the

@@ -82,7 +82,7 @@ from entrl.multihost import allgather_local, gather, gather_rows, local_rows, to
 from entrl.progress import progress_bar
 from entrl.rl.advantages import grpo_advantages
 from entrl.rl.step import StepSettings, length_order, make_optimizer, make_update_fn
-from entrl.rl.summary import planned_steps, startup_summary
+from entrl.rl.summary import log_startup_summary, planned_steps
 from entrl.rundir import RunDir
 from entrl.sampling import FINISH_LENGTH, build_sampler
 from entrl.seams import Reward, RolloutBackend
@@ -149,7 +149,7 @@ def run_optimizer(cfg: C.RunConfig):
         cfg.train.prompts_per_step // cfg.train.minibatch_prompts)
     o = cfg.optim
     return make_optimizer(lr=o.lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
-                            schedule=o.schedule, warmup_steps=o.warmup_steps, total_steps=total_opt_steps)
+                          schedule=o.schedule, warmup_steps=o.warmup_steps, total_steps=total_opt_steps)
 
 
 def reference_params(cfg: C.RunConfig, params):
@@ -517,13 +517,8 @@ class Trainer:
 
     def _log_summary(self) -> None:
         """The start-up summary (`entrl.rl.summary`), once per `run`, from process 0."""
-        if jax.process_index() != 0:
-            return
-        terms = [(t.spec, t.weight) for t in self.comps.verifier.rewards] if hasattr(self.comps.verifier, "rewards") else None
-        summary = startup_summary(self.cfg, params=self.params, mesh=self.comps.mesh, pipeline=self.comps.pipeline,
-                                  settings=self.settings, out_dir=self.out, step=self.step, reward_terms=terms)
-        for line in summary.splitlines():  # one record per line: each carries the log's time and level prefix
-            log.info("%s", line)
+        log_startup_summary(log, self.cfg, verifier=self.comps.verifier, params=self.params, mesh=self.comps.mesh,
+                            pipeline=self.comps.pipeline, settings=self.settings, out_dir=self.out, step=self.step)
 
     def _log_progress(self, metrics: dict, bar) -> None:
         """After a step's metrics: its sample completions when due (rollouts.jsonl) and the progress bar."""
