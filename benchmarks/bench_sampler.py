@@ -40,13 +40,16 @@ R = prompts x n rows, prompt 64 tokens, `--new` new tokens, two workloads:
 stops a row with probability ~1%, so lengths are roughly geometric, mean ~100,
 a few rows cut at the cap). Engines: entrl's one-shot sampler (every row
 decodes until the last one stops), entrl with `--slots` slots (continuous
-batching: a stopped row's slot takes the next row), and HF `generate`
+batching: a stopped row's slot takes the next row), the one-shot sampler on
+`--slots` rows at a time (one call per chunk of prompts: the same KV-cache
+memory as the slots, without refilling), and HF `generate`
 (sampling with the same EOS ids; like the one-shot sampler it keeps finished
 rows in the batch until all stop). Reported: useful tokens (each response up
 to and including its EOS) per second of wall time and per CPU-second, best of
 `--repeats` calls, engines interleaved, and the ratio to the one-shot sampler.
 entrl's one-shot and slot samplers draw the same tokens (per-row random
-streams), so their useful tokens are equal; HF draws its own.
+streams), so their useful tokens are equal; the chunked calls and HF draw
+their own.
 
 Usage:
     python benchmarks/bench_sampler.py                      # the full sweep
@@ -199,6 +202,27 @@ def entrl_ragged_engine(model, prompts_BxP: np.ndarray, new: int, n: int, slots:
     return call
 
 
+def entrl_chunked_engine(model, prompts_BxP: np.ndarray, new: int, n: int, rows: int, eos: tuple[int, ...],
+                         temperature: float):
+    """The one-shot sampler on `rows // n` prompts at a time, one call after another: the KV memory of
+    `rows` slots without continuous batching (what bounds a rollout's memory otherwise)."""
+    jax, jnp = _jax()
+    from entrl.sampling import Sampler, SamplingConfig
+
+    per_call = rows // n
+    if per_call < 1 or len(prompts_BxP) % per_call:
+        raise SystemExit(f"--slots {rows} must be a multiple of --n {n} dividing the {len(prompts_BxP)} prompts")
+    sampler = Sampler(SamplingConfig(n=n, temperature=temperature, max_new_tokens=new, eos_ids=eos, pad_id=0))
+    chunks = [jnp.asarray(prompts_BxP[i:i + per_call], jnp.int32) for i in range(0, len(prompts_BxP), per_call)]
+
+    def call():
+        out = [sampler.sample(model, ids, jnp.ones_like(ids), jax.random.fold_in(jax.random.key(0), i)).lengths
+               for i, ids in enumerate(chunks)]
+        return np.concatenate([np.asarray(x) for x in out])
+
+    return call
+
+
 def hf_ragged_engine(hf, prompts_BxP: np.ndarray, new: int, n: int, eos: tuple[int, ...], temperature: float):
     """A zero-argument call of HF `generate` (n samples per prompt) returning the responses' lengths."""
     import torch
@@ -243,12 +267,13 @@ def ragged_main(args) -> int:
         hf, model = build_models(hidden, path)
         for wname, w in workloads.items():
             engines = {"one-shot": entrl_ragged_engine(model, prompts_BxP, new, n, 0, **w),
-                       f"slots={slots}": entrl_ragged_engine(model, prompts_BxP, new, n, slots, **w)}
+                       f"slots={slots}": entrl_ragged_engine(model, prompts_BxP, new, n, slots, **w),
+                       f"one-shot, {slots}-row chunks": entrl_chunked_engine(model, prompts_BxP, new, n, slots, **w)}
             if not args.skip_hf:
                 engines["HF generate"] = hf_ragged_engine(hf, prompts_BxP, new, n, **w)
             compile_s = {}
             for name, call in engines.items():  # compile (entrl) / warm up, excluded from the timings
-                if name != "HF generate":
+                if not name.startswith("HF"):
                     compile_s[name] = _timed(call)[1]
             best = {k: [float("inf"), float("inf")] for k in engines}
             lengths = {}
