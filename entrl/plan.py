@@ -29,7 +29,11 @@ Design decisions:
   compiling is ~30% faster.
 - Programs are compiled once per process for a given lowered text: presets
   that differ only in things a program does not see (another loss, the
-  curriculum) share the sampler's and log-prob programs' analyses.
+  curriculum) share the sampler's and log-prob programs' analyses. A plan
+  that only lowers (`compile=False`) uses an analysis recorded for the same
+  lowered text (`RECORDED`, keyed by its SHA-256) when there is one: the
+  same program compiles to the same buffers, so CI checks the paper presets'
+  fit without the minutes of compiling (tests/test_presets.py).
 - Under LoRA (`model.lora_rank` > 0) the params include the adapters, the
   optimizer state and the reference copy are the adapters' only (the reference
   shares the frozen base), and the update's gradients are the adapters'; a note
@@ -186,6 +190,8 @@ class Program:
     aliased: int
     temporaries: int
     compile_s: float
+    key: str = ""  # SHA-256 of the lowered program text
+    known: bool = True  # False: lowered only, memory unknown (the byte counts are 0)
 
     def extra(self, resident_args: int) -> int:
         """What the program adds on top of `resident_args` bytes of its arguments that live anyway."""
@@ -193,19 +199,29 @@ class Program:
 
 
 _ANALYSES: dict[str, tuple[int, int, int, int, float]] = {}
+# Lowered-text SHA-256 -> (arguments, outputs, aliased, temporaries) bytes, from an earlier compile of
+# the same program with the same jax/jaxlib (filled by the caller; see `_lower_only`).
+RECORDED: dict[str, tuple[int, int, int, int]] = {}
+
+
+def _key(lowered) -> str:
+    return hashlib.sha256(lowered.as_text().encode()).hexdigest()
 
 
 def _lower_only(name: str, lower) -> Program:
-    """Trace and lower (`lower()`), no compile: shapes and shardings agree; memory unknown (0)."""
+    """Trace and lower (`lower()`), no compile: shapes and shardings agree. Memory: the analysis
+    recorded for this lowered text (`RECORDED`), else unknown (0, `known=False`)."""
     t0 = time.perf_counter()
-    lower()
-    return Program(name, 0, 0, 0, 0, time.perf_counter() - t0)
+    key = _key(lower())
+    if key in RECORDED:
+        return Program(name, *RECORDED[key], compile_s=time.perf_counter() - t0, key=key)
+    return Program(name, 0, 0, 0, 0, time.perf_counter() - t0, key=key, known=False)
 
 
 def _analyse(name: str, lower) -> Program:
     """Compile `lower()` (once per lowered text in this process) and read the memory analysis."""
     lowered = lower()
-    key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+    key = _key(lowered)
     if key not in _ANALYSES:
         t0 = time.perf_counter()
         options = ({"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -213,7 +229,7 @@ def _analyse(name: str, lower) -> Program:
         mem = lowered.compile(compiler_options=options).memory_analysis()
         _ANALYSES[key] = (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                           mem.temp_size_in_bytes, time.perf_counter() - t0)
-    return Program(name, *_ANALYSES[key])
+    return Program(name, *_ANALYSES[key], key=key)
 
 
 @dataclasses.dataclass
@@ -310,7 +326,8 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
     """Plan `cfg` on the current devices (see the module docstring). ConfigError on a config problem.
 
     compile=False only traces and lowers the programs (their sharded shapes must agree; seconds instead
-    of minutes): the memory figures of the programs are then 0. `only`: build just these programs
+    of minutes): the memory figures of the programs are then 0, unless `RECORDED` holds the analysis
+    of the same lowered text (`programs[name]["known"]`). `only`: build just these programs
     (update, logprob, rollout, eval; None = all); the others count 0.
     """
     mesh = B.build_mesh(cfg)
@@ -373,7 +390,8 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
         programs["rollout"] = analyse("rollout", lambda: Sampler(sc, mesh=mesh).lower(graphdef, params, prompts, prompts))
     per = dict(sizes)
     params_bytes = sizes["params"]
-    extra = lambda name, resident_args: programs[name].extra(resident_args) if compile and name in programs else 0  # noqa: E731
+    known = lambda name: name in programs and programs[name].known  # noqa: E731
+    extra = lambda name, resident_args: programs[name].extra(resident_args) if known(name) else 0  # noqa: E731
     per["update_peak"] = resident + step_batch_bytes + extra("update", sizes["params"] + sizes["optimizer"])
     per["logprob_peak"] = resident + extra("logprob", params_bytes + _per_device_bytes(batch)) + step_batch_bytes
     per["rollout_peak"] = resident + extra("rollout", params_bytes)
@@ -537,8 +555,10 @@ def plan_suggested(paths: list[str | Path], devices: int, *, with_eval: bool = T
             except C.ConfigError as e:
                 row["error"] = str(e)
             else:
-                row.update(fits=plan.fits if compile else None, per_device_bytes=plan.per_device_bytes,
+                known = all(v["known"] for v in plan.programs.values())
+                row.update(fits=plan.fits if known else None, per_device_bytes=plan.per_device_bytes,
                            peak_bytes=plan.peak_bytes, compile_s={k: v["compile_s"] for k, v in plan.programs.items()},
-                           table=plan.table())
+                           programs={k: {"key": v["key"], "known": v["known"]} for k, v in plan.programs.items()},
+                           headroom=plan.headroom, table=plan.table())
             out.append(row)
     return out

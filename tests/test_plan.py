@@ -63,6 +63,23 @@ def test_plan_accounts_state_and_phases(small_plan):
     assert "DOES NOT FIT" not in plan.table() and "update peak" in plan.table()
 
 
+def test_a_recorded_analysis_gives_the_compiled_plan_without_compiling(small_plan, monkeypatch):
+    """compile=False reads the memory of a program from `RECORDED` when its lowered text's hash is there
+    (what tests/test_presets.py does for the paper presets); a program not recorded is unknown, not 0 bytes
+    of a fit."""
+    cfg, compiled = small_plan
+    lowered = P.plan_run(cfg, budget_bytes=P.GIB, compile=False)
+    assert not any(v["known"] for v in lowered.programs.values())
+    assert lowered.per_device_bytes["update_peak"] < compiled.per_device_bytes["update_peak"]
+    monkeypatch.setattr(P, "RECORDED", {v["key"]: (v["arguments"], v["outputs"], v["aliased"], v["temporaries"])
+                                        for v in compiled.programs.values()})
+    recorded = P.plan_run(cfg, budget_bytes=P.GIB, compile=False)
+    assert all(v["known"] for v in recorded.programs.values())
+    assert recorded.per_device_bytes == compiled.per_device_bytes and recorded.fits
+    other = P.plan_run(C.replace(cfg, **{"rollout.max_new_tokens": 32}), compile=False, only=("rollout",))
+    assert not other.programs["rollout"]["known"]  # another program text: no recorded analysis applies
+
+
 def test_bf16_compute_halves_the_reference_and_remat_shrinks_the_update(small_plan):
     cfg, base = small_plan
     bf16 = P.plan_run(C.replace(cfg, **{"model.dtype": "bfloat16"}))

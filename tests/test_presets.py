@@ -8,6 +8,15 @@ memory figures of the presets are in the README, from `entrl plan --suggested`).
 loss-independent programs (rollout, log-probs) once per distinct setting, the update of `sent` and
 `sent_released` (the two selection scopes) on every mesh, and every other preset's update on its model's
 first suggested mesh.
+
+Fit without compiling: tests/data/preset_plans.json records XLA:CPU's memory analysis of every one of
+those programs, keyed by the SHA-256 of its lowered text, from one compiling run of this test
+(`ENTRL_RECORD_PRESET_PLANS=1 pytest tests/test_presets.py`, ~15 minutes on the 2-core box). The same
+lowered text compiles to the same buffers, so each lowered program's phase peak is checked against its
+slice's HBM (less `entrl plan`'s headroom) from the record; a program whose text changed (a change to the
+model, the sampler, a loss or a preset) fails the test until the record is refreshed, which is when its
+memory is measured again. With another jax/jaxlib than the record's, the fit is not checked (one
+logged skip) and the lowering still is.
 """
 
 import json
@@ -16,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jaxlib
 import pytest
 from conftest import CPU_TEST_XLA_FLAGS
 
@@ -24,6 +35,9 @@ from entrl import plan as P
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = sorted(p for p in (REPO / "configs" / "paper").glob("*/*.yaml") if not p.name.startswith("_"))
 DEVICE_COUNTS = sorted({t.devices for p in PRESETS for _, t, _ in P.mesh_suggestions(p)})
+RECORD = Path(__file__).resolve().parent / "data" / "preset_plans.json"
+RECORDING = os.environ.get("ENTRL_RECORD_PRESET_PLANS") == "1"
+VERSIONS = {"jax": jax.__version__, "jaxlib": jaxlib.__version__}
 
 _CHILD = r"""
 import json, sys
@@ -31,6 +45,8 @@ from pathlib import Path
 from entrl import config as C, plan as P
 
 presets, devices = [Path(p) for p in json.loads(sys.argv[1])], int(sys.argv[2])
+record, compile = json.loads(sys.argv[3]), sys.argv[4] == "compile"
+P.RECORDED.update({k: tuple(v) for k, v in record.items()})
 first_mesh = {}  # model dir -> its first suggestion's overrides (every loss's update is lowered there)
 for p in presets:
     first_mesh.setdefault(p.parent, P.mesh_suggestions(p)[0][2])
@@ -51,9 +67,15 @@ def only(path, overrides, cfg):
             keep.append("update")
     return keep
 
-rows = P.plan_suggested(presets, devices, with_eval=False, compile=False, only=only)
-print("ROWS " + json.dumps([{k: r.get(k) for k in ("config", "target", "error", "compile_s")} for r in rows]))
+rows = P.plan_suggested(presets, devices, with_eval=False, compile=compile, only=only)
+keys = ("config", "target", "error", "compile_s", "programs", "per_device_bytes", "hbm_bytes", "headroom")
+print("ROWS " + json.dumps([{k: r.get(k) for k in keys} for r in rows]))
+print("ANALYSES " + json.dumps({k: v[:4] for k, v in P._ANALYSES.items()}))
 """
+
+
+def _record() -> dict:
+    return json.loads(RECORD.read_text()) if RECORD.exists() else {"versions": {}, "analyses": {}}
 
 
 @pytest.mark.parametrize("devices", DEVICE_COUNTS)
@@ -61,8 +83,12 @@ def test_every_preset_validates_and_lowers_on_its_suggested_meshes(devices):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{CPU_TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}",
                PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([str(p) for p in PRESETS]), str(devices)],
-                         env=env, capture_output=True, text=True, timeout=900, check=False)
+    record = _record()
+    same = record["versions"] == VERSIONS
+    recorded = record["analyses"] if same and not RECORDING else {}
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([str(p) for p in PRESETS]), str(devices),
+                          json.dumps(recorded), "compile" if RECORDING else "lower"],
+                         env=env, capture_output=True, text=True, timeout=3600 if RECORDING else 900, check=False)
     line = [x for x in out.stdout.splitlines() if x.startswith("ROWS ")]
     assert line, out.stderr[-3000:]
     rows = json.loads(line[0][len("ROWS "):])
@@ -72,6 +98,32 @@ def test_every_preset_validates_and_lowers_on_its_suggested_meshes(devices):
     assert not errors, "\n".join(errors)
     lowered = {name for r in rows for name in r["compile_s"]}
     assert lowered == {"update", "logprob", "rollout"}
+    if RECORDING:  # merge this device count's analyses into the record
+        analyses = json.loads([x for x in out.stdout.splitlines() if x.startswith("ANALYSES ")][0][len("ANALYSES "):])
+        if record["versions"] != VERSIONS:
+            record = {"versions": VERSIONS, "analyses": {}}
+        record["analyses"].update(analyses)
+        RECORD.parent.mkdir(exist_ok=True)
+        RECORD.write_text(json.dumps(record, indent=0, sort_keys=True) + "\n")
+    elif not same:
+        pytest.skip(f"fit not checked: {RECORD.name} was recorded with {record['versions']}, this is {VERSIONS}; "
+                    "refresh it with ENTRL_RECORD_PRESET_PLANS=1 pytest tests/test_presets.py")
+    # every lowered program's memory is known from the record, and its phase fits the slice
+    phase = {"update": "update_peak", "logprob": "logprob_peak", "rollout": "rollout_peak"}
+    stale, over = [], []
+    for r in rows:
+        where = f"{Path(r['config']).relative_to(REPO)} on {r['target']}"
+        for name, prog in r["programs"].items():
+            if not prog["known"]:
+                stale.append(f"{where}: {name} ({prog['key'][:12]})")
+                continue
+            peak = r["per_device_bytes"][phase[name]]
+            if peak > r["hbm_bytes"] * (1 - r["headroom"]):
+                over.append(f"{where}: {name} peak {peak / P.GIB:.2f} GiB of {r['hbm_bytes'] / P.GIB:.0f} GiB")
+    assert not stale, ("programs changed since tests/data/preset_plans.json was recorded; refresh it with "
+                       "ENTRL_RECORD_PRESET_PLANS=1 pytest tests/test_presets.py (and check the README's plan "
+                       "table):\n" + "\n".join(stale))
+    assert not over, "\n".join(over)
 
 
 def test_every_model_suggests_a_mesh_per_slice_kind():
