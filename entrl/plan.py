@@ -559,6 +559,6 @@ def plan_suggested(paths: list[str | Path], devices: int, *, with_eval: bool = T
                 row.update(fits=plan.fits if known else None, per_device_bytes=plan.per_device_bytes,
                            peak_bytes=plan.peak_bytes, compile_s={k: v["compile_s"] for k, v in plan.programs.items()},
                            programs={k: {"key": v["key"], "known": v["known"]} for k, v in plan.programs.items()},
-                           headroom=plan.headroom, table=plan.table())
+                           table=plan.table())
             out.append(row)
     return out
