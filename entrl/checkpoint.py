@@ -229,6 +229,7 @@ class CheckpointManager:
         except CheckpointWriteError:
             raise
         except Exception as e:  # noqa: BLE001 - OSError, tensorstore's ValueError, orbax's wrappers
+            _ClosedLoopNoiseFilter.failed = True  # the failed save's writes still in flight report later
             errno = getattr(e, "errno", None)
             if errno is None and (m := _OS_ERROR_CODE.search(str(e))):  # tensorstore: [os_error_code='28']
                 errno = int(m.group(1))
@@ -634,10 +635,12 @@ class _ClosedLoopNoiseFilter:
     closed loop, which Python prints as multi-line "Exception ignored"
     tracebacks (dozens for one full disk). Nothing is lost: the failure itself
     is raised by the restore or save. Installed while any CheckpointManager is
-    open (counted), removed when the last one closes.
+    open (counted), removed when the last one closes, unless a write failed:
+    its stragglers report after the close too, up to the interpreter's exit.
     """
 
     open_managers = 0
+    failed = False  # a save failed: keep the filter for the rest of the process
 
     def __init__(self):
         self.previous = sys.unraisablehook
@@ -657,7 +660,7 @@ class _ClosedLoopNoiseFilter:
     @classmethod
     def remove(cls) -> None:
         cls.open_managers = max(cls.open_managers - 1, 0)
-        if cls.open_managers == 0 and isinstance(sys.unraisablehook, cls):
+        if cls.open_managers == 0 and not cls.failed and isinstance(sys.unraisablehook, cls):
             sys.unraisablehook = sys.unraisablehook.previous
 
 
