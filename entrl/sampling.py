@@ -39,8 +39,11 @@ per-token log-prob of every sampled token. Design decisions:
   rows and S/D slots, and refills from its own queue: every gather and scatter
   is batched over the shard axis, so no row moves between devices (the loop
   conditions are the only cross-shard reductions; tested on the compiled
-  program). The decode segments still apply (no row is further along than
-  the loop's step count); the last one runs until every row stopped. The KV
+  program). The decode segments still apply, by the furthest live row's
+  position: a segment ends when that row outgrows its cache, and once the
+  refilled rows are all short again the cache is cut back and the segments
+  re-run (`_decode_waves`), so each wave of a uniform workload reads the short
+  caches a one-shot call reads. The KV
   cache is S x (P + L - 1) slots plus the prompts' B x P, instead of R x
   (P + L - 1); the prompts are prefilled in chunks of about S/n prompts
   (`prefill_chunks`), so the prefill's activations shrink with S too.
@@ -371,7 +374,7 @@ class _DecodeState:
     [d S/D, (d+1) S/D), and refills its slots from its own queue.
     """
 
-    step: jax.Array  # [] int32 decode iterations run + 1 (bounds every slot's `pos`: sizes the cache segments)
+    step: jax.Array  # [] int32 decode iterations run + 1 (one-shot: every live row's `pos`; sizes the cache segments)
     tokens: jax.Array  # [R, L] int32 response buffer of every row, PAD-initialised
     logprobs: jax.Array  # [R, L] float32, 0-initialised
     row: jax.Array  # [S] int32 the row each slot decodes
@@ -616,25 +619,30 @@ def _refill(state: _DecodeState, prompts: _Prompts, cfg: SamplingConfig, mesh) -
 
 
 def _decode_segment(
-    model: Transformer, weights, w_VxD, state: _DecodeState, end: int | None, refill, cfg: SamplingConfig, mesh
+    model: Transformer, weights, w_VxD, state: _DecodeState, end: int | None, refill, cfg: SamplingConfig, mesh,
+    shrink_below: int | None = None,
 ) -> _DecodeState:
-    """Feed each slot's last token and draw the next, until step `end` (None: no bound) or until every row stopped.
+    """Feed each slot's last token and draw the next until every row stopped, or until the cache is outgrown.
 
-    weights: the model's `decode_weights()`, built once outside the loops.
-    refill: None (one-shot: slot r holds row r throughout), or the function
-    that refills free slots (continuous batching), run in the steps where a
-    slot is free and a row is waiting.
+    One-shot (refill None: slot r holds row r throughout): until step `end`
+    (None: no bound). Continuous batching (`refill` refills free slots, run
+    in the steps where a slot is free and a row waits): while every live
+    slot's `pos` is below `end`, and, with `shrink_below`, not below it
+    (`_decode_waves`). weights: the model's `decode_weights()`, built once
+    outside the loops.
     """
     continuous = refill is not None
     plen = state.prompt_mask.shape[1]
     slots, cache_slots = state.row.shape[0], state.cache.slots
 
-    def waiting(s: _DecodeState):
-        return jnp.any(s.next < s.count)
-
     def cond(s: _DecodeState):
-        active = jnp.any(s.live) | waiting(s) if continuous else jnp.any(s.live)
-        return active if end is None else (s.step < end) & active
+        if not continuous:
+            return jnp.any(s.live) if end is None else (s.step < end) & jnp.any(s.live)
+        # A slot at `pos` writes cache slot P + pos - 1: the segment holds it while pos < end. With
+        # `shrink_below`, the segment also ends once every live row would fit the first segment again.
+        furthest = _furthest(s)
+        go = _active(s) & (furthest < end)
+        return go if shrink_below is None else go & (furthest >= shrink_below)
 
     def body(s: _DecodeState):
         at = s.pos if continuous else s.step  # one-shot: every live row is at the loop's step (a scalar write)
@@ -647,10 +655,62 @@ def _decode_segment(
         tokens_S, logp_S = sample_next_token(logits_SxV, token_keys(s.rng, s.row, s.pos), cfg)
         s = _record(s.replace(cache=cache), tokens_S, logp_S, cfg, mesh, continuous)
         if continuous:
-            s = lax.cond(jnp.any(~s.live) & waiting(s), refill, lambda x: x, s)
+            s = lax.cond(jnp.any(~s.live) & _waiting(s), refill, lambda x: x, s)
         return s
 
     return lax.while_loop(cond, body, state)
+
+
+def _waiting(s: _DecodeState):
+    """Some shard has rows no slot has taken yet."""
+    return jnp.any(s.next < s.count)
+
+
+def _active(s: _DecodeState):
+    """Continuous batching: a row is decoding or waiting for a slot."""
+    return jnp.any(s.live) | _waiting(s)
+
+
+def _furthest(s: _DecodeState):
+    """The largest `pos` of a live slot (0 when none is live)."""
+    return jnp.max(jnp.where(s.live, s.pos, 0))
+
+
+def _decode_waves(model: Transformer, weights, w_VxD, state: _DecodeState, segments, refill, cfg: SamplingConfig,
+                  mesh) -> _DecodeState:
+    """Continuous batching's decode: the segments, re-run whenever the live rows fit the shortest cache again.
+
+    A segment's cache must hold the furthest live row, so a segment ends when
+    a row's next write would not fit (`pos` reaches its end). Refilled rows
+    start at the front, so once every live row is short again (all below half
+    the first segment: uniform lengths make this happen every wave) the
+    current segment ends, the cache is cut back to the first segment's length
+    (one copy) and the segments run again (`lax.while_loop` over these
+    passes): every wave reads the short caches a one-shot call reads, instead
+    of the full-length one. Half, not all, of the first segment, so each pass
+    runs at least that many steps for its copies. The segments still in the
+    pass when one ends early run no step (their conditions are false); their
+    cache copies are the cost.
+    """
+    if len(segments) == 1:
+        return _decode_segment(model, weights, w_VxD, state, segments[0][0], refill, cfg, mesh)
+    first_end, first_slots = segments[0]
+    shrink_below = (first_end + 1) // 2
+
+    def one_pass(s: _DecodeState) -> _DecodeState:
+        for k, (end, cache_slots) in enumerate(segments):
+            if k:
+                s = s.replace(cache=_grow_cache(s.cache, cache_slots, mesh))
+            s = _decode_segment(model, weights, w_VxD, s, end, refill, cfg, mesh, shrink_below=shrink_below if k else None)
+        return s.replace(cache=_shrink_cache(s.cache, first_slots, mesh))
+
+    return lax.while_loop(_active, one_pass, state)
+
+
+def _shrink_cache(cache, slots: int, mesh):
+    """The cache's first `slots` slots (one copy): what every live row's context fits in."""
+    return cache.map(lambda x, names: _constrain(lax.slice_in_dim(x, 0, slots, axis=names.index("cache_seq")), mesh,
+                                                 names))
 
 
 def _grow_cache(cache, slots: int, mesh):
@@ -743,11 +803,13 @@ def _sample(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg: Samp
             rng=rng,
         )  # fmt: skip
         refill = None
-    for k, (end, cache_slots) in enumerate(segments):
-        if cache_slots > state.cache.slots:
-            state = state.replace(cache=_grow_cache(state.cache, cache_slots, mesh))
-        last = k == len(segments) - 1
-        state = _decode_segment(model, weights, w_VxD, state, None if continuous and last else end, refill, cfg, mesh)
+    if continuous:
+        state = _decode_waves(model, weights, w_VxD, state, segments, refill, cfg, mesh)
+    else:
+        for end, cache_slots in segments:
+            if cache_slots > state.cache.slots:
+                state = state.replace(cache=_grow_cache(state.cache, cache_slots, mesh))
+            state = _decode_segment(model, weights, w_VxD, state, end, refill, cfg, mesh)
     # A row's length is up to its first stop token (PAD follows it), else the whole buffer.
     stop_RxL = _is_stop(state.tokens, cfg)
     stopped_R = jnp.any(stop_RxL, axis=1)

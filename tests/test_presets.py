@@ -10,7 +10,7 @@ loss-independent programs (rollout, log-probs) once per distinct setting, the up
 first suggested mesh.
 
 Fit without compiling: tests/data/preset_plans.json records XLA:CPU's memory analysis of every one of
-those programs, keyed by the SHA-256 of its lowered text, from one compiling run of this test
+those programs, per device count, keyed by the SHA-256 of its lowered text, from one compiling run of this test
 (`ENTRL_RECORD_PRESET_PLANS=1 pytest tests/test_presets.py`, 12 minutes on the quiet 2-core box). The
 same lowered text compiles to the same buffers, so each pair's plan (`entrl plan`'s fit: every lowered
 program's phase peak within the slice's HBM less the headroom) is checked from the record; a program whose text changed (a change to the
@@ -28,7 +28,6 @@ from pathlib import Path
 import jax
 import jaxlib
 import pytest
-from conftest import CPU_TEST_XLA_FLAGS
 
 from entrl import plan as P
 
@@ -80,12 +79,13 @@ def _record() -> dict:
 
 @pytest.mark.parametrize("devices", DEVICE_COUNTS)
 def test_every_preset_validates_and_lowers_on_its_suggested_meshes(devices):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{CPU_TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}",
+    # `entrl plan`'s XLA flags (the default scheduler, not the tests' CPU_TEST_XLA_FLAGS: its peaks are
+    # higher, and the child compiles without running, so the deadlock that flag avoids cannot happen)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     record = _record()
     same = record["versions"] == VERSIONS
-    recorded = record["analyses"] if same and not RECORDING else {}
+    recorded = record["analyses"].get(str(devices), {}) if same and not RECORDING else {}
     out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([str(p) for p in PRESETS]), str(devices),
                           json.dumps(recorded), "compile" if RECORDING else "lower"],
                          env=env, capture_output=True, text=True, timeout=3600 if RECORDING else 900, check=False)
@@ -98,11 +98,11 @@ def test_every_preset_validates_and_lowers_on_its_suggested_meshes(devices):
     assert not errors, "\n".join(errors)
     lowered = {name for r in rows for name in r["compile_s"]}
     assert lowered == {"update", "logprob", "rollout"}
-    if RECORDING:  # merge this device count's analyses into the record
+    if RECORDING:  # this device count's analyses replace its old ones (programs no longer lowered drop out)
         analyses = json.loads([x for x in out.stdout.splitlines() if x.startswith("ANALYSES ")][0][len("ANALYSES "):])
         if not same:
             record = {"versions": VERSIONS, "analyses": {}}
-        record["analyses"].update(analyses)
+        record["analyses"][str(devices)] = analyses
         RECORD.parent.mkdir(exist_ok=True)
         RECORD.write_text(json.dumps(record, indent=0, sort_keys=True) + "\n")
     elif not same:

@@ -437,12 +437,28 @@ def _collective_groups(hlo: str, mesh) -> list[tuple[str, str, list[set[int]]]]:
     return out
 
 
+def test_slots_on_uniform_lengths_cut_the_cache_back_every_wave(tiny):
+    """No EOS: every row runs to the cap, so 6 slots take the 12 rows (4 prompts x 3) in two waves of 6,
+    each with every row at position 1: between them the cache is cut back to the first segment's length and
+    the segments re-run (`_decode_waves`). The tokens and log-probs are the one-shot sampler's."""
+    slots = 6
+    _, model = tiny
+    ids, mask = sampling.pad_prompts(PROMPTS, pad_id=PAD, buckets=BUCKETS)
+    cfg = dataclasses.replace(STOCHASTIC, eos_ids=())
+    assert len(sampling.decode_segments(BUCKETS[0], MAX_NEW, min_steps=cfg.segment_steps)) == 3
+    base = sampling.Sampler(cfg).sample(model, ids, mask, jax.random.key(1))
+    assert np.all(np.asarray(base.lengths) == MAX_NEW)
+    ro = sampling.Sampler(dataclasses.replace(cfg, slots=slots)).sample(model, ids, mask, jax.random.key(1))
+    np.testing.assert_array_equal(ro.tokens, base.tokens)
+    np.testing.assert_allclose(ro.logprobs, base.logprobs, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(4, 1, 2), (2, 2, 2)])
 def test_slots_on_a_mesh_keep_rows_on_their_shard(tiny, stochastic, shape):
     """4 data shards (data x fsdp), 1 slot each, heads over tensor: the same responses as the unsharded
     one-shot sampler. With params replicated over the data axis, the compiled program's collectives never
-    span two data shards except for the loop conditions (pred scalars): each shard refills its slots from
-    its own rows."""
+    span two data shards except for the loop conditions (scalars: any row live, the furthest live row's
+    position): each shard refills its slots from its own rows."""
     from flax import nnx
 
     from entrl.sharding import batch_sharding, make_mesh, shard_model
@@ -469,7 +485,7 @@ def test_slots_on_a_mesh_keep_rows_on_their_shard(tiny, stochastic, shape):
     for shape_, op, groups in collectives:
         if all(len({shard_of[i] for i in g}) == 1 for g in groups):
             continue  # within one data shard (the tensor axis)
-        assert op == "all-reduce" and set(re.findall(r"(\w+)\[", shape_)) == {"pred"} and "[]" in shape_, (
+        assert op == "all-reduce" and set(re.findall(r"(\w+)\[", shape_)) <= {"pred", "s32"} and "[]" in shape_, (
             shape_, op, groups)
 
 
