@@ -11,7 +11,7 @@ first suggested mesh.
 
 Fit without compiling: tests/data/preset_plans.json records XLA:CPU's memory analysis of every one of
 those programs, per device count, keyed by the SHA-256 of its lowered text, from one compiling run of this test
-(`ENTRL_RECORD_PRESET_PLANS=1 pytest tests/test_presets.py`, 12 minutes on the quiet 2-core box). The
+(`ENTRL_RECORD_PRESET_PLANS=1 pytest tests/test_presets.py`, 22 minutes on the quiet 2-core box with `entrl plan`'s XLA flags). The
 same lowered text compiles to the same buffers, so each pair's plan (`entrl plan`'s fit: every lowered
 program's phase peak within the slice's HBM less the headroom) is checked from the record; a program whose text changed (a change to the
 model, the sampler, a loss or a preset) fails the test until the record is refreshed, which is when its
