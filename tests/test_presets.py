@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -77,18 +78,44 @@ def _record() -> dict:
     return json.loads(RECORD.read_text()) if RECORD.exists() else {"versions": {}, "analyses": {}}
 
 
+_CHILDREN: dict[int, tuple[subprocess.Popen, object, object]] = {}  # device count -> (process, stdout, stderr)
+
+
+def _lower(devices: int, record: dict) -> subprocess.CompletedProcess:
+    """Run the child for `devices`. Lowering (no compile) is mostly single-threaded Python, so the first
+    call starts every device count's child at once and each test waits for its own; a recording run
+    compiles, one count at a time."""
+    same = record["versions"] == VERSIONS
+
+    def start(n: int):
+        # `entrl plan`'s XLA flags (the default scheduler, not the tests' CPU_TEST_XLA_FLAGS: its peaks
+        # are higher, and the child compiles without running, so the deadlock that flag avoids cannot happen)
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+                   PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        recorded = record["analyses"].get(str(n), {}) if same and not RECORDING else {}
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps([str(p) for p in PRESETS]), str(n),
+                                 json.dumps(recorded), "compile" if RECORDING else "lower"],
+                                env=env, stdout=out, stderr=err, text=True)
+        _CHILDREN[n] = (proc, out, err)
+
+    for n in [devices] if RECORDING else DEVICE_COUNTS:
+        if n not in _CHILDREN:
+            start(n)
+    proc, out, err = _CHILDREN.pop(devices)
+    try:
+        code = proc.wait(timeout=3600 if RECORDING else 900)
+    finally:
+        proc.kill()
+    out.seek(0), err.seek(0)
+    return subprocess.CompletedProcess(proc.args, code, out.read(), err.read())
+
+
 @pytest.mark.parametrize("devices", DEVICE_COUNTS)
 def test_every_preset_validates_and_lowers_on_its_suggested_meshes(devices):
-    # `entrl plan`'s XLA flags (the default scheduler, not the tests' CPU_TEST_XLA_FLAGS: its peaks are
-    # higher, and the child compiles without running, so the deadlock that flag avoids cannot happen)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     record = _record()
     same = record["versions"] == VERSIONS
-    recorded = record["analyses"].get(str(devices), {}) if same and not RECORDING else {}
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([str(p) for p in PRESETS]), str(devices),
-                          json.dumps(recorded), "compile" if RECORDING else "lower"],
-                         env=env, capture_output=True, text=True, timeout=3600 if RECORDING else 900, check=False)
+    out = _lower(devices, record)
     line = [x for x in out.stdout.splitlines() if x.startswith("ROWS ")]
     assert line, out.stderr[-3000:]
     rows = json.loads(line[0][len("ROWS "):])
