@@ -81,6 +81,14 @@ def _record() -> dict:
 _CHILDREN: dict[int, tuple[subprocess.Popen, object, object]] = {}  # device count -> (process, stdout, stderr)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_orphans():
+    """Children whose test did not run (`-k`, a failure before it) die with the module."""
+    yield
+    while _CHILDREN:
+        _CHILDREN.popitem()[1][0].kill()
+
+
 def _lower(devices: int, record: dict) -> subprocess.CompletedProcess:
     """Run the child for `devices`. Lowering (no compile) is mostly single-threaded Python, so the first
     call starts every device count's child at once and each test waits for its own; a recording run

@@ -437,18 +437,26 @@ def _collective_groups(hlo: str, mesh) -> list[tuple[str, str, list[set[int]]]]:
     return out
 
 
-def test_slots_on_uniform_lengths_cut_the_cache_back_every_wave(tiny):
+def test_slots_on_uniform_lengths_cut_the_cache_back_every_wave(tiny, monkeypatch):
     """No EOS: every row runs to the cap, so 6 slots take the 12 rows (4 prompts x 3) in two waves of 6,
-    each with every row at position 1: between them the cache is cut back to the first segment's length and
-    the segments re-run (`_decode_waves`). The tokens and log-probs are the one-shot sampler's."""
-    slots = 6
+    each with every row at position 1: the cache is cut back after each wave (two passes of the
+    segments, counted at run time) and the tokens and log-probs are the one-shot sampler's."""
     _, model = tiny
     ids, mask = sampling.pad_prompts(PROMPTS, pad_id=PAD, buckets=BUCKETS)
-    cfg = dataclasses.replace(STOCHASTIC, eos_ids=())
+    cfg = dataclasses.replace(STOCHASTIC, eos_ids=())  # a setting no other test compiles: traced here
     assert len(sampling.decode_segments(BUCKETS[0], MAX_NEW, min_steps=cfg.segment_steps)) == 3
     base = sampling.Sampler(cfg).sample(model, ids, mask, jax.random.key(1))
     assert np.all(np.asarray(base.lengths) == MAX_NEW)
-    ro = sampling.Sampler(dataclasses.replace(cfg, slots=slots)).sample(model, ids, mask, jax.random.key(1))
+    cuts, shrink = [], sampling._shrink_cache
+
+    def counted(cache, slots, mesh):
+        jax.debug.callback(lambda: cuts.append(slots))
+        return shrink(cache, slots, mesh)
+
+    monkeypatch.setattr(sampling, "_shrink_cache", counted)
+    ro = sampling.Sampler(dataclasses.replace(cfg, slots=6)).sample(model, ids, mask, jax.random.key(1))
+    jax.effects_barrier()
+    assert len(cuts) == 2  # one pass per wave: without the cut, one pass would decode both waves
     np.testing.assert_array_equal(ro.tokens, base.tokens)
     np.testing.assert_allclose(ro.logprobs, base.logprobs, rtol=0, atol=1e-5)
 
