@@ -39,3 +39,15 @@ def shared_data() -> Path:
 
 
 sys.path.insert(0, str(REPO))
+
+# The longest modules first (from --durations on the 2-core box), the rest in file order. Each worker of
+# pytest-xdist (`--dist loadfile`, pyproject) takes the next whole module when it is free, so a long
+# module left to the end would run alone while the other workers idle.
+_LONGEST_FIRST = ("test_trainer.py", "test_multihost.py", "test_presets.py", "test_cli_errors.py", "test_lora.py",
+                  "test_step.py", "test_notebooks.py", "test_sampling.py", "test_plan.py", "test_ablate.py",
+                  "test_demo.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's own order is kept

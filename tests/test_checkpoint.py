@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from entrl.checkpoint import COMMIT_MARKER, CheckpointManager, nonfinite_leaves
+from entrl.checkpoint import COMMIT_MARKER, REPLICA_SLICE_MIN_BYTES, CheckpointManager, nonfinite_leaves
 
 
 def _model_and_opt(seed=0):
@@ -378,3 +378,29 @@ def test_legacy_checkpoint_without_record_restores_with_a_warning(tmp_path, capl
     _assert_trees_equal(got.params, params)
     assert any("no integrity record" in r.getMessage() for r in caplog.records)
     mgr.close()
+
+
+def test_replicated_leaves_are_sliced_for_parallel_writes_only_when_large(tmp_path, monkeypatch):
+    """Each replica writes a slice of a replicated leaf only from REPLICA_SLICE_MIN_BYTES per slice: a slice
+    is an eager device op compiled per shape and offset, more costly than writing a small leaf whole."""
+    from orbax.checkpoint._src.serialization import replica_slices
+
+    sliced = []
+    real = replica_slices.ReplicaSlice.data
+    monkeypatch.setattr(replica_slices.ReplicaSlice, "data",
+                        lambda self: (sliced.append(self.unsliced_data.shape) if self.slice_args else None, real(self))[1])
+    replicated = NamedSharding(jax.make_mesh((8,), ("x",)), P())
+    rows = REPLICA_SLICE_MIN_BYTES * 8 // (4 * 256)  # float32 [rows, 256]: exactly the minimum per slice of 8
+    params = {"small": jax.device_put(jnp.arange(64.0).reshape(8, 8), replicated),
+              "large": jax.device_put(jnp.ones((rows, 256)), replicated)}
+    opt_state = {"count": jax.device_put(jnp.int32(3), replicated)}
+    mgr = CheckpointManager(tmp_path / "ckpt", async_save=False)
+    _save(mgr, 1, params, opt_state)
+    mgr.wait()
+    assert sliced and set(sliced) == {(rows, 256)}  # the large leaf, in 8 slices (one per replica), only
+    pt, ot = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
+              for t in (params, opt_state))
+    restored = mgr.restore_latest(params_target=pt, opt_state_target=ot)
+    mgr.close()
+    _assert_trees_equal(restored.params, params)
+    _assert_trees_equal(restored.opt_state, opt_state)
