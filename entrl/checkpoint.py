@@ -82,8 +82,7 @@ Design decisions:
   slice, orbax's default off GPU) only when each slice is at least
   `REPLICA_SLICE_MIN_BYTES`: every slice is an eager device op, compiled once
   per shape and offset, and for small leaves (norms, biases, a test model's
-  every leaf) those compiles cost more than the write they split; on the
-  8-device test mesh they were about a third of a two-step run.
+  every leaf) those compiles cost more than the write they split.
 - Left out: best-k retention by metric, and the grain-native iterator handler
   (the pipeline hands us a JSON state dict instead).
 """
