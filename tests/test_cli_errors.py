@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CPU_TEST_XLA_FLAGS
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -65,9 +66,8 @@ print("RESULTS " + json.dumps(results), flush=True)
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    env.pop("XLA_FLAGS", None)  # one CPU device is enough; keep the child's start-up short
-    return env
+    # one CPU device is enough (no device-count flag): it keeps the child's start-up short
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), XLA_FLAGS=CPU_TEST_XLA_FLAGS)
 
 
 def _run_cases(cases: list[list[str]], *, prefix: list[str] = (), timeout: int = 600) -> list[dict]:
