@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -100,12 +101,25 @@ def resolve_model_dir(path: str) -> Path:
             return p
         raise C.ConfigError(f"model.path={path!r} is a directory without config.json (not an HF checkpoint "
                             "nor an entrl run directory)")
-    if p.suffix or path.startswith((".", "/")) or path.count("/") != 1:
+    if p.exists():
+        raise C.ConfigError(f"model.path={path!r} is a file; give a model directory (HF checkpoint or entrl run "
+                            "dir), a hub id like Qwen/Qwen3-14B, or 'demo'")
+    if not _HUB_ID.fullmatch(path) or p.suffix in _FILE_SUFFIXES:
         raise C.ConfigError(f"model.path={path!r} does not exist (give an HF checkpoint dir, an entrl run dir, "
                             "a hub id like Qwen/Qwen3-14B, or 'demo')")
     from huggingface_hub import snapshot_download  # noqa: PLC0415 (hub downloads only)
 
-    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+    except Exception as e:  # noqa: BLE001 (the hub's errors: not found, gated, offline, no network)
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise C.ConfigError(f"model.path={path!r} is not a local directory and could not be downloaded from the "
+                            f"Hugging Face Hub: {reason[:300]}") from None
+
+
+# A hub repo id, "namespace/name": dots are allowed ("Qwen/Qwen2.5-Math-7B", "...-Qwen-1.5B").
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+_FILE_SUFFIXES = (".json", ".jsonl", ".yaml", ".yml", ".safetensors", ".bin", ".pt", ".parquet", ".txt", ".gguf")
 
 
 def demo_model_config(vocab_size: int, cfg: C.RunConfig, eos_id: int, pad_id: int, bos_id: int | None):

@@ -171,6 +171,40 @@ def test_run_directories_are_told_from_model_directories(tmp_path):
     assert R.check_out_dir(seeded, resume=False, overwrite=False) == (epath.Path(seeded), None)
 
 
+def test_hub_ids_with_dots_are_downloaded_and_failures_are_one_line(tmp_path, monkeypatch, capsys):
+    """The paper's 1.5B and 7B ids have dots in their names (a "suffix" to pathlib): they are hub ids, not
+    missing files. A failed download (offline, no such repo) is one config-error line naming the model."""
+    import huggingface_hub
+
+    from entrl.build import resolve_model_dir
+
+    calls = []
+
+    def fake_download(repo_id, allow_patterns):
+        calls.append(repo_id)
+        if repo_id.startswith("missing/"):
+            raise huggingface_hub.errors.LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder\n"
+                                                                 "and outgoing traffic has been disabled.")
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    for repo in ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Qwen/Qwen2.5-Math-7B", "Qwen/Qwen3-14B"):
+        assert resolve_model_dir(repo) == tmp_path
+    assert calls == ["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Qwen/Qwen2.5-Math-7B", "Qwen/Qwen3-14B"]
+    (tmp_path / "weights.safetensors").write_text("")
+    for path, needle in [("runs/model.safetensors", "does not exist"), ("a/b/c", "does not exist"),
+                         ("./Qwen2.5", "does not exist"), (str(tmp_path / "weights.safetensors"), "is a file")]:
+        with pytest.raises(C.ConfigError, match=needle):
+            resolve_model_dir(path)
+    assert len(calls) == 3  # none of those went to the hub
+    out = tmp_path / "ev"
+    assert cli.main(["eval", "--model", "missing/Qwen2.5-1.5B", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("entrl: config error: model.path='missing/Qwen2.5-1.5B' is not a "
+                                                   "local directory and could not be downloaded"), err
+    assert "cached snapshot folder and outgoing traffic" in err and "writing under" not in err
+
+
 # ---------------------------------------------------------------------------
 # Shared files
 # ---------------------------------------------------------------------------
