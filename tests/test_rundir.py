@@ -188,15 +188,20 @@ def test_hub_ids_with_dots_are_downloaded_and_failures_are_one_line(tmp_path, mo
         return str(tmp_path)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    for repo in ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Qwen/Qwen2.5-Math-7B", "Qwen/Qwen3-14B"):
+    from entrl.colab import MODELS  # the notebooks' accelerator path
+
+    paper = {C.load_config(p).model.path for p in (REPO / "configs" / "paper").glob("*/sent.yaml")}
+    repos = sorted(paper | {m.name for m in MODELS.values()})
+    assert "Qwen/Qwen2.5-Math-7B" in repos and len(repos) == 4
+    for repo in repos:
         assert resolve_model_dir(repo) == tmp_path
-    assert calls == ["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Qwen/Qwen2.5-Math-7B", "Qwen/Qwen3-14B"]
+    assert calls == repos
     (tmp_path / "weights.safetensors").write_text("")
     for path, needle in [("runs/model.safetensors", "does not exist"), ("a/b/c", "does not exist"),
                          ("./Qwen2.5", "does not exist"), (str(tmp_path / "weights.safetensors"), "is a file")]:
         with pytest.raises(C.ConfigError, match=needle):
             resolve_model_dir(path)
-    assert len(calls) == 3  # none of those went to the hub
+    assert len(calls) == len(repos)  # none of those went to the hub
     out = tmp_path / "ev"
     assert cli.main(["eval", "--model", "missing/Qwen2.5-1.5B", "--out", str(out)]) == 2
     err = capsys.readouterr().err
