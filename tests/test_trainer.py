@@ -254,13 +254,12 @@ def test_resume_equals_straight_run(resume_runs, tmp_path):
         assert all("eval/pass@1" in records[i] for i in (0, 2, 4)) and "eval/pass@1" not in records[1]
 
 
+@pytest.mark.parametrize("resume_runs", ["curriculum", "restart"], indirect=True)  # the runs with stage boundaries
 def test_restart_boundary_swaps_the_reference(resume_runs):
     """stage_boundary=restart: in the first step of stage 2 the reference log-probs ARE the stage-1 policy's
     (the old log-probs of that step, computed with the same params), while before the boundary, and with
     the other boundary modes, the reference stays the initial model. The optimizer starts afresh too."""
     *_, kind, trainer, seen = resume_runs
-    if kind == "plain":
-        pytest.skip("no curriculum stages")
     steps = {step: (ref, old, mask.astype(bool)) for step, ref, old, mask in seen}
     assert sorted(steps) == [1, 2, 3, 4]
     gap = {step: float(np.abs(ref - old)[mask].max()) for step, (ref, old, mask) in steps.items()}
