@@ -111,7 +111,7 @@ def resolve_model_dir(path: str) -> Path:
 
     try:
         return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
-    except Exception as e:  # noqa: BLE001 (the hub's errors: not found, gated, offline, no network)
+    except (OSError, ValueError) as e:  # the hub's errors (not found, gated, offline, no network; a bad id)
         reason = " ".join(str(e).split()) or type(e).__name__
         raise C.ConfigError(f"model.path={path!r} is not a local directory and could not be downloaded from the "
                             f"Hugging Face Hub: {reason[:300]}") from None

@@ -13,7 +13,7 @@ from pathlib import Path
 # Most of the suite's CPU time is XLA:CPU compiling tiny programs that then run for milliseconds, so LLVM
 # does not optimise them (`xla_backend_optimization_level=0`, as `entrl plan` compiles): the HLO passes,
 # buffer assignment and floating-point semantics are the same (no fast-math either way), the machine code
-# is slower. The suite takes about 17% less CPU (benchmarks stay at the default level).
+# is slower (benchmarks do not import this file: they compile at the default level).
 CPU_TEST_XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false --xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {CPU_TEST_XLA_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
