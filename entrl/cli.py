@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -40,6 +41,12 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src", "orbax", "httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # huggingface_hub logs through a handler of its own and to the root logger (every line twice), and
+    # offline it warns once per retry before raising the error `main` reports in one line. Its level is
+    # read from the environment when it is imported (later, lazily), hence the variable.
+    logging.getLogger("huggingface_hub").propagate = False
+    if not verbose:
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     if not verbose:
         # orbax logs the traceback of a failed write (from every thread it touched: hundreds of lines for
         # a full disk; its metadata writer once more) and then raises the same error in the caller, which

@@ -180,3 +180,19 @@ def test_real_enospc_on_a_tiny_tmpfs(tmp_path):
     prefix = ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=256k tmpfs {mnt} && exec "$@"', "sh"]
     (result,) = _run_cases([[*_DISK_RUN, f"train.out_dir={mnt / 'run'}"]], prefix=prefix)
     _assert_one_line(result, 4, "entrl: I/O error:", "No space left on device", str(mnt / "run"), progress_logs=True)
+
+
+def test_hub_retry_warnings_stay_off_stderr():
+    """Offline, `datasets.load_dataset` of a hub id logs a warning per retry (through huggingface_hub's own
+    handler and the root logger: each twice) before the error that `main` reports in one line. The
+    CLI's logging set-up keeps them off stderr; an error of the hub's is printed once; `-v` shows warnings."""
+    child = ("import sys; from entrl import cli; cli._setup_logging(sys.argv[1] == 'v'); "
+             "from huggingface_hub.utils import logging as hub_logging; "
+             "log = hub_logging.get_logger('huggingface_hub.utils._http'); "
+             "log.warning('Retrying in 1s [Retry 1/5].'); log.error('hub error')")
+    env = dict(_env())
+    env.pop("HF_HUB_VERBOSITY", None)
+    quiet, verbose = (subprocess.run([sys.executable, "-c", child, mode], env=env, capture_output=True, text=True,
+                                     timeout=120, check=True).stderr for mode in ("q", "v"))
+    assert quiet == "hub error\n"
+    assert verbose.count("Retrying in 1s") == 1 and verbose.count("hub error") == 1
