@@ -152,7 +152,7 @@ def extract_answer(text: str) -> str | None:
     if found is None:
         return None
     content = found.group(1).strip().strip("*").strip()
-    content = content.strip("$").strip().rstrip(".").strip()
+    content = content.strip("$").strip().rstrip(".").strip().strip("$").strip()  # "$42$." -> 42
     return content or None
 
 

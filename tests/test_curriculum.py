@@ -71,6 +71,21 @@ def test_drop_trivial():
         Curriculum(se, pass_rate=np.ones(5), drop_trivial=True)
 
 
+def test_drop_trivial_without_pass_rates_is_a_config_error():
+    """A data file with an SE column but no pass_rate (not written by `entrl semantic-entropy`) must not
+    silently keep every prompt under curriculum.drop_trivial."""
+    from entrl import config as C
+    from entrl.data.sources import Record
+    from entrl.rl.setup import build_curriculum
+
+    cfg = C.load_config(None, ["curriculum.drop_trivial=true", "curriculum.stages=1"])
+    annotated = [Record(str(i), "1+1", "2", {"se": 0.1 * i, "pass_rate": pr}) for i, pr in enumerate([0, 0.5, 1])]
+    assert build_curriculum(cfg, annotated).dropped_trivial == 2
+    bare = [*annotated[:2], Record("2", "1+1", "2", {"se": 0.2})]
+    with pytest.raises(C.ConfigError, match="1 records lack it"):
+        build_curriculum(cfg, bare)
+
+
 def test_uniform_and_validation():
     u = Curriculum.uniform(10, epochs=3, seed=0)
     assert u.num_stages == 1 and sorted(u.stage_indices(0).tolist()) == list(range(10))

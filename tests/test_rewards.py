@@ -60,6 +60,7 @@ def pool():
         ("\\boxed{}", None),
         ("no final answer here", None),
         ("Answer: 42.", "42"),
+        ("The answer: $42$.", "42"),
         ("Answer: 1\nwait, **Final Answer:** $x = 3$\nmore text", "x = 3"),
         ("\\boxed{3}\nAnswer: 4", "3"),
         ("\\boxedfoo{3}", None),

@@ -228,7 +228,11 @@ def build_curriculum(cfg: C.RunConfig, records, se_values=None):
         se_values = [float(r.extra[col]) for r in records]
     pass_rate = None
     if cur.drop_trivial:
-        pass_rate = np.array([float(r.extra.get("pass_rate", 0.5)) for r in records])
+        missing = [r.id for r in records if "pass_rate" not in r.extra]
+        if missing:  # 0.5 would keep them silently: say which data lacks it and how to get it
+            raise C.ConfigError(f"curriculum.drop_trivial needs each prompt's pass_rate (written with the SE by "
+                                f"`entrl semantic-entropy`); {len(missing)} records lack it (e.g. {missing[0]!r})")
+        pass_rate = np.array([float(r.extra["pass_rate"]) for r in records])
     return Curriculum(np.asarray(se_values, np.float64), stages=cur.stages, thresholds=tuple(cur.thresholds),
                       epochs_per_stage=cur.epochs_per_stage, mode=cur.mode, order=cur.order, seed=cur.seed,
                       pass_rate=pass_rate, drop_trivial=cur.drop_trivial)
