@@ -166,3 +166,19 @@ def test_every_model_suggests_a_mesh_per_slice_kind():
         for label, target, overrides in found:
             cfg = C.load_config(model / "sent.yaml", overrides)  # unknown keys raise
             assert cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor == target.devices, (model.name, label)
+
+
+def test_every_preset_fits_its_models_context():
+    """Training (largest prompt bucket + rollout.max_new_tokens) and evaluation (+ eval.max_new_tokens)
+    within the published context of each paper model: `entrl eval` refuses more, so a preset that asks
+    for it cannot run the evaluation (Qwen2.5-Math-7B has 4,096 tokens, less than the paper's 8,000)."""
+    from entrl import config as C
+    from entrl.models.config import HUB_PRESETS
+    from entrl.models.config import PRESETS as ARCHS
+
+    for preset in PRESETS:
+        cfg = C.load_config(preset)
+        context = ARCHS[HUB_PRESETS[cfg.model.path]].max_position_embeddings
+        longest = max(cfg.rollout.prompt_buckets)
+        for what, budget in [("rollout", cfg.rollout.max_new_tokens), ("eval", cfg.eval.max_new_tokens)]:
+            assert longest + budget <= context, f"{preset.relative_to(REPO)}: {what} {longest} + {budget} > {context}"
