@@ -42,14 +42,11 @@ from entrl.methods import METHODS
 from entrl.metrics import markdown_table, plot_mean_curves, plot_runs, read_metrics
 from entrl.rl.setup import needs_semantic_entropy, train_from_config
 
-# The released code selects SENT's tokens in each 4-sequence micro-batch (ppo_micro_batch_size_per_gpu=4):
-# `sent_released` uses that micro-batch size when the config leaves train.microbatch_per_shard at 0.
-RELEASED_MICROBATCH = 4
 _METHOD_KEYS = ("loss.name", "curriculum.enabled", "curriculum.order")
 
 
-def method_overrides(name: str, cfg: C.RunConfig | None = None) -> list[str]:
-    """The dotted overrides that make a config run method `name` (`cfg`: the config they apply to)."""
+def method_overrides(name: str) -> list[str]:
+    """The dotted overrides that make a config run method `name`."""
     m = METHODS[name]
     out = [f"loss.name={m.loss}"]
     if m.curriculum == "off":
@@ -57,10 +54,6 @@ def method_overrides(name: str, cfg: C.RunConfig | None = None) -> list[str]:
     else:
         out += ["curriculum.enabled=true", f"curriculum.order={m.curriculum}"]
     out += list(m.overrides)
-    if name == "sent_released" and cfg is not None and cfg.train.microbatch_per_shard == 0:
-        rows = cfg.train.minibatch_prompts * cfg.rollout.n
-        if rows % RELEASED_MICROBATCH == 0:
-            out.append(f"train.microbatch_per_shard={RELEASED_MICROBATCH}")
     return out
 
 
@@ -80,8 +73,7 @@ def check_methods(methods, overrides) -> None:
 def resolve(config, method: str, overrides=(), *, seed: int = 0, out_dir: str | Path = "ablate_out") -> C.RunConfig:
     """The run config of one (method, seed) of a YAML ablation."""
     tail = [*overrides, f"train.seed={seed}", f"train.out_dir={out_dir}"]
-    cfg = C.load_config(config, [*method_overrides(method), *tail])
-    return C.load_config(config, [*method_overrides(method, cfg), *tail])
+    return C.load_config(config, [*method_overrides(method), *tail])
 
 
 def curriculum_label(cfg: C.RunConfig) -> str:
@@ -141,7 +133,7 @@ def _warm_runs(config, methods, seeds, overrides, out: Path, quick: bool = False
                     ctx = prepare_demo(out / "base", seed=shared_seed, quick=quick, overrides=overrides, base=base)
                 elif ctx is None:
                     ctx = prepare_demo(seed_dir, seed=seed, quick=quick, overrides=overrides, base=base)
-                rl = [f"train.seed={seed}", f"curriculum.seed={seed}", *method_overrides(name, ctx.cfg)]
+                rl = [f"train.seed={seed}", f"curriculum.seed={seed}", *method_overrides(name)]
                 if se_cache is None:  # a finished curriculum run of this seed holds the annotation
                     se_cache = _finished_annotation(seed_dir)
                 if _uses_se(name, ctx.cfg) and se_cache is not None and not (run_dir / "semantic_entropy.jsonl").exists():

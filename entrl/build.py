@@ -77,6 +77,13 @@ def check_batch_layout(cfg: C.RunConfig, shards: int, processes: int = 1) -> Non
             f"a mini-batch of {rows} sequences (train.minibatch_prompts * rollout.n) must split into the {shards} "
             f"data shards (mesh.data * mesh.fsdp) x train.microbatch_per_shard={t.microbatch_per_shard}; change "
             "train.microbatch_per_shard or the mesh")
+    scope, seqs = C.selection_scope(cfg, shards)
+    micro = C.microbatch_per_shard(cfg, shards)
+    if scope == "microbatch" and ((rows // shards) % seqs or (micro % seqs and seqs % micro)):
+        raise C.ConfigError(
+            f"selection scopes of {seqs} sequences per data shard (loss.scope_seqs, or loss {cfg.loss.name!r}'s "
+            f"own) must divide a shard's {rows // shards} sequences of a mini-batch and divide, or be a multiple "
+            f"of, its micro-batch of {micro} (train.microbatch_per_shard); change loss.scope_seqs or the batch")
 
 
 # ---------------------------------------------------------------------------

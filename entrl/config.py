@@ -212,7 +212,8 @@ class LossSection:
     name: str = "sent"  # policy loss: {losses}
     params: dict[str, Any] = field(default_factory=dict)  # overrides of that loss's preset hyperparameters (README: Supported models and losses)
     agg: str = "token-mean"  # {agg_modes}
-    scope: str = "global"  # token-selection scope: global (whole mini-batch) | microbatch
+    scope: str = "auto"  # token-selection scope: auto (the loss's own: sent_released as released, the others global) | global (whole mini-batch) | microbatch (per data shard, loss.scope_seqs sequences each)
+    scope_seqs: int = 0  # sequences per data shard in one selection scope under scope=microbatch, independent of train.microbatch_per_shard (0 = the loss's own: 4 for sent_released; else the memory micro-batch)
     advantage: str = "grpo"  # grpo (group mean/std) | drgrpo (no std division)
     kl_coef: float = 0.001  # reference-KL coefficient (0 skips the reference forward)
     kl_estimator: str = "k3"  # {kl_kinds} (k3: verl's low_var_kl)
@@ -220,7 +221,8 @@ class LossSection:
     def __post_init__(self):
         _all_finite(self, "loss")
         _choice("loss.agg", self.agg, AGG_MODES)
-        _choice("loss.scope", self.scope, ("global", "microbatch"))
+        _choice("loss.scope", self.scope, ("auto", "global", "microbatch"))
+        _non_negative("loss.scope_seqs", self.scope_seqs)
         _choice("loss.advantage", self.advantage, ("grpo", "drgrpo"))
         _choice("loss.kl_estimator", self.kl_estimator, KL_KINDS)
         if self.kl_coef < 0:
@@ -435,6 +437,11 @@ class RunConfig:
             raise ConfigError(
                 f"train.microbatch_per_shard={self.train.microbatch_per_shard} must divide one mini-batch of "
                 f"train.minibatch_prompts * rollout.n = {rows} sequences")
+        if self.loss.scope_seqs and (LOSSES[self.loss.name].scope if self.loss.scope == "auto"
+                                     else self.loss.scope) == "global":
+            raise ConfigError(f"loss.scope_seqs={self.loss.scope_seqs} sizes micro-batch selection scopes, but "
+                              f"loss {self.loss.name!r} selects over the whole mini-batch: set loss.scope=microbatch "
+                              "or drop loss.scope_seqs")
         if self.train.eval_every and self.data.task != "arithmetic" and not self.val.data:
             raise ConfigError(f"train.eval_every={self.train.eval_every} needs an evaluation set: data.task="
                               f"{self.data.task} has no held-out split; set val.data to a benchmark name (e.g. "
@@ -442,6 +449,20 @@ class RunConfig:
         if self.warmstart.enabled and (self.model.path != "demo" or self.data.task != "arithmetic"):
             raise ConfigError("warmstart.enabled is the demo's noisy-teacher SFT: it needs model.path=demo and "
                               f"data.task=arithmetic (got model.path={self.model.path!r}, data.task={self.data.task!r})")
+
+
+def selection_scope(cfg: RunConfig, shards: int) -> tuple[str, int]:
+    """(scope, sequences per data shard in one scope): ("global", 0) or ("microbatch", q).
+
+    `loss.scope=auto` takes the loss's own scope (`LossSpec.scope`: micro-batches of 4 sequences for
+    `sent_released`, as released; global for the others); under micro-batch scope q is
+    `loss.scope_seqs`, else the loss's own, else the memory micro-batch (`microbatch_per_shard`).
+    """
+    spec, loss = LOSSES[cfg.loss.name], cfg.loss
+    scope = spec.scope if loss.scope == "auto" else loss.scope
+    if scope == "global":
+        return "global", 0
+    return "microbatch", loss.scope_seqs or spec.scope_seqs or microbatch_per_shard(cfg, shards)
 
 
 def microbatch_per_shard(cfg: RunConfig, shards: int) -> int:

@@ -32,7 +32,7 @@ METHODS: dict[str, Method] = {
     # SENT: the token loss on the SE curriculum (low -> high).
     "high_en": Method("high_en", "low_to_high", "SENT w/ High_En (token term on high-entropy tokens)"),
     "sent": Method("sent", "low_to_high", "SENT (paper reading)"),
-    "sent_released": Method("sent_released", "low_to_high", "SENT (released code)", ("loss.scope=microbatch",)),
+    "sent_released": Method("sent_released", "low_to_high", "SENT (released code)"),
     # Component ablations of SENT.
     "sent_token_only": Method("sent", "off", "SENT token loss only (no curriculum)"),
     "sent_curriculum_only": Method("grpo", "low_to_high", "SE curriculum only (GRPO loss)"),

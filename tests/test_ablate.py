@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from entrl import config as C
 from entrl.ablate import ci95, curriculum_label, format_ablation, method_overrides, resolve
 from entrl.cli import main
 from entrl.methods import DEFAULT_METHODS, METHODS
@@ -33,7 +34,9 @@ def test_baselines_resolve_without_the_curriculum(config, tmp_path):
     cfg = resolve(config, "sent_token_only", out_dir=tmp_path / "t")
     assert (cfg.loss.name, cfg.curriculum.enabled) == ("sent", False)
     released = resolve(config, "sent_released", out_dir=tmp_path / "r")
-    assert released.loss.scope == "microbatch" and released.train.microbatch_per_shard == 4
+    # the release's selection per 4 sequences of a shard, whatever the memory micro-batch
+    assert C.selection_scope(released, shards=1) == ("microbatch", 4)
+    assert C.selection_scope(resolve(config, "sent", out_dir=tmp_path / "s"), shards=1) == ("global", 0)
 
 
 def test_every_loss_is_a_method_and_the_default_columns_are_the_papers():

@@ -168,9 +168,13 @@ def test_reward_and_visibility_keys(tmp_path):
 
 
 # Config fields read other than as `<expr>.<section>.<field>`, `<alias>.<field>` (alias = `<expr>.<section>`, or a
-# parameter annotated with the section's class): none so far. Add `"section.field": "where and why"` here only for
-# a reader this scan cannot see; a field that nothing reads is removed instead (with a RENAMED note in config.py).
-READ_ELSEWHERE: dict[str, str] = {}
+# parameter annotated with the section's class). Add `"section.field": "where and why"` here only for a reader this
+# scan cannot see; a field that nothing reads is removed instead (with a RENAMED note in config.py).
+READ_ELSEWHERE: dict[str, str] = {
+    # resolved against the loss's own scope in config.py (the scan skips it), used by the update and its checks
+    "loss.scope": "config.selection_scope -> rl.trainer.step_settings, build.check_batch_layout",
+    "loss.scope_seqs": "config.selection_scope -> rl.trainer.step_settings, build.check_batch_layout",
+}
 
 
 def _config_reads() -> set[tuple[str, str]]:

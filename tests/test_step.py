@@ -201,6 +201,51 @@ def test_microbatch_scope_is_mean_of_per_microbatch_losses(model, batch, shards)
     np.testing.assert_allclose(float(metrics["penalized_frac"]), float(want_pen), atol=1e-6)
 
 
+@pytest.mark.parametrize("shards,micro_rows_per_shard", [(1, 1), (1, 2), (1, 8), (2, 1), (2, 4)])
+def test_microbatch_scope_does_not_depend_on_the_memory_microbatch(model, batch, shards, micro_rows_per_shard):
+    """Scopes of q = 2 consecutive rows per shard (`scope_seqs`, the release's 4-sequence micro-batch in
+    small) give the same loss, selection and gradients whether a micro-batch holds 1 (each scope spread
+    over 2 micro-batches, spliced), 2, or 4-8 rows per shard (several scopes per micro-batch); clip_cov's
+    random draw too. Reference: each scope computed on its own."""
+    g, p = model
+    rng, q = jax.random.key(2), 2
+    n_micro = N // (shards * micro_rows_per_shard)
+    local = N // shards
+
+    @jax.jit
+    def direct(params):
+        mdl = nnx.merge(g, params)
+        losses, pen = [], []
+        for sh in range(shards):
+            for m in range(local // q):
+                mb = {k: jnp.asarray(v[sh * local + m * q: sh * local + (m + 1) * q]) for k, v in batch.items()}
+                logp, ent = TS.response_stats(mdl, mb["prompt_ids"], mb["prompt_mask"], mb["resp_ids"], temperature=T)
+                adv = jnp.broadcast_to(mb["advantages"][:, None], logp.shape)
+                pg, lm = L.compute_policy_loss("sent", logp, mb["old_logp"], adv, ent, mb["resp_mask"], rng=None,
+                                               agg="token-mean", max_len=LEN, kcov=0.2)
+                kl = L.aggregate(L.kl_penalty(logp, mb["ref_logp"], "k3"), mb["resp_mask"], "token-mean", max_len=LEN)
+                losses.append(pg + 0.01 * kl)
+                pen.append(lm["penalized_frac"])
+        return jnp.mean(jnp.stack(losses)), jnp.mean(jnp.stack(pen))
+
+    (want, want_pen), want_g = jax.value_and_grad(direct, has_aux=True)(p)
+    loss, metrics, grads = _sgd_grads(model, batch, _settings(num_micro=n_micro, shards=shards, scope="microbatch",
+                                                             scope_seqs=q), rng)
+    np.testing.assert_allclose(loss, float(want), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(float(metrics["penalized_frac"]), float(want_pen), atol=1e-6)
+    assert _tree_max(want_g) > 1e-3 and _tree_max_diff(grads, want_g) < 1e-5
+
+    # clip_cov draws tokens at random in each scope: the draw belongs to the scope, not to the micro-batch.
+    clip = dict(loss_name="clip_cov", loss_params=(("cov_lb", -np.inf), ("ratio", 0.5)), scope="microbatch",
+                scope_seqs=q, shards=shards)
+    got = _sgd_grads(model, batch, _settings(num_micro=n_micro, **clip), rng)
+    ref = _sgd_grads(model, batch, _settings(num_micro=N // (shards * q), **clip), rng)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-6, atol=1e-7)
+    assert _tree_max_diff(got[2], ref[2]) < 1e-5
+    other = _sgd_grads(model, batch, _settings(num_micro=n_micro, **clip), jax.random.key(3))
+    assert _tree_max_diff(other[2], ref[2]) > 1e-4  # another draw: the comparison has teeth
+
+
 @pytest.mark.parametrize("poison", ["nan_old_logp", "huge_lr"])
 def test_nonfinite_step_leaves_state_bitwise_unchanged(model, batch, poison):
     g, p = model

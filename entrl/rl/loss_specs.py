@@ -70,6 +70,8 @@ class LossSpec:
     column: str  # the paper's comparison column it reproduces
     summary: str  # what it does, one line (the README's loss table)
     variant_of: str = ""  # the loss it re-parameterises (not a method of the comparison of its own)
+    scope: str = "global"  # its token-selection scope under loss.scope=auto: global | microbatch
+    scope_seqs: int = 0  # under scope=microbatch: sequences per data shard in one scope (0 = the memory micro-batch)
     check: Callable[[Mapping], str | None] | None = field(default=None, compare=False)  # joint constraint: error or None
 
 
@@ -85,9 +87,11 @@ _SPECS = (
     LossSpec("sent", _SENT, needs_entropy=True, column="SENT (paper reading, default)",
              summary="unclipped `-A r` + `beta * w_t * |logp - old|` on the 80% lowest-entropy tokens, x2 on their "
                      "top-2% covariance, x0.5 on the bottom 2%"),
+    # The release selects tokens in each GPU's 4-sequence micro-batch (ppo_micro_batch_size_per_gpu=4):
+    # scopes of 4 sequences per data shard, whatever micro-batch the memory plan uses.
     LossSpec("sent_released", {**_SENT, "base_mult": 0.0, "kcov": 0.0002}, needs_entropy=True,
-             column="SENT (released code, bug fixed)", variant_of="sent",
-             summary="as `sent` with `base_mult=0`, `kcov=0.0002`, micro-batch scope"),
+             column="SENT (released code, bug fixed)", variant_of="sent", scope="microbatch", scope_seqs=4,
+             summary="as `sent` with `base_mult=0`, `kcov=0.0002`, selection per 4 sequences of a shard"),
     LossSpec("entropy_bonus", {"coef": 0.001, **_CLIP}, needs_entropy=True, column="w/ En",
              summary="GRPO − 0.001 · mean entropy (gradient through H)"),
     LossSpec("entropy_adv", {"alpha": 0.4, "kappa": 2.0, **_CLIP}, needs_entropy=True, column="w/ Adv",

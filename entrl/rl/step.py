@@ -23,12 +23,16 @@ Design decisions:
   computes detached log-probs/entropies of the whole mini-batch (one extra
   forward, skipped when there is a single micro-batch), then, per micro-batch,
   splices that micro-batch's live log-probs into the detached full arrays and
-  differentiates the full-mini-batch loss. The selection is identical for every
-  micro-batch and the summed gradients equal the gradient of the one-shot loss.
-  With `scope="microbatch"` (the released code's behaviour) each shard's p-row
-  micro-batch is its own scope, and the loss is the mean over shards and
-  micro-batches: what verl computes, with each GPU selecting tokens in its own
-  micro-batch and data parallelism averaging the gradients.
+  differentiates the full-mini-batch loss. The splice keeps the detached values
+  and takes only the gradient from the live ones (`_live_in`), so every
+  micro-batch's loss sees the same numbers and makes the same selection, and
+  the summed gradients equal the gradient of the one-shot loss.
+  With `scope="microbatch"` (the released code's behaviour) every q consecutive
+  rows of a shard (`scope_seqs`; the release: 4, each GPU's micro-batch) are
+  a scope of their own, and the loss is the mean over the scopes: what verl
+  computes, with each GPU selecting tokens in its own micro-batch and data
+  parallelism averaging the gradients. The scope does not depend on the memory
+  micro-batch: a scope larger than a micro-batch is spliced like the global one.
 - Length-aware micro-batches: responses are padded to `max_new_tokens` (L),
   but a micro-batch is run through the model only up to its longest
   response, rounded up to one of `length_buckets` lengths ceil(L k / K).
@@ -86,6 +90,7 @@ class StepSettings:
     loss_params: tuple[tuple[str, Any], ...] = ()  # sorted (name, value) overrides of the loss preset
     agg: str = "token-mean"
     scope: str = "global"  # global | microbatch
+    scope_seqs: int = 0  # micro-batch scope: sequences per shard in one scope (0 = the micro-batch's p rows)
     kl_coef: float = 0.001
     kl_estimator: str = "k3"
     temperature: float = 1.0
@@ -168,43 +173,80 @@ def _policy_objective(logp_NxL, ent_NxL, mb: dict, rng, s: StepSettings):
     return loss, metrics
 
 
+def _live_in(detached, live, i):
+    """[n_micro, ...] `detached` with micro-batch i's gradient taken through `live`, its values unchanged.
+
+    `live - stop_gradient(live)` is exactly 0, so every micro-batch's loss sees the same numbers (the
+    detached pass's) and makes the same token selection, while the gradient flows through `live`.
+    """
+    here = jax.lax.dynamic_index_in_dim(detached, i, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(detached, here + (live - jax.lax.stop_gradient(live)), i, 0)
+
+
+def _scope_keys(rng, first, count: int, shards: int):
+    """[shards, count] keys of a shard's selection scopes first .. first + count - 1 (scope m of shard s:
+    `split(fold_in(rng, m), shards)[s]`), so a scope's draw (clip_cov) does not depend on micro-batching."""
+    keys = jax.vmap(lambda m: jax.random.split(jax.random.fold_in(rng, m), shards))(first + jnp.arange(count))
+    return jnp.swapaxes(keys, 0, 1)
+
+
 def _grads(graphdef, params, frozen, mb_all: dict, rng, s: StepSettings):
-    """Loss, metrics and summed gradients (w.r.t. `params`, not `frozen`) over the micro-batches of one mini-batch."""
+    """Loss, metrics and summed gradients (w.r.t. `params`, not `frozen`) over the micro-batches of one mini-batch.
+
+    Selection scopes: the whole mini-batch (global), or per data shard, q = `scope_seqs` consecutive rows of
+    each shard (micro-batch scope). With p rows per shard in a micro-batch, q <= p puts p / q scopes in each
+    micro-batch; q > p spreads a scope over k = q / p consecutive micro-batches, each of which differentiates
+    its scope's loss through its own rows (the others detached, as under the global scope).
+    """
     n_micro, shards = s.num_micro, s.shards
     mb_all = dict(mb_all, resp_len=resp_lengths(mb_all))
     micro = {k: micro_rows(v, n_micro, shards) for k, v in mb_all.items()}  # [n_micro, N / n_micro, ...]
-    splice = s.scope == "global" and n_micro > 1
-    if splice:
+    p = mb_all["resp_ids"].shape[0] // (n_micro * shards)
+    q = s.scope_seqs or p
+    if s.scope == "microbatch" and (q % p and p % q):
+        raise ValueError(f"selection scopes of {q} rows per shard do not tile micro-batches of {p} rows per shard")
+    span = max(q // p, 1) if s.scope == "microbatch" else n_micro  # micro-batches one scope covers
+    if span > 1:
         logp_sg, ent_sg = batched_response_stats(graphdef, lora.join(params, frozen), mb_all, temperature=s.temperature,
                                                  num_micro=n_micro, chunk_size=s.chunk_size, shards=shards,
                                                  length_buckets=s.length_buckets)
         logp_sg, ent_sg = micro_rows(logp_sg, n_micro, shards), micro_rows(ent_sg, n_micro, shards)
 
-    def micro_loss(p, i, length: int):
-        model = nnx.merge(graphdef, p, frozen)
+    def micro_loss(prm, i, length: int):
+        model = nnx.merge(graphdef, prm, frozen)
         mb = {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in micro.items()}
         logp, ent = trimmed_response_stats(model, mb, length, temperature=s.temperature, chunk_size=s.chunk_size)
         if s.scope == "global":
-            if splice:  # the live values spliced into the detached full arrays (see module docstring)
-                logp = from_micro_rows(jax.lax.dynamic_update_index_in_dim(logp_sg, logp, i, 0), shards)
-                ent = from_micro_rows(jax.lax.dynamic_update_index_in_dim(ent_sg, ent, i, 0), shards)
+            if span > 1:  # the whole mini-batch, this micro-batch live (see module docstring)
+                logp = from_micro_rows(_live_in(logp_sg, logp, i), shards)
+                ent = from_micro_rows(_live_in(ent_sg, ent, i), shards)
             return _policy_objective(logp, ent, mb_all, rng, s)
-        # Micro-batch scope: each shard's micro-batch is its own scope, with its own draw (clip_cov).
-        per_shard = lambda x: x.reshape((shards, x.shape[0] // shards) + x.shape[1:])
-        keys = jax.random.split(jax.random.fold_in(rng, i), shards)
+        if span > 1:  # this micro-batch's scope: micro-batches j k .. j k + k - 1, this one live
+            first = i // span * span
+            group = lambda x: jax.lax.dynamic_slice_in_dim(x, first, span, 0)
+            logp, ent = group(_live_in(logp_sg, logp, i)), group(_live_in(ent_sg, ent, i))
+            mb = {k: group(v) for k, v in micro.items()}
+            # [k, S p, ...] -> [S, k p, ...]: each shard's q rows, in row order
+            by_scope = lambda x: jnp.swapaxes(x.reshape((span, shards, p) + x.shape[2:]), 0, 1).reshape(
+                (shards, q) + x.shape[2:])
+            keys = _scope_keys(rng, i // span, 1, shards).reshape(shards)
+        else:  # p / q scopes of q rows per shard in this micro-batch
+            per = p // q
+            by_scope = lambda x: x.reshape((shards * per, q) + x.shape[1:])
+            keys = _scope_keys(rng, i * per, per, shards).reshape(shards * per)
         loss, metrics = jax.vmap(lambda lp, en, b, k: _policy_objective(lp, en, b, k, s))(
-            per_shard(logp), per_shard(ent), jax.tree.map(per_shard, mb), keys)
-        return loss.mean() / n_micro, jax.tree.map(jnp.mean, metrics)
+            by_scope(logp), by_scope(ent), jax.tree.map(by_scope, mb), keys)
+        return loss.mean() / (n_micro // span), jax.tree.map(jnp.mean, metrics)
 
     # One forward + backward per length bucket; micro-batch i takes the branch of its longest response.
     buckets = response_buckets(mb_all["resp_ids"].shape[1], s.length_buckets)
-    branches = [lambda p, i, b=b: jax.value_and_grad(micro_loss, has_aux=True)(p, i, b) for b in buckets]
+    branches = [lambda prm, i, b=b: jax.value_and_grad(micro_loss, has_aux=True)(prm, i, b) for b in buckets]
 
-    def grad_fn(p, i):
+    def grad_fn(prm, i):
         if len(branches) == 1:
-            return branches[0](p, i)
+            return branches[0](prm, i)
         return jax.lax.switch(bucket_index(jax.lax.dynamic_index_in_dim(micro["resp_len"], i, keepdims=False),
-                                           buckets), branches, p, i)
+                                           buckets), branches, prm, i)
 
     if n_micro == 1:
         (loss, metrics), grads = grad_fn(params, 0)
@@ -217,9 +259,8 @@ def _grads(graphdef, params, frozen, mb_all: dict, rng, s: StepSettings):
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (loss, grads), metrics = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), jnp.arange(n_micro))
-    if s.scope == "global":
-        # Every micro-batch differentiated the same full-mini-batch loss: its value is the per-call value.
-        loss = loss / n_micro
+    # A scope's loss was differentiated once per micro-batch it spans: its value is the per-call value.
+    loss = loss / span
     metrics = jax.tree.map(lambda x: x.mean(0), metrics)
     return loss, metrics, grads
 

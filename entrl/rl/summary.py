@@ -103,7 +103,9 @@ def startup_summary(cfg: C.RunConfig, *, params: Any, mesh, pipeline, settings, 
     hp = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                    for k, v in sorted(resolve_params(lo.name, dict(lo.params)).items()))
     kl = f"KL to the reference {lo.kl_coef:g} ({lo.kl_estimator})" if lo.kl_coef else "no KL"
-    lines.append(("loss", f"{lo.name} ({hp}); agg {lo.agg}, advantage {lo.advantage}, {kl}"))
+    scope = ("selection over the whole mini-batch" if settings.scope == "global"
+             else f"selection per {settings.scope_seqs} sequences of a data shard")
+    lines.append(("loss", f"{lo.name} ({hp}); {scope}; agg {lo.agg}, advantage {lo.advantage}, {kl}"))
     o = cfg.optim
     lines.append(("optimizer", (f"AdamW lr {o.lr:g} ({o.schedule}, {o.warmup_steps} warm-up steps), "
                                f"weight decay {o.weight_decay:g}, grad clip {o.grad_clip:g}")))

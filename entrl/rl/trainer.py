@@ -180,11 +180,13 @@ def opt_state_shardings(optimizer, params, mesh):
 def step_settings(cfg: C.RunConfig, shards: int = 1) -> StepSettings:
     """The update's static settings; `shards` = data shards of the mesh (`entrl.sharding.data_shards`)."""
     rows = cfg.train.minibatch_prompts * cfg.rollout.n
+    scope, scope_seqs = C.selection_scope(cfg, shards)
     return StepSettings(
         loss_name=cfg.loss.name,
         loss_params=tuple(sorted(cfg.loss.params.items())),
         agg=cfg.loss.agg,
-        scope=cfg.loss.scope,
+        scope=scope,
+        scope_seqs=scope_seqs,
         kl_coef=cfg.loss.kl_coef,
         kl_estimator=cfg.loss.kl_estimator,
         temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
