@@ -46,12 +46,13 @@ def se_provenance(cfg, params, tokenizer, prompt_tokens, records, *, n: int, see
     from; a fine-tuned or re-initialised model never does). tokenizer: its name and size, plus a
     hash of the prompt tokens (which also covers the prompt suffix and chat template). Sampling: n,
     temperature, top-p, top-k, max new tokens, KV-cache dtype, seed. dataset: a hash of every
-    record's (id, problem, answer) in order (sample keys depend on a prompt's position).
+    record's (id, problem, answer) in order (sample keys depend on a prompt's position). se: the
+    `curriculum.se_no_answer` / `se_weighting` options, when not the defaults.
     """
     def digest(obj) -> str:
         return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
-    r = cfg.rollout
+    r, c = cfg.rollout, cfg.curriculum
     return {
         "model": {"path": cfg.model.path, "dtype": cfg.model.dtype, "params": digest(fingerprint_leaves(params))},
         "tokenizer": {"name": cfg.model.tokenizer or cfg.model.path, "vocab_size": int(tokenizer.vocab_size),
@@ -59,6 +60,9 @@ def se_provenance(cfg, params, tokenizer, prompt_tokens, records, *, n: int, see
         "n": int(n), "temperature": float(r.temperature), "top_p": float(r.top_p), "top_k": int(r.top_k),
         "max_new_tokens": int(r.max_new_tokens), "cache_dtype": r.cache_dtype, "seed": int(seed),
         "dataset": digest([[str(x.id), x.problem, x.answer] for x in records]),
+        # the SE options only when not the defaults, so files written before they existed stay valid
+        **({"se": {"no_answer": c.se_no_answer, "weighting": c.se_weighting}}
+           if (c.se_no_answer, c.se_weighting) != ("singleton", "count") else {}),
     }
 
 
@@ -117,7 +121,11 @@ def open_progress(path, provenance: dict, *, resume: bool = True) -> dict[str, d
             log.warning("semantic entropy: %s holds values from other settings (%s); recomputing from scratch",
                         path, _provenance_diff(old, provenance))
         if primary:
-            stale = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+            stamp, k = time.strftime("%Y%m%d-%H%M%S"), 0
+            stale = path.with_name(f"{path.name}.stale-{stamp}")
+            while stale.exists():  # a second change of settings within the same second
+                k += 1
+                stale = path.with_name(f"{path.name}.stale-{stamp}-{k}")
             path.rename(stale)
             log.info("semantic entropy: moved the old progress file aside to %s", stale.name)
     if primary:
@@ -138,8 +146,9 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
     """SE statistics of every prompt from `n` samples of the policy (docs/method.md, "Semantic entropy").
 
     Samples with the rollout settings of `cfg` (`curriculum.samples` responses per prompt, T and top-p
-    of `cfg.rollout`), grades them against the references (for `pass_rate`), clusters the answers and
-    returns one dict of `SE_COLUMNS` per record, aligned with `records`. Progress is appended to
+    of `cfg.rollout`), grades them against the references (for `pass_rate`), clusters the answers
+    (`curriculum.se_no_answer`), weighs the classes (`curriculum.se_weighting`) and returns one dict of
+    `SE_COLUMNS` per record, aligned with `records`. Progress is appended to
     `out_path` (JSONL: a header line with `se_provenance`, then one row per finished prompt, appended
     per batch), so an interrupted annotation resumes where it stopped and never recomputes finished
     prompts; values computed with other settings are never reused (`open_progress`), nor any with
@@ -149,6 +158,7 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
     """
     n = n or cfg.curriculum.samples
     seed = cfg.train.seed if seed is None else seed
+    weighting = cfg.curriculum.se_weighting
     sampler = sampler or build_sampler(cfg, tokenizer, mesh, n=n)
     if sampler.config.n != n:
         raise ValueError(f"the sampler draws {sampler.config.n} samples per prompt, the annotation needs n={n}")
@@ -174,10 +184,13 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
             g = sample_and_grade(sampler, graphdef, params, tokenizer, [prompt_tokens[i] for i in idx],
                                  [records[i].answer for i in idx], verifier=verifier,
                                  rng=jax.random.fold_in(key, idx[0]), buckets=cfg.rollout.prompt_buckets,
-                                 pad_to=batch_prompts if len(todo) > batch_prompts else 0)  # the last one padded
-            groups = [g.answers[j * n:(j + 1) * n] for j in range(real)]
-            corr = [list(g.correct_PxN[j]) for j in range(real)]
-            stats = batch_prompt_stats(groups, corr, pairs_equivalent=verifier.equivalent_pairs)
+                                 pad_to=batch_prompts if len(todo) > batch_prompts else 0,  # the last one padded
+                                 seq_logprobs=weighting != "count")
+            stats = batch_prompt_stats(_per_prompt(g.answers, n, real), [list(c) for c in g.correct_PxN[:real]],
+                                       pairs_equivalent=verifier.equivalent_pairs, no_answer=cfg.curriculum.se_no_answer,
+                                       logprobs=None if weighting == "count" else _per_prompt(g.seq_logp, n, real),
+                                       lengths=_per_prompt(g.lengths, n, real) if weighting == "likelihood_per_token"
+                                       else None)
             for i, st in zip(idx, stats):
                 done[str(records[i].id)] = st
             if primary:
@@ -189,6 +202,11 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
                 log.info("semantic entropy: %d/%d prompts (%.1f prompts/s, ETA %.0f s)", len(records) - len(todo)
                          + finished, len(records), rate, (len(todo) - finished) / max(rate, 1e-9))
     return [done[str(r.id)] for r in records]
+
+
+def _per_prompt(rows, n: int, prompts: int) -> list[list]:
+    """The first `prompts` prompts' groups of n consecutive rows."""
+    return [list(rows[j * n:(j + 1) * n]) for j in range(prompts)]
 
 
 def plot_se_histogram(se_values: Sequence[float], path, *, bins: int = 30) -> None:

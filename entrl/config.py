@@ -164,12 +164,16 @@ class CurriculumSection:
     mode: str = "staged"  # staged | continuous (one low-to-high pass, no stages)
     order: str = "low_to_high"  # stage order: low_to_high (SENT) | high_to_low | random (stages of a seeded random split, SE unused; ablations)
     drop_trivial: bool = False  # drop prompts whose SE samples were all correct or all wrong (pass_rate 0 or 1)
+    se_no_answer: str = "singleton"  # responses without an extractable answer: singleton (each its own class) | shared (one "no answer" class)
+    se_weighting: str = "count"  # class probabilities: count (|C_k| / N) | likelihood (by the samples' sequence probabilities) | likelihood_per_token (by their per-token geometric means)
     seed: int = 0  # seed of the tie-break and per-epoch within-stage shuffles
 
     def __post_init__(self):
         _all_finite(self, "curriculum")
         _choice("curriculum.mode", self.mode, ("staged", "continuous"))
         _choice("curriculum.order", self.order, CURRICULUM_ORDERS)
+        _choice("curriculum.se_no_answer", self.se_no_answer, ("singleton", "shared"))
+        _choice("curriculum.se_weighting", self.se_weighting, ("count", "likelihood", "likelihood_per_token"))
         _positive("curriculum.stages", self.stages)
         _positive("curriculum.epochs_per_stage", self.epochs_per_stage)
         _positive("curriculum.samples", self.samples)

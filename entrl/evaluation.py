@@ -165,12 +165,15 @@ class GradedBatch:
     lengths: np.ndarray  # [R] response tokens, the stop token included
     finish_code: np.ndarray  # [R] `entrl.sampling.FINISH_LENGTH` (truncated) | `FINISH_STOP`
     rollout: Any  # the sampler's `Rollout`, padding rows included (for log-prob / entropy passes)
+    seq_logp: np.ndarray | None = None  # [R] sum of the response's sampling log-probs (with `seq_logprobs`)
 
 
 def sample_and_grade(sampler, graphdef, params, tokenizer, prompt_tokens: Sequence[Sequence[int]],
                      references: Sequence[str], *, verifier, rng, pad_to: int = 0,
-                     buckets: Sequence[int] | None = None) -> GradedBatch:
+                     buckets: Sequence[int] | None = None, seq_logprobs: bool = False) -> GradedBatch:
     """One sampler call on a batch of prompts (padded with copies of the first up to `pad_to`), decoded and graded.
+    `seq_logprobs`: also each response's log-probability under the sampling distribution (log softmax of
+    logits / T over the full vocabulary, summed over its tokens: at T = 1 the model's likelihood).
 
     Multi-host: every process calls it with the same prompts; each decodes and verifies only the rows
     its own devices hold, and the graded results are gathered, so every process returns all of them.
@@ -192,14 +195,19 @@ def sample_and_grade(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
     _, finish = local_rows(roll.finish_code)
     keep = rows < real * n  # padding copies are dropped
     rows, toks, rmask, finish = rows[keep], toks[keep], rmask[keep], finish[keep]
+    extra = {}
+    if seq_logprobs:  # summed on the devices: [R] floats cross to the host, not [R, L]
+        _, seq = local_rows(jnp.sum(roll.logprobs * roll.mask, axis=-1))
+        extra["seq_logp"] = [float(x) for x in seq[keep]]
     texts = [tokenizer.decode([int(t) for t in row[: int(m.sum())]]) for row, m in zip(toks, rmask)]
     res = verifier.score(texts, [references[int(r) // n] for r in rows])
     full = gather_rows(rows, {"text": texts, "answer": list(res.answers), "status": list(res.status),
                               "correct": [bool(c) for c in res.correct], "length": [int(m.sum()) for m in rmask],
-                              "finish": [int(f) for f in finish]}, total=real * n)
+                              "finish": [int(f) for f in finish], **extra}, total=real * n)
     return GradedBatch(real, full["text"], full["answer"], full["status"],
                        np.asarray(full["correct"], bool).reshape(real, n), np.asarray(full["length"], np.int64),
-                       np.asarray(full["finish"], np.int64), roll)
+                       np.asarray(full["finish"], np.int64), roll,
+                       np.asarray(full["seq_logp"], np.float64) if seq_logprobs else None)
 
 
 def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequence[Sequence[int]],

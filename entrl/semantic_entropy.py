@@ -40,6 +40,9 @@ from entrl.rewards import answers_equivalent_both, normalize_answer
 
 PairsEquivalent = Callable[[Sequence[tuple[str, str]]], Sequence[bool]]
 NO_ANSWER_MODES = ("singleton", "shared")
+# count: p_k = |C_k| / N; likelihood: p_k by the members' sequence probabilities; likelihood_per_token: by
+# their per-token geometric means (log-prob / length)
+WEIGHTINGS = ("count", "likelihood", "likelihood_per_token")
 
 
 def _in_process_pairs(pairs: Sequence[tuple[str, str]]) -> list[bool]:
@@ -208,10 +211,12 @@ def semantic_entropy(
     return entropy_of_classes(ids, logprobs=logprobs, lengths=lengths)
 
 
-def stats_from_classes(class_ids: Sequence[int], references_correct: Sequence[bool] | None = None) -> dict:
-    """Per-prompt record: se, se_norm (SE / ln N; 0 when N == 1), n_classes, class_sizes, pass_rate."""
+def stats_from_classes(class_ids: Sequence[int], references_correct: Sequence[bool] | None = None, *,
+                       logprobs: Sequence[float] | None = None, lengths: Sequence[int] | None = None) -> dict:
+    """Per-prompt record: se, se_norm (SE / ln N; 0 when N == 1), n_classes, class_sizes, pass_rate.
+    With `logprobs` (and `lengths`), SE is likelihood-weighted (`entropy_of_classes`)."""
     n = len(class_ids)
-    se = entropy_of_classes(class_ids)
+    se = entropy_of_classes(class_ids, logprobs=logprobs, lengths=lengths)
     sizes = sorted(np.bincount(np.asarray(class_ids, dtype=np.int64)).tolist(), reverse=True)
     if references_correct is not None and len(references_correct) != n:
         raise ValueError(f"{len(references_correct)} correctness flags for {n} answers")
@@ -242,11 +247,16 @@ def batch_prompt_stats(
     *,
     no_answer: str = "singleton",
     pairs_equivalent: PairsEquivalent | None = None,
+    logprobs: Sequence[Sequence[float]] | None = None,
+    lengths: Sequence[Sequence[int]] | None = None,
 ) -> list[dict]:
-    """`prompt_stats` for many prompts, with their comparisons batched (pass a pool's hook)."""
+    """`prompt_stats` for many prompts, with their comparisons batched (pass a pool's hook); with
+    `logprobs` (per prompt, one sequence log-prob per answer; and `lengths`) likelihood-weighted."""
     all_ids = cluster_answer_groups(groups, no_answer=no_answer, pairs_equivalent=pairs_equivalent)
-    corrects = references_correct if references_correct is not None else [None] * len(groups)
-    return [stats_from_classes(ids, c) for ids, c in zip(all_ids, corrects, strict=True)]
+    none = [None] * len(groups)
+    corrects = references_correct if references_correct is not None else none
+    return [stats_from_classes(ids, c, logprobs=lp, lengths=ln)
+            for ids, c, lp, ln in zip(all_ids, corrects, logprobs or none, lengths or none, strict=True)]
 
 
 SE_COLUMNS = ("se", "se_norm", "n_classes", "class_sizes", "pass_rate")  # the keys of `stats_from_classes`

@@ -21,8 +21,9 @@ from entrl.tokenizer import CharTokenizer
 class ScriptedRollout:
     """A rollout backend that answers prompt b's j-th sample with `script[b][j]` (no model)."""
 
-    def __init__(self, script, tokenizer, *, max_new_tokens=8):
+    def __init__(self, script, tokenizer, *, max_new_tokens=8, seq_logprobs=None):
         self.script, self.tok, self.mesh = script, tokenizer, None
+        self.seq_logprobs = seq_logprobs  # [prompt][sample] log-probability of the whole response, or None (0)
         self.config = SamplingConfig.for_tokenizer(tokenizer, n=len(script[0]), max_new_tokens=max_new_tokens)
         self.calls = 0
 
@@ -34,14 +35,18 @@ class ScriptedRollout:
         toks = np.full((B * n, L), self.config.pad_id, np.int32)
         mask = np.zeros((B * n, L), np.int32)
         finish = np.full(B * n, FINISH_LENGTH, np.int32)
+        logp = np.zeros((B * n, L), np.float32)
         for b in range(B):
-            for j, text in enumerate(self.script[min(first + b, len(self.script) - 1)]):
+            prompt = min(first + b, len(self.script) - 1)
+            for j, text in enumerate(self.script[prompt]):
                 ids = (self.tok.encode(text) + [eos])[:L]
                 r = b * n + j
                 toks[r, :len(ids)], mask[r, :len(ids)] = ids, 1
+                if self.seq_logprobs is not None:  # spread evenly over the response's tokens
+                    logp[r, :len(ids)] = self.seq_logprobs[prompt][j] / len(ids)
                 finish[r] = FINISH_STOP if ids[-1] == eos else FINISH_LENGTH
         rep = lambda x: jnp.asarray(np.repeat(np.asarray(x), n, axis=0))
-        return Rollout(tokens=jnp.asarray(toks), mask=jnp.asarray(mask), logprobs=jnp.zeros((B * n, L)),
+        return Rollout(tokens=jnp.asarray(toks), mask=jnp.asarray(mask), logprobs=jnp.asarray(logp),
                        lengths=jnp.asarray(mask.sum(1)), finish_code=jnp.asarray(finish),
                        prompt_index=jnp.arange(B * n) // n, prompt_ids=rep(prompt_ids_BxP),
                        prompt_mask=rep(prompt_mask_BxP))
@@ -110,3 +115,39 @@ def test_annotation_runs_on_any_rollout_backend_and_reward(tmp_path):
     assert stats[0]["class_sizes"] == [3, 1] and stats[0]["se"] == pytest.approx(-(p * np.log(p)).sum())
     assert stats[0]["pass_rate"] == 0.75
     assert stats[1]["n_classes"] == 4 and stats[1]["se"] == pytest.approx(math.log(4)) and stats[1]["pass_rate"] == 0.25
+
+
+def test_annotation_options_shared_no_answer_and_likelihood_weighting(tmp_path):
+    """curriculum.se_no_answer=shared puts the two answerless samples ("" -> None) in one class;
+    se_weighting=likelihood weighs the classes by their samples' sequence probabilities (here
+    log-probs ln 0.4, ln 0.2, ln 0.1, ln 0.1 for answers 7, 7, none, none: classes 0.6 / 0.2, normalised
+    to 0.75 / 0.25), and likelihood_per_token by per-token geometric means. The options are part of the
+    progress file's provenance: another setting recomputes."""
+    from entrl.annotate import annotate_prompts, read_progress
+    from entrl.data.sources import Record
+
+    tok = CharTokenizer()
+    script, lps = [["7", "7", " ", " "]], [[np.log(0.4), np.log(0.2), np.log(0.1), np.log(0.1)]]
+    records, prompts = [Record(id="a", problem="3+4", answer="7")], [tok.encode("3+4=")]
+    progress = tmp_path / "progress.jsonl"
+
+    def annotate(*overrides):
+        cfg = C.load_config("demo", list(overrides))
+        return annotate_prompts(cfg, None, {"w": np.zeros(2, np.float32)}, tok, prompts, records,
+                                verifier=ExactReward(), out_path=progress, n=4,
+                                sampler=ScriptedRollout(script, tok, seq_logprobs=lps))[0]
+
+    def entropy(p):
+        p = np.asarray(p) / np.sum(p)
+        return float(-(p * np.log(p)).sum())
+
+    assert annotate()["se"] == pytest.approx(entropy([2, 1, 1]))  # default: each answerless sample its own class
+    shared = annotate("curriculum.se_no_answer=shared")
+    assert shared["class_sizes"] == [2, 2] and shared["se"] == pytest.approx(np.log(2))
+    assert read_progress(progress)[0]["se"] == {"no_answer": "shared", "weighting": "count"}
+    weighted = annotate("curriculum.se_no_answer=shared", "curriculum.se_weighting=likelihood")
+    assert weighted["se"] == pytest.approx(entropy([0.6, 0.2]))
+    # per token: "7" + EOS is 2 tokens, " " + EOS too: the geometric means are the square roots
+    per_token = annotate("curriculum.se_no_answer=shared", "curriculum.se_weighting=likelihood_per_token")
+    assert per_token["se"] == pytest.approx(entropy([0.4 ** 0.5 + 0.2 ** 0.5, 2 * 0.1 ** 0.5]), rel=1e-5)
+    assert len(list(tmp_path.glob("progress.jsonl.stale-*"))) == 3  # earlier settings' files kept aside

@@ -135,11 +135,12 @@ def group_stats(rewards: np.ndarray, n: int) -> dict:
     return {"zero_var_group_frac": float(zero_var)}
 
 
-def batch_semantic_entropy(answers: list, n: int, verifier=None) -> float:
-    """Mean semantic entropy of the batch's prompts, from their own n rollouts (docs/method.md, "What to log")."""
+def batch_semantic_entropy(answers: list, n: int, verifier=None, *, no_answer: str = "singleton") -> float:
+    """Mean count-based semantic entropy of the batch's prompts, from their own n rollouts (docs/method.md,
+    "What to log")."""
     groups = [answers[i:i + n] for i in range(0, len(answers), n)]
     hook = verifier.equivalent_pairs if verifier is not None else None
-    stats = batch_prompt_stats(groups, pairs_equivalent=hook)
+    stats = batch_prompt_stats(groups, pairs_equivalent=hook, no_answer=no_answer)
     return float(np.mean([s["se"] for s in stats])) if stats else 0.0
 
 
@@ -441,7 +442,8 @@ class Trainer:
             "response_length": stats["response_length"],
             "truncation_rate": stats["truncation_rate"],
             "sampler_logprob_gap": stats["sampler_logprob_gap"],
-            "batch_semantic_entropy": batch_semantic_entropy(scored["answers"], n, self.comps.verifier),
+            "batch_semantic_entropy": batch_semantic_entropy(scored["answers"], n, self.comps.verifier,
+                                                             no_answer=self.cfg.curriculum.se_no_answer),
             "stage": float(batch.stage),
             "epoch": float(batch.epoch),
             "no_answer_frac": status.count("no_answer") / max(len(status), 1),
