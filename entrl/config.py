@@ -164,6 +164,7 @@ class CurriculumSection:
     mode: str = "staged"  # staged | continuous (one low-to-high pass, no stages)
     order: str = "low_to_high"  # stage order: low_to_high (SENT) | high_to_low | random (stages of a seeded random split, SE unused; ablations)
     drop_trivial: bool = False  # drop prompts whose SE samples were all correct or all wrong (pass_rate 0 or 1)
+    refresh: bool = False  # online SE: at every epoch boundary re-rank the prompts by the SE of their latest training rollouts (annotation SE for prompts not trained on yet); stage sizes stay
     se_no_answer: str = "singleton"  # responses without an extractable answer: singleton (each its own class) | shared (one "no answer" class)
     se_weighting: str = "count"  # class probabilities: count (|C_k| / N) | likelihood (by the samples' sequence probabilities) | likelihood_per_token (by their per-token geometric means)
     seed: int = 0  # seed of the tie-break and per-epoch within-stage shuffles
@@ -179,6 +180,9 @@ class CurriculumSection:
         _positive("curriculum.samples", self.samples)
         if list(self.thresholds) != sorted(self.thresholds):
             raise ConfigError(f"curriculum.thresholds={self.thresholds}: must be ascending")
+        if self.refresh and (self.thresholds or self.order == "random" or not self.enabled):
+            raise ConfigError("curriculum.refresh re-ranks prompts by SE into stages of fixed sizes: it needs "
+                              "curriculum.enabled, an SE order (not order=random) and curriculum.stages (not thresholds)")
         if self.thresholds and self.order == "random":
             raise ConfigError("curriculum.thresholds split by SE value, curriculum.order=random ignores SE: give "
                               "curriculum.stages instead")

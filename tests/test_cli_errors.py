@@ -133,6 +133,8 @@ def test_bad_settings_are_one_line_config_errors(tmp_path):
         "reward weight word": (["reward.fn=[entrl.rewards:math_reward, entrl.rewards:boxed_format_reward]",
                                 "reward.weights=[1.0, lots]"], ["reward.weights[1]", "number"]),
         "reward weight nan": (["reward.weights=[.nan]"], ["reward.weights", "finite"]),
+        "refresh with thresholds": (["curriculum.enabled=true", "curriculum.refresh=true",
+                                     "curriculum.thresholds=[0.5]"], ["curriculum.refresh", "thresholds"]),
         "scope of a global loss": (["loss.name=grpo", "loss.scope_seqs=2"], ["loss.scope_seqs=2", "grpo"]),
         "scope not tiling": (["loss.name=sent_released", "loss.scope_seqs=3"], ["3 sequences", "8"]),
     }

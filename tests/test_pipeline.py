@@ -238,3 +238,58 @@ def test_property_cover_and_resume(n, batch, procs, stages, epochs, seed, data):
         resumed = _pipe(tokens, cur, batch_size=batch, process_index=p, process_count=procs)
         resumed.set_state(json.loads(json.dumps(it.get_state())))
         assert head + [_key(b) for b in resumed] == streams[p]
+
+
+def _drive(pipe, steps=None):
+    """Iterate like the trainer, reporting after each step an SE for its prompts that depends on the
+    step (so every epoch re-ranks differently) and on the prompt; returns the batches' keys."""
+    out = []
+    for b in pipe:
+        out.append(_key(b))
+        pipe.observe_se(b.indices, ((b.indices * 7 + b.step * 3) % 11) / 10.0)
+        if steps is not None and len(out) == steps:
+            break
+    return out
+
+
+@pytest.mark.parametrize("mode", ["staged", "continuous"])
+def test_online_refresh_reranks_each_epoch_and_resumes_exactly(mode):
+    """curriculum.refresh: the first epoch runs on the annotation's ranking; every later one on the
+    ranking by the SE reported for the prompts trained on so far (the others keep the annotation's).
+    Stage sizes and the number of steps do not change; a state saved anywhere (mid-epoch, at an epoch
+    end, at the stage boundary) resumes to the same stream after a JSON round trip."""
+    tokens = _prompts(32)
+    se = np.random.default_rng(1).random(32)
+    cur = Curriculum(se, stages=2, epochs_per_stage=3, seed=2, mode=mode)
+    plain = [_key(b) for b in _pipe(tokens, cur)]
+    pipe = _pipe(tokens, cur, refresh=True)
+    full = _drive(pipe)
+    assert len(full) == len(plain) and pipe.refreshes == len(cur.schedule()) - 1
+    first = 4 if mode == "staged" else 8  # steps of the first epoch
+    assert full[:first] == plain[:first] and full != plain
+    sizes = [cur.stage_indices(s).size for s in range(cur.num_stages)]
+    assert [pipe.curriculum.stage_indices(s).size for s in range(cur.num_stages)] == sizes
+    # the last epoch's ranking is that of the values reported before it began
+    ranked = se.copy()
+    for i, v in pipe.get_state()["se_ranked"]:
+        ranked[i] = v
+    assert pipe.curriculum.fingerprint() == cur.refreshed(ranked).fingerprint()
+    if mode == "staged":  # some prompts changed stage on the way
+        assert set(pipe.curriculum.stage_indices(0).tolist()) != set(cur.stage_indices(0).tolist())
+    for cut in (3, 4, 5, 12, 13, len(full) - 1):
+        p = _pipe(tokens, cur, refresh=True)
+        head = _drive(p, cut)
+        resumed = _pipe(tokens, cur, refresh=True)
+        resumed.set_state(json.loads(json.dumps(p.get_state())))
+        assert head + _drive(resumed) == full, cut
+
+
+def test_online_refresh_state_must_match_the_setting():
+    tokens = _prompts(16)
+    cur = Curriculum(np.random.default_rng(0).random(16), stages=1, epochs_per_stage=2)
+    with pytest.raises(ValueError, match="refresh"):
+        _pipe(tokens, cur, refresh=True).set_state(_pipe(tokens, cur).get_state())
+    with pytest.raises(ValueError, match="refresh"):
+        _pipe(tokens, cur).set_state(_pipe(tokens, cur, refresh=True).get_state())
+    with pytest.raises(ValueError, match="thresholds"):
+        _pipe(tokens, Curriculum(np.arange(16.0), thresholds=[8.0], epochs_per_stage=1), refresh=True)

@@ -217,10 +217,12 @@ def resume_runs(request, tmp_path_factory):
     """(extra overrides, straight 4-step run dir, its final params, run dir stopped after `half` steps with
     checkpoints up to there, kind, the straight run's Trainer, its first mini-batch of every step).
 
-    The curriculum has 2 steps per stage: "curriculum" stops at the boundary (step 2), "restart" after it
-    (step 3), where the reference is the stage-1 policy and no longer the initial model."""
+    The curriculum has 2 steps per stage: "curriculum" stops at the boundary (step 2), where the online SE
+    refresh re-ranks the prompts on resuming, "restart" after it (step 3), where the reference is the
+    stage-1 policy and no longer the initial model."""
     extra = ["train.steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=5"]
-    extra += {"plain": [], "curriculum": CURRICULUM, "restart": RESTART}[request.param]
+    # "curriculum" also re-ranks its prompts by their rollouts' SE at the epoch (= stage) boundary
+    extra += {"plain": [], "curriculum": [*CURRICULUM, "curriculum.refresh=true"], "restart": RESTART}[request.param]
     root = tmp_path_factory.mktemp(f"resume_{request.param}")
     seen = []
     straight = run_trainer(make_cfg(root / "straight", *extra), wrap_update=_capture_first_minibatch(seen))
@@ -247,6 +249,9 @@ def test_resume_equals_straight_run(resume_runs, tmp_path):
                                                                    jax.tree.leaves(resumed.comps.ref_params))) > 0
     else:  # the reference policy is the initial model, not the resumed one
         assert_same_params(fresh.ref_params, resumed.comps.ref_params, tol=0)
+    if kind == "curriculum":  # one re-ranking, at the boundary: in the straight run and after resuming
+        assert straight_trainer.comps.pipeline.refreshes == resumed.comps.pipeline.refreshes == 1
+        assert straight_trainer.comps.pipeline.get_state()["se_live"] == resumed.comps.pipeline.get_state()["se_live"]
     if kind != "plain":
         records = read_metrics(run)
         assert [r["step"] for r in records] == [0, 1, 2, 3, 4]  # step 0: the initial policy (val.before_training)

@@ -27,6 +27,11 @@ Design decisions:
   stage with all prompts, reshuffled every epoch.
 - Indices always refer to the caller's record list; dropped prompts simply
   never appear.
+- `refreshed(se)` is the same curriculum over new SE values (online refresh from
+  the training rollouts, `entrl.data.pipeline`): the same prompts (the trivial
+  ones were dropped on the annotation's pass rates), the same equal-count stage
+  sizes, re-ranked. Not defined for thresholds (stage sizes would change
+  mid-run) nor for order="random" (SE unused).
 """
 
 from __future__ import annotations
@@ -78,6 +83,8 @@ class Curriculum:
         thresholds = [float(t) for t in thresholds]
         if thresholds != sorted(thresholds):
             raise ValueError(f"thresholds={thresholds}: must be ascending")
+        self._args = dict(stages=stages, thresholds=tuple(thresholds), epochs_per_stage=epochs_per_stage, mode=mode,
+                          order=order, seed=seed, pass_rate=pass_rate, drop_trivial=drop_trivial)
         self.mode = mode
         self.order = order
         self.seed = int(seed)
@@ -124,6 +131,20 @@ class Curriculum:
             if stages > order.size:
                 raise ValueError(f"stages={stages} > number of prompts ({order.size})")
             self._stages = list(np.array_split(order, stages))
+
+    @property
+    def refreshable(self) -> bool:
+        """Whether `refreshed` is defined: SE orders the prompts and stage sizes do not depend on SE values."""
+        return self.order != "random" and not self._args["thresholds"]
+
+    def refreshed(self, se: np.ndarray | Sequence[float]) -> Curriculum:
+        """The same curriculum (prompts, settings, stage sizes) ranked by new SE values."""
+        if not self.refreshable:
+            raise ValueError("a curriculum with SE thresholds or order='random' cannot be re-ranked")
+        new = Curriculum(se, **self._args)
+        if [s.size for s in new._stages] != [s.size for s in self._stages]:  # cannot happen: equal-count split
+            raise AssertionError("re-ranking changed the stage sizes")
+        return new
 
     @classmethod
     def uniform(cls, n: int, epochs: int, seed: int = 0) -> Curriculum:

@@ -31,6 +31,14 @@ Design decisions:
   start of the epoch order; the repeated rows have `valid == False`.
 - A stage smaller than G has no full step and is an error with
   `drop_remainder=True`.
+- Online SE refresh (`refresh=True`): the trainer reports each step's per-prompt
+  SE from its own rollouts (`observe_se`); at every epoch boundary after the
+  first, the next epoch runs on the curriculum re-ranked by the latest SE of
+  every prompt (`Curriculum.refreshed`: refreshed where the prompt was trained
+  on, else the annotation's). Stage sizes, steps per epoch and the schedule do
+  not change, only which prompts each stage holds and their order. The state
+  carries the refreshed values (those of the running epoch's ranking and the
+  latest), so a resumed run re-ranks exactly as an uninterrupted one.
 - Collation is a few microseconds of numpy per batch, so there is no
   prefetching (grain's multiprocessing would only add pickling and spawn
   pitfalls); the trainer's rollout dominates every step.
@@ -84,6 +92,7 @@ class PromptPipeline:
         process_index: int = 0,
         process_count: int = 1,
         drop_remainder: bool = True,
+        refresh: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1 (it is per process)")
@@ -94,6 +103,9 @@ class PromptPipeline:
             raise ValueError(f"buckets={buckets}: must be a non-empty, strictly ascending list of positive lengths")
         if pad_id < 0:
             raise ValueError(f"pad_id={pad_id}: must be a valid token id")
+        if refresh and not curriculum.refreshable:
+            raise ValueError("online SE refresh re-ranks the prompts by SE into stages of fixed sizes: not with SE "
+                             "thresholds or order='random'")
         if curriculum.se.size != len(prompt_tokens):
             raise ValueError(f"curriculum covers {curriculum.se.size} prompts but {len(prompt_tokens)} prompt token "
                              "lists were given; build both from the same (kept) records")
@@ -142,6 +154,11 @@ class PromptPipeline:
         self._pos = 0  # index into the schedule
         self._step = 0  # next step within the current epoch
         self._it: Any = None  # grain iterator of the current epoch, built lazily
+        self.refresh = bool(refresh)
+        self._annotated = curriculum  # the ranking of the annotation (the first epoch's)
+        self._se_live: dict[int, float] = {}  # prompt row -> its latest SE from the training rollouts
+        self._se_ranked: dict[int, float] = {}  # the values the running epoch's curriculum was ranked by
+        self.refreshes = 0  # re-rankings so far (logged)
 
     # -- sizes ---------------------------------------------------------------
 
@@ -200,8 +217,34 @@ class PromptPipeline:
     def __iter__(self) -> PromptPipeline:
         return self
 
+    def observe_se(self, indices: Sequence[int], values: Sequence[float]) -> None:
+        """The latest SE of prompt rows `indices` (from a training step's rollouts); with `refresh`, the
+        next epoch is ranked by them. Every process must report the same values."""
+        if self.refresh:
+            for i, v in zip(indices, values, strict=True):
+                if not np.isfinite(v):
+                    raise ValueError(f"SE of prompt row {i} is {v}")
+                self._se_live[int(i)] = float(v)
+
+    def _rank(self, values: dict[int, float]) -> None:
+        """Run on the annotation's curriculum re-ranked by `values` (row -> SE; other rows keep theirs)."""
+        se = self._annotated.se.copy()
+        if values:
+            rows = np.fromiter(values.keys(), dtype=np.int64, count=len(values))
+            se[rows] = np.fromiter(values.values(), dtype=np.float64, count=len(values))
+        self.curriculum = self._annotated.refreshed(se) if values else self._annotated
+        self._se_ranked = dict(values)
+        self._fingerprint["curriculum"] = self.curriculum.fingerprint()
+
     def __next__(self) -> PromptBatch:
         while self._pos < len(self._schedule):
+            if self._it is None and self._step == 0 and self._pos > 0 and self.refresh:
+                before = {s: set(self.curriculum.stage_indices(s).tolist()) for s in range(self.curriculum.num_stages)}
+                self._rank(self._se_live)
+                self.refreshes += 1
+                moved = sum(len(before[s] - set(self.curriculum.stage_indices(s).tolist())) for s in before)
+                log.info("curriculum re-ranked by the SE of %d prompts' training rollouts (%d of %d prompts changed "
+                         "stage)", len(self._se_live), moved, self.curriculum.num_prompts)
             if self._it is None:
                 self._it = iter(self._epoch_dataset(self._pos))
                 if self._step:
@@ -231,12 +274,20 @@ class PromptPipeline:
             "step": int(self._offsets[self._pos]) + self._step if not done else self.total_steps,
             "grain": {k: int(v) for k, v in grain_state.items()},
             "fingerprint": dict(self._fingerprint),
+            # online refresh: [row, SE] pairs (JSON floats round-trip exactly)
+            **({"se_ranked": sorted(self._se_ranked.items()), "se_live": sorted(self._se_live.items()),
+                "refreshes": self.refreshes} if self.refresh else {}),
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continue exactly where `state` (from `get_state`) was taken."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"pipeline state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if ("se_live" in state) != self.refresh:
+            raise ValueError(f"pipeline state was saved with online SE refresh {'on' if 'se_live' in state else 'off'}"
+                             f"; this run has it {'on' if self.refresh else 'off'} (curriculum.refresh)")
+        if self.refresh:  # the running epoch's ranking first: the fingerprint check below is of it
+            self._rank({int(i): float(v) for i, v in state["se_ranked"]})
         saved = state.get("fingerprint", {})
         for key, value in self._fingerprint.items():
             if saved.get(key) != value:
@@ -255,3 +306,6 @@ class PromptPipeline:
         if int(state.get("grain", {}).get("next_index", step)) != step:
             raise ValueError(f"pipeline state: grain next_index {state['grain']} != step_in_epoch {step}")
         self._pos, self._step, self._it = pos, step, None
+        if self.refresh:
+            self._se_live = {int(i): float(v) for i, v in state["se_live"]}
+            self.refreshes = int(state["refreshes"])

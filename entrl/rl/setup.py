@@ -331,7 +331,7 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None, task=None):
     per_process = cfg.train.prompts_per_step // jax.process_count()
     pipeline = PromptPipeline(prompt_tokens, curriculum, batch_size=per_process, pad_id=tokenizer.pad_token_id,
                               buckets=tuple(cfg.rollout.prompt_buckets), process_index=jax.process_index(),
-                              process_count=jax.process_count())
+                              process_count=jax.process_count(), refresh=cfg.curriculum.refresh)
     held = build_val_set(cfg, tokenizer, heldout, instruction=task.instruction)
     return Components(cfg=cfg, mesh=mesh, graphdef=graphdef, params=params, ref_params=ref_params,
                       tokenizer=tokenizer, records=records, prompt_tokens=prompt_tokens, curriculum=curriculum,

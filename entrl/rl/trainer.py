@@ -135,13 +135,14 @@ def group_stats(rewards: np.ndarray, n: int) -> dict:
     return {"zero_var_group_frac": float(zero_var)}
 
 
-def batch_semantic_entropy(answers: list, n: int, verifier=None, *, no_answer: str = "singleton") -> float:
-    """Mean count-based semantic entropy of the batch's prompts, from their own n rollouts (docs/method.md,
-    "What to log")."""
+def rollout_semantic_entropy(answers: list, n: int, verifier=None, *, no_answer: str = "singleton") -> np.ndarray:
+    """[prompts] count-based semantic entropy of each prompt of a step, from its own n rollouts (rows of a
+    prompt contiguous). Their mean is the `batch_semantic_entropy` metric (docs/method.md, "What to log"),
+    and `curriculum.refresh` re-ranks the prompts by them."""
     groups = [answers[i:i + n] for i in range(0, len(answers), n)]
     hook = verifier.equivalent_pairs if verifier is not None else None
-    stats = batch_prompt_stats(groups, pairs_equivalent=hook, no_answer=no_answer)
-    return float(np.mean([s["se"] for s in stats])) if stats else 0.0
+    return np.asarray([s["se"] for s in batch_prompt_stats(groups, pairs_equivalent=hook, no_answer=no_answer)],
+                      np.float64)
 
 
 def run_optimizer(cfg: C.RunConfig):
@@ -287,6 +288,7 @@ class Trainer:
         roll = self._rollout(batch, rng_sample)
         t_roll = time.perf_counter()
         scored = self._score(batch, roll)
+        scored["se"] = self._rollout_se(roll, scored)
         t_rew = time.perf_counter()
         full, stats = self._logprobs(roll, scored)
         t_lp = time.perf_counter()
@@ -342,6 +344,19 @@ class Trainer:
                 "status": full["status"], "advantages": adv, "mixed": mixed, "graded": res.graded,
                 "terms": {k: np.asarray(full[f"term/{k}"], np.float32) for k in res.components},
                 "failed": {k: np.asarray(full[f"failed/{k}"], bool) for k in res.failed}}
+
+    def _rollout_se(self, roll: dict, scored: dict) -> np.ndarray:
+        """Each prompt's SE from this step's rollouts; with `curriculum.refresh`, reported to the pipeline
+        (process 0's values on every process: the verifier's timeouts could make processes disagree, and
+        their curricula must not)."""
+        cfg = self.cfg
+        se = rollout_semantic_entropy(scored["answers"], cfg.rollout.n, self.comps.verifier,
+                                      no_answer=cfg.curriculum.se_no_answer)
+        if cfg.curriculum.refresh:
+            if jax.process_count() > 1:
+                se = np.asarray(multihost_utils.broadcast_one_to_all(se), np.float64)
+            self.comps.pipeline.observe_se(roll["row_prompt"][::cfg.rollout.n], se)
+        return se
 
     def _record_rows(self, prompts: list[int]) -> list[dict]:
         """Each row's prompt record as the reward functions see it: the row as read (id, prompt and answer
@@ -442,8 +457,7 @@ class Trainer:
             "response_length": stats["response_length"],
             "truncation_rate": stats["truncation_rate"],
             "sampler_logprob_gap": stats["sampler_logprob_gap"],
-            "batch_semantic_entropy": batch_semantic_entropy(scored["answers"], n, self.comps.verifier,
-                                                             no_answer=self.cfg.curriculum.se_no_answer),
+            "batch_semantic_entropy": float(scored["se"].mean()) if scored["se"].size else 0.0,
             "stage": float(batch.stage),
             "epoch": float(batch.epoch),
             "no_answer_frac": status.count("no_answer") / max(len(status), 1),
