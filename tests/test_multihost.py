@@ -39,7 +39,8 @@ RUN = ["model.demo_layers=1", "model.demo_hidden=32", "model.demo_heads=2", "mod
        "model.remat=full", "rollout.n=4", "rollout.max_new_tokens=12", "train.prompts_per_step=8",
        "train.minibatch_prompts=4", "train.microbatch_per_shard=1", "data.arithmetic_train_size=32",
        "data.arithmetic_heldout_size=8", "curriculum.enabled=true", "curriculum.annotate=true",
-       "curriculum.samples=4", "curriculum.epochs_per_stage=2", "reward.workers=1", "loss.name=entropy_bonus",
+       "curriculum.samples=4", "curriculum.epochs_per_stage=2", "curriculum.refresh=true", "reward.workers=1",
+       "loss.name=entropy_bonus",
        "loss.kl_coef=0.001", "optim.lr=1e-3", "train.only_mixed_groups=false", "train.steps=6",
        "train.checkpoint_every=2", "train.keep_checkpoints=5", "train.eval_every=3", "train.tensorboard=false"]
 FSDP8 = ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"]

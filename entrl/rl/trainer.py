@@ -353,9 +353,10 @@ class Trainer:
         se = rollout_semantic_entropy(scored["answers"], cfg.rollout.n, self.comps.verifier,
                                       no_answer=cfg.curriculum.se_no_answer)
         if cfg.curriculum.refresh:
+            ranked = se.astype(np.float32)  # what a broadcast carries (no x64): alike under any process count
             if jax.process_count() > 1:
-                se = np.asarray(multihost_utils.broadcast_one_to_all(se), np.float64)
-            self.comps.pipeline.observe_se(roll["row_prompt"][::cfg.rollout.n], se)
+                ranked = np.asarray(multihost_utils.broadcast_one_to_all(ranked))
+            self.comps.pipeline.observe_se(roll["row_prompt"][::cfg.rollout.n], ranked.astype(np.float64))
         return se
 
     def _record_rows(self, prompts: list[int]) -> list[dict]:
