@@ -158,6 +158,10 @@ class Restored:
     data_state: dict  # this process's iterator state
 
 
+def _read_only_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
 class CheckpointManager:
     """Save and restore (params, opt_state, meta, data_state) per RL step."""
 
@@ -172,12 +176,18 @@ class CheckpointManager:
             cleanup_tmp_directories=not read_only,  # leftovers of a crashed save are never checkpoints
             create=not read_only,
             read_only=read_only,
+            **({"save_interval_steps": 0} if read_only else {}),  # what read_only sets anyway, with a warning
         )
         # Handlers named up front: a fresh manager (a resumed run) must read metadata before any save.
         handlers = {name: _standard_handler() for name in ("params", "opt_state")}
         handlers.update({name: ocp.JsonCheckpointHandler()
                          for name in (*_JSON_ITEMS, *_LEGACY_JSON_ITEMS, INTEGRITY_ITEM)})
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        absl = logging.getLogger("absl")
+        absl.addFilter(_read_only_notice)  # orbax warns that the directory it was asked to read is read-only
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        finally:
+            absl.removeFilter(_read_only_notice)
         _ClosedLoopNoiseFilter.install()
         self._closed = False
 

@@ -163,9 +163,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from entrl.config import ConfigError
     from entrl.demo import run_demo
 
-    run_demo(out_dir=args.out, overrides=_overrides(args), seed=args.seed, quick=args.quick)
+    if args.seed < 0:
+        raise ConfigError(f"--seed {args.seed}: must be >= 0")
+    overrides = _overrides(args)
+    if any(o.split("=", 1)[0].strip() == "train.out_dir" for o in overrides):
+        raise ConfigError("the demo writes its RL run to <--out>/rl: give --out instead of train.out_dir")
+    run_demo(out_dir=args.out, overrides=overrides, seed=args.seed, quick=args.quick)
     return 0
 
 
@@ -202,6 +208,11 @@ def cmd_semantic_entropy(args) -> int:
     from entrl.rl.setup import annotate_dataset
 
     cfg = C.load_config(*_config_and_overrides(args))
+    if args.n is not None and args.n < 1:
+        raise C.ConfigError(f"--n {args.n}: samples per prompt must be >= 1 (default curriculum.samples)")
+    if cfg.data.task != "math":  # the arithmetic task generates its own prompts and would ignore the file
+        raise C.ConfigError(f"--data {args.data}: the config has data.task={cfg.data.task}, which generates its "
+                            "prompts; add data.task=math to annotate the file's problems")
     written = annotate_dataset(cfg, data=args.data, out=args.out, n=args.n, resume=not args.no_resume)
     print(f"wrote {written} annotated prompts to {args.out}")
     return 0
@@ -215,19 +226,38 @@ def cmd_export(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from entrl.metrics import plot_runs
+    from entrl.config import ConfigError
+    from entrl.metrics import JSONL_NAME, plot_runs, read_metrics
+    from entrl.rundir import as_path
 
-    out = args.out or (args.run_dirs[0] + "/plots")
-    for p in plot_runs(args.run_dirs, out):
+    runs = []
+    for given in args.run_dirs:
+        path = as_path(given, "run directory")
+        run = path.parent if path.name == JSONL_NAME and path.is_file() else path
+        if not (run / JSONL_NAME).is_file():
+            raise ConfigError(f"{given}: not a run directory (no {JSONL_NAME} in it)")
+        if not read_metrics(run):
+            raise ConfigError(f"{given}: {JSONL_NAME} holds no step yet")
+        runs.append(run)
+    out = args.out or str(runs[0] / "plots")
+    for p in plot_runs(runs, out):
         print(p)
     return 0
 
 
 def cmd_ablate(args) -> int:
     from entrl.ablate import run_ablation
+    from entrl.config import ConfigError
 
-    methods = [m for m in args.methods.split(",") if m]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError(f"--methods {args.methods!r}: name at least one method (see `entrl ablate --help`)")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {args.seeds!r}: seeds must be distinct and >= 0")
     config, overrides = _config_and_overrides(args)
     print(run_ablation(config, methods, seeds, overrides=overrides, out_dir=args.out, demo=args.demo,
                        quick=args.quick))
@@ -237,6 +267,7 @@ def cmd_ablate(args) -> int:
 def cmd_plan(args) -> int:
     """`entrl plan`: the memory plan of a run, or of every mesh its YAML suggests (`--suggested`)."""
     import json
+    import math
     import os
     from pathlib import Path
 
@@ -244,6 +275,22 @@ def cmd_plan(args) -> int:
     from entrl.plan import GIB, mesh_suggestions, parse_target
 
     config, overrides = _config_and_overrides(args)
+    if args.devices is not None and args.devices < 1:
+        raise ConfigError(f"--devices {args.devices}: must be >= 1 (simulated CPU devices)")
+    if args.hbm_gb is not None and not (math.isfinite(args.hbm_gb) and args.hbm_gb > 0):
+        raise ConfigError(f"--hbm-gb {args.hbm_gb}: must be a positive number of GiB")
+    if not (math.isfinite(args.headroom) and 0 <= args.headroom < 1):
+        raise ConfigError(f"--headroom {args.headroom}: must be in [0, 1) (the share of the budget kept free)")
+    if not (args.hbm_gb or args.target or args.suggested):  # known before minutes of compiling
+        if args.devices:
+            raise ConfigError(f"no memory budget for {args.devices} simulated CPU devices: give --target (e.g. "
+                              "tpu-v5p-8) or --hbm-gb")
+        from entrl.plan import device_budget
+
+        budget, why = device_budget()
+        if budget is None:
+            raise ConfigError(f"no memory budget: these devices report none ({why}); give --target (e.g. "
+                              "tpu-v5p-8) or --hbm-gb")
     runs = []  # (label, target or None, overrides)
     if args.suggested:
         found = mesh_suggestions(config) if Path(config).exists() else []
@@ -376,8 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="run RL training from a YAML config")
-    t.add_argument("config", help="YAML config (e.g. configs/paper/r1-distill-qwen-1.5b/sent.yaml) or a preset name")
+    t.add_argument("config", nargs="?", help="YAML config (e.g. configs/paper/r1-distill-qwen-1.5b/sent.yaml) or a "
+                                             "preset name")
     t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    t.add_argument("--config", dest="config_opt", metavar="CONFIG", help="the config, as an option (older spelling)")
     t.add_argument("--no-resume", action="store_true",
                    help="start from scratch (refused when train.out_dir holds a run, unless --overwrite)")
     t.add_argument("--overwrite", action="store_true",
@@ -444,8 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ablate", help="run one config with several methods and seeds; print a table",
                        epilog="methods (loss, curriculum): " + "; ".join(
                            f"{name} ({m.loss}, {m.curriculum})" for name, m in METHODS.items()))
-    a.add_argument("config", help="YAML config, or 'demo' for the embedded demo (configs with warmstart.enabled, "
-                                  "e.g. configs/collapse.yaml, also share one warm start per seed)")
+    a.add_argument("config", nargs="?", help="YAML config, or 'demo' for the embedded demo (configs with "
+                                             "warmstart.enabled, e.g. configs/collapse.yaml, also share one warm "
+                                             "start per seed)")
+    a.add_argument("--config", dest="config_opt", metavar="CONFIG", help="the config, as an option (older spelling)")
     a.add_argument("--methods", "--losses", dest="methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated methods: a loss plus its curriculum setting, the baselines without the "
                         "SE curriculum, SENT with it (default: the eight columns of the paper's comparison)")
@@ -458,8 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pn = sub.add_parser("plan", help="per-device memory of a run's phases (update, log-probs, rollout, eval), "
                                      "compiled abstractly: no weights read, nothing allocated")
-    pn.add_argument("config", help="YAML config or preset name")
+    pn.add_argument("config", nargs="?", help="YAML config or preset name")
     pn.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    pn.add_argument("--config", dest="config_opt", metavar="CONFIG", help="the config, as an option (older spelling)")
     pn.add_argument("--devices", type=int, default=None,
                     help="simulate this many CPU devices (default: the target's, else the real devices)")
     pn.add_argument("--target", default=None,
@@ -469,14 +521,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of the budget kept free for what the estimate misses (default 0.1)")
     pn.add_argument("--suggested", action="store_true",
                     help="plan every mesh suggested in the config's YAML comments (`#   TPU v5p-8 (4 chips): mesh...`)")
-    pn.add_argument("--no-eval", action="store_true", help="skip the evaluation sampler")
-    pn.add_argument("--eval", action="store_true", help="plan `entrl eval` with this config instead of training")
+    which = pn.add_mutually_exclusive_group()
+    which.add_argument("--no-eval", action="store_true", help="skip the evaluation sampler")
+    which.add_argument("--eval", action="store_true", help="plan `entrl eval` with this config instead of training")
     pn.add_argument("--json", action="store_true", help="print one JSON object (keys include fits, per_device_bytes)")
     pn.set_defaults(fn=cmd_plan)
 
     c = sub.add_parser("config", help="print the resolved config, or the configuration reference")
     c.add_argument("config", nargs="?", help="YAML config or preset name (default: the built-in defaults)")
     c.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    c.add_argument("--config", dest="config_opt", metavar="CONFIG", help="the config, as an option (older spelling)")
     c.add_argument("--reference", action="store_true", help="print the Markdown table of every config key")
     c.add_argument("--losses", action="store_true", help="print the Markdown table of every loss (loss.name)")
     c.set_defaults(fn=cmd_config)

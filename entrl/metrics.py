@@ -65,6 +65,7 @@ import json
 import logging
 import math
 import numbers
+import re
 import secrets
 import sys
 import tempfile
@@ -80,6 +81,14 @@ from entrl import rundir as R
 
 JSONL_NAME = "metrics.jsonl"
 ROLLOUTS_NAME = "rollouts.jsonl"
+_TB_ILLEGAL = re.compile(r"[^-/\w.]")  # what TensorBoard's tags may not hold (tensorboardX renames, logging each)
+
+
+def tensorboard_tag(key: str) -> str:
+    """The TensorBoard tag of a metric key: `eval/pass@1` -> `eval/pass_1`, `reward/my.py:fmt` -> `reward/my.py_fmt`."""
+    return _TB_ILLEGAL.sub("_", key).lstrip("/")
+
+
 _TB_QUEUE = 10_000  # TensorBoard events in flight (tensorboardX's default, 10, is less than one step's scalars)
 _WANDB_ID_FILE = "wandb_run_id"
 # (metric key, console label) shown on the progress line when present.
@@ -275,7 +284,7 @@ class _TensorBoard:
         self._check()
         for key, value in values.items():
             if math.isfinite(value):
-                self._writer.add_scalar(key, value, step)
+                self._writer.add_scalar(tensorboard_tag(key), value, step)
         self._writer.flush()
         self._upload()
 

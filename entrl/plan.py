@@ -273,7 +273,7 @@ class MemoryPlan:
         budget = (f"{gib(self.budget_bytes)} GiB ({self.budget_source}), {self.headroom:.0%} headroom"
                   if self.budget_bytes else "unknown (give --hbm-gb or --target)")
         mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
-        lines = [f"plan: {self.model} ({self.num_params / 1e9:.2f}B params) on {self.devices} {self.platform} "
+        lines = [f"plan: {self.model} ({_count(self.num_params)} params) on {self.devices} {self.platform} "
                  f"devices, mesh {mesh}; budget per device {budget}",
                  "", "| per device | GiB |", "|---|---|"]
         names = {"params": "params (master)", "optimizer": "optimizer state", "reference": "reference copy",
@@ -513,6 +513,14 @@ def _eval_call_prompts(cfg: C.RunConfig, shards: int) -> int:
     """Problems per evaluation sampler call: `eval.batch_problems`, rounded up to a multiple of the shards."""
     want = cfg.eval.batch_problems or 64
     return -(-want // shards) * shards
+
+
+def _count(n: float) -> str:
+    """1.78B, 19.1k: a parameter count at its own scale."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
 
 
 def device_budget() -> tuple[int | None, str]:

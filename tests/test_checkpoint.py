@@ -409,3 +409,17 @@ def test_replicated_leaves_are_sliced_for_parallel_writes_only_when_large(tmp_pa
     mgr.close()
     _assert_trees_equal(restored.params, params)
     _assert_trees_equal(restored.opt_state, opt_state)
+
+
+def test_reading_a_run_logs_no_warning(tmp_path, caplog):
+    """`entrl export` and `model.path=<run dir>` read through a read-only manager: orbax's notices that the
+    directory is read-only (two absl WARNING lines before any message of entrl's) are not shown."""
+    params, opt_state = _model_and_opt()
+    mgr = CheckpointManager(tmp_path, keep=2, async_save=False)
+    assert _save(mgr, 1, params, opt_state)
+    mgr.close()
+    with caplog.at_level(logging.INFO):
+        reader = CheckpointManager(tmp_path, read_only=True)
+        assert reader.restore_latest(params_target=_targets(params, opt_state)[0]).step == 1
+        reader.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

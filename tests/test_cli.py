@@ -45,6 +45,11 @@ def test_every_flag_has_help():
      ["a.b=1", "x.y=2"]),
     (["ablate", "demo", "--quick", "a.b=1", "--seeds", "0,1"], "demo", ["a.b=1"]),
     (["config", "loss.name=grpo"], None, ["loss.name=grpo"]),
+    # the older --config spelling works wherever a command reads a run config (README)
+    (["train", "--config", "c.yaml", "a.b=1"], "c.yaml", ["a.b=1"]),
+    (["plan", "--config", "c.yaml", "--hbm-gb", "4"], "c.yaml", []),
+    (["ablate", "--config", "demo", "--quick"], "demo", []),
+    (["config", "--config", "c.yaml", "a.b=1"], "c.yaml", ["a.b=1"]),
     (["train", "c.yaml", "num_generations=4", "actor_rollout_ref.actor.optim.lr=2e-6"], "c.yaml",
      ["rollout.n=4", "optim.lr=2e-6"]),
 ])
@@ -61,6 +66,22 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     assert "give a config" in capsys.readouterr().err
     assert main(["semantic-entropy", "demo", "--config", "other", *data]) == 2
     assert "two configs given" in capsys.readouterr().err
+    out = str(tmp_path / "x")
+    for argv, needle in [
+        (["train"], "give a config"),
+        (["semantic-entropy", "demo", *data], "data.task=math"),  # the demo's task would ignore the file
+        (["semantic-entropy", "demo", "data.task=math", *data, "--n", "0"], "--n 0"),
+        (["demo", "--quick", "--seed", "-1", "--out", out], "--seed -1"),
+        (["demo", "--quick", "--out", out, f"train.out_dir={out}"], "give --out"),
+        (["ablate", "demo", "--quick", "--methods", ",", "--out", out], "--methods"),
+        (["ablate", "demo", "--quick", "--seeds", "a,b", "--out", out], "--seeds"),
+        (["ablate", "demo", "--quick", "--seeds", "-1", "--out", out], "--seeds"),
+        (["ablate", "demo", "--quick", "--seeds", "1,1", "--out", out], "--seeds"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("entrl: config error:") and err.count("\n") == 1 and needle in err, (argv, err)
+    assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
 def test_aliases_reach_the_config(capsys):
@@ -94,3 +115,16 @@ def typing_section(field):
     import typing
 
     return typing.get_type_hints(C.RunConfig)[field.name]
+
+
+def test_plot_refuses_what_is_not_a_run_in_one_line(tmp_path, capsys):
+    (tmp_path / "empty_run").mkdir()
+    (tmp_path / "empty_run" / "metrics.jsonl").write_text("")
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "data.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n' * 3)
+    for target, needle in [("nothing", "not a run directory"), ("data.jsonl", "not a run directory"),
+                           ("empty_run", "no step yet"), ("missing", "not a run directory")]:
+        assert main(["plot", str(tmp_path / target)]) == 2, target
+        err = capsys.readouterr().err
+        assert err.startswith("entrl: config error:") and err.count("\n") == 1 and needle in err, (target, err)
+    assert not list(tmp_path.rglob("plots"))

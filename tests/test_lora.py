@@ -123,6 +123,23 @@ def test_targets_choose_the_adapted_projections():
         lora.LoRASpec(rank=2, alpha=1.0, targets=("qkv",))
 
 
+def test_startup_summary_names_the_adapters(tmp_path):
+    from entrl.rl.summary import startup_summary
+    from entrl.rl.trainer import step_settings
+
+    cfg = make_cfg(tmp_path, "model.lora_targets=[v, down]", "model.lora_rank=2")
+    adapted = lora.add_adapters(tiny_model("qwen2"), lora.LoRASpec(rank=2, alpha=8.0, targets=("v", "down")))
+    params = nnx.state(adapted)
+    text = startup_summary(cfg, params=params, mesh=None, pipeline=None, settings=step_settings(cfg),
+                           out_dir=tmp_path, prompts=4)
+    trained = sum(int(x.size) for x in jax.tree.leaves(lora.split(params)[0]))
+    line = [x for x in text.splitlines() if x.split()[:1] == ["lora"]]
+    assert line and "rank 2, alpha 8, on v down" in line[0] and f"{trained} trained params" in line[0], text
+    base = startup_summary(C.load_config(DEMO, TINY), params=nnx.state(tiny_model("qwen2")), mesh=None,
+                           pipeline=None, settings=step_settings(cfg), out_dir=tmp_path, prompts=4)
+    assert not [x for x in base.splitlines() if x.split()[:1] == ["lora"]]
+
+
 def test_merged_model_saves_a_checkpoint_transformers_runs_with_equal_logits(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

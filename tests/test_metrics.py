@@ -72,15 +72,19 @@ def test_truncate_on_resume(tmp_path, caplog):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 7
 
 
-def test_tensorboard_events(tmp_path):
+def test_tensorboard_events(tmp_path, caplog):
     config = {"loss": {"name": "sent"}}
-    with _logger(tmp_path, tensorboard=True, config=config) as logger:
-        logger.log(1, {"reward": 0.25, "time/step": 1.5, "note": "text is skipped"})
+    with caplog.at_level(logging.INFO), _logger(tmp_path, tensorboard=True, config=config) as logger:
+        logger.log(1, {"reward": 0.25, "time/step": 1.5, "note": "text is skipped", "eval/pass@1": 0.5,
+                       "reward/my.py:fmt": 1.0})
         logger.log(2, {"reward": 0.5, "loss": float("inf")})
     scalars = _tb_scalars(tmp_path / "tb")
     assert scalars[("reward", 1)] == 0.25 and scalars[("reward", 2)] == 0.5
     assert scalars[("time/step", 1)] == 1.5
     assert ("loss", 2) not in scalars and not any(tag == "note" for tag, _ in scalars)
+    # keys TensorBoard's tags cannot hold, renamed by entrl (tensorboardX would log a line per key and step)
+    assert scalars[("eval/pass_1", 1)] == 0.5 and scalars[("reward/my.py_fmt", 1)] == 1.0
+    assert "illegal" not in caplog.text
 
 
 def test_console_line(tmp_path, capsys):

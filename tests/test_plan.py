@@ -103,6 +103,15 @@ def test_plan_cli_json_exit_codes_and_one_line_errors(capsys):
         assert cli.main(args) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("entrl: config error:") and "\n" not in err and needle in err, err
+    # the flags themselves, refused before anything is built
+    for bad, needle in ((["--hbm-gb", "nan"], "--hbm-gb"), (["--hbm-gb", "0"], "--hbm-gb"),
+                        (["--hbm-gb", "4", "--devices", "-2"], "--devices"), (["--hbm-gb", "4", "--devices", "0"],
+                                                                              "--devices"),
+                        (["--hbm-gb", "4", "--headroom", "1.5"], "--headroom"),
+                        (["--devices", "4"], "no memory budget for 4 simulated")):
+        assert cli.main(["plan", DEMO, *SMALL, *bad]) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("entrl: config error:") and "\n" not in err and needle in err, err
 
 
 def test_plan_simulates_another_device_count(capsys):

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from entrl import config as C
+from entrl.models import lora
 from entrl.rl.loss_specs import resolve_params
 
 
@@ -56,6 +57,11 @@ def startup_summary(cfg: C.RunConfig, *, params: Any, mesh, pipeline, settings, 
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     lines.append(("model", (f"{m.path} ({_count(n_params)} params; weights {m.param_dtype}, compute {m.dtype}, "
                            f"remat {m.remat})")))
+    if m.lora_rank:
+        trained = sum(int(x.size) for x in jax.tree.leaves(lora.trainable(params)))
+        targets = m.lora_targets if isinstance(m.lora_targets, str) else " ".join(m.lora_targets)
+        lines.append(("lora", (f"rank {m.lora_rank}, alpha {m.lora_alpha:g}, on {targets}: {_count(trained)} "
+                               f"trained params ({trained / max(n_params, 1):.2%}); the base is frozen")))
     if mesh is None:
         devices = f"none (1 device), {jax.process_count()} process(es)"
     else:
