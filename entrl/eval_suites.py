@@ -8,9 +8,12 @@ Design decisions:
   resumes by skipping the problems whose n samples are all there, and a finished run is re-summarised
   (other k, other benchmark subsets) without sampling. A torn last line, or a problem with fewer than n
   samples (deleted lines), is removed from the file and that problem is sampled again.
-- The settings that change what a sample means (model, tokenizer, n, temperature, top_p,
-  max_new_tokens, seed, dtype, prompt) go to `<out>/run.json` on the first run; resuming with other
-  ones is an error. Benchmarks, k, batch size and max_problems may change between runs.
+- The settings that change what a sample means (model path and a fingerprint of its weights,
+  tokenizer, n, temperature, top_p, max_new_tokens, seed, dtype, prompt) go to `<out>/run.json` on the
+  first run; resuming with other ones is an error, and so is a run.json without the fingerprint (older
+  entrl: its samples cannot be matched to the weights). The weights are read even when every sample is
+  on disk, since a run's `policy/` changes as it trains on. Benchmarks, k, batch size and max_problems
+  may change between runs.
 - Sampling keys are fold_in(key(seed), crc32(benchmark), index of the batch's first problem), not a
   counter of the run's history: a resumed batch holding the same problems as a batch of the
   interrupted run (same batch size, stopped at a batch boundary) draws exactly the same samples.
@@ -35,10 +38,12 @@ Left out on purpose: tolerance grading of rounded physics answers and LLM judges
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import re
+import sys
 import time
 import zlib
 from collections.abc import Sequence
@@ -52,6 +57,7 @@ from jax.experimental import multihost_utils
 
 from entrl import plan
 from entrl.build import build_tokenizer, maybe_initialize_distributed, resolve_model_dir
+from entrl.checkpoint import fingerprint_leaves
 from entrl.config import ConfigError
 from entrl.data.sources import Record, load_records, number_text
 from entrl.data.tasks import tokenize_prompts
@@ -67,7 +73,7 @@ from entrl.sharding import data_shards, make_mesh
 log = logging.getLogger(__name__)
 
 # Settings that must not change when an evaluation directory is resumed (see run.json).
-RESUME_KEYS = ("model", "tokenizer", "n", "temperature", "top_p", "max_new_tokens", "seed", "dtype",
+RESUME_KEYS = ("model", "weights", "tokenizer", "n", "temperature", "top_p", "max_new_tokens", "seed", "dtype",
                "cache_dtype", "chat_template", "prompt_suffix")
 
 
@@ -119,8 +125,7 @@ def _hub_records(src: BenchmarkSource) -> list:
     try:
         ds = datasets.load_dataset(src.hub_id, split=src.split)
     except Exception as e:  # datasets raises many types (connection, not found, offline mode, ...)
-        raise ValueError(f"could not load {src.hub_id!r} (split {src.split!r}) from the hub: {e}; "
-                         "pass --data-dir with <benchmark>.jsonl files instead") from e
+        raise ValueError(f"could not load {src.hub_id!r} (split {src.split!r}) from the hub: {e}") from e
     missing = [k for k in (src.problem_key, src.answer_key) if k not in ds.column_names]
     if missing:
         raise ValueError(f"{src.hub_id}: columns {missing} not found; available: {ds.column_names}")
@@ -136,28 +141,65 @@ def _hub_records(src: BenchmarkSource) -> list:
     return records
 
 
-def load_benchmark(name: str, *, data_dir: str | None = None, max_problems: int = 0) -> Benchmark:
-    """A named benchmark (`BENCHMARKS`: `<data_dir>/<name>.jsonl`, else its hub dataset), or any
-    JSONL/Parquet path or hub id with columns `problem`/`answer` (and `id` when present)."""
+def _file_records(source) -> list:
+    """Records of a file or hub id with columns problem/answer, and id when there is one (else the row index)."""
+    try:
+        return load_records(source).records
+    except ValueError as e:
+        if "(id_key) not found" not in str(e):
+            raise
+    return load_records(source, id_key="").records
+
+
+def load_benchmark(name: str, *, data_dir: str | None = None, max_problems: int = 0,
+                   dir_option: str = "eval.data_dir") -> Benchmark:
+    """A named benchmark (`BENCHMARKS`) or file stem: `<data_dir>/<name>.jsonl` (a `BENCHMARKS` name must be
+    there when data_dir is given), else a named benchmark's hub dataset; or any JSONL/Parquet path or hub id
+    with columns `problem`/`answer` (and `id` when present).
+
+    Every failure is a one-line ConfigError; `dir_option` is what sets data_dir in the caller (a flag or key,
+    named in the hints; "" = the caller has none).
+    """
     if max_problems < 0:
-        raise ValueError(f"max_problems={max_problems}: must be >= 0 (0 = all)")
-    if name in BENCHMARKS:
-        src = BENCHMARKS[name]
-        if data_dir:
-            path = as_path(data_dir, "--data-dir", schemes=READ_SCHEMES) / f"{name}.jsonl"  # local or gs://
-            if not path.is_file():
-                raise ConfigError(f"benchmark {name!r}: {path} not found (--data-dir {data_dir})")
-            records = load_records(path).records
-        else:
+        raise ConfigError(f"max_problems={max_problems}: must be >= 0 (0 = all)")
+    src = BENCHMARKS.get(name)
+    root = path = None
+    if data_dir:
+        where = f"{dir_option or 'the benchmark directory'} is {str(data_dir)!r}"
+        root = as_path(data_dir, dir_option or "data_dir", schemes=READ_SCHEMES)  # local or gs://
+        if not root.is_dir():
+            raise ConfigError(f"{where}: no such directory (give one holding <benchmark>.jsonl files)")
+        path = root / f"{name}.jsonl"
+        if not path.is_file():
+            if src is not None:
+                raise ConfigError(f"benchmark {name!r}: {path} not found ({where})")
+            path = None
+    try:
+        if path is not None:
+            records = _file_records(path)
+        elif src is not None:
             records = _hub_records(src)
-        key, label = name, src.label
+        else:
+            records = _file_records(name)
+    except (ValueError, ImportError) as e:
+        msg = str(e) if str(e).startswith(name) else f"benchmark {name!r}: {e}"
+        hint = ""
+        if "(problem_key) not found" in msg or "(answer_key) not found" in msg:
+            hint = "; a benchmark file needs the columns problem and answer (and id, optional)"
+        from_hub = not (Path(name).exists() or is_remote(name) or name.endswith((".jsonl", ".json", ".parquet"))
+                        or name.startswith((".", "/", "~")))  # what `load_records` takes for a hub id
+        if path is None and (src is not None or from_hub):
+            if root is not None:
+                hint += f"; there is no {root / (name + '.jsonl')} either"
+            elif dir_option:
+                hint += (f"; give {dir_option} a directory of <benchmark>.jsonl files instead (`entrl data "
+                        "prepare-benchmarks` writes them where the hub is reachable)")
+            if src is None:
+                hint += f" (built-in benchmarks: {', '.join(BENCHMARKS)})"
+        raise ConfigError(f"{msg}{hint}") from None
+    if path is not None or src is not None:
+        key, label = name, src.label if src is not None else name
     else:
-        try:
-            records = load_records(name).records
-        except ValueError as e:
-            if "(id_key) not found" not in str(e):
-                raise
-            records = load_records(name, id_key="").records  # no id column: row index
         key = Path(name).stem if Path(name).exists() else name
         label = key
     return Benchmark(key, label, list(records[:max_problems] if max_problems else records))
@@ -241,19 +283,52 @@ def _read_samples(path, n: int) -> dict[tuple[str, str], list[dict]]:
     return complete
 
 
-def _check_run_settings(out, settings: dict, have_samples: bool) -> None:
-    """Write run.json, or compare with the one there; a mismatch with samples on disk is an error."""
+def weights_fingerprint(params) -> str:
+    """A digest of the parameter values (`entrl.checkpoint.fingerprint_leaves`): equal for the same weights
+    wherever they were loaded from, different once a run trains them further. A collective over processes."""
+    doc = json.dumps(fingerprint_leaves(params), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(doc.encode()).hexdigest()[:32]
+
+
+def _settings_diff(key: str, old: Any, new: Any) -> str:
+    if key != "weights":
+        return f"{key}: {old!r} on disk vs {new!r} now"
+    if old is None:  # run.json of an entrl that did not record the weights: they cannot be matched
+        return "weights: no fingerprint on disk (samples from an older entrl), so not known to be this model's"
+    return f"weights: fingerprint {old} on disk vs {new} now, so the model changed"
+
+
+def _check_run_settings(out, settings: dict, have_samples: bool, *, write: bool = True) -> None:
+    """Write run.json (`write`), or compare the `RESUME_KEYS` in `settings` with the one there; a mismatch
+    with samples on disk is an error."""
     path = out / "run.json"
     if path.exists() and have_samples:
         old = json.loads(path.read_text()).get("settings", {})
-        diff = {k: (old.get(k), settings[k]) for k in RESUME_KEYS if old.get(k) != settings[k]}
+        diff = {k: (old.get(k), settings[k]) for k in RESUME_KEYS if k in settings and old.get(k) != settings[k]}
         if diff:
-            lines = ", ".join(f"{k}: {a!r} on disk vs {b!r} now" for k, (a, b) in diff.items())
+            lines = ", ".join(_settings_diff(k, a, b) for k, (a, b) in diff.items())
             raise ConfigError(f"{out} holds samples drawn with other settings ({lines}); use another --out "
                              "or delete its samples.jsonl")
         return
-    if jax.process_index() == 0:
+    if write and jax.process_index() == 0:
         path.write_text(json.dumps({"settings": settings}, indent=2) + "\n")
+
+
+def _prompt_tokens(bench: Benchmark, tokenizer, buckets: Sequence[int], *, suffix: str,
+                   chat_template: bool) -> list[list[int]]:
+    """Prompt tokens of every problem; ConfigError when one does not encode or is longer than the largest
+    prompt bucket (evaluation never drops a problem)."""
+    try:
+        tokens = tokenize_prompts(bench.records, tokenizer, max_prompt_len=sys.maxsize, on_long_prompt="error",
+                                  suffix=suffix, chat_template=chat_template).tokens
+    except ValueError as err:
+        raise ConfigError(f"benchmark {bench.key!r} {err}") from None
+    i = max(range(len(tokens)), key=lambda j: len(tokens[j]))
+    if len(tokens[i]) > max(buckets):
+        raise ConfigError(f"benchmark {bench.key!r} problem {bench.records[i].id!r}: its prompt has {len(tokens[i])} "
+                          f"tokens, more than the largest of rollout.prompt_buckets={list(buckets)}; add a bucket of at "
+                          f"least {len(tokens[i])}")
+    return tokens
 
 
 def _check_context(model_dir, prompts: dict, buckets: Sequence[int], max_new_tokens: int) -> None:
@@ -363,7 +438,11 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
     pool, closed at the end) grades. See the module docstring.
     """
     e, m = cfg.eval, cfg.model
+    if not e.k:
+        raise ConfigError("eval.k is empty: give the k values of pass@k / avg@k / maj@k (--k 1,8)")
     ks = sorted({int(k) for k in e.k})
+    if len(ks) != len(e.k):
+        raise ConfigError(f"eval.k={list(e.k)} gives a k more than once (--k): give each once")
     if not e.benchmarks:
         raise ConfigError("eval.benchmarks is empty")
     try:
@@ -374,31 +453,41 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
     out_dir = out_dir or e.out_dir
     if not out_dir:
         raise ConfigError("no output directory: give --out or eval.out_dir")
+    suites = [load_benchmark(b, data_dir=e.data_dir or None, max_problems=e.max_problems,
+                             dir_option="eval.data_dir (--data-dir)") for b in e.benchmarks]
+    if len({s.key for s in suites}) != len(suites):
+        raise ConfigError(f"eval.benchmarks {list(e.benchmarks)} name the same benchmark twice")
     maybe_initialize_distributed()
     buckets = tuple(cfg.rollout.prompt_buckets)
-    out = as_path(out_dir, "--out")  # local or gs://
-    out.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_dir(m.path)
     tok = build_tokenizer(cfg)
     tok_name = m.tokenizer or str(model_dir)
     kv_dtype = cache_dtype(cfg, e.cache_dtype)
     suffix = cfg.data.prompt_suffix
+    prompts = {s.key: _prompt_tokens(s, tok, buckets, suffix=suffix, chat_template=cfg.data.chat_template)
+               for s in suites}
+    _check_context(model_dir, prompts, buckets, e.max_new_tokens)
+    try:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    out = as_path(out_dir, "--out")  # local or gs://
+    out.mkdir(parents=True, exist_ok=True)
     settings = {"model": str(model_dir.resolve()) if model_dir.exists() else str(model_dir), "tokenizer": tok_name,
                 "n": e.n, "temperature": float(e.temperature), "top_p": float(e.top_p),
                 "max_new_tokens": e.max_new_tokens, "seed": e.seed, "dtype": m.dtype, "cache_dtype": kv_dtype,
                 "chat_template": cfg.data.chat_template, "prompt_suffix": suffix}
     samples_file = out / "samples.jsonl"
+    have_samples = samples_file.exists() and samples_file.stat().length > 0
+    _check_run_settings(out, settings, have_samples, write=False)  # before any weight is read
+    # Loaded even when every sample is on disk: the weights behind a path change when its run trains on.
+    net = load_pretrained(model_dir, dtype=m.dtype, param_dtype=m.dtype, mesh=mesh)
+    graphdef, params = nnx.split(net)
+    settings["weights"] = weights_fingerprint(params)
     # Settings first: reading with another n would take every problem on disk for a partial one.
-    _check_run_settings(out, settings, have_samples=samples_file.exists() and samples_file.stat().length > 0)
+    _check_run_settings(out, settings, have_samples)
     done = _read_samples(samples_file, e.n)
-
-    suites = [load_benchmark(b, data_dir=e.data_dir or None, max_problems=e.max_problems) for b in e.benchmarks]
-    if len({s.key for s in suites}) != len(suites):
-        raise ConfigError(f"eval.benchmarks {list(e.benchmarks)} name the same benchmark twice")
-    prompts = {s.key: tokenize_prompts(s.records, tok, max_prompt_len=max(buckets), on_long_prompt="error",
-                                       suffix=suffix, chat_template=cfg.data.chat_template).tokens for s in suites}
     todo = {s.key: [i for i, r in enumerate(s.records) if (s.key, r.id) not in done] for s in suites}
-    _check_context(model_dir, prompts, buckets, e.max_new_tokens)
 
     own_verifier = verifier is None
     if own_verifier:
@@ -409,16 +498,10 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
             raise ConfigError(f"reward.equivalent: {err}") from None
     try:
         if any(todo.values()):
-            try:
-                mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
             batch = eval_batch_problems(cfg, mesh)
-            net = load_pretrained(model_dir, dtype=m.dtype, param_dtype=m.dtype, mesh=mesh)
             sc = SamplingConfig.for_tokenizer(tok, n=e.n, temperature=e.temperature, top_p=e.top_p,
                                               max_new_tokens=e.max_new_tokens, cache_dtype=kv_dtype)
             sc.check_vocab(net.cfg.vocab_size)
-            graphdef, params = nnx.split(net)
             log.info("eval: %d problems x %d samples per sampler call, on %d devices (%d data shards)", batch,
                      e.n, mesh.size, data_shards(mesh))
             for s in suites:

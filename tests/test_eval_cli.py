@@ -64,7 +64,8 @@ class StubVerifier:
 _KEYS = {"benchmarks": "eval.benchmarks", "n": "eval.n", "ks": "eval.k", "data_dir": "eval.data_dir",
          "max_new_tokens": "eval.max_new_tokens", "max_problems": "eval.max_problems",
          "batch_size": "eval.batch_problems", "seed": "eval.seed", "temperature": "eval.temperature",
-         "buckets": "rollout.prompt_buckets", "dtype": "model.dtype"}
+         "buckets": "rollout.prompt_buckets", "dtype": "model.dtype", "mesh_data": "mesh.data",
+         "mesh_fsdp": "mesh.fsdp"}
 
 
 def _run(model_dir, out, **kw):
@@ -206,7 +207,7 @@ def test_bucket_data_and_output(first_run, model_dir, shared_data, fake_gcs):
     assert sorted(samples.read_text().splitlines()) == sorted(text0.splitlines())
 
 
-def test_errors(first_run, model_dir, shared_data, tmp_path):
+def test_errors(first_run, model_dir, shared_data, tmp_path, capsys):
     out0, _, text0 = first_run
     with pytest.raises(ConfigError, match="other settings.*temperature"):
         _run(model_dir, out0, data_dir=str(shared_data), temperature=0.5)
@@ -217,7 +218,9 @@ def test_errors(first_run, model_dir, shared_data, tmp_path):
         _run(model_dir, tmp_path / "a", data_dir=str(shared_data), ks=(1, 8))
     with pytest.raises(ConfigError, match="aime24"):
         _run(model_dir, tmp_path / "b", data_dir=str(tmp_path), benchmarks=["aime24"])
-    assert main(["eval", "--model", str(model_dir), "--out", str(out0), "--n", "2", "--k", "1"]) == 2  # clean CLI error
+    assert main(["eval", "--model", str(model_dir), "--out", str(out0), "--n", "2", "--k", "1", "--data-dir",
+                 str(shared_data), "--benchmarks", ",".join(BENCHES), "--max-problems", "3", "--max-new-tokens", "4"]) == 2
+    assert "other settings" in _one_line_error(capsys)
 
 
 def test_evaluate_prompts_on_shared_batch_helper(model_dir):
@@ -255,3 +258,109 @@ def test_cli_smoke(model_dir, shared_data, tmp_path, capsys):
     assert res["settings"]["dtype"] == "bfloat16" and res["ks"] == [1, 4]
     assert len(_rows(out / "samples.jsonl")) == 2 * N
     assert "| Minerva | avg@k |" in (out / "results.md").read_text()
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("entrl: config error: "), err
+    return err
+
+
+def _hub_down(monkeypatch):
+    import datasets
+
+    def offline(name, split):
+        raise ConnectionError(f"Couldn't reach {name!r} on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+
+
+def test_benchmark_and_k_errors_are_one_line(model_dir, shared_data, tmp_path, capsys, monkeypatch):
+    """Every benchmark that cannot be read, a missing data dir and an empty or repeated eval.k: one line, exit 2,
+    before the output directory or the model is touched."""
+    _hub_down(monkeypatch)
+    out = tmp_path / "out"
+    base = ["eval", "--model", str(model_dir), "--n", "2", "--k", "1", "--max-new-tokens", "4", "--out", str(out)]
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "column.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    (tmp_path / "broken.jsonl").write_text('{"problem": "1+1?", "answer": \n')
+    cases = {(): ["aime24", "from the hub", "give eval.data_dir (--data-dir) a directory"],
+             ("--benchmarks", str(tmp_path / "missing.jsonl")): ["missing.jsonl: file not found"],
+             ("--benchmarks", str(tmp_path / "empty.jsonl")): ["no usable rows"],
+             ("--benchmarks", str(tmp_path / "column.jsonl")): ["column 'problem'", "columns problem and answer"],
+             ("--benchmarks", str(tmp_path / "broken.jsonl")): ["line 1: invalid JSON"],
+             ("--benchmarks", "mini"): ["'mini'", "give eval.data_dir (--data-dir)", "built-in benchmarks: aime24"],
+             ("--benchmarks", "mini", "--data-dir", str(shared_data)): [f"no {shared_data / 'mini.jsonl'} either"],
+             ("--benchmarks", "minerva", "--data-dir", str(tmp_path / "nodir")): ["eval.data_dir (--data-dir) is",
+                                                                                  "no such directory"],
+             ("--benchmarks", "minerva", "--data-dir", str(shared_data), "rollout.prompt_buckets=[16]"): [
+                 "'minerva' problem 'minerva-", "more than the largest of rollout.prompt_buckets=[16]"],
+             ("--k", ""): ["eval.k is empty"],
+             ("--k", "1,1"): ["eval.k=[1, 1] gives a k more than once"]}
+    for args, needles in cases.items():
+        assert main([*base, *args]) == 2, args
+        err = _one_line_error(capsys)
+        assert all(s in err for s in needles), (args, err)
+        assert not out.exists(), args
+
+
+def test_benchmark_read_from_data_dir_by_name(shared_data, tmp_path, monkeypatch):
+    """A name that is `<data_dir>/<name>.jsonl` reads that file (built-in or not); hints name the caller's option."""
+    d = tmp_path / "bench"
+    d.mkdir()
+    (d / "mini.jsonl").write_text("".join((shared_data / "minerva.jsonl").read_text().splitlines(keepends=True)[:2]))
+    b = E.load_benchmark("mini", data_dir=str(d))
+    assert (b.key, b.label, [r.id for r in b.records]) == ("mini", "mini", ["minerva-0", "minerva-1"])
+    _hub_down(monkeypatch)
+    with pytest.raises(ConfigError, match="give eval.data_dir a directory") as err:  # the key of `entrl train`'s val.data
+        E.load_benchmark("aime24")
+    assert "--data-dir" not in str(err.value)
+    with pytest.raises(ConfigError, match="give --bench-dir a directory"):
+        E.load_benchmark("aime24", dir_option="--bench-dir")
+    with pytest.raises(ConfigError) as err:
+        E.load_benchmark("aime24", dir_option="")
+    assert "give" not in str(err.value) and "from the hub" in str(err.value)
+
+
+def test_val_data_hint_names_eval_data_dir(monkeypatch):
+    """`entrl train ... val.data=aime24` without the hub: the hint names eval.data_dir, the key it reads."""
+    from entrl.rl.setup import build_val_set
+
+    _hub_down(monkeypatch)
+    cfg = C.load_config(None, ["train.eval_every=1", "val.data=aime24"])
+    with pytest.raises(ConfigError, match=r"val.data='aime24': .*give eval.data_dir a directory") as err:
+        build_val_set(cfg, tokenizer=None)
+    assert "--data-dir" not in str(err.value)
+
+
+def test_resume_checks_the_weights(first_run, model_dir, shared_data, tmp_path, monkeypatch):
+    """Samples on disk are reused only for the same weights (a fingerprint in run.json), not the same path:
+    a run's policy/ changes as it trains on."""
+    import shutil
+
+    from entrl.models import ModelConfig, create_model, save_pretrained
+
+    out0, res0, text0 = first_run
+    model = tmp_path / "policy"
+    shutil.copytree(model_dir, model)
+    out = tmp_path / "eval"
+    out.mkdir()
+    run = json.loads((out0 / "run.json").read_text())
+    assert len(run["settings"]["weights"]) == 32
+    run["settings"].update(model=str(model.resolve()), tokenizer=str(model))  # as if evaluated from this path
+    (out / "run.json").write_text(json.dumps(run))
+    (out / "samples.jsonl").write_text(text0)
+    calls = []
+    monkeypatch.setattr(E, "sample_and_grade", lambda *a, **kw: calls.append(a))
+    # the same weights, sharded another way (fsdp, not replicated): summarised again, nothing sampled
+    res = _run(model, out, data_dir=str(shared_data), mesh_data=1, mesh_fsdp=-1)
+    assert calls == [] and res["benchmarks"] == res0["benchmarks"]
+    save_pretrained(create_model(ModelConfig.from_pretrained(model), seed=1), model)  # "trained one more step"
+    with pytest.raises(ConfigError, match="other settings.*weights: fingerprint"):
+        _run(model, out, data_dir=str(shared_data))
+    del run["settings"]["weights"]  # run.json of an entrl that did not record the weights
+    (out / "run.json").write_text(json.dumps(run))
+    with pytest.raises(ConfigError, match="weights: no fingerprint on disk"):
+        _run(model, out, data_dir=str(shared_data))
+    assert calls == [] and (out / "samples.jsonl").read_text() == text0

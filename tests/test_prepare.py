@@ -172,6 +172,39 @@ def test_prepare_benchmarks_from_hub(tmp_path, monkeypatch):
     assert main(["data", "prepare-benchmarks", "--out", str(tmp_path / "b"), "--benchmarks", "gsm8k"]) == 2
 
 
+
+def test_bench_dir_names_and_hints(tmp_path, bench_dir, capsys, monkeypatch):
+    """--bench-dir reads `<dir>/<name>.jsonl` for any name, not only the built-in ones; a missing --bench-dir and
+    a hub failure are one line naming this command's flag (--bench-dir; none for prepare-benchmarks)."""
+    import datasets
+
+    def offline(name, split):
+        raise ConnectionError(f"Couldn't reach {name!r} on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    (bench_dir / "mini.jsonl").write_text(json.dumps({"id": "mini-1", "problem": BENCH, "answer": "9/5"}) + "\n")
+    src = tmp_path / "plain.jsonl"
+    src.write_text("".join(json.dumps({"id": f"p{i}", "problem": p, "answer": "9"}) + "\n"
+                           for i, p in enumerate([RESTATED, "What is 4+5?"])))
+    res = prepare(str(src), tmp_path / "o.jsonl", benchmarks=["mini"], bench_dir=str(bench_dir), echo=lambda s: None)
+    assert [r["id"] for r in res.rows] == ["plain-p1"]
+    assert res.removed[0]["matched_eval"][0]["benchmark"] == "mini"
+
+    def one_line_error(argv) -> str:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and err.startswith("entrl: config error:")
+        return err
+
+    prep = ["data", "prepare", str(src), "--out", str(tmp_path / "p.jsonl")]
+    err = one_line_error([*prep, "--benchmarks", "mini", "--bench-dir", str(tmp_path / "nodir")])
+    assert "--bench-dir is" in err and "no such directory" in err
+    err = one_line_error([*prep, "--benchmarks", "aime24"])
+    assert "from the hub" in err and "give --bench-dir a directory" in err and "--data-dir" not in err
+    err = one_line_error(["data", "prepare-benchmarks", "--out", str(tmp_path / "b"), "--benchmarks", "aime24"])
+    assert "from the hub" in err and "--data-dir" not in err and "--bench-dir" not in err
+
+
 def test_overlap_needs_the_numbers_and_ignores_boilerplate():
     q2 = "Let $x$ and $y$ be positive reals with $x+y=10$. Find the maximum of $xy$."
     bench = {"b": [Record("q1", BENCH, "9/5"), Record("q2", q2, "25")]}

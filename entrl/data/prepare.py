@@ -288,8 +288,9 @@ def _keys(source: str, split: str, preset: Preset | None, problem_key, answer_ke
 
 
 def load_benchmarks(names: Sequence[str], bench_dir: str | None) -> dict[str, list[Record]]:
-    """The benchmarks to decontaminate against: `<bench_dir>/<name>.jsonl`, else each one's hub dataset."""
-    return {name: list(load_benchmark(name, data_dir=bench_dir).records) for name in names}
+    """The benchmarks to decontaminate against: `<bench_dir>/<name>.jsonl`, else each one's hub dataset (or
+    the name as a file or hub id); a ConfigError naming --bench-dir when one cannot be read."""
+    return {name: list(load_benchmark(name, data_dir=bench_dir, dir_option="--bench-dir").records) for name in names}
 
 
 def prepare(source: str, out: str | Path, *, split: str = "train", problem_key: str | None = None,
@@ -325,10 +326,7 @@ def prepare(source: str, out: str | Path, *, split: str = "train", problem_key: 
 
     matched: dict[int, list[Overlap]] = collections.defaultdict(list)
     if benchmarks:
-        try:
-            bench = load_benchmarks(list(benchmarks), bench_dir)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        bench = load_benchmarks(list(benchmarks), bench_dir)
         for o in find_overlaps([text for _, text in unique], bench):
             matched[o.train_index].append(o)
         per_bench = collections.Counter(os_[0].benchmark for os_ in matched.values())
@@ -375,10 +373,7 @@ def prepare_benchmarks(out_dir: str | Path, names: Sequence[str] = BENCHMARK_NAM
         raise ConfigError(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
     paths = []
     for name in names:
-        try:
-            bench = load_benchmark(name)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        bench = load_benchmark(name, dir_option="")  # the hub only: this command has no directory to read
         path = write_records(Path(out_dir) / f"{name}.jsonl",
                              [{"id": r.id, "problem": r.problem, "answer": r.answer, "source": name}
                               for r in bench.records])
