@@ -65,7 +65,7 @@ from entrl.evaluation import _check_k, sample_and_grade, summarize
 from entrl.models import ModelConfig, load_pretrained
 from entrl.progress import progress_bar
 from entrl.rewards import Verifier, _parse, is_pathological
-from entrl.rundir import READ_SCHEMES, append_text, as_path, is_remote
+from entrl.rundir import READ_SCHEMES, append_text, as_path, is_model_dir, is_remote, is_run_dir
 from entrl.sampling import FINISH_REASONS, Sampler, SamplingConfig, cache_dtype
 from entrl.semantic_entropy import PairsEquivalent
 from entrl.sharding import data_shards, make_mesh
@@ -472,6 +472,11 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     out = as_path(out_dir, "--out")  # local or gs://
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; give a directory for samples.jsonl and results.json")
+    if out.is_dir() and (is_run_dir(out) or is_model_dir(out)):
+        raise ConfigError(f"--out {out_dir} is a{' training run' if is_run_dir(out) else ' model'} directory; give "
+                          "the evaluation its own directory (e.g. <run>/eval)")
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": str(model_dir.resolve()) if model_dir.exists() else str(model_dir), "tokenizer": tok_name,
                 "n": e.n, "temperature": float(e.temperature), "top_p": float(e.top_p),

@@ -303,6 +303,13 @@ def test_benchmark_and_k_errors_are_one_line(model_dir, shared_data, tmp_path, c
         err = _one_line_error(capsys)
         assert all(s in err for s in needles), (args, err)
         assert not out.exists(), args
+    # an output directory that is a model's (or a file) is refused, the model left as it was
+    readable = ["--benchmarks", "minerva", "--data-dir", str(shared_data), "--max-problems", "1"]
+    before = sorted(p.name for p in model_dir.iterdir())
+    for target, needle in [(model_dir, "is a model directory"), (tmp_path / "empty.jsonl", "is a file")]:
+        assert main([*base[:-1], str(target), *readable]) == 2, target
+        assert needle in _one_line_error(capsys)
+    assert sorted(p.name for p in model_dir.iterdir()) == before
 
 
 def test_benchmark_read_from_data_dir_by_name(shared_data, tmp_path, monkeypatch):
