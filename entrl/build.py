@@ -27,7 +27,7 @@ from entrl import rundir as R
 from entrl.models import ModelConfig
 from entrl.models.lora import LoRASpec
 from entrl.sharding import data_shards, make_mesh
-from entrl.tokenizer import CharTokenizer, load_tokenizer
+from entrl.tokenizer import CHAR_TOKENIZER_FILE, CharTokenizer, load_tokenizer
 
 log = logging.getLogger("entrl.setup")
 
@@ -183,11 +183,54 @@ def base_param_dtype(cfg: C.RunConfig) -> str:
     return cfg.model.dtype if cfg.model.lora_rank else cfg.model.param_dtype
 
 
+# Files one of which a tokenizer directory holds (HF fast and slow tokenizers, sentencepiece, entrl's own).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                    CHAR_TOKENIZER_FILE)
+
+
+def resolve_tokenizer_dir(name: str) -> Path:
+    """`model.tokenizer` as a local directory holding a tokenizer: a tokenizer or model directory, an entrl run
+    directory's `policy/`, or a hub id (its tokenizer files downloaded). Errors as `resolve_model_dir`'s: one
+    line, and a name that is no hub id never reaches the network."""
+    p = Path(name)
+    if p.is_dir():
+        if R.is_run_dir(p) and (p / "policy").is_dir():
+            p = p / "policy"
+        if not any((p / f).is_file() for f in _TOKENIZER_FILES):
+            raise C.ConfigError(f"model.tokenizer={name!r} is a directory without tokenizer files (none of "
+                                f"{', '.join(_TOKENIZER_FILES)})")
+        return p
+    if p.exists():
+        raise C.ConfigError(f"model.tokenizer={name!r} is a file; give a tokenizer directory, a hub id like "
+                            "Qwen/Qwen3-14B, 'char', or nothing (the tokenizer of model.path)")
+    if not _HUB_ID.fullmatch(name) or p.suffix in _FILE_SUFFIXES:
+        raise C.ConfigError(f"model.tokenizer={name!r} does not exist (give a tokenizer directory, a hub id like "
+                            "Qwen/Qwen3-14B, 'char', or nothing for the tokenizer of model.path)")
+    from huggingface_hub import snapshot_download  # noqa: PLC0415 (hub downloads only)
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]))
+    except (OSError, ValueError) as e:  # the hub's errors (not found, gated, offline, no network; a bad id)
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise C.ConfigError(f"model.tokenizer={name!r} is not a local directory and could not be downloaded from "
+                            f"the Hugging Face Hub: {reason[:300]}") from None
+
+
 def build_tokenizer(cfg: C.RunConfig):
+    """The run's tokenizer: `model.tokenizer` ("char", a directory or a hub id), else that of `model.path` (the
+    character tokenizer for the demo model). ConfigError, in one line, when it does not load."""
     run = run_checkpoint_source(cfg.model.path)
     if run is not None:
         return build_tokenizer(run_model_config(cfg, run))
-    name = cfg.model.tokenizer or ("char" if cfg.model.path == "demo" else str(resolve_model_dir(cfg.model.path)))
-    if name != "char" and Path(name).is_dir() and (Path(name) / "char_tokenizer.json").exists():
-        return CharTokenizer.load(name)
-    return load_tokenizer(name)
+    m = cfg.model
+    if m.tokenizer == "char" or (not m.tokenizer and m.path == "demo"):
+        return CharTokenizer()
+    key, value = ("model.tokenizer", m.tokenizer) if m.tokenizer else ("model.path", m.path)
+    directory = resolve_tokenizer_dir(m.tokenizer) if m.tokenizer else resolve_model_dir(m.path)
+    try:
+        return load_tokenizer(directory)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # files transformers cannot read as a tokenizer
+        cause = e.__cause__ or e  # load_tokenizer's own wrapping says what the key's message says
+        reason = " ".join(str(cause).split()) or type(cause).__name__
+        raise C.ConfigError(f"{key}={value!r}: could not load its tokenizer: {reason[:400]}"
+                            + ("" if m.tokenizer else " (or set model.tokenizer)")) from None

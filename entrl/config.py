@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from entrl.rl.loss_specs import AGG_MODES, KL_KINDS, LOSSES, LossParamError, validate_loss_params
+from entrl.rl.loss_specs import AGG_MODES, KL_KINDS, LOSSES, RULES, LossParamError, resolve_params, validate_loss_params
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,11 @@ class DataSection:
         _positive("data.max_prompt_len", self.max_prompt_len)
         _non_negative("data.max_rows", self.max_rows)
         _positive("data.arithmetic_max_number", self.arithmetic_max_number)
-        if self.arithmetic_seed < -1:
-            raise ConfigError(f"data.arithmetic_seed={self.arithmetic_seed}: must be >= 0, or -1 (= train.seed)")
+        _non_negative("data.arithmetic_train_size", self.arithmetic_train_size)
+        _non_negative("data.arithmetic_heldout_size", self.arithmetic_heldout_size)
+        if self.task == "arithmetic":
+            _positive("data.arithmetic_train_size", self.arithmetic_train_size)
+        _seed("data.arithmetic_seed", self.arithmetic_seed, unset=True)
         if self.arithmetic_max_operands < 2:
             raise ConfigError(f"data.arithmetic_max_operands={self.arithmetic_max_operands}: must be >= 2")
 
@@ -178,6 +181,7 @@ class CurriculumSection:
         _positive("curriculum.stages", self.stages)
         _positive("curriculum.epochs_per_stage", self.epochs_per_stage)
         _positive("curriculum.samples", self.samples)
+        _seed("curriculum.seed", self.seed)
         if list(self.thresholds) != sorted(self.thresholds):
             raise ConfigError(f"curriculum.thresholds={self.thresholds}: must be ascending")
         if self.refresh and (self.thresholds or self.order == "random" or not self.enabled):
@@ -203,12 +207,17 @@ class RolloutSection:
     def __post_init__(self):
         _all_finite(self, "rollout")
         _positive("rollout.n", self.n)
+        if self.n < 2:  # every group-relative advantage would be 0: nothing would train
+            raise ConfigError(f"rollout.n={self.n}: GRPO-style advantages compare the n responses of a prompt, so "
+                              "rollout.n must be >= 2")
         if self.temperature < 0:
             raise ConfigError(f"rollout.temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"rollout.top_p={self.top_p}: must be in (0, 1]")
         _non_negative("rollout.top_k", self.top_k)
         _positive("rollout.max_new_tokens", self.max_new_tokens)
+        for i, bucket in enumerate(self.prompt_buckets):
+            _positive(f"rollout.prompt_buckets[{i}]", bucket)
         _choice("rollout.cache_dtype", self.cache_dtype, ("auto", "float32", "bfloat16"))
         _non_negative("rollout.slots", self.slots)
         if not self.prompt_buckets or list(self.prompt_buckets) != sorted(self.prompt_buckets):
@@ -235,6 +244,9 @@ class LossSection:
         _choice("loss.kl_estimator", self.kl_estimator, KL_KINDS)
         if self.kl_coef < 0:
             raise ConfigError(f"loss.kl_coef={self.kl_coef}: must be >= 0")
+        # YAML 1.1 reads `1e-3`, `nan` and `1e999` as strings: numeric hyperparameters take them as float fields do
+        object.__setattr__(self, "params", {k: _float_text(v) if k in RULES and not RULES[k].choices else v
+                                            for k, v in self.params.items()})
         try:
             validate_loss_params(self.name, self.params)
         except LossParamError as e:
@@ -331,16 +343,19 @@ class TrainSection:
         _non_negative("train.log_samples_every", self.log_samples_every)
         if not self.wandb_project.strip():
             raise ConfigError("train.wandb_project is empty: name a W&B project")
+        _seed("train.seed", self.seed)
         _non_negative("train.steps", self.steps)
         _positive("train.prompts_per_step", self.prompts_per_step)
         _positive("train.minibatch_prompts", self.minibatch_prompts)
         _non_negative("train.microbatch_per_shard", self.microbatch_per_shard)
         _positive("train.ppo_epochs", self.ppo_epochs)
         _positive("train.length_buckets", self.length_buckets)
+        _non_negative("train.checkpoint_every", self.checkpoint_every)
         _positive("train.keep_checkpoints", self.keep_checkpoints)
         _positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
         _choice("train.stage_boundary", self.stage_boundary, STAGE_BOUNDARIES)
         _non_negative("train.eval_every", self.eval_every)
+        _positive("train.log_every", self.log_every)
         if self.prompts_per_step % self.minibatch_prompts:
             raise ConfigError(
                 f"train.prompts_per_step={self.prompts_per_step} is not a multiple of "
@@ -373,6 +388,7 @@ class EvalSection:
             raise ConfigError(f"eval.top_p={self.top_p}: must be in (0, 1]")
         _positive("eval.max_new_tokens", self.max_new_tokens)
         _non_negative("eval.max_problems", self.max_problems)
+        _seed("eval.seed", self.seed)
         if any(k < 1 or k > self.n for k in self.k):
             raise ConfigError(f"eval.k={self.k}: every k must be in [1, eval.n={self.n}]")
 
@@ -415,8 +431,7 @@ class WarmstartSection:
     def __post_init__(self):
         _all_finite(self, "warmstart")
         _positive("warmstart.steps", self.steps)
-        if self.seed < -1:
-            raise ConfigError(f"warmstart.seed={self.seed}: must be >= 0, or -1 (= train.seed)")
+        _seed("warmstart.seed", self.seed, unset=True)
         _positive("warmstart.problems", self.problems)
         _positive("warmstart.batch", self.batch)
         _positive("warmstart.lr", self.lr)
@@ -479,6 +494,76 @@ def microbatch_per_shard(cfg: RunConfig, shards: int) -> int:
     return cfg.train.microbatch_per_shard or cfg.train.minibatch_prompts * cfg.rollout.n // shards
 
 
+# Settings a resumed run may change (`resume_changes`): where it runs (mesh.*: a run may move to another
+# slice), its directory's name, how long it runs (train.steps, unless a decaying optim.schedule spans it), how often it
+# checkpoints, logs and evaluates and where it logs to, its evaluations (eval.*, val.*: they never feed back into
+# training), the memory check, and the knobs that leave every step's result the same: model.remat, rollout.slots,
+# train.length_buckets, train.microbatch_per_shard (unless it sizes the loss's selection scopes), the verifier's
+# reward.workers and reward.timeout_s. Every other key defines the training trajectory (the model and its adapters,
+# the data and curriculum, sampling, the loss, the optimizer, the reward, the seeds, the batch sizes, the warm start)
+# and must stay what the run started with, unless it has no effect in one of them (`_unused`).
+RESUME_MAY_CHANGE = frozenset({
+    "model.remat", "rollout.slots", "reward.workers", "reward.timeout_s", "train.out_dir", "train.steps",
+    "train.microbatch_per_shard", "train.length_buckets", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.max_nonfinite_steps", "train.eval_every", "train.log_every", "train.memory_check", "train.progress",
+    "train.log_samples_every", "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_entity",
+    "train.run_name",
+})
+RESUME_MAY_CHANGE_SECTIONS = ("mesh", "eval", "val")
+
+
+def resume_changes(started: dict, now: dict) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
+    """The settings that differ between the config a run started with (`started`, as stored in its directory)
+    and the one resuming it (`now`): ({dotted key: (was, now)}, `key was X, now Y` for each of them that a
+    resumed run must keep, i.e. is not in `RESUME_MAY_CHANGE`).
+
+    Both are read as RunConfigs first (keys added since take their defaults; ConfigError when `started` no longer
+    reads); the hyperparameters of one loss compare as that loss's resolved values (its preset plus loss.params).
+    """
+    old, new = from_dict(started), from_dict(now)
+    before, after = _flat(old), _flat(new)
+    changed = {key: (before.get(key), value) for key, value in after.items() if before.get(key) != value}
+    conflicts = []
+    for key, (was, value) in changed.items():
+        why = ""
+        if key == "train.steps" and old.optim.schedule != "constant":
+            why = f" (optim.schedule={old.optim.schedule} decays the learning rate over train.steps)"
+        elif key == "train.microbatch_per_shard" and _scope_is_memory_microbatch(old):
+            why = f" (it sizes the token-selection scopes of loss {old.loss.name!r}: see loss.scope_seqs)"
+        elif (key in RESUME_MAY_CHANGE or key.split(".", 1)[0] in RESUME_MAY_CHANGE_SECTIONS
+              or _unused(key, old) or _unused(key, new)):  # what made it unused differs too, and is named
+            continue
+        conflicts.append(f"{key} was {was!r}, now {value!r}{why}")
+    return changed, conflicts
+
+
+def _flat(cfg: RunConfig) -> dict[str, Any]:
+    """{dotted key: value} of every setting; loss.params as the loss's resolved hyperparameters."""
+    out = {f"{s.name}.{f.name}": getattr(getattr(cfg, s.name), f.name)
+           for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))}
+    del out["loss.params"]
+    out.update({f"loss.params.{k}": v for k, v in resolve_params(cfg.loss.name, cfg.loss.params).items()})
+    return out
+
+
+def _unused(key: str, cfg: RunConfig) -> bool:
+    """Whether setting `key` has no effect under `cfg` (a demo-model key for another model, ...)."""
+    if key.startswith("warmstart.") and key != "warmstart.enabled":
+        return not cfg.warmstart.enabled
+    if key.startswith("data.arithmetic_"):
+        return cfg.data.task != "arithmetic"
+    if key.startswith("model.demo_"):
+        return cfg.model.path != "demo"
+    return key in ("model.lora_alpha", "model.lora_targets") and not cfg.model.lora_rank
+
+
+def _scope_is_memory_microbatch(cfg: RunConfig) -> bool:
+    """Whether `selection_scope` falls back to the memory micro-batch (train.microbatch_per_shard)."""
+    spec, loss = LOSSES[cfg.loss.name], cfg.loss
+    return (spec.scope if loss.scope == "auto" else loss.scope) == "microbatch" and not (loss.scope_seqs or
+                                                                                        spec.scope_seqs)
+
+
 # ---------------------------------------------------------------------------
 # Validation helpers
 # ---------------------------------------------------------------------------
@@ -516,9 +601,28 @@ def _non_negative(name: str, value: int | float) -> None:
         raise ConfigError(f"{name}={value}: must be >= 0")
 
 
+SEED_LIMIT = 2**32  # seeds are 32-bit: numpy and JAX take them, and derived seeds (seed + offset) stay in range
+
+
+def _seed(name: str, value: int, *, unset: bool = False) -> None:
+    """A seed in [0, SEED_LIMIT); with `unset`, -1 too (= train.seed)."""
+    if not (-1 if unset else 0) <= value < SEED_LIMIT:
+        raise ConfigError(f"{name}={value}: must be in [0, 2**32)" + (", or -1 (= train.seed)" if unset else ""))
+
+
 # ---------------------------------------------------------------------------
 # Building from dicts, YAML files and dotted overrides
 # ---------------------------------------------------------------------------
+
+
+def _float_text(value: Any) -> Any:
+    """`value` as a float when it is a string that reads as one (YAML 1.1 leaves `1e-6` a string), else as is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _coerce(path: str, value: Any, tp: Any) -> Any:
@@ -547,11 +651,7 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             return None
         raise ConfigError(f"{path}={value!r}: expected null")
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+        value = _float_text(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}={value!r}: expected a number")
         return float(value)
@@ -652,7 +752,7 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
         # Only a bare preset name (`demo`, `demo.yaml`) may mean a built-in: `/home/me/exp/demo.yaml` that does
         # not exist is a typo or a missing file, never silently the packaged demo.
         name = path.name if path.suffix in (".yaml", ".yml") else path.name + ".yaml"
-        bare = _is_bare_name(given) and not _seen
+        bare = _is_bare_name(given)
         cands = [Path(__file__).parent.parent / "configs" / name, Path(__file__).parent / "configs" / name]
         found = next((c for c in cands if c.exists()), None) if bare else None
         if found is None:
@@ -668,7 +768,10 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
         raise ConfigError(f"config file {path}: top level must be a mapping")
     base = data.pop("base", None)
     if base:
-        parent = read_yaml(path.parent / base, _seen + (path.resolve(),))
+        beside = path.parent / str(base)
+        # `base: demo` names the built-in preset when no such file sits beside this one
+        parent = read_yaml(beside if beside.exists() or not _is_bare_name(str(base)) else str(base),
+                           _seen + (path.resolve(),))
         data = _deep_merge(parent, data)
     return data
 
@@ -817,6 +920,9 @@ def expand_aliases(overrides: list[str]) -> tuple[list[str], list[str]]:
             continue
         targets, origin = ALIASES[key]
         value = text.split("=", 1)[1]
+        flag = {"true": True, "false": False}.get(value.strip().lower())
+        if flag is not None and targets[0] in VALUE_MAPS:  # gradient_checkpointing=true is model.remat=full
+            value = VALUE_MAPS[targets[0]][flag]
         used = [targets[0]] + [t for t in targets[1:] if t not in explicit]
         out += [f"{t}={value}" for t in used]
         notes.append(f"{key} is {origin}'s name: using {' and '.join(f'{t}={value}' for t in used)}"

@@ -1,7 +1,8 @@
 """Run directories: one path type for local disks and buckets, one run per directory, the run's own files.
 
 A run directory (`train.out_dir`) holds
-  entrl_run.json          the resolved RunConfig of the run (never `config.json`: that name is a model's)
+  entrl_run.json          the resolved RunConfig the run started with (never `config.json`: that name is a model's)
+  entrl_resumes.jsonl     one line per resume of the run: when, where, and the settings it changed
   entrl.lock              the lock of the run writing here (holder host, pid, start time)
   metrics.jsonl, tb/      metrics (`entrl.metrics`)
   rollouts.jsonl          sample completions every `train.log_samples_every` steps (`entrl.metrics`)
@@ -35,6 +36,13 @@ Design decisions:
   directory are refused. Starting fresh (`resume=False`) in a used run refuses unless
   `overwrite`, which deletes everything in it but the lock: old checkpoints never sit beside
   new ones.
+- The run's record (`entrl_run.json`) is the config it started with. Resuming a run that has
+  checkpoints compares the resuming config with it: a setting that defines the training trajectory
+  must be the same (ConfigError naming each that differs; `entrl.config.RESUME_MAY_CHANGE` lists
+  what may change: train.steps, logging, checkpoints, evaluation, the mesh, ...), the record is kept
+  and the changes are appended to `entrl_resumes.jsonl`.
+- A start that fails before the run wrote anything but its record leaves no directory behind
+  (`RunDir.discard`): the record is removed, and the directories the start created with it.
 - Shared text files are appended through `append_text`, which opens the file by name for each
   write (never a long-lived handle onto a file that may have been replaced), and rewritten in
   place (`truncate_lines`), so the inode never changes. Bucket objects cannot be appended to:
@@ -60,17 +68,18 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from entrl.config import ConfigError
+from entrl.config import ConfigError, resume_changes
 
 log = logging.getLogger("entrl.rundir")
 
 RUN_CONFIG = "entrl_run.json"
+RESUMES = "entrl_resumes.jsonl"
 LOCK_NAME = "entrl.lock"
 LEGACY_RUN_CONFIG = "config.json"  # what entrl wrote before entrl_run.json; read, never written
 REMOTE_SCHEMES = ("gs", "s3")  # what orbax/TensorStore and epath both handle
 READ_SCHEMES = ("gs", "s3", "az", "hf")  # what epath can read (data files)
 # Names a run writes at its top level: a directory holding only these is a run's (e.g. seeded SE progress).
-RUN_FILES = frozenset({RUN_CONFIG, LOCK_NAME, "metrics.jsonl", "rollouts.jsonl", "tb", "checkpoints",
+RUN_FILES = frozenset({RUN_CONFIG, RESUMES, LOCK_NAME, "metrics.jsonl", "rollouts.jsonl", "tb", "checkpoints",
                        "semantic_entropy.jsonl", "policy", "wandb_run_id", "plots", "reference", "warmstart",
                        "result.json"})
 HEARTBEAT_S = 60.0
@@ -247,8 +256,7 @@ def used_run_summary(d: epath.Path) -> str | None:
 
     A run config and SE annotation progress alone are not results: a fresh start keeps them.
     """
-    ckpt = d / "checkpoints"
-    steps = sorted(int(p.name) for p in _entries(ckpt) if p.name.isdigit()) if ckpt.exists() else []
+    steps = checkpoint_steps(d)
     if steps:
         return f"checkpoints up to step {steps[-1]}"
     if (d / "policy").exists():
@@ -256,6 +264,12 @@ def used_run_summary(d: epath.Path) -> str | None:
     if (d / "metrics.jsonl").exists():
         return "metrics.jsonl"
     return None
+
+
+def checkpoint_steps(d: epath.Path) -> list[int]:
+    """The steps of the checkpoints in run directory `d`, ascending."""
+    ckpt = d / "checkpoints"
+    return sorted(int(p.name) for p in _entries(ckpt) if p.name.isdigit()) if ckpt.exists() else []
 
 
 def check_out_dir(out_dir: Any, *, resume: bool, overwrite: bool,
@@ -420,17 +434,57 @@ def _pid_alive(pid: Any) -> bool:
 # ---------------------------------------------------------------------------
 
 
+def record_config(d: epath.Path, config: dict, *, resuming: bool) -> bool:
+    """Write `config` as the run's record (`entrl_run.json`); returns True when written.
+
+    `resuming` a run that has checkpoints keeps the record of the config it started with instead: a setting
+    that must not change on resume (`entrl.config.resume_changes`) raises ConfigError naming each one that
+    differs, the others that changed are appended to `entrl_resumes.jsonl`.
+    """
+    stored = read_run_config(d) if resuming and checkpoint_steps(d) else None
+    if stored is None:
+        (d / RUN_CONFIG).write_text(json.dumps(config, indent=2))
+        return True
+    try:
+        changed, conflicts = resume_changes(stored, config)
+    except ConfigError as e:  # e.g. a record of an older entrl whose keys no longer read: nothing to compare with
+        log.warning("resuming %s: the config is not compared with the run's record %s (%s)", d, RUN_CONFIG, e)
+        changed, conflicts = {}, []
+    if conflicts:
+        raise ConfigError(f"resuming {str(d)!r} needs the settings it started with: {'; '.join(conflicts)} (start a "
+                          "new run with another train.out_dir, or add --overwrite to delete this one and start over)")
+    resumed = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname(), "pid": os.getpid(),
+               "after_step": checkpoint_steps(d)[-1], "changed": {k: list(v) for k, v in changed.items()}}
+    append_text(d / RESUMES, json.dumps(resumed) + "\n")
+    return False
+
+
+def _missing_dirs(path: epath.Path) -> list[pathlib.Path]:
+    """`path` and its ancestors that do not exist yet, deepest first (none for a bucket path)."""
+    if is_remote(path):
+        return []
+    out, p = [], pathlib.Path(os.fspath(path))
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
 class RunDir:
     """A locked run directory (process 0 holds the lock; the other processes of the run share it)."""
 
-    def __init__(self, path: epath.Path, lock: RunLock | None):
+    def __init__(self, path: epath.Path, lock: RunLock | None, *, wrote_record: bool = False,
+                 created: list[pathlib.Path] | None = None):
         self.path = path
         self.lock = lock
+        self._wrote_record = wrote_record  # this open wrote entrl_run.json (a start, not a resume)
+        self._created = created or []  # directories this open created, deepest first
 
     @classmethod
     def open(cls, out_dir: Any, *, resume: bool = True, overwrite: bool = False,
              config: dict | None = None, adopt: bool = False) -> RunDir:
-        """Check, probe and lock `out_dir`, clear it when asked, write `entrl_run.json` (when `config`).
+        """Check, probe and lock `out_dir`, clear it when asked, write `entrl_run.json` (when `config`; resuming a
+        run that has checkpoints, compare with it instead: `record_config`).
 
         `adopt`: see `check_out_dir`.
 
@@ -439,11 +493,12 @@ class RunDir:
         import jax  # noqa: PLC0415 (multi-process only; `entrl plot` reads run directories without JAX)
 
         primary = jax.process_index() == 0
-        path, lock, error = None, None, ""
+        path, lock, error, wrote, created = None, None, "", False, []
         if primary:
             try:
                 fresh = not resume or overwrite
                 path, _ = check_out_dir(out_dir, resume=True, overwrite=False, adopt=adopt)  # before writing
+                created = _missing_dirs(path)
                 probe(path, "train.out_dir")
                 lock = RunLock(path).acquire()  # a busy directory is refused as busy, whatever else is wrong
                 _, clear = check_out_dir(path, resume=not fresh, overwrite=overwrite, adopt=adopt)
@@ -451,10 +506,10 @@ class RunDir:
                     log.warning("--overwrite: deleting the run in %s (%s)", path, clear)
                     clear_run_dir(path)
                 if config is not None:
-                    (path / RUN_CONFIG).write_text(json.dumps(config, indent=2))
+                    wrote = record_config(path, config, resuming=not fresh)
             except Exception as e:  # noqa: BLE001 - any filesystem failure (auth, network, missing gcsfs)
-                if lock is not None:
-                    lock.release()
+                if path is not None:  # releases the lock; removes what the probe or the lock created
+                    cls(path, lock, created=created).discard()
                 error = str(e) if isinstance(e, ConfigError) else \
                     f"train.out_dir={str(out_dir)!r} cannot be used: {_one_line(e)}"
         error = _broadcast_text(error)
@@ -462,7 +517,25 @@ class RunDir:
             raise ConfigError(error if primary else f"(from process 0) {error}")
         if path is None:
             path = absolute(as_path(out_dir, "train.out_dir"))
-        return cls(path, lock)
+        return cls(path, lock, wrote_record=wrote, created=created)
+
+    def discard(self) -> None:
+        """Close; and when the run wrote nothing here but the record this open wrote, remove that record and the
+        directories this open created: a start that failed leaves no run behind (anything else keeps it all)."""
+        try:
+            empty = not [p for p in _entries(self.path) if not (p.name == RUN_CONFIG and self._wrote_record)]
+        except Exception:  # noqa: BLE001 - a directory that cannot be listed (auth, network) is left as it is
+            empty = False
+        if empty and self._wrote_record:
+            with contextlib.suppress(Exception):
+                (self.path / RUN_CONFIG).unlink(missing_ok=True)
+        if empty and self._created and self.lock is not None and not is_remote(self.path):
+            with contextlib.suppress(OSError):  # no waiter can hold its inode: locks are taken without waiting
+                os.unlink(os.fspath(self.path / LOCK_NAME))
+        self.close()
+        for d in self._created if empty else []:
+            with contextlib.suppress(OSError):  # only while empty: a run that started here meanwhile keeps it
+                d.rmdir()
 
     def close(self) -> None:
         if self.lock is not None:

@@ -96,6 +96,10 @@ def test_aliases_reach_the_config(capsys):
     assert "entrl: note: epsilon is TRL's name: using loss.params.clip_low=0.3\n" in err
     assert len(err.strip().splitlines()) == 4
     assert C.load_config(None, ["beta=0.01", "num_generations=4"]).loss.kl_coef == 0.01  # library path too
+    # a boolean alias of a key that is no longer boolean: the note says the value used
+    assert main(["config", "demo.yaml", "gradient_checkpointing=true"]) == 0
+    out, err = capsys.readouterr()
+    assert yaml.safe_load(out)["model"]["remat"] == "full" and "using model.remat=full" in err, err
 
 
 def test_aliases_are_unambiguous_and_in_the_readme():

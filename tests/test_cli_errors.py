@@ -107,6 +107,12 @@ def test_bad_settings_are_one_line_config_errors(tmp_path):
     math_data = ["data.task=math", "model.tokenizer=char", "data.prompt_suffix="]
     broken_reward = tmp_path / "broken_reward.py"
     broken_reward.write_text("1 / 0\n")
+    (tmp_path / "no_tokenizer").mkdir()
+    (tmp_path / "bad_val.jsonl").write_text("{not json\n")
+    unsupported = tmp_path / "gelu_model"
+    unsupported.mkdir()
+    (unsupported / "config.json").write_text('{"model_type": "qwen2", "hidden_act": "gelu"}')
+    se_curriculum = ["curriculum.enabled=true", "curriculum.samples=4"]  # annotates first: errors must come before
     cases = {  # name: (overrides, words the line must contain)
         "lr nan": (["optim.lr=nan"], ["optim.lr=nan", "finite"]),
         "lr inf": (["optim.lr=.inf"], ["optim.lr=inf", "finite"]),
@@ -133,10 +139,32 @@ def test_bad_settings_are_one_line_config_errors(tmp_path):
         "reward weight word": (["reward.fn=[entrl.rewards:math_reward, entrl.rewards:boxed_format_reward]",
                                 "reward.weights=[1.0, lots]"], ["reward.weights[1]", "number"]),
         "reward weight nan": (["reward.weights=[.nan]"], ["reward.weights", "finite"]),
+        "one response per prompt": (["rollout.n=1"], ["rollout.n=1", ">= 2"]),
         "refresh with thresholds": (["curriculum.enabled=true", "curriculum.refresh=true",
                                      "curriculum.thresholds=[0.5]"], ["curriculum.refresh", "thresholds"]),
         "scope of a global loss": (["loss.name=grpo", "loss.scope_seqs=2"], ["loss.scope_seqs=2", "grpo"]),
         "scope not tiling": (["loss.name=sent_released", "loss.scope_seqs=3"], ["3 sequences", "8"]),
+        "tokenizer missing": (["model.tokenizer=/no/such/tokenizer"], ["model.tokenizer='/no/such/tokenizer'",
+                                                                      "does not exist"]),
+        "tokenizer bare word": (["model.tokenizer=notatok"], ["model.tokenizer='notatok'", "does not exist"]),
+        "tokenizer empty dir": ([f"model.tokenizer={tmp_path / 'no_tokenizer'}"], ["model.tokenizer=",
+                                                                                  "without tokenizer files"]),
+        "tokenizer a file": ([f"model.tokenizer={broken_reward}"], ["model.tokenizer=", "is a file"]),
+        "model unsupported": ([f"model.path={unsupported}"], ["model.path=", "hidden_act='gelu'"]),
+        "train seed": (["train.seed=-1"], ["train.seed=-1"]),
+        "curriculum seed": ([*se_curriculum, "curriculum.seed=-1"], ["curriculum.seed=-1"]),
+        "checkpoint every": (["train.checkpoint_every=-1"], ["train.checkpoint_every=-1", ">= 0"]),
+        "loss param nan": (["loss.params.beta=nan"], ["loss.params.beta=nan", "finite number"]),
+        "loss param overflow": (["loss.params.beta=1e999"], ["loss.params.beta=inf", "finite number"]),
+        "val data missing": ([*se_curriculum, "train.eval_every=1", f"val.data={tmp_path / 'none.jsonl'}"],
+                             ["val.data=", "none.jsonl"]),
+        "val data bad json": ([*se_curriculum, "train.eval_every=1", f"val.data={tmp_path / 'bad_val.jsonl'}"],
+                              ["val.data=", "bad_val.jsonl"]),
+        "stage under a step": ([*se_curriculum, "data.arithmetic_train_size=6"],
+                               ["curriculum stage 0 holds 3 of the 6 usable prompts", "train.prompts_per_step=4",
+                                "curriculum.stages"]),
+        "equivalent missing": ([*se_curriculum, "reward.equivalent=no_such_file.py:same"],
+                               ["reward.equivalent", "no_such_file.py"]),
     }
     argvs = [["train", DEMO, *TINY, f"train.out_dir={tmp_path / name.replace(' ', '_')}", *over]
              for name, (over, _) in cases.items()]
@@ -144,9 +172,11 @@ def test_bad_settings_are_one_line_config_errors(tmp_path):
     argvs.append(["eval", "--model", str(tmp_path / "no-model"), "--temperature", "nan", "--out", str(tmp_path / "ev")])
     results = _run_cases(argvs)
     for (name, (_, needles)), result in zip(cases.items(), results):
-        # INFO lines of setup steps that ran before the check (e.g. "memory check skipped") are progress, not noise
+        # INFO lines of setup steps that ran before the check are progress, not noise
         _assert_one_line(result, 2, "entrl: config error:", *needles, progress_logs=True)
         assert result["compiled"] == 0, f"{name}: compiled before failing"
+        assert "memory check" not in result["err"], f"{name}: the memory check ran before the settings were checked"
+        assert not (tmp_path / name.replace(" ", "_")).exists(), f"{name}: the failed start left its run directory"
     _assert_one_line(results[-2], 2, "entrl: config error:", "optim.lr")
     _assert_one_line(results[-1], 2, "entrl: config error:", "eval.temperature")
 

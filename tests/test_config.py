@@ -50,6 +50,13 @@ def test_yaml_base_chain(tmp_path):
     assert data["loss"]["params"] == {"clip_high": 0.28, "dual_clip": 3.0}
     with pytest.raises(C.ConfigError, match="does not exist"):
         C.load_config(tmp_path / "nope.yaml")
+    # a bare base name that is no file beside the YAML is the built-in preset; a missing file stays an error
+    (tmp_path / "mine.yaml").write_text("base: demo\ntrain:\n  steps: 7\n")
+    mine = C.load_config(tmp_path / "mine.yaml")
+    assert mine.train.steps == 7 and mine.model.path == "demo" and mine.data.task == "arithmetic"
+    (tmp_path / "typo.yaml").write_text("base: ./demo.yaml\n")
+    with pytest.raises(C.ConfigError, match="does not exist"):
+        C.load_config(tmp_path / "typo.yaml")
 
 
 def test_docs_table_covers_every_field():
@@ -88,6 +95,64 @@ def test_loss_name_and_params_validated_at_load():
         C.load_config(None, ["loss.name=sent", "loss.params={rhoo: 0.5}"])
     cfg = C.load_config(None, ["loss.name=kl_cov", "loss.params={kcov: 0.01}"])
     assert cfg.loss.params == {"kcov": 0.01}
+
+
+@pytest.mark.parametrize("value,message", [
+    ("nan", "loss.params.beta=nan must be a finite number"),  # YAML 1.1 reads these as strings
+    ("1e999", "loss.params.beta=inf must be a finite number"),
+    (".inf", "loss.params.beta=inf must be a finite number"),
+    ("-1", "loss.params.beta=-1 must be >= 0"),
+    ("lots", "loss.params.beta='lots' must be a Python number"),
+])
+def test_loss_params_read_numbers_as_float_fields_do(value, message):
+    with pytest.raises(C.ConfigError, match=f"^{re.escape(message)}"):
+        C.load_config(None, [f"loss.params.beta={value}"])
+    assert C.load_config(None, ["loss.params.beta=1e-3"]).loss.params == {"beta": 0.001}  # not refused as text
+    assert C.load_config(None, ["loss.name=grpo", "loss.params.dual_clip=.inf"]).loss.params["dual_clip"] == float("inf")
+    with pytest.raises(C.ConfigError, match=r"dual_clip=nan must be > 1"):  # where inf is allowed, NaN is not
+        C.load_config(None, ["loss.name=grpo", "loss.params.dual_clip=nan"])
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("train.seed", -1, "must be in [0, 2**32)"),
+    ("train.seed", 2**63, "must be in [0, 2**32)"),
+    ("curriculum.seed", -1, "must be in [0, 2**32)"),
+    ("eval.seed", -3, "must be in [0, 2**32)"),
+    ("data.arithmetic_seed", -2, "or -1 (= train.seed)"),
+    ("warmstart.seed", -2, "or -1 (= train.seed)"),
+    ("train.checkpoint_every", -1, "must be >= 0"),
+    ("train.log_every", 0, "must be > 0"),
+    ("data.arithmetic_train_size", -5, "must be >= 0"),
+    ("data.arithmetic_heldout_size", -1, "must be >= 0"),
+    ("rollout.prompt_buckets", "[-8, 16]", "rollout.prompt_buckets[0]=-8: must be > 0"),
+])
+def test_seeds_and_counts_out_of_range(key, value, needle):
+    with pytest.raises(C.ConfigError, match=re.escape(needle)):
+        C.load_config(None, [f"{key}={value}"])
+    assert C.load_config(None, ["data.arithmetic_seed=-1", "warmstart.seed=-1", "train.checkpoint_every=0"])
+
+
+def test_resume_changes_refuse_trajectory_settings_and_allow_the_rest():
+    started = C.to_dict(C.load_config(None, ["loss.name=sent", "train.steps=2"]))
+    _, conflicts = C.resume_changes(started, C.to_dict(C.load_config(None, ["loss.name=grpo", "train.steps=3"])))
+    assert conflicts == ["loss.name was 'sent', now 'grpo'"]
+    allowed = ["train.steps=3", "train.log_every=5", "train.checkpoint_every=1", "train.eval_every=1",
+               "val.data=math500", "eval.n=64", "mesh.data=2", "mesh.fsdp=2", "reward.workers=2", "train.out_dir=x",
+               "train.wandb=true", "train.memory_check=false", "model.remat=full", "rollout.slots=64",
+               "loss.params.beta=0.1"]  # sent's own preset value: the same hyperparameters
+    changed, conflicts = C.resume_changes(started, C.to_dict(C.load_config(None, ["train.steps=2", *allowed])))
+    assert conflicts == [] and changed["train.steps"] == (2, 3) and "loss.params.beta" not in changed
+    for key, value in (("train.seed", 1), ("optim.lr", 1e-5), ("rollout.n", 4), ("data.max_rows", 9),
+                       ("curriculum.stages", 3), ("model.dtype", "bfloat16"), ("train.prompts_per_step", 128),
+                       ("loss.params.beta", 0.2), ("reward.correct", 2.0)):
+        _, conflicts = C.resume_changes(started, C.to_dict(C.load_config(None, ["train.steps=2", f"{key}={value}"])))
+        assert [c.split(" was ")[0] for c in conflicts] == [key]
+    _, conflicts = C.resume_changes(started, C.to_dict(C.load_config(None, ["train.steps=2", "warmstart.steps=9",
+                                                                            "data.arithmetic_seed=9", "model.lora_alpha=9"])))
+    assert conflicts == []  # settings of a warm start, task and adapters this run does not have
+    decaying = C.to_dict(C.load_config(None, ["optim.schedule=cosine", "train.steps=2"]))
+    _, conflicts = C.resume_changes(decaying, C.to_dict(C.load_config(None, ["optim.schedule=cosine", "train.steps=3"])))
+    assert conflicts == ["train.steps was 2, now 3 (optim.schedule=cosine decays the learning rate over train.steps)"]
 
 
 def _float_keys():

@@ -158,6 +158,49 @@ def test_no_resume_on_a_used_run_refuses_unless_overwrite(tmp_path, capsys):
         assert json.loads((run / R.RUN_CONFIG).read_text()) == {"new": True}
 
 
+def test_resume_keeps_the_record_and_refuses_a_changed_trajectory(tmp_path, capsys):
+    """Resuming a run that has checkpoints: a setting that defines the trajectory must be the one the run started
+    with (one line naming each that differs, before anything is built); train.steps and logging may change, the
+    record keeps the original config and entrl_resumes.jsonl says what changed."""
+    run = _used_run(tmp_path / "run")
+    original = (run / R.RUN_CONFIG).read_text()
+    code, err = _train(capsys, f"train.out_dir={run}", "loss.name=grpo", "optim.lr=1e-4")
+    assert code == 2 and "\n" not in err, err
+    assert f"resuming {str(run)!r} needs the settings it started with" in err and "--overwrite" in err, err
+    assert "loss.name was 'sent', now 'grpo'" in err and "optim.lr was 3e-05, now 0.0001" in err, err
+    assert "model.demo_layers" in err and "train.steps" not in err  # TINY's model differs; steps may
+    assert (run / R.RUN_CONFIG).read_text() == original and not (run / R.RESUMES).exists()
+    started = C.to_dict(C.load_config(DEMO))
+    with R.RunDir.open(run, config=C.to_dict(C.load_config(DEMO, ["train.steps=200", "train.log_every=5"]))):
+        pass
+    assert json.loads((run / R.RUN_CONFIG).read_text()) == started
+    (resumed,) = [json.loads(line) for line in (run / R.RESUMES).read_text().splitlines()]
+    assert resumed["changed"] == {"train.steps": [100, 200], "train.log_every": [1, 5]} and resumed["after_step"] == 3
+    with R.RunDir.open(run, resume=False, overwrite=True, config=C.to_dict(C.load_config(DEMO, ["loss.name=grpo"]))):
+        assert json.loads((run / R.RUN_CONFIG).read_text())["loss"]["name"] == "grpo"  # a new run: a new record
+
+
+def test_a_failed_start_leaves_no_directory_behind(tmp_path):
+    new = tmp_path / "runs" / "exp" / "a"
+    opened = R.RunDir.open(new, config={"x": 1})
+    assert (new / R.RUN_CONFIG).exists()
+    opened.discard()
+    assert not (tmp_path / "runs").exists()  # the directories this start made, parents included
+    kept = tmp_path / "kept"  # a start that wrote something of its own (SE progress) keeps it all
+    opened = R.RunDir.open(kept, config={"x": 1})
+    (kept / "semantic_entropy.jsonl").write_text("{}\n")
+    opened.discard()
+    assert sorted(p.name for p in kept.iterdir()) == sorted([R.RUN_CONFIG, R.LOCK_NAME, "semantic_entropy.jsonl"])
+    used = _used_run(tmp_path / "used")  # a resumed run is never removed
+    before = sorted(p.name for p in used.iterdir())
+    R.RunDir.open(used, config=json.loads((used / R.RUN_CONFIG).read_text())).discard()
+    assert sorted(p.name for p in used.iterdir()) == sorted([*before, R.RESUMES, R.LOCK_NAME])
+    empty = tmp_path / "empty"  # a directory that was there stays, as it was
+    empty.mkdir()
+    R.RunDir.open(empty, config={"x": 1}).discard()
+    assert empty.is_dir() and [p.name for p in empty.iterdir()] in ([], [R.LOCK_NAME])
+
+
 def test_run_directories_are_told_from_model_directories(tmp_path):
     legacy = tmp_path / "legacy"  # a run written before entrl_run.json: its config.json is a RunConfig
     legacy.mkdir()
@@ -202,8 +245,9 @@ def test_hub_ids_with_dots_are_downloaded_and_failures_are_one_line(tmp_path, mo
         with pytest.raises(C.ConfigError, match=needle):
             resolve_model_dir(path)
     assert len(calls) == len(repos)  # none of those went to the hub
-    out = tmp_path / "ev"
-    assert cli.main(["eval", "--model", "missing/Qwen2.5-1.5B", "--out", str(out)]) == 2
+    out, bench = tmp_path / "ev", tmp_path / "bench.jsonl"
+    bench.write_text('{"id": "a", "problem": "1+1", "answer": "2"}\n')  # a local benchmark: only the model is missing
+    assert cli.main(["eval", "--model", "missing/Qwen2.5-1.5B", "--benchmarks", str(bench), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("entrl: config error: model.path='missing/Qwen2.5-1.5B' is not a "
                                                    "local directory and could not be downloaded"), err

@@ -32,11 +32,13 @@ class LossParamError(ValueError):
 
 @dataclass(frozen=True)
 class Rule:
-    """What a hyperparameter may be: a number satisfying `ok` (said in words by `need`), or one of `choices`."""
+    """What a hyperparameter may be: a number satisfying `ok` (said in words by `need`), or one of `choices`.
+    Numbers are finite unless `infinite` (where an infinity means something: no dual clip, no bound)."""
 
     need: str  # what the value must be, in words (the error message)
     ok: Callable[[float], bool] | None = None  # predicate on the float value (numbers)
     choices: tuple[str, ...] = ()  # allowed strings (string hyperparameters)
+    infinite: bool = False  # `ok` may accept an infinity (NaN never)
 
 
 _FRAC = Rule("in (0, 1]", lambda v: 0 < v <= 1)
@@ -45,13 +47,13 @@ _NONNEG = Rule(">= 0", lambda v: v >= 0)
 RULES: dict[str, Rule] = {
     "clip_low": Rule("in [0, 1] (1: no lower clip, as Clip-Cov's recipe)", lambda v: 0 <= v <= 1),
     "clip_high": _NONNEG,
-    "dual_clip": Rule("> 1 (.inf turns the dual clip off)", lambda v: v > 1),
+    "dual_clip": Rule("> 1 (.inf turns the dual clip off)", lambda v: v > 1, infinite=True),
     "rho": _FRAC, "kcov": _FRAC, "ratio": _FRAC, "top_frac": _FRAC,
     "beta": _NONNEG, "base_mult": _NONNEG, "high_mult": _NONNEG, "low_mult": _NONNEG,
     "coef": _NONNEG, "alpha": _NONNEG,
     "kappa": Rule("> 0", lambda v: v > 0),
-    "cov_lb": Rule("a number (may be -inf)", lambda v: not math.isinf(v) or v < 0),
-    "cov_ub": Rule("a number (may be +inf)", lambda v: not math.isinf(v) or v > 0),
+    "cov_lb": Rule("a number (may be -inf)", lambda v: not math.isinf(v) or v < 0, infinite=True),
+    "cov_ub": Rule("a number (may be +inf)", lambda v: not math.isinf(v) or v > 0, infinite=True),
     "pg": Rule("unclipped | clip", choices=("unclipped", "clip")),
 }
 
@@ -122,17 +124,19 @@ def validate_loss_params(name: str, params: Mapping) -> None:
     spec = LOSSES[name]
     for key, value in params.items():
         if key not in spec.preset:
-            raise LossParamError(f"loss {name!r} has no hyperparameter {key!r}; valid: {', '.join(spec.preset)}")
-        rule = RULES[key]
+            raise LossParamError(f"loss.params.{key}: loss {name!r} has no hyperparameter {key!r}; valid: "
+                                 f"{', '.join(spec.preset)}")
+        rule, what = RULES[key], f"loss.params.{key}={value!r}"
         if rule.choices:
             if value not in rule.choices:
-                raise LossParamError(f"loss {name!r}: {key}={value!r} must be one of {', '.join(rule.choices)}")
+                raise LossParamError(f"{what} must be one of {', '.join(rule.choices)} (loss {name!r})")
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise LossParamError(f"loss {name!r}: {key}={value!r} must be a Python number "
-                                 "(hyperparameters are static, not arrays)")
+            raise LossParamError(f"{what} must be a Python number (hyperparameters are static, not arrays)")
+        if not math.isfinite(value) and not rule.infinite:
+            raise LossParamError(f"{what} must be a finite number (loss {name!r})")
         if math.isnan(value) or not rule.ok(float(value)):
-            raise LossParamError(f"loss {name!r}: {key}={value!r} must be {rule.need}")
+            raise LossParamError(f"{what} must be {rule.need} (loss {name!r})")
     problem = spec.check({**spec.preset, **params}) if spec.check else None
     if problem:
         raise LossParamError(f"loss {name!r}: {problem}")

@@ -7,7 +7,10 @@ caller may pass its own (`setup(cfg, task=..., verifier=...)`).
 Everything here runs on the host before the first compile, so configuration
 mistakes (a missing model path, a dataset without the answer column, a mesh
 that does not match the devices, a batch that does not split over the data
-shards) fail fast with a one-line error saying what to change.
+shards) fail fast with a one-line error saying what to change. The checks that
+need no weights (`prepare_inputs`: tokenizer, data, model config, evaluation set,
+curriculum stage sizes, reward) run before the run directory is written and
+before the SE annotation; what only the annotation decides is checked after it.
 
 The run directory (`entrl.rundir`) is checked and locked before anything is
 written to it, and the final `policy/` is written only when the run finished
@@ -23,6 +26,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +63,7 @@ from entrl.rl.trainer import Components, Trainer, reference_params, step_setting
 from entrl.sampling import build_sampler
 from entrl.sft import train_sft
 from entrl.sharding import data_shards, make_mesh
+from entrl.tokenizer import Tokenizer
 
 log = logging.getLogger("entrl.setup")
 
@@ -102,6 +107,24 @@ def check_context_length(cfg: C.RunConfig, max_position_embeddings: int) -> None
             f"rollout.max_new_tokens={new} + the largest rollout.prompt_buckets entry {bucket} = {bucket + new} "
             f"tokens exceeds the model's context of {max_position_embeddings} tokens (max_position_embeddings of "
             f"{cfg.model.path!r}); lower rollout.max_new_tokens or rollout.prompt_buckets")
+
+
+def check_model(cfg: C.RunConfig, tokenizer) -> None:
+    """ConfigError when the policy's model cannot be built: `model.path` does not resolve, its config.json is not
+    a supported model, or its context is too short (`check_context_length`). Reads no weights."""
+    run = run_checkpoint_source(cfg.model.path)
+    if run is not None:
+        return check_model(run_model_config(cfg, run), tokenizer)
+    if cfg.model.path == "demo":
+        mcfg = demo_model_config(tokenizer.vocab_size, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                 tokenizer.bos_token_id)
+    else:
+        model_dir = resolve_model_dir(cfg.model.path)
+        try:
+            mcfg = ModelConfig.from_pretrained(model_dir)
+        except (KeyError, TypeError, ValueError) as e:  # ValueError: an unsupported model, or config.json not JSON
+            raise C.ConfigError(f"model.path={cfg.model.path!r}: {e}") from None
+    check_context_length(cfg, mcfg.max_position_embeddings)
 
 
 def build_model(cfg: C.RunConfig, mesh, tokenizer):
@@ -233,9 +256,56 @@ def build_curriculum(cfg: C.RunConfig, records, se_values=None):
             raise C.ConfigError(f"curriculum.drop_trivial needs each prompt's pass_rate (written with the SE by "
                                 f"`entrl semantic-entropy`); {len(missing)} records lack it (e.g. {missing[0]!r})")
         pass_rate = np.array([float(r.extra["pass_rate"]) for r in records])
-    return Curriculum(np.asarray(se_values, np.float64), stages=cur.stages, thresholds=tuple(cur.thresholds),
-                      epochs_per_stage=cur.epochs_per_stage, mode=cur.mode, order=cur.order, seed=cur.seed,
-                      pass_rate=pass_rate, drop_trivial=cur.drop_trivial)
+    try:
+        return Curriculum(np.asarray(se_values, np.float64), stages=cur.stages, thresholds=tuple(cur.thresholds),
+                          epochs_per_stage=cur.epochs_per_stage, mode=cur.mode, order=cur.order, seed=cur.seed,
+                          pass_rate=pass_rate, drop_trivial=cur.drop_trivial)
+    except ValueError as e:  # stages the prompts cannot fill, an empty threshold stage, non-finite SE values
+        key = ("curriculum.thresholds" if "threshold" in str(e) else "curriculum.drop_trivial"
+               if "drop_trivial" in str(e) else "curriculum")
+        raise C.ConfigError(f"{key}: {e}") from None
+
+
+def stage_sizes(cfg: C.RunConfig, prompts: int) -> list[int] | None:
+    """The prompts of each curriculum stage when `prompts` usable prompts alone decide them (one stage, or
+    curriculum.stages equal-count stages); None when SE values do (curriculum.thresholds, drop_trivial)."""
+    cur = cfg.curriculum
+    if not cur.enabled or (cur.mode == "continuous" and not cur.drop_trivial):
+        return [prompts]
+    if cur.drop_trivial or cur.thresholds:
+        return None
+    return [len(a) for a in np.array_split(np.arange(prompts), cur.stages)]
+
+
+def check_stage_sizes(cfg: C.RunConfig, prompts: int, curriculum: Curriculum | None = None) -> None:
+    """ConfigError unless every curriculum stage holds one step's prompts (train.prompts_per_step) or more.
+
+    Without `curriculum`, from the count of usable prompts: exactly where it decides the stage sizes
+    (`stage_sizes`), else (SE thresholds, drop_trivial: sized by the annotation) only whether the prompts
+    could fill the stages; `setup` checks the built curriculum again after the annotation.
+    """
+    cur, per_step = cfg.curriculum, cfg.train.prompts_per_step
+    more = "raise data.arithmetic_train_size" if cfg.data.task == "arithmetic" else "train on more prompts"
+    fewer = "choose other curriculum.thresholds" if cur.thresholds else "lower curriculum.stages"
+    kind = "prompts curriculum.drop_trivial kept" if curriculum is not None and cur.drop_trivial else "usable prompts"
+    sizes = stage_sizes(cfg, prompts) if curriculum is None else \
+        [curriculum.stage_indices(s).size for s in range(curriculum.num_stages)]
+    if sizes is None:  # sized by SE values: enough prompts for every stage at least
+        stages = 1 if cur.mode == "continuous" else len(cur.thresholds) + 1 if cur.thresholds else cur.stages
+        if prompts < stages * per_step:
+            raise C.ConfigError(f"{prompts} usable prompts cannot fill {stages} curriculum stage(s) with one step "
+                                f"(train.prompts_per_step={per_step}) each: lower train.prompts_per_step, {fewer}, "
+                                f"or {more}")
+        return
+    small = [(s, n) for s, n in enumerate(sizes) if n < per_step]
+    if not small:
+        return
+    s, n = small[0]
+    if len(sizes) == 1:
+        raise C.ConfigError(f"{n} {kind}, fewer than one step of train.prompts_per_step={per_step}: lower "
+                            f"train.prompts_per_step or {more}")
+    raise C.ConfigError(f"curriculum stage {s} holds {n} of the {sum(sizes)} {kind}, fewer than one step of "
+                        f"train.prompts_per_step={per_step}: lower train.prompts_per_step, {fewer}, or {more}")
 
 
 def needs_semantic_entropy(cfg: C.RunConfig) -> bool:
@@ -263,6 +333,9 @@ def build_val_set(cfg: C.RunConfig, tokenizer, heldout_records=None, *, instruct
         if heldout_records is None:  # RunConfig refuses this combination; a hand-built config may not
             raise C.ConfigError("train.eval_every needs val.data (this task has no held-out split)")
         records = list(heldout_records[:v.max_problems] if v.max_problems else heldout_records)
+        if not records and cfg.data.task == "arithmetic":
+            raise C.ConfigError(f"train.eval_every={cfg.train.eval_every} evaluates the held-out split, and "
+                                "data.arithmetic_heldout_size=0 makes it empty; raise it or set val.data")
     if not records:
         raise C.ConfigError(f"val.data={v.data!r} holds no problems")
     return tokenize(cfg, records, tokenizer, instruction=instruction)
@@ -296,18 +369,62 @@ def build_verifier(cfg: C.RunConfig, *, math_only: bool = False):
     return verifier
 
 
-def setup(cfg: C.RunConfig, *, se_values=None, verifier=None, task=None):
-    """Everything a `Trainer` needs, validated before any compile.
+@dataclasses.dataclass
+class RunInputs:
+    """What a run reads and checks on the host before any weights: built by `prepare_inputs`."""
 
-    `task` (an `entrl.seams.Task`; default: `ConfiguredTask(cfg)`) gives the prompts, answers and reward;
-    `verifier` (an `entrl.seams.Reward`) replaces the task's reward."""
+    mesh: Any
+    task: Any  # the `entrl.seams.Task`
+    verifier: Any  # its `entrl.seams.Reward` (or the caller's)
+    tokenizer: Tokenizer
+    records: list  # the training prompts kept by `tokenize`
+    prompt_tokens: list[list[int]]
+    heldout: tuple | None  # the `val` set: (prompt tokens, records); None without train.eval_every
+
+
+def prepare_inputs(cfg: C.RunConfig, *, verifier=None, task=None) -> RunInputs:
+    """The mesh, tokenizer, prompts, `val` set and reward of a run, after every check that needs no weights:
+    the model's origin and context (`check_model`) and the curriculum's stages where the prompt count sizes
+    them (`check_stage_sizes`). Seconds next to what follows, so `train_from_config` runs it before the run
+    directory is written, and `setup` before the SE annotation: a bad setting fails in one line before either.
+
+    The reward comes last (its worker processes start when it runs user code): the caller closes it.
+    """
     maybe_initialize_distributed()
     mesh = build_mesh(cfg)
     task = task or ConfiguredTask(cfg)
-    verifier = verifier or task.reward()  # imports the reward functions: before anything compiles
     tokenizer = build_tokenizer(cfg)
     records, heldout = task.records()
     prompt_tokens, records = tokenize(cfg, records, tokenizer, instruction=task.instruction)
+    check_model(cfg, tokenizer)
+    check_stage_sizes(cfg, len(records))
+    held = build_val_set(cfg, tokenizer, heldout, instruction=task.instruction)
+    verifier = verifier or task.reward()  # imports the reward functions: before anything compiles
+    return RunInputs(mesh=mesh, task=task, verifier=verifier, tokenizer=tokenizer, records=records,
+                     prompt_tokens=prompt_tokens, heldout=held)
+
+
+def setup(cfg: C.RunConfig, *, se_values=None, verifier=None, task=None, inputs: RunInputs | None = None):
+    """Everything a `Trainer` needs, validated before any compile.
+
+    `task` (an `entrl.seams.Task`; default: `ConfiguredTask(cfg)`) gives the prompts, answers and reward;
+    `verifier` (an `entrl.seams.Reward`) replaces the task's reward. `inputs`: `prepare_inputs`' result when the
+    caller made it (its reward stays the caller's to close); else it is made here."""
+    made = inputs is None
+    inputs = inputs or prepare_inputs(cfg, verifier=verifier, task=task)
+    try:
+        return _components(cfg, inputs, se_values)
+    except BaseException:
+        if made and verifier is None:  # the reward this call started
+            inputs.verifier.close()
+        raise
+
+
+def _components(cfg: C.RunConfig, inputs: RunInputs, se_values) -> Components:
+    """`setup` after `prepare_inputs`: the policy, reference and sampler, the SE annotation when the curriculum
+    needs it, the curriculum and its prompt pipeline."""
+    mesh, tokenizer, verifier, records = inputs.mesh, inputs.tokenizer, inputs.verifier, inputs.records
+    prompt_tokens = inputs.prompt_tokens
     graphdef, params = build_policy(cfg, mesh, tokenizer)
     ref_params = reference_params(cfg, params)
     sampler = build_sampler(cfg, tokenizer, mesh, slots=cfg.rollout.slots)
@@ -328,14 +445,14 @@ def setup(cfg: C.RunConfig, *, se_values=None, verifier=None, task=None):
         se_values = [s["se"] for s in stats]
         records = [dataclasses.replace(r, extra={**r.extra, **s}) for r, s in zip(records, stats)]
     curriculum = build_curriculum(cfg, records, se_values)
+    check_stage_sizes(cfg, len(records), curriculum)  # sized by the annotation's SE values
     per_process = cfg.train.prompts_per_step // jax.process_count()
     pipeline = PromptPipeline(prompt_tokens, curriculum, batch_size=per_process, pad_id=tokenizer.pad_token_id,
                               buckets=tuple(cfg.rollout.prompt_buckets), process_index=jax.process_index(),
                               process_count=jax.process_count(), refresh=cfg.curriculum.refresh)
-    held = build_val_set(cfg, tokenizer, heldout, instruction=task.instruction)
     return Components(cfg=cfg, mesh=mesh, graphdef=graphdef, params=params, ref_params=ref_params,
                       tokenizer=tokenizer, records=records, prompt_tokens=prompt_tokens, curriculum=curriculum,
-                      pipeline=pipeline, sampler=sampler, verifier=verifier, heldout=held)
+                      pipeline=pipeline, sampler=sampler, verifier=verifier, heldout=inputs.heldout)
 
 
 def save_policy(graphdef, params, tokenizer, out_dir, *, dtype: str | None = None) -> Path:
@@ -457,24 +574,33 @@ def train_from_config(cfg: C.RunConfig, *, resume: bool = True, overwrite: bool 
     stopped on SIGTERM (a checkpoint is written, `policy/` is not).
     """
     maybe_initialize_distributed()
-    reward_terms(cfg)  # a reward function that does not import fails before the run directory, plan or warm start
-    run_dir = R.RunDir.open(cfg.train.out_dir, resume=resume, overwrite=overwrite, config=C.to_dict(cfg))
+    reward_terms(cfg)  # a reward function that does not import fails before anything is read
+    # Every check that needs no weights, before the run directory is written (a failed start leaves none behind)
+    # and before the memory plan. The warm start below changes model.path only: to the same demo model and
+    # tokenizer, trained, so these inputs stay the run's.
+    inputs = prepare_inputs(cfg)
     try:
-        check_memory(cfg)
-        if cfg.warmstart.enabled:  # the demo model's noisy-teacher SFT, once per run directory
-            cfg = warm_started(cfg, run_dir.path / "warmstart")
-        comps = setup(cfg)
-        trainer = Trainer(comps, run_dir=run_dir)
+        run_dir = R.RunDir.open(cfg.train.out_dir, resume=resume, overwrite=overwrite, config=C.to_dict(cfg))
         try:
-            trainer.run(max_steps=max_steps, resume=resume and not overwrite)
-            if trainer.preempted:
-                raise Preempted(trainer.step, run_dir.path / "checkpoints")
-            save_policy(comps.graphdef, trainer.params, comps.tokenizer, run_dir.path / "policy")
+            check_memory(cfg)
+            if cfg.warmstart.enabled:  # the demo model's noisy-teacher SFT, once per run directory
+                cfg = warm_started(cfg, run_dir.path / "warmstart")
+            comps = setup(cfg, inputs=inputs)
+            trainer = Trainer(comps, run_dir=run_dir)
+            try:
+                trainer.run(max_steps=max_steps, resume=resume and not overwrite)
+                if trainer.preempted:
+                    raise Preempted(trainer.step, run_dir.path / "checkpoints")
+                save_policy(comps.graphdef, trainer.params, comps.tokenizer, run_dir.path / "policy")
+            finally:
+                trainer.close()
+        except BaseException:
+            run_dir.discard()  # removes the directory when the start wrote nothing but its record there
+            raise
         finally:
-            trainer.close()
-            comps.verifier.close()
+            run_dir.close()
     finally:
-        run_dir.close()
+        inputs.verifier.close()
     return trainer
 
 

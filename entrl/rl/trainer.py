@@ -145,9 +145,10 @@ def rollout_semantic_entropy(answers: list, n: int, verifier=None, *, no_answer:
                       np.float64)
 
 
-def run_optimizer(cfg: C.RunConfig):
-    """The run's AdamW (schedule over train.steps' optimizer steps)."""
-    total_opt_steps = max(cfg.train.steps, 1) * cfg.train.ppo_epochs * (
+def run_optimizer(cfg: C.RunConfig, steps: int = 0):
+    """The run's AdamW, its schedule over the optimizer steps of `steps` RL steps (0 = train.steps; the Trainer
+    passes the curriculum's count when train.steps is 0, else a decaying schedule would end after one step)."""
+    total_opt_steps = max(steps or cfg.train.steps, 1) * cfg.train.ppo_epochs * (
         cfg.train.prompts_per_step // cfg.train.minibatch_prompts)
     o = cfg.optim
     return make_optimizer(lr=o.lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
@@ -215,7 +216,7 @@ class Trainer:
         self.run_dir = run_dir or RunDir.open(cfg.train.out_dir, resume=True, config=C.to_dict(cfg), adopt=True)
         self.out = self.run_dir.path
         self.settings = step_settings(cfg, data_shards(comps.mesh))
-        self.optimizer = run_optimizer(cfg)
+        self.optimizer = run_optimizer(cfg, cfg.train.steps or comps.pipeline.total_steps)
         self.params = comps.params
         self.opt_state = self._init_opt(self.params)
         shardings = None
