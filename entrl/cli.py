@@ -162,6 +162,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _check_own_out(out: str, own: tuple[str, ...], what: str) -> None:
+    """ConfigError unless `out` is new, empty, or holds only what `what` writes (`own`: names, `*` patterns):
+    a file, a model or run directory, or any other directory with files in it would be written into."""
+    import fnmatch
+    from pathlib import Path
+
+    from entrl.config import ConfigError
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory")
+    other = sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatch(p.name, o) for o in own)) \
+        if path.is_dir() else []
+    if other:
+        shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+        raise ConfigError(f"--out {out} holds files {what} did not write ({shown}); give a new or empty directory, "
+                          f"or the --out of an earlier {what}")
+
+
 def cmd_demo(args) -> int:
     from entrl.config import ConfigError
     from entrl.demo import run_demo
@@ -171,6 +190,7 @@ def cmd_demo(args) -> int:
     overrides = _overrides(args)
     if any(o.split("=", 1)[0].strip() == "train.out_dir" for o in overrides):
         raise ConfigError("the demo writes its RL run to <--out>/rl: give --out instead of train.out_dir")
+    _check_own_out(args.out, ("warmstart", "rl", "plots", "summary.json"), "entrl demo")
     run_demo(out_dir=args.out, overrides=overrides, seed=args.seed, quick=args.quick)
     return 0
 
@@ -259,6 +279,7 @@ def cmd_ablate(args) -> int:
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {args.seeds!r}: seeds must be distinct and >= 0")
     config, overrides = _config_and_overrides(args)
+    _check_own_out(args.out, ("base", "seed*", "plots", "ablation.md", "ablation.json"), "entrl ablate")
     print(run_ablation(config, methods, seeds, overrides=overrides, out_dir=args.out, demo=args.demo,
                        quick=args.quick))
     return 0

@@ -82,6 +82,17 @@ def test_config_errors_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("entrl: config error:") and err.count("\n") == 1 and needle in err, (argv, err)
     assert not (tmp_path / "x").exists()  # refused before anything was written
+    # an --out that is a file, or a directory holding other things (here: a model's config.json), is not written into
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    for argv, needle in [(["demo", "--quick", "--out", str(tmp_path / "notes.txt")], "is a file"),
+                         (["demo", "--quick", "--out", str(tmp_path / "model")], "config.json"),
+                         (["ablate", "demo", "--quick", "--out", str(tmp_path / "model")], "config.json")]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("entrl: config error:") and err.count("\n") == 1 and needle in err, (argv, err)
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json"]
 
 
 def test_aliases_reach_the_config(capsys):
