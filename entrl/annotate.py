@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from entrl.checkpoint import fingerprint_leaves
+from entrl.checkpoint import weights_digest
 from entrl.evaluation import sample_and_grade
 from entrl.progress import progress_bar
 from entrl.rundir import append_text, as_path
@@ -54,7 +54,7 @@ def se_provenance(cfg, params, tokenizer, prompt_tokens, records, *, n: int, see
 
     r, c = cfg.rollout, cfg.curriculum
     return {
-        "model": {"path": cfg.model.path, "dtype": cfg.model.dtype, "params": digest(fingerprint_leaves(params))},
+        "model": {"path": cfg.model.path, "dtype": cfg.model.dtype, "params": weights_digest(params)},
         "tokenizer": {"name": cfg.model.tokenizer or cfg.model.path, "vocab_size": int(tokenizer.vocab_size),
                       "prompt_tokens": digest([list(map(int, t)) for t in prompt_tokens])},
         "n": int(n), "temperature": float(r.temperature), "top_p": float(r.top_p), "top_k": int(r.top_k),

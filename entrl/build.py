@@ -111,16 +111,23 @@ def resolve_model_dir(path: str) -> Path:
     if p.exists():
         raise C.ConfigError(f"model.path={path!r} is a file; give a model directory (HF checkpoint or entrl run "
                             "dir), a hub id like Qwen/Qwen3-14B, or 'demo'")
-    if not _HUB_ID.fullmatch(path) or p.suffix in _FILE_SUFFIXES:
-        raise C.ConfigError(f"model.path={path!r} does not exist (give an HF checkpoint dir, an entrl run dir, "
-                            "a hub id like Qwen/Qwen3-14B, or 'demo')")
+    return _from_hub("model.path", path, ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+                     instead="give an HF checkpoint dir, an entrl run dir, a hub id like Qwen/Qwen3-14B, or 'demo'")
+
+
+def _from_hub(key: str, name: str, patterns: list[str], *, instead: str) -> Path:
+    """`name` (the value of config key `key`, no local path) downloaded from the Hugging Face Hub, its files
+    matching `patterns`. One-line ConfigErrors: a name that cannot be a hub id never reaches the network
+    (`instead`: what to give), and a failed download names its reason."""
+    if not _HUB_ID.fullmatch(name) or Path(name).suffix in _FILE_SUFFIXES:
+        raise C.ConfigError(f"{key}={name!r} does not exist ({instead})")
     from huggingface_hub import snapshot_download  # noqa: PLC0415 (hub downloads only)
 
     try:
-        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+        return Path(snapshot_download(name, allow_patterns=patterns))
     except (OSError, ValueError) as e:  # the hub's errors (not found, gated, offline, no network; a bad id)
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise C.ConfigError(f"model.path={path!r} is not a local directory and could not be downloaded from the "
+        raise C.ConfigError(f"{key}={name!r} is not a local directory and could not be downloaded from the "
                             f"Hugging Face Hub: {reason[:300]}") from None
 
 
@@ -203,17 +210,9 @@ def resolve_tokenizer_dir(name: str) -> Path:
     if p.exists():
         raise C.ConfigError(f"model.tokenizer={name!r} is a file; give a tokenizer directory, a hub id like "
                             "Qwen/Qwen3-14B, 'char', or nothing (the tokenizer of model.path)")
-    if not _HUB_ID.fullmatch(name) or p.suffix in _FILE_SUFFIXES:
-        raise C.ConfigError(f"model.tokenizer={name!r} does not exist (give a tokenizer directory, a hub id like "
-                            "Qwen/Qwen3-14B, 'char', or nothing for the tokenizer of model.path)")
-    from huggingface_hub import snapshot_download  # noqa: PLC0415 (hub downloads only)
-
-    try:
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]))
-    except (OSError, ValueError) as e:  # the hub's errors (not found, gated, offline, no network; a bad id)
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise C.ConfigError(f"model.tokenizer={name!r} is not a local directory and could not be downloaded from "
-                            f"the Hugging Face Hub: {reason[:300]}") from None
+    return _from_hub("model.tokenizer", name, ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"],
+                     instead="give a tokenizer directory, a hub id like Qwen/Qwen3-14B, 'char', or nothing for the "
+                             "tokenizer of model.path")
 
 
 def build_tokenizer(cfg: C.RunConfig):

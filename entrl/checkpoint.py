@@ -521,6 +521,13 @@ def _fingerprints(leaves: list[jax.Array]) -> jax.Array:
     return jnp.stack([_leaf_fingerprint(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
 
 
+def weights_digest(tree: Any) -> str:
+    """A short digest of `fingerprint_leaves(tree)`: the same for the same values wherever and however they were
+    loaded, different once they change (the provenance of SE annotations and `entrl eval` samples)."""
+    doc = json.dumps(fingerprint_leaves(tree), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(doc.encode()).hexdigest()[:32]
+
+
 def fingerprint_leaves(tree: Any) -> dict[str, list]:
     """{leaf path: [dtype, lane0, lane1]} for every array leaf of `tree` (see the module docstring).
 

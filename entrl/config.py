@@ -460,8 +460,7 @@ class RunConfig:
             raise ConfigError(
                 f"train.microbatch_per_shard={self.train.microbatch_per_shard} must divide one mini-batch of "
                 f"train.minibatch_prompts * rollout.n = {rows} sequences")
-        if self.loss.scope_seqs and (LOSSES[self.loss.name].scope if self.loss.scope == "auto"
-                                     else self.loss.scope) == "global":
+        if self.loss.scope_seqs and _scope_kind(self) == "global":
             raise ConfigError(f"loss.scope_seqs={self.loss.scope_seqs} sizes micro-batch selection scopes, but "
                               f"loss {self.loss.name!r} selects over the whole mini-batch: set loss.scope=microbatch "
                               "or drop loss.scope_seqs")
@@ -481,11 +480,14 @@ def selection_scope(cfg: RunConfig, shards: int) -> tuple[str, int]:
     `sent_released`, as released; global for the others); under micro-batch scope q is
     `loss.scope_seqs`, else the loss's own, else the memory micro-batch (`microbatch_per_shard`).
     """
-    spec, loss = LOSSES[cfg.loss.name], cfg.loss
-    scope = spec.scope if loss.scope == "auto" else loss.scope
-    if scope == "global":
+    if _scope_kind(cfg) == "global":
         return "global", 0
-    return "microbatch", loss.scope_seqs or spec.scope_seqs or microbatch_per_shard(cfg, shards)
+    return "microbatch", cfg.loss.scope_seqs or LOSSES[cfg.loss.name].scope_seqs or microbatch_per_shard(cfg, shards)
+
+
+def _scope_kind(cfg: RunConfig) -> str:
+    """global | microbatch: `loss.scope`, or under `auto` the loss's own (`LossSpec.scope`)."""
+    return LOSSES[cfg.loss.name].scope if cfg.loss.scope == "auto" else cfg.loss.scope
 
 
 def microbatch_per_shard(cfg: RunConfig, shards: int) -> int:
@@ -559,9 +561,7 @@ def _unused(key: str, cfg: RunConfig) -> bool:
 
 def _scope_is_memory_microbatch(cfg: RunConfig) -> bool:
     """Whether `selection_scope` falls back to the memory micro-batch (train.microbatch_per_shard)."""
-    spec, loss = LOSSES[cfg.loss.name], cfg.loss
-    return (spec.scope if loss.scope == "auto" else loss.scope) == "microbatch" and not (loss.scope_seqs or
-                                                                                        spec.scope_seqs)
+    return _scope_kind(cfg) == "microbatch" and not (cfg.loss.scope_seqs or LOSSES[cfg.loss.name].scope_seqs)
 
 
 # ---------------------------------------------------------------------------

@@ -38,7 +38,6 @@ Left out on purpose: tolerance grading of rounded physics answers and LLM judges
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -57,9 +56,9 @@ from jax.experimental import multihost_utils
 
 from entrl import plan
 from entrl.build import build_tokenizer, maybe_initialize_distributed, resolve_model_dir
-from entrl.checkpoint import fingerprint_leaves
+from entrl.checkpoint import weights_digest
 from entrl.config import ConfigError
-from entrl.data.sources import Record, load_records, number_text
+from entrl.data.sources import Record, load_records, names_hub_dataset, number_text
 from entrl.data.tasks import tokenize_prompts
 from entrl.evaluation import _check_k, sample_and_grade, summarize
 from entrl.models import ModelConfig, load_pretrained
@@ -186,9 +185,7 @@ def load_benchmark(name: str, *, data_dir: str | None = None, max_problems: int 
         hint = ""
         if "(problem_key) not found" in msg or "(answer_key) not found" in msg:
             hint = "; a benchmark file needs the columns problem and answer (and id, optional)"
-        from_hub = not (Path(name).exists() or is_remote(name) or name.endswith((".jsonl", ".json", ".parquet"))
-                        or name.startswith((".", "/", "~")))  # what `load_records` takes for a hub id
-        if path is None and (src is not None or from_hub):
+        if path is None and (src is not None or names_hub_dataset(name)):
             if root is not None:
                 hint += f"; there is no {root / (name + '.jsonl')} either"
             elif dir_option:
@@ -281,13 +278,6 @@ def _read_samples(path, n: int) -> dict[tuple[str, str], list[dict]]:
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, path)
     return complete
-
-
-def weights_fingerprint(params) -> str:
-    """A digest of the parameter values (`entrl.checkpoint.fingerprint_leaves`): equal for the same weights
-    wherever they were loaded from, different once a run trains them further. A collective over processes."""
-    doc = json.dumps(fingerprint_leaves(params), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(doc.encode()).hexdigest()[:32]
 
 
 def _settings_diff(key: str, old: Any, new: Any) -> str:
@@ -488,7 +478,7 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
     # Loaded even when every sample is on disk: the weights behind a path change when its run trains on.
     net = load_pretrained(model_dir, dtype=m.dtype, param_dtype=m.dtype, mesh=mesh)
     graphdef, params = nnx.split(net)
-    settings["weights"] = weights_fingerprint(params)
+    settings["weights"] = weights_digest(params)
     # Settings first: reading with another n would take every problem on disk for a partial one.
     _check_run_settings(out, settings, have_samples)
     done = _read_samples(samples_file, e.n)

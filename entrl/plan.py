@@ -63,6 +63,7 @@ from entrl import token_stats as TS
 from entrl.models import PRESETS, ModelConfig, Transformer, lora
 from entrl.models.config import HUB_PRESETS
 from entrl.rl import step as ST
+from entrl.rl.summary import human_count
 from entrl.rl.trainer import opt_state_shardings, run_optimizer, step_settings
 from entrl.sampling import Sampler, SamplingConfig, cache_dtype
 from entrl.sharding import batch_sharding, data_shards, make_mesh, param_shardings
@@ -273,7 +274,7 @@ class MemoryPlan:
         budget = (f"{gib(self.budget_bytes)} GiB ({self.budget_source}), {self.headroom:.0%} headroom"
                   if self.budget_bytes else "unknown (give --hbm-gb or --target)")
         mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
-        lines = [f"plan: {self.model} ({_count(self.num_params)} params) on {self.devices} {self.platform} "
+        lines = [f"plan: {self.model} ({human_count(self.num_params)} params) on {self.devices} {self.platform} "
                  f"devices, mesh {mesh}; budget per device {budget}",
                  "", "| per device | GiB |", "|---|---|"]
         names = {"params": "params (master)", "optimizer": "optimizer state", "reference": "reference copy",
@@ -513,14 +514,6 @@ def _eval_call_prompts(cfg: C.RunConfig, shards: int) -> int:
     """Problems per evaluation sampler call: `eval.batch_problems`, rounded up to a multiple of the shards."""
     want = cfg.eval.batch_problems or 64
     return -(-want // shards) * shards
-
-
-def _count(n: float) -> str:
-    """1.78B, 19.1k: a parameter count at its own scale."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g}{unit}"
-    return str(int(n))
 
 
 def device_budget() -> tuple[int | None, str]:

@@ -295,6 +295,13 @@ def _as_problem(value: Any, what: str) -> tuple[str, tuple[dict[str, str], ...]]
     return _as_text(value, what), ()
 
 
+def names_hub_dataset(source: str | Path) -> bool:
+    """Whether `load_records` reads `source` from the hub: no such path, and no file suffix, path prefix or
+    bucket scheme (those are files that do not exist)."""
+    text = str(source)
+    return not (Path(text).exists() or is_remote(text) or text.endswith(_SUFFIXES) or text.startswith((".", "/", "~")))
+
+
 def source_columns(source: str | Path, *, split: str = "train") -> list[str]:
     """Column names of a file, a directory's first file or a hub dataset (what `load_records` would check)."""
     path = Path(source)
@@ -305,7 +312,7 @@ def source_columns(source: str | Path, *, split: str = "train") -> list[str]:
 
             return list(pq.ParquetFile(f).schema_arrow.names)
         return _json_rows(f)[0] or []
-    if str(source).endswith(_SUFFIXES) or str(source).startswith((".", "/", "~")):
+    if not names_hub_dataset(source):
         raise ValueError(f"{source}: file not found (and it does not look like a hub id)")
     return _hub_rows(str(source), split)[0]
 
@@ -333,7 +340,7 @@ def load_records(
         for f in _files_of(path):
             columns, rows = _parquet_rows(f, max_rows) if f.suffix in _PARQUET_SUFFIXES else _json_rows(f)
             sources.append((str(f), columns, rows))
-    elif str(source).endswith(_SUFFIXES) or str(source).startswith((".", "/", "~")) or is_remote(source):
+    elif not names_hub_dataset(source):
         raise ValueError(f"{source}: file not found (and it does not look like a hub id)")
     else:
         split_spec = f"{split}[:{max_rows}]" if max_rows else split

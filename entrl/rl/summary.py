@@ -25,7 +25,8 @@ def planned_steps(cfg: C.RunConfig, pipeline) -> int:
     return min(cfg.train.steps, total) if cfg.train.steps else total
 
 
-def _count(n: float) -> str:
+def human_count(n: float) -> str:
+    """1.78B, 19.1k: a count at its own scale."""
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
             return f"{n / size:.3g}{unit}"
@@ -55,12 +56,12 @@ def startup_summary(cfg: C.RunConfig, *, params: Any, mesh, pipeline, settings, 
 
     # -- MODEL AND DEVICES
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
-    lines.append(("model", (f"{m.path} ({_count(n_params)} params; weights {m.param_dtype}, compute {m.dtype}, "
+    lines.append(("model", (f"{m.path} ({human_count(n_params)} params; weights {m.param_dtype}, compute {m.dtype}, "
                            f"remat {m.remat})")))
     if m.lora_rank:
         trained = sum(int(x.size) for x in jax.tree.leaves(lora.trainable(params)))
         targets = m.lora_targets if isinstance(m.lora_targets, str) else " ".join(m.lora_targets)
-        lines.append(("lora", (f"rank {m.lora_rank}, alpha {m.lora_alpha:g}, on {targets}: {_count(trained)} "
+        lines.append(("lora", (f"rank {m.lora_rank}, alpha {m.lora_alpha:g}, on {targets}: {human_count(trained)} "
                                f"trained params ({trained / max(n_params, 1):.2%}); the base is frozen")))
     if mesh is None:
         devices = f"none (1 device), {jax.process_count()} process(es)"
@@ -75,7 +76,7 @@ def startup_summary(cfg: C.RunConfig, *, params: Any, mesh, pipeline, settings, 
     decode = f"{r.slots} decode slots (continuous batching)" if r.slots else "every row decodes at once"
     lines.append(("rollout", (f"{t.prompts_per_step} prompts x {r.n} samples = {rows} sequences per step, each at "
                              f"most {max(r.prompt_buckets)} prompt + {r.max_new_tokens} response tokens "
-                             f"({_count(rows * r.max_new_tokens)} response tokens per step at most); "
+                             f"({human_count(rows * r.max_new_tokens)} response tokens per step at most); "
                              f"temperature {r.temperature:g}; {decode}")))
     minis = t.prompts_per_step // t.minibatch_prompts
     per_shard = C.microbatch_per_shard(cfg, settings.shards)
