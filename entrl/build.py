@@ -23,6 +23,7 @@ from pathlib import Path
 import jax
 
 from entrl import config as C
+from entrl import hub
 from entrl import rundir as R
 from entrl.models import ModelConfig
 from entrl.models.lora import LoRASpec
@@ -123,9 +124,13 @@ def _from_hub(key: str, name: str, patterns: list[str], *, instead: str) -> Path
         raise C.ConfigError(f"{key}={name!r} does not exist ({instead})")
     from huggingface_hub import snapshot_download  # noqa: PLC0415 (hub downloads only)
 
+    offline = hub.unreachable()  # then only the local cache: no 25 s of retries before the error
     try:
-        return Path(snapshot_download(name, allow_patterns=patterns))
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=bool(offline)))
     except (OSError, ValueError) as e:  # the hub's errors (not found, gated, offline, no network; a bad id)
+        if offline:
+            raise C.ConfigError(f"{key}={name!r} is not a local directory; {hub.offline_error(name, 'model')}"
+                                ) from None
         reason = " ".join(str(e).split()) or type(e).__name__
         raise C.ConfigError(f"{key}={name!r} is not a local directory and could not be downloaded from the "
                             f"Hugging Face Hub: {reason[:300]}") from None

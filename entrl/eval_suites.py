@@ -54,7 +54,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from entrl import plan
+from entrl import hub, plan
 from entrl.build import build_tokenizer, maybe_initialize_distributed, resolve_model_dir
 from entrl.checkpoint import weights_digest
 from entrl.config import ConfigError
@@ -119,10 +119,8 @@ def _answer_text(value: Any) -> str:
 
 
 def _hub_records(src: BenchmarkSource) -> list:
-    import datasets  # noqa: PLC0415 (hub datasets: seconds to import, local files do not need it)
-
     try:
-        ds = datasets.load_dataset(src.hub_id, split=src.split)
+        ds = hub.load_dataset(src.hub_id, split=src.split)
     except Exception as e:  # datasets raises many types (connection, not found, offline mode, ...)
         raise ValueError(f"could not load {src.hub_id!r} (split {src.split!r}) from the hub: {e}") from e
     missing = [k for k in (src.problem_key, src.answer_key) if k not in ds.column_names]

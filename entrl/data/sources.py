@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from entrl import hub
 from entrl.rundir import READ_SCHEMES, as_path, is_remote
 
 log = logging.getLogger(__name__)
@@ -210,10 +211,8 @@ def _parquet_rows(path: Path, max_rows: int) -> tuple[list[str], Iterator[_RawRo
 
 
 def _hub_rows(name: str, split: str) -> tuple[list[str], Iterator[_RawRow]]:
-    import datasets  # noqa: PLC0415 (hub datasets: seconds to import, local files do not need it)
-
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = hub.load_dataset(name, split=split)
     except Exception as e:  # datasets raises many types (FileNotFound, ConnectionError, DatasetNotFound...)
         raise ValueError(f"could not load {name!r} (split {split!r}) as a local file or hub dataset: {e}") from e
     return list(ds.column_names), (_RawRow(r, f"hub:{name}[{split}] index {i}") for i, r in enumerate(ds))
