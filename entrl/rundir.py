@@ -40,7 +40,7 @@ Design decisions:
   checkpoints compares the resuming config with it: a setting that defines the training trajectory
   must be the same (ConfigError naming each that differs; `entrl.config.RESUME_MAY_CHANGE` lists
   what may change: train.steps, logging, checkpoints, evaluation, the mesh, ...), the record is kept
-  and the changes are appended to `entrl_resumes.jsonl`.
+  and, once a checkpoint is restored, the changes are appended to `entrl_resumes.jsonl`.
 - A start that fails before the run wrote anything but its record leaves no directory behind
   (`RunDir.discard`): the record is removed, and the directories the start created with it.
 - Shared text files are appended through `append_text`, which opens the file by name for each
@@ -434,17 +434,18 @@ def _pid_alive(pid: Any) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def record_config(d: epath.Path, config: dict, *, resuming: bool) -> bool:
-    """Write `config` as the run's record (`entrl_run.json`); returns True when written.
+def record_config(d: epath.Path, config: dict, *, resuming: bool) -> tuple[bool, dict | None]:
+    """Write `config` as the run's record (`entrl_run.json`); returns (written, the resume's note or None).
 
     `resuming` a run that has checkpoints keeps the record of the config it started with instead: a setting
     that must not change on resume (`entrl.config.resume_changes`) raises ConfigError naming each one that
-    differs, the others that changed are appended to `entrl_resumes.jsonl`.
+    differs; the others that changed make the note, which `RunDir.note_resumed` appends to
+    `entrl_resumes.jsonl` once a checkpoint is restored (a resume that fails before that leaves no line).
     """
     stored = read_run_config(d) if resuming and checkpoint_steps(d) else None
     if stored is None:
         (d / RUN_CONFIG).write_text(json.dumps(config, indent=2))
-        return True
+        return True, None
     try:
         changed, conflicts = resume_changes(stored, config)
     except ConfigError as e:  # e.g. a record of an older entrl whose keys no longer read: nothing to compare with
@@ -453,10 +454,8 @@ def record_config(d: epath.Path, config: dict, *, resuming: bool) -> bool:
     if conflicts:
         raise ConfigError(f"resuming {str(d)!r} needs the settings it started with: {'; '.join(conflicts)} (start a "
                           "new run with another train.out_dir, or add --overwrite to delete this one and start over)")
-    resumed = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname(), "pid": os.getpid(),
-               "after_step": checkpoint_steps(d)[-1], "changed": {k: list(v) for k, v in changed.items()}}
-    append_text(d / RESUMES, json.dumps(resumed) + "\n")
-    return False
+    return False, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname(), "pid": os.getpid(),
+                   "changed": {k: list(v) for k, v in changed.items()}}
 
 
 def _missing_dirs(path: epath.Path) -> list[pathlib.Path]:
@@ -474,11 +473,12 @@ class RunDir:
     """A locked run directory (process 0 holds the lock; the other processes of the run share it)."""
 
     def __init__(self, path: epath.Path, lock: RunLock | None, *, wrote_record: bool = False,
-                 created: list[pathlib.Path] | None = None):
+                 created: list[pathlib.Path] | None = None, resume_note: dict | None = None):
         self.path = path
         self.lock = lock
         self._wrote_record = wrote_record  # this open wrote entrl_run.json (a start, not a resume)
         self._created = created or []  # directories this open created, deepest first
+        self._resume_note = resume_note  # process 0 resuming a run: its line of entrl_resumes.jsonl, when restored
 
     @classmethod
     def open(cls, out_dir: Any, *, resume: bool = True, overwrite: bool = False,
@@ -493,7 +493,7 @@ class RunDir:
         import jax  # noqa: PLC0415 (multi-process only; `entrl plot` reads run directories without JAX)
 
         primary = jax.process_index() == 0
-        path, lock, error, wrote, created = None, None, "", False, []
+        path, lock, error, wrote, created, note = None, None, "", False, [], None
         if primary:
             try:
                 fresh = not resume or overwrite
@@ -506,7 +506,7 @@ class RunDir:
                     log.warning("--overwrite: deleting the run in %s (%s)", path, clear)
                     clear_run_dir(path)
                 if config is not None:
-                    wrote = record_config(path, config, resuming=not fresh)
+                    wrote, note = record_config(path, config, resuming=not fresh)
             except Exception as e:  # noqa: BLE001 - any filesystem failure (auth, network, missing gcsfs)
                 if path is not None:  # releases the lock; removes what the probe or the lock created
                     cls(path, lock, created=created).discard()
@@ -517,7 +517,14 @@ class RunDir:
             raise ConfigError(error if primary else f"(from process 0) {error}")
         if path is None:
             path = absolute(as_path(out_dir, "train.out_dir"))
-        return cls(path, lock, wrote_record=wrote, created=created)
+        return cls(path, lock, wrote_record=wrote, created=created, resume_note=note)
+
+    def note_resumed(self, step: int) -> None:
+        """The run resumed from the checkpoint of `step`: its line of `entrl_resumes.jsonl` (when, where, the
+        settings that changed), written once, by process 0 (a no-op elsewhere and when not resuming)."""
+        if self._resume_note is not None:
+            append_text(self.path / RESUMES, json.dumps({**self._resume_note, "after_step": step}) + "\n")
+            self._resume_note = None
 
     def discard(self) -> None:
         """Close; and when the run wrote nothing here but the record this open wrote, remove that record and the

@@ -171,8 +171,10 @@ def test_resume_keeps_the_record_and_refuses_a_changed_trajectory(tmp_path, caps
     assert "model.demo_layers" in err and "train.steps" not in err  # TINY's model differs; steps may
     assert (run / R.RUN_CONFIG).read_text() == original and not (run / R.RESUMES).exists()
     started = C.to_dict(C.load_config(DEMO))
-    with R.RunDir.open(run, config=C.to_dict(C.load_config(DEMO, ["train.steps=200", "train.log_every=5"]))):
-        pass
+    with R.RunDir.open(run, config=C.to_dict(C.load_config(DEMO, ["train.steps=200", "train.log_every=5"]))) as rd:
+        assert not (run / R.RESUMES).exists()  # a resume that fails before its checkpoint is restored leaves no line
+        rd.note_resumed(3)
+        rd.note_resumed(3)  # once
     assert json.loads((run / R.RUN_CONFIG).read_text()) == started
     (resumed,) = [json.loads(line) for line in (run / R.RESUMES).read_text().splitlines()]
     assert resumed["changed"] == {"train.steps": [100, 200], "train.log_every": [1, 5]} and resumed["after_step"] == 3
@@ -194,7 +196,7 @@ def test_a_failed_start_leaves_no_directory_behind(tmp_path):
     used = _used_run(tmp_path / "used")  # a resumed run is never removed
     before = sorted(p.name for p in used.iterdir())
     R.RunDir.open(used, config=json.loads((used / R.RUN_CONFIG).read_text())).discard()
-    assert sorted(p.name for p in used.iterdir()) == sorted([*before, R.RESUMES, R.LOCK_NAME])
+    assert sorted(p.name for p in used.iterdir()) == sorted([*before, R.LOCK_NAME])  # nor a line: it never resumed
     empty = tmp_path / "empty"  # a directory that was there stays, as it was
     empty.mkdir()
     R.RunDir.open(empty, config={"x": 1}).discard()
@@ -223,7 +225,7 @@ def test_hub_ids_with_dots_are_downloaded_and_failures_are_one_line(tmp_path, mo
 
     calls = []
 
-    def fake_download(repo_id, allow_patterns):
+    def fake_download(repo_id, allow_patterns, local_files_only=False):
         calls.append(repo_id)
         if repo_id.startswith("missing/"):
             raise huggingface_hub.errors.LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder\n"

@@ -473,6 +473,8 @@ class Trainer:
     def run(self, *, max_steps: int | None = None, resume: bool = True) -> list[dict]:
         cfg = self.cfg
         resumed = resume and self.restore()
+        if resumed:
+            self.run_dir.note_resumed(self.step)
         if not resumed:
             old = self.ckpt.latest_step()
             if old is not None:
