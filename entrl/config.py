@@ -468,6 +468,10 @@ class RunConfig:
             raise ConfigError(f"train.eval_every={self.train.eval_every} needs an evaluation set: data.task="
                               f"{self.data.task} has no held-out split; set val.data to a benchmark name (e.g. "
                               "math500, with val.max_problems) or a JSONL/Parquet file of problems and answers")
+        if self.curriculum.refresh and self.curriculum.se_weighting != "count":
+            raise ConfigError(f"curriculum.refresh ranks by the count-based SE of the training rollouts; with "
+                              f"curriculum.se_weighting={self.curriculum.se_weighting} the annotation's values would "
+                              "be ranked among SE of another definition: use se_weighting=count, or drop refresh")
         if self.warmstart.enabled and (self.model.path != "demo" or self.data.task != "arithmetic"):
             raise ConfigError("warmstart.enabled is the demo's noisy-teacher SFT: it needs model.path=demo and "
                               f"data.task=arithmetic (got model.path={self.model.path!r}, data.task={self.data.task!r})")

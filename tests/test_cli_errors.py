@@ -142,6 +142,8 @@ def test_bad_settings_are_one_line_config_errors(tmp_path):
         "one response per prompt": (["rollout.n=1"], ["rollout.n=1", ">= 2"]),
         "refresh with thresholds": (["curriculum.enabled=true", "curriculum.refresh=true",
                                      "curriculum.thresholds=[0.5]"], ["curriculum.refresh", "thresholds"]),
+        "refresh with likelihood SE": (["curriculum.enabled=true", "curriculum.refresh=true",
+                                        "curriculum.se_weighting=likelihood"], ["curriculum.refresh", "se_weighting"]),
         "scope of a global loss": (["loss.name=grpo", "loss.scope_seqs=2"], ["loss.scope_seqs=2", "grpo"]),
         "scope not tiling": (["loss.name=sent_released", "loss.scope_seqs=3"], ["3 sequences", "8"]),
         "tokenizer missing": (["model.tokenizer=/no/such/tokenizer"], ["model.tokenizer='/no/such/tokenizer'",

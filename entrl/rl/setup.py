@@ -433,6 +433,10 @@ def _components(cfg: C.RunConfig, inputs: RunInputs, se_values) -> Components:
         if not cfg.curriculum.annotate:
             build_curriculum(cfg, records)  # raises the missing-column error
         out_path = R.as_path(cfg.train.out_dir, "train.out_dir") / "semantic_entropy.jsonl"
+        if cfg.curriculum.refresh and cfg.curriculum.samples != cfg.rollout.n:
+            log.warning("curriculum.refresh ranks the annotation's SE (N = curriculum.samples = %d) among SE of the "
+                        "training rollouts (N = rollout.n = %d): estimates of different N (SE <= ln N) until every "
+                        "prompt was trained on", cfg.curriculum.samples, cfg.rollout.n)
         # What will run, before what may be hours of annotation (the stages are sized after it).
         log_startup_summary(log, cfg, verifier=verifier, params=params, mesh=mesh, pipeline=None,
                             out_dir=cfg.train.out_dir, settings=step_settings(cfg, data_shards(mesh)),

@@ -435,11 +435,12 @@ class Trainer:
         total = full["resp_ids"].shape[0]
         n_mini = total // (cfg.train.minibatch_prompts * cfg.rollout.n)
         metrics = []
-        for _ in range(cfg.train.ppo_epochs):
+        for epoch in range(cfg.train.ppo_epochs):
             for j in range(n_mini):
                 mb = _minibatch(full, j, n_mini, self.settings.shards)
+                # one key per optimizer step (Clip-Cov's draw differs across PPO epochs too)
                 self.params, self.opt_state, m = self.update(self.params, self.opt_state, mb,
-                                                             jax.random.fold_in(rng, j))
+                                                             jax.random.fold_in(rng, epoch * n_mini + j))
                 metrics.append(m)
         metrics = [{k: float(gather(v)) for k, v in m.items()} for m in metrics]
         out = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
