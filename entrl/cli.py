@@ -204,6 +204,7 @@ def cmd_eval(args) -> int:
     shortcuts = {"model": "model.path", "tokenizer": "model.tokenizer", "dtype": "model.dtype",
                  "benchmarks": "eval.benchmarks", "data_dir": "eval.data_dir", "n": "eval.n", "k": "eval.k",
                  "max_new_tokens": "eval.max_new_tokens", "temperature": "eval.temperature", "top_p": "eval.top_p",
+                 "top_k": "eval.top_k",
                  "max_problems": "eval.max_problems", "batch_size": "eval.batch_problems", "seed": "eval.seed",
                  "out": "eval.out_dir"}
     flags = []
@@ -476,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=None, help="eval.max_new_tokens (default 8000)")
     e.add_argument("--temperature", type=float, default=None, help="eval.temperature (default 1.0)")
     e.add_argument("--top-p", type=float, default=None, help="eval.top_p (default 1.0)")
+    e.add_argument("--top-k", type=int, default=None, help="eval.top_k (default 0 = off)")
     e.add_argument("--max-problems", type=int, default=None, help="eval.max_problems per benchmark (0 = all)")
     e.add_argument("--batch-size", type=int, default=None,
                    help="eval.batch_problems: problems per sampler call (0 = sized from the memory plan)")

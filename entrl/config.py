@@ -370,6 +370,7 @@ class EvalSection:
     k: list[int] = field(default_factory=lambda: [1, 8, 16, 32])  # k values of pass@k / avg@k / maj@k
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus mass
+    top_k: int = 0  # top-k sampling (0 = off; the release's OpenCompass configs: top_p 0.9, top_k 50)
     max_new_tokens: int = 8000  # response budget
     max_problems: int = 0  # evaluate only the first N problems per benchmark (0 = all)
     batch_problems: int = 0  # problems per sampler call (0 = the most that fit the accelerator's memory; 64 on CPU)
@@ -386,6 +387,7 @@ class EvalSection:
             raise ConfigError(f"eval.temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"eval.top_p={self.top_p}: must be in (0, 1]")
+        _non_negative("eval.top_k", self.top_k)
         _positive("eval.max_new_tokens", self.max_new_tokens)
         _non_negative("eval.max_problems", self.max_problems)
         _seed("eval.seed", self.seed)

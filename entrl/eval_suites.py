@@ -72,8 +72,10 @@ from entrl.sharding import data_shards, make_mesh
 log = logging.getLogger(__name__)
 
 # Settings that must not change when an evaluation directory is resumed (see run.json).
-RESUME_KEYS = ("model", "weights", "tokenizer", "n", "temperature", "top_p", "max_new_tokens", "seed", "dtype",
-               "cache_dtype", "chat_template", "prompt_suffix")
+RESUME_KEYS = ("model", "weights", "tokenizer", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
+               "dtype", "cache_dtype", "chat_template", "prompt_suffix")
+# What a run.json of an entrl that did not record a setting used (its samples stay resumable).
+_UNRECORDED = {"top_k": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +294,7 @@ def _check_run_settings(out, settings: dict, have_samples: bool, *, write: bool 
     path = out / "run.json"
     if path.exists() and have_samples:
         old = json.loads(path.read_text()).get("settings", {})
+        old = {**_UNRECORDED, **old}
         diff = {k: (old.get(k), settings[k]) for k in RESUME_KEYS if k in settings and old.get(k) != settings[k]}
         if diff:
             lines = ", ".join(_settings_diff(k, a, b) for k, (a, b) in diff.items())
@@ -467,7 +470,7 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
                           "the evaluation its own directory (e.g. <run>/eval)")
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": str(model_dir.resolve()) if model_dir.exists() else str(model_dir), "tokenizer": tok_name,
-                "n": e.n, "temperature": float(e.temperature), "top_p": float(e.top_p),
+                "n": e.n, "temperature": float(e.temperature), "top_p": float(e.top_p), "top_k": e.top_k,
                 "max_new_tokens": e.max_new_tokens, "seed": e.seed, "dtype": m.dtype, "cache_dtype": kv_dtype,
                 "chat_template": cfg.data.chat_template, "prompt_suffix": suffix}
     samples_file = out / "samples.jsonl"
@@ -492,7 +495,7 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
     try:
         if any(todo.values()):
             batch = eval_batch_problems(cfg, mesh)
-            sc = SamplingConfig.for_tokenizer(tok, n=e.n, temperature=e.temperature, top_p=e.top_p,
+            sc = SamplingConfig.for_tokenizer(tok, n=e.n, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
                                               max_new_tokens=e.max_new_tokens, cache_dtype=kv_dtype)
             sc.check_vocab(net.cfg.vocab_size)
             log.info("eval: %d problems x %d samples per sampler call, on %d devices (%d data shards)", batch,

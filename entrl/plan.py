@@ -453,7 +453,7 @@ def _eval_sampling(cfg: C.RunConfig, mcfg: ModelConfig):
     e = cfg.eval
     eos = mcfg.eos_token_ids or (0,)
     pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else eos[0]
-    return SamplingConfig(n=e.n, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
+    return SamplingConfig(n=e.n, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, max_new_tokens=e.max_new_tokens,
                           eos_ids=tuple(eos), pad_id=pad, cache_dtype=cache_dtype(cfg, e.cache_dtype))
 
 

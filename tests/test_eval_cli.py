@@ -64,6 +64,7 @@ class StubVerifier:
 _KEYS = {"benchmarks": "eval.benchmarks", "n": "eval.n", "ks": "eval.k", "data_dir": "eval.data_dir",
          "max_new_tokens": "eval.max_new_tokens", "max_problems": "eval.max_problems",
          "batch_size": "eval.batch_problems", "seed": "eval.seed", "temperature": "eval.temperature",
+         "top_k": "eval.top_k",
          "buckets": "rollout.prompt_buckets", "dtype": "model.dtype", "mesh_data": "mesh.data",
          "mesh_fsdp": "mesh.fsdp"}
 
@@ -371,3 +372,30 @@ def test_resume_checks_the_weights(first_run, model_dir, shared_data, tmp_path, 
     with pytest.raises(ConfigError, match="weights: no fingerprint on disk"):
         _run(model, out, data_dir=str(shared_data))
     assert calls == [] and (out / "samples.jsonl").read_text() == text0
+
+
+def test_top_k_reaches_the_sampler_and_is_a_resume_setting(first_run, model_dir, shared_data, tmp_path):
+    """eval.top_k (the release's OpenCompass sampling is top_p 0.9, top_k 50): top_k=1 at T = 1 samples the
+    greedy response n times; samples on disk drawn with another top_k are refused; a run.json written
+    before top_k was recorded reads as top_k 0 (its samples stay usable)."""
+    out0, res0, text0 = first_run
+    _run(model_dir, tmp_path / "greedy", data_dir=str(shared_data), temperature=0.0)
+    top1 = _run(model_dir, tmp_path / "top1", data_dir=str(shared_data), top_k=1)
+    assert top1["settings"]["top_k"] == 1 and res0["settings"]["top_k"] == 0
+    by_problem = {}
+    for r in _rows(tmp_path / "top1" / "samples.jsonl"):
+        by_problem.setdefault((r["benchmark"], r["id"]), set()).add(r["response"])
+    assert all(len(v) == 1 for v in by_problem.values())  # every sample of a problem the same
+    greedy_rows = {}
+    for r in _rows(tmp_path / "greedy" / "samples.jsonl"):
+        greedy_rows.setdefault((r["benchmark"], r["id"]), set()).add(r["response"])
+    assert greedy_rows == by_problem
+    with pytest.raises(ConfigError, match="top_k: 1 on disk vs 50 now"):
+        _run(model_dir, tmp_path / "top1", data_dir=str(shared_data), top_k=50)
+    old = tmp_path / "old"
+    old.mkdir()
+    run = json.loads((out0 / "run.json").read_text())
+    del run["settings"]["top_k"]
+    (old / "run.json").write_text(json.dumps(run))
+    (old / "samples.jsonl").write_text(text0)
+    assert _run(model_dir, old, data_dir=str(shared_data))["benchmarks"] == res0["benchmarks"]
