@@ -167,13 +167,15 @@ def test_pod_rehearsal_kill_resume_policy_export_eval(straight, tmp_path):
 
 def test_two_processes_equal_one_process(tmp_path):
     """float32, 2 processes x 4 devices with `mesh.data=2 mesh.fsdp=4` = 1 process x 8 devices with
-    `mesh.data=1 mesh.fsdp=8`: the same run (annotation, rewards, updates, evaluation) step for step."""
+    `mesh.data=1 mesh.fsdp=8`: the same run (annotation, rewards, updates, evaluation) step for step. The
+    loss selects per micro-batch scope, so the rows are dealt to the shards by length across processes."""
+    scoped = ["loss.name=sent", "loss.scope=microbatch", "loss.scope_seqs=2"]
     one = tmp_path / "one"
-    proc = subprocess.run([*CLI, "train", DEMO, *RUN, *F32, *FSDP8, f"train.out_dir={one}"], env=_env(8),
+    proc = subprocess.run([*CLI, "train", DEMO, *RUN, *F32, *FSDP8, *scoped, f"train.out_dir={one}"], env=_env(8),
                           capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = tmp_path / "two"
-    code = _launch(["train", DEMO, *RUN, *F32, "mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1",
+    code = _launch(["train", DEMO, *RUN, *F32, *scoped, "mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1",
                     f"train.out_dir={two}"], tmp_path / "logs")
     assert code == 0, _logs(tmp_path / "logs")
     _same_metrics(one, two, tol=1e-4)

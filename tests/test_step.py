@@ -300,3 +300,21 @@ def test_update_compiles_once_for_repeated_shapes(model, batch):
         params, state, m = fn(params, state, mb, jax.random.key(i))
         assert float(m["skipped_nonfinite"]) == 0
     assert fn.jitted._cache_size() == 1
+
+
+def test_balanced_shard_order_deals_equal_sets_of_about_equal_length():
+    from entrl.rl.step import balanced_shard_order
+
+    lengths = np.random.default_rng(0).geometric(1 / 300, 2048).clip(1, 2048)
+    for shards in (1, 2, 8, 256):
+        order = balanced_shard_order(lengths, shards)
+        assert sorted(order) == list(range(2048))
+        sets = order.reshape(shards, -1)
+        assert all(list(s) == sorted(s) for s in sets) and sets[0, 0] == 0  # rollout order; row 0 on shard 0
+        totals = lengths[sets].sum(1)
+        assert totals.max() - totals.min() <= lengths.max()  # greedy longest-first: within one row's length
+    assert list(balanced_shard_order(lengths, 1)) == list(range(2048))  # one shard: as rolled out
+    contiguous = lengths.reshape(8, -1).sum(1)
+    balanced = lengths[balanced_shard_order(lengths, 8).reshape(8, -1)].sum(1)
+    assert np.ptp(balanced) < np.ptp(contiguous) / 100
+    assert list(balanced_shard_order([5, 1, 1, 5], 2)) == [0, 1, 2, 3]  # {0, 1} and {2, 3}: 6 and 6

@@ -81,13 +81,13 @@ from entrl.models import lora
 from entrl.multihost import allgather_local, gather, gather_rows, local_rows, to_device
 from entrl.progress import progress_bar
 from entrl.rl.advantages import grpo_advantages
-from entrl.rl.step import StepSettings, length_order, make_optimizer, make_update_fn
+from entrl.rl.step import StepSettings, balanced_shard_order, length_order, make_optimizer, make_update_fn
 from entrl.rl.summary import log_startup_summary, planned_steps
 from entrl.rundir import RunDir
 from entrl.sampling import FINISH_LENGTH, build_sampler
 from entrl.seams import Reward, RolloutBackend
 from entrl.semantic_entropy import batch_prompt_stats
-from entrl.sharding import data_shards, shard_batch
+from entrl.sharding import batch_sharding, data_shards, shard_batch
 from entrl.token_stats import compute_logprobs, micro_rows
 from entrl.tokenizer import Tokenizer
 
@@ -391,6 +391,9 @@ class Trainer:
         Under the global selection scope with length buckets, each shard's rows of each mini-batch are
         put in order of length first (`entrl.rl.step.length_order`: rows stay on their shard and in
         their mini-batch, whose loss does not depend on row order), so most micro-batches run short.
+        Under the micro-batch scope with several data shards, the rows are dealt to the shards in
+        length-balanced sets first, each in rollout order (`entrl.rl.step.balanced_shard_order`, verl's
+        `balance_batch`): which sequences share a selection scope is then the released runs' kind.
         """
         cfg, comps = self.cfg, self.comps
         sh = self.settings.shards
@@ -403,6 +406,11 @@ class Trainer:
             order = length_order(np.asarray(gather(roll["lengths"])), sh, n_mini)
             local = order.reshape(sh, -1) - (np.arange(sh) * (rows // sh))[:, None]
             arrays = _shard_permute(arrays, to_device(local.astype(np.int32), comps.mesh))
+            mixed, advantages = mixed[order], advantages[order]
+        elif self.settings.scope == "microbatch" and sh > 1:
+            seq_lengths = roll["lengths"] + jnp.sum(roll["prompt_mask"], axis=1, dtype=jnp.int32)
+            order = balanced_shard_order(np.asarray(gather(seq_lengths)), sh)
+            arrays = _rows_permute(arrays, _replicated(order.astype(np.int32), comps.mesh), comps.mesh)
             mixed, advantages = mixed[order], advantages[order]
         full = {
             "prompt_ids": arrays["prompt_ids"],
@@ -665,6 +673,18 @@ def _shard_permute(arrays: dict, local_SxM) -> dict:
         return jax.vmap(lambda a, i: a[i])(x_SxM, local_SxM).reshape(x.shape)
 
     return {k: one(v) for k, v in arrays.items()}
+
+
+@partial(jax.jit, static_argnums=(2,))
+def _rows_permute(arrays: dict, order_R, mesh) -> dict:
+    """Every [R, ...] array's rows in `order_R` (a global permutation: rows move between shards), split over
+    the batch axes as before."""
+    return {k: jax.lax.with_sharding_constraint(v[order_R], batch_sharding(mesh, v.ndim)) for k, v in arrays.items()}
+
+
+def _replicated(x: np.ndarray, mesh):
+    """A host array every process holds in full, as one global array on every device."""
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec()), lambda index: x[index])
 
 
 @partial(jax.jit, static_argnums=(2, 3))
