@@ -146,11 +146,44 @@ def test_a_task_supplies_the_prompts_answers_and_reward(tmp_path):
 # ---------------------------------------------------------------------------
 
 
+def _recording_dealt_rows(monkeypatch):
+    """(calls of `balanced_shard_order`: (lengths, shards, order), wrap_update keeping each mini-batch's
+    sequence lengths)."""
+    from entrl.rl import trainer as trainer_module
+
+    real, calls, seen = trainer_module.balanced_shard_order, [], []
+
+    def recording(lengths, shards):
+        calls.append((np.asarray(lengths), shards, real(lengths, shards)))
+        return calls[-1][2]
+
+    def wrap(trainer, update):
+        def capture(params, opt_state, mb, rng):
+            seen.append(np.asarray(mb["prompt_mask"]).sum(1) + np.asarray(mb["resp_len"]))
+            return update(params, opt_state, mb, rng)
+        return capture
+
+    monkeypatch.setattr(trainer_module, "balanced_shard_order", recording)
+    return calls, seen, wrap
+
+
 @pytest.mark.parametrize("loss", sorted(LOSSES))
-def test_smoke_every_loss(tmp_path, loss):
+def test_smoke_every_loss(tmp_path, loss, monkeypatch):
+    """Every loss trains 2 steps with finite metrics. Under the micro-batch selection scope (sent_released's)
+    the rows reach the update dealt to the data shards as verl's balance_batch deals them to its ranks:
+    length-balanced sets, each in rollout order, cut into the mini-batches as before."""
+    scoped = LOSSES[loss].scope == "microbatch"
     # the release's 4-sequence selection scopes do not fit the 2 sequences per shard of this tiny run
-    scope = ["loss.scope_seqs=2"] if LOSSES[loss].scope == "microbatch" else []
-    trainer = run_trainer(make_cfg(tmp_path, f"loss.name={loss}", "train.steps=2", *scope))
+    scope = ["loss.scope_seqs=2"] if scoped else []
+    calls, seen, wrap = _recording_dealt_rows(monkeypatch)
+    trainer = run_trainer(make_cfg(tmp_path, f"loss.name={loss}", "train.steps=2", *scope), wrap_update=wrap)
+    assert len(calls) == (2 if scoped else 0)
+    for step, (lengths, shards, order) in enumerate(calls):
+        assert shards == 4 and sorted(order) == list(range(len(lengths)))
+        assert all(list(s) == sorted(s) for s in order.reshape(shards, -1))  # rollout order inside a shard
+        dealt = lengths[order].reshape(shards, 2, -1)  # [shard, mini-batch, its rows there]
+        for j, got in enumerate(seen[2 * step:2 * step + 2]):
+            assert got.tolist() == dealt[:, j].reshape(-1).tolist()
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
@@ -765,34 +798,3 @@ def test_bad_input_fails_before_any_compile(tmp_path, capsys, case, overrides, n
 
 # Multi-process runs (training, annotation, evaluation, export, kill and resume): tests/test_multihost.py
 
-
-def test_microbatch_scope_deals_rows_to_shards_in_length_balanced_sets(tmp_path, monkeypatch):
-    """Under the micro-batch selection scope (sent_released: 4 sequences of a shard), the rows reach the update
-    dealt to the data shards as verl's balance_batch deals them to its ranks: length-balanced sets, each in
-    rollout order, cut into the mini-batches as before. Without it a scope is half of one prompt's group."""
-    from entrl.rl import trainer as trainer_module
-
-    real, calls, seen = trainer_module.balanced_shard_order, [], []
-
-    def recording(lengths, shards):
-        calls.append((np.asarray(lengths), shards, real(lengths, shards)))
-        return calls[-1][2]
-
-    def wrap(trainer, update):
-        def capture(params, opt_state, mb, rng):
-            seen.append(np.asarray(mb["prompt_mask"]).sum(1) + np.asarray(mb["resp_len"]))
-            return update(params, opt_state, mb, rng)
-        return capture
-
-    monkeypatch.setattr(trainer_module, "balanced_shard_order", recording)
-    cfg = make_cfg(tmp_path / "run", "train.steps=1", "loss.name=sent_released", "train.prompts_per_step=8",
-                   "train.minibatch_prompts=4", "train.microbatch_per_shard=4")
-    trainer = run_trainer(cfg, wrap_update=wrap)
-    assert trainer.settings.scope == "microbatch" and len(seen) == 2
-    ((lengths, shards, order),) = calls
-    assert shards == 4 and len(lengths) == 32 and sorted(order) == list(range(32))
-    per_shard = order.reshape(shards, -1)
-    assert all(list(s) == sorted(s) for s in per_shard)  # rollout order inside a shard
-    dealt = lengths[order].reshape(shards, len(seen), -1)  # [shard, mini-batch, its rows there]
-    for j, got in enumerate(seen):
-        assert got.tolist() == dealt[:, j].reshape(-1).tolist()
