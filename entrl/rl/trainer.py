@@ -410,7 +410,8 @@ class Trainer:
         elif self.settings.scope == "microbatch" and sh > 1:
             seq_lengths = roll["lengths"] + jnp.sum(roll["prompt_mask"], axis=1, dtype=jnp.int32)
             order = balanced_shard_order(np.asarray(gather(seq_lengths)), sh)
-            arrays = _rows_permute(arrays, _replicated(order.astype(np.int32), comps.mesh), comps.mesh)
+            order_R = jax.device_put(order.astype(np.int32), NamedSharding(comps.mesh, PartitionSpec()))  # alike everywhere
+            arrays = _rows_permute(arrays, order_R, comps.mesh)
             mixed, advantages = mixed[order], advantages[order]
         full = {
             "prompt_ids": arrays["prompt_ids"],
@@ -680,11 +681,6 @@ def _rows_permute(arrays: dict, order_R, mesh) -> dict:
     """Every [R, ...] array's rows in `order_R` (a global permutation: rows move between shards), split over
     the batch axes as before."""
     return {k: jax.lax.with_sharding_constraint(v[order_R], batch_sharding(mesh, v.ndim)) for k, v in arrays.items()}
-
-
-def _replicated(x: np.ndarray, mesh):
-    """A host array every process holds in full, as one global array on every device."""
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec()), lambda index: x[index])
 
 
 @partial(jax.jit, static_argnums=(2, 3))
