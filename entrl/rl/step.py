@@ -123,10 +123,38 @@ def length_order(lengths_N, shards: int, blocks: int) -> np.ndarray:
     return order.reshape(-1)
 
 
+class _Partial:
+    """A partial solution of the differencing method: `k` sets, heaviest first, each (total length,
+    size, its (row, length) items). Compared as verl's sets are: by total, then size, then items."""
+
+    __slots__ = ("sets",)
+
+    def __init__(self, sets):
+        self.sets = sorted(sets, reverse=True)
+
+    @property
+    def spread(self) -> int:
+        return self.sets[0][0] - self.sets[-1][0]
+
+    def __lt__(self, other: _Partial) -> bool:  # the heap pops the widest spread first, then the heavier
+        if self.spread != other.spread:
+            return self.spread > other.spread
+        return self.sets[0] > other.sets[0]
+
+    def merge(self, other: _Partial) -> _Partial:
+        """Heaviest set with the other's lightest, and so on: the two spreads cancel as far as they can."""
+        return _Partial((a[0] + b[0], a[1] + b[1], a[2] + b[2]) for a, b in zip(self.sets, reversed(other.sets)))
+
+
 def balanced_shard_order(lengths_N, shards: int) -> np.ndarray:
     """[N] host permutation dealing the rows to `shards` equal-size sets of about equal total length, each set's
-    rows in their original order, set s becoming shard s's rows (what verl's `balance_batch` does to the
-    data-parallel ranks before they cut micro-batches; a greedy balancer in place of its Karmarkar-Karp).
+    rows in their original order, set s becoming shard s's rows: what verl's `balance_batch` does to the
+    data-parallel ranks before they cut micro-batches, with its partitioner (Karmarkar-Karp's largest
+    differencing method for k equal-size sets) and its order (the heaviest set to rank 0).
+
+    The method: sort the rows by length (ties by row), make each run of `shards` consecutive rows a partial
+    solution of one row per set, then merge the two partial solutions of widest spread (heaviest set with
+    the lightest) until one is left.
 
     Under the micro-batch selection scope this decides which sequences share a scope: rows come grouped by
     prompt, so consecutive rows without it are half of one prompt's group (often all of one reward), with it
@@ -136,16 +164,16 @@ def balanced_shard_order(lengths_N, shards: int) -> np.ndarray:
     n = lengths_N.shape[0]
     if shards == 1 or n == 0:
         return np.arange(n)
-    size = n // shards
-    members: list[list[int]] = [[] for _ in range(shards)]
-    lightest = [(0, s) for s in range(shards)]  # (total length, set): a heap of the sets with room
-    for i in np.argsort(-lengths_N, kind="stable"):  # longest first, each to the lightest set with room
-        total, s = heapq.heappop(lightest)
-        members[s].append(int(i))
-        if len(members[s]) < size:
-            heapq.heappush(lightest, (total + int(lengths_N[i]), s))
-    sets = sorted((sorted(m) for m in members), key=lambda m: m[0])  # the set holding row 0 is shard 0, ...
-    return np.concatenate(sets)
+    if n % shards:
+        raise ValueError(f"{n} rows do not deal to {shards} equal sets")
+    ranked = sorted((int(length), i) for i, length in enumerate(lengths_N))
+    heap: list[_Partial] = []
+    for j in range(0, n, shards):  # pushed one by one, as verl does: equal partials then pop in its order
+        heapq.heappush(heap, _Partial((length, 1, ((i, length),)) for length, i in ranked[j:j + shards]))
+    while len(heap) > 1:
+        widest, next_widest = heapq.heappop(heap), heapq.heappop(heap)
+        heapq.heappush(heap, widest.merge(next_widest))
+    return np.concatenate([sorted(i for i, _ in items) for _, _, items in heap[0].sets])
 
 
 # ---------------------------------------------------------------------------
