@@ -40,7 +40,7 @@ from entrl.demo import DEMO_YAML, rl_and_evaluate
 from entrl.demo import prepare as prepare_demo
 from entrl.methods import METHODS
 from entrl.metrics import markdown_table, plot_mean_curves, plot_runs, read_metrics
-from entrl.rl.setup import needs_semantic_entropy, train_from_config
+from entrl.rl.setup import train_from_config
 
 _METHOD_KEYS = ("loss.name", "curriculum.enabled", "curriculum.order")
 
@@ -174,7 +174,7 @@ def _config_runs(config: str, methods, seeds, overrides, out: Path) -> list[dict
             cfg = resolve(config, name, overrides, seed=seed, out_dir=run_dir)
             print(f"[ablate] seed {seed}, {name}: loss {cfg.loss.name}, curriculum {curriculum_label(cfg)}", flush=True)
             se_cache = se_cache or _finished_annotation(out / f"seed{seed}")
-            if needs_semantic_entropy(cfg) and se_cache is not None and not (run_dir / "semantic_entropy.jsonl").exists():
+            if C.needs_semantic_entropy(cfg) and se_cache is not None and not (run_dir / "semantic_entropy.jsonl").exists():
                 run_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copy(se_cache, run_dir / "semantic_entropy.jsonl")
             t0 = time.perf_counter()
@@ -189,7 +189,7 @@ def _config_runs(config: str, methods, seeds, overrides, out: Path) -> list[dict
                            float("nan"))
             row = {"method": name, "loss": cfg.loss.name, "curriculum": curriculum_label(cfg), "seed": seed,
                    "pass@1": final, "pass@k": final_k, "k": k, "accuracy_source": source, **_curve_stats(run_dir),
-                   "uses_se": needs_semantic_entropy(cfg),
+                   "uses_se": C.needs_semantic_entropy(cfg),
                    "wall_s": time.perf_counter() - t0, "steps": trainer.step, "run_dir": str(run_dir)}
             done.write_text(json.dumps(row, indent=2))
             rows.append(row)

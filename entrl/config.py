@@ -403,6 +403,7 @@ class ValSection:
     k: list[int] = field(default_factory=lambda: [1])  # k values of the logged eval/pass@k and eval/avg@k
     temperature: float = 1.0  # sampling temperature (0 = greedy)
     top_p: float = 1.0  # nucleus mass
+    top_k: int = 0  # top-k sampling (0 = off; its own setting, as verl's val_kwargs.top_k: rollout.top_k does not apply)
     max_new_tokens: int = 0  # response budget (0 = rollout.max_new_tokens)
     before_training: bool = True  # also evaluate the initial policy, logged at step 0 (with train.eval_every > 0)
     entropy: bool = False  # also log eval/entropy: the policy's mean token entropy on its samples of this fixed set (one more forward pass)
@@ -418,6 +419,7 @@ class ValSection:
             raise ConfigError(f"val.temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"val.top_p={self.top_p}: must be in (0, 1]")
+        _non_negative("val.top_k", self.top_k)
 
 
 @dataclass(frozen=True)
@@ -500,6 +502,12 @@ def microbatch_per_shard(cfg: RunConfig, shards: int) -> int:
     """Sequences per data shard per forward/backward: `train.microbatch_per_shard`, or (0) a shard's
     whole mini-batch."""
     return cfg.train.microbatch_per_shard or cfg.train.minibatch_prompts * cfg.rollout.n // shards
+
+
+def needs_semantic_entropy(cfg: RunConfig) -> bool:
+    """Whether the curriculum reads per-prompt SE (or the annotation's pass rates, for drop_trivial)."""
+    cur = cfg.curriculum
+    return cur.enabled and (cur.order != "random" or cur.drop_trivial)
 
 
 # Settings a resumed run may change (`resume_changes`): where it runs (mesh.*: a run may move to another

@@ -30,13 +30,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from entrl.multihost import gather, gather_rows, local_rows
 from entrl.progress import progress_bar
 from entrl.sampling import DEFAULT_BUCKETS, FINISH_LENGTH, pad_prompts
 from entrl.semantic_entropy import PairsEquivalent, cluster_answer_groups
-from entrl.sharding import batch_sharding, data_shards
+from entrl.sharding import data_shards, sampler_prompts
 from entrl.token_stats import compute_logprobs
 
 
@@ -171,7 +170,8 @@ class GradedBatch:
 def sample_and_grade(sampler, graphdef, params, tokenizer, prompt_tokens: Sequence[Sequence[int]],
                      references: Sequence[str], *, verifier, rng, pad_to: int = 0,
                      buckets: Sequence[int] | None = None, seq_logprobs: bool = False) -> GradedBatch:
-    """One sampler call on a batch of prompts (padded with copies of the first up to `pad_to`), decoded and graded.
+    """One sampler call on a batch of prompts (padded with copies of the first up to `pad_to`, then until
+    its rows split over the mesh's data shards: `entrl.sharding.sampler_prompts`), decoded and graded.
     `seq_logprobs`: also each response's log-probability under the sampling distribution (log softmax of
     logits / T over the full vocabulary, summed over its tokens: at T = 1 the model's likelihood).
 
@@ -184,10 +184,12 @@ def sample_and_grade(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
     if real == 0 or real != len(references):
         raise ValueError(f"{real} prompts vs {len(references)} references (need equal, non-zero)")
     chunk += [chunk[0]] * max(pad_to - real, 0)
+    sharding = None
+    if sampler.mesh is not None:  # rows that split over the shards: no device decodes all of them
+        prompts, sharding = sampler_prompts(len(chunk), n, sampler.mesh)
+        chunk += [chunk[0]] * (prompts - len(chunk))
     ids, mask = pad_prompts(chunk, pad_id=sampler.config.pad_id, buckets=tuple(buckets or DEFAULT_BUCKETS))
-    if sampler.mesh is not None:  # the same host rows on every process: one global array, split when it can be
-        split = len(chunk) % data_shards(sampler.mesh) == 0
-        sharding = batch_sharding(sampler.mesh, 2) if split else NamedSharding(sampler.mesh, PartitionSpec())
+    if sharding is not None:  # the same host rows on every process: one global array
         ids, mask = (jax.device_put(x, sharding) for x in (ids, mask))
     roll = sampler.sample((graphdef, params), ids, mask, rng)
     rows, toks = local_rows(roll.tokens)
@@ -213,7 +215,7 @@ def sample_and_grade(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
 def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequence[Sequence[int]],
                      references: Sequence[str], *, verifier, n: int, ks: Sequence[int] = (1,), seed: int = 0,
                      batch_prompts: int = 64, buckets: Sequence[int] | None = None,
-                     with_entropy: bool = False, progress: str = "off") -> dict:
+                     with_entropy: bool = False, entropy_micro_per_shard: int = 0, progress: str = "off") -> dict:
     """Sample `n` responses per prompt with `sampler`, grade them with `verifier`, summarise.
 
     The sampler must have been built with `n` samples per prompt (its static config). Prompts are
@@ -221,7 +223,9 @@ def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
     which are discarded), so at most two shapes compile. Returns the `summarize` metrics plus
     `correct` [P, n], `answers`, `responses` ([P][n] lists), `per_problem_pass@1` (accuracy over the
     n samples of each problem), `response_length`, `truncation_rate`, and with `with_entropy` the
-    mean per-token entropy of the sampled responses under the policy at the sampling temperature.
+    mean per-token entropy of the sampled responses under the policy at the sampling temperature, from
+    one forward of each call's rows in micro-batches of at most `entropy_micro_per_shard` rows per data
+    shard (`entropy_micro_batches`; 0 = all of a shard's rows at once).
     `progress` (auto | on | off, `entrl.progress`): a transient bar over the problems.
     """
     if sampler.config.n != n:
@@ -250,8 +254,11 @@ def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
             truncated.append(g.finish_code == FINISH_LENGTH)
             if with_entropy:
                 batch = {"prompt_ids": roll.prompt_ids, "prompt_mask": roll.prompt_mask, "resp_ids": roll.tokens}
+                shards = data_shards(sampler.mesh) if getattr(sampler, "mesh", None) is not None else 1
                 _, ent = compute_logprobs(graphdef, params, batch, temperature=sampler.config.logprob_temperature,
-                                          num_micro=1, chunk_size=512)
+                                          num_micro=entropy_micro_batches(roll.tokens.shape[0], shards,
+                                                                          entropy_micro_per_shard),
+                                          chunk_size=ENTROPY_CHUNK, shards=shards)
                 total, count = (float(gather(x)) for x in _entropy_sum(ent, roll.mask, real * n))
                 ent_sum += total
                 ent_count += int(count)
@@ -265,6 +272,18 @@ def evaluate_prompts(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
     if with_entropy:
         out["entropy"] = ent_sum / max(ent_count, 1)
     return out
+
+
+ENTROPY_CHUNK = 512  # response positions per log-softmax chunk of the entropy forward
+
+
+def entropy_micro_batches(rows: int, shards: int, per_shard: int) -> int:
+    """Micro-batches of a forward over `rows` split over `shards`: each holds the largest divisor of a
+    shard's rows that is at most `per_shard` (0 = all of them: one micro-batch)."""
+    local = rows // shards
+    if not per_shard or per_shard >= local:
+        return 1
+    return local // max(d for d in range(1, per_shard + 1) if local % d == 0)
 
 
 @functools.partial(jax.jit, static_argnums=2)

@@ -7,7 +7,10 @@ simulated CPU devices, and reads XLA's memory analysis of each:
     update      `entrl.rl.step.make_update_fn` (one mini-batch, gradient accumulation, AdamW)
     log-probs   `entrl.token_stats.compute_logprobs` (old and reference log-probs of the step's rows)
     rollout     the rollout `Sampler` (one call on the step's prompts; at most `rollout.slots` rows decoding)
-    eval        the periodic-evaluation sampler (`eval.n` samples, `eval.max_new_tokens`)
+    annotate    the semantic-entropy annotation inside `entrl train`, when it is not the rollout's program
+                (`curriculum.samples` != `rollout.n`, or `rollout.slots`: it decodes every row at once)
+    eval        the periodic-evaluation sampler of `train.eval_every` (`val.*`: `val.n` samples, its budget),
+                and with `val.entropy` the forward that measures the samples' entropy
 
 Design decisions:
 - Nothing is allocated: params, optimizer state and batches are
@@ -59,14 +62,24 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from entrl import build as B
 from entrl import config as C
+from entrl import evaluation as EV
 from entrl import token_stats as TS
 from entrl.models import PRESETS, ModelConfig, Transformer, lora
 from entrl.models.config import HUB_PRESETS
 from entrl.rl import step as ST
 from entrl.rl.summary import human_count
 from entrl.rl.trainer import opt_state_shardings, run_optimizer, step_settings
-from entrl.sampling import Sampler, SamplingConfig, cache_dtype
-from entrl.sharding import batch_sharding, data_shards, make_mesh, param_shardings
+from entrl.sampling import (
+    Sampler,
+    SamplingConfig,
+    annotation_batch_prompts,
+    cache_dtype,
+    rollout_settings,
+    special_token_ids,
+    val_batch_prompts,
+    val_settings,
+)
+from entrl.sharding import batch_sharding, data_shards, make_mesh, param_shardings, sampler_prompts
 
 GIB = 2**30
 DEFAULT_HEADROOM = 0.10
@@ -236,7 +249,7 @@ def _analyse(name: str, lower) -> Program:
 @dataclasses.dataclass
 class MemoryPlan:
     """What `entrl plan` reports; `per_device_bytes` keys: params, optimizer, reference, update_peak,
-    logprob_peak, rollout_peak, eval_peak (bytes on one device)."""
+    logprob_peak, rollout_peak, and when the run has them annotate_peak and eval_peak (bytes on one device)."""
 
     model: str
     num_params: int
@@ -279,7 +292,7 @@ class MemoryPlan:
                  "", "| per device | GiB |", "|---|---|"]
         names = {"params": "params (master)", "optimizer": "optimizer state", "reference": "reference copy",
                  "update_peak": "update peak", "logprob_peak": "log-prob peak", "rollout_peak": "rollout peak",
-                 "eval_peak": "eval peak"}
+                 "annotate_peak": "annotate peak", "eval_peak": "eval peak"}
         for k, v in self.per_device_bytes.items():
             lines.append(f"| {names.get(k, k)} | {gib(v)} |")
         fits = {True: "fits", False: "DOES NOT FIT", None: "fit unknown"}[self.fits]
@@ -329,7 +342,7 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
     compile=False only traces and lowers the programs (their sharded shapes must agree; seconds instead
     of minutes): the memory figures of the programs are then 0, unless `RECORDED` holds the analysis
     of the same lowered text (`programs[name]["known"]`). `only`: build just these programs
-    (update, logprob, rollout, eval; None = all); the others count 0.
+    (update, logprob, rollout, annotate, eval; None = all); the others count 0.
     """
     mesh = B.build_mesh(cfg)
     shards = data_shards(mesh)
@@ -382,10 +395,8 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
         if want("logprob"):
             programs["logprob"] = analyse("logprob", lambda: TS.compute_logprobs.lower(graphdef, params, batch, **lp_args))
     # -- rollout ------------------------------------------------------------------
-    eos = mcfg.eos_token_ids or (0,)
-    pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else eos[0]
-    sc = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=L,
-                        eos_ids=tuple(eos), pad_id=pad, cache_dtype=cache_dtype(cfg, r.cache_dtype), slots=r.slots)
+    ids = _token_ids(mcfg)
+    sc = SamplingConfig(**{**rollout_settings(cfg), "max_new_tokens": L}, **ids, slots=r.slots)
     prompts = rows_of(t.prompts_per_step, plen)
     if want("rollout"):
         programs["rollout"] = analyse("rollout", lambda: Sampler(sc, mesh=mesh).lower(graphdef, params, prompts, prompts))
@@ -397,14 +408,36 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
     per["logprob_peak"] = resident + extra("logprob", params_bytes + _per_device_bytes(batch)) + step_batch_bytes
     per["rollout_peak"] = resident + extra("rollout", params_bytes)
     notes = [_lora_note(cfg, spec, optimizer, params, sizes, mesh)] if spec is not None else []
+    se = cfg.curriculum
+    if C.needs_semantic_entropy(cfg) and se.annotate and (se.samples != r.n or r.slots) and want("annotate"):
+        # The SE annotation inside `entrl train` (before the optimizer state exists), when it is not the
+        # rollout's own program: curriculum.samples per prompt, every row decoding at once.
+        aprompts, ash = sampler_prompts(annotation_batch_prompts(cfg), se.samples, mesh)
+        ap = jax.ShapeDtypeStruct((aprompts, plen), jnp.int32, sharding=ash)
+        asc = SamplingConfig(**{**rollout_settings(cfg), "n": se.samples, "max_new_tokens": L}, **ids)
+        programs["annotate"] = analyse("annotate", lambda: Sampler(asc, mesh=mesh).lower(graphdef, params, ap, ap))
+        per["annotate_peak"] = params_bytes + sizes["reference"] + extra("annotate", params_bytes)
+        notes.append(f"annotate (when the training data lacks {se.se_column}): {aprompts} prompts x {se.samples} "
+                     "samples per sampler call")
     if with_eval and cfg.train.eval_every and want("eval"):  # periodic evaluation is part of the run only when it is on
-        e = cfg.eval
-        eval_prompts = _eval_call_prompts(cfg, shards)
-        eprompts = rows_of(eval_prompts, plen)
-        programs["eval"] = analyse("eval", lambda: Sampler(_eval_sampling(cfg, mcfg), mesh=mesh).lower(
-            graphdef, params, eprompts, eprompts))
-        per["eval_peak"] = resident + extra("eval", params_bytes)
-        notes.append(f"eval: {eval_prompts} problems x {e.n} samples per sampler call")
+        vs = val_settings(cfg)
+        eval_prompts, esh = sampler_prompts(val_batch_prompts(cfg), vs["n"], mesh)
+        ep = jax.ShapeDtypeStruct((eval_prompts, plen), jnp.int32, sharding=esh)
+        programs["eval"] = analyse("eval", lambda: Sampler(SamplingConfig(**vs, **ids), mesh=mesh).lower(
+            graphdef, params, ep, ep))
+        eval_extra = extra("eval", params_bytes)
+        if cfg.val.entropy:  # one more forward over a call's rows (val.entropy)
+            erows = eval_prompts * vs["n"]
+            ebatch = {"prompt_ids": rows_of(erows, plen), "prompt_mask": rows_of(erows, plen),
+                      "resp_ids": rows_of(erows, vs["max_new_tokens"])}
+            num_micro = EV.entropy_micro_batches(erows, shards, C.microbatch_per_shard(cfg, shards))
+            programs["eval_entropy"] = analyse("eval_entropy", lambda: TS.compute_logprobs.lower(
+                graphdef, params, ebatch, temperature=vs["temperature"] or 1.0, num_micro=num_micro,
+                chunk_size=EV.ENTROPY_CHUNK, shards=shards))
+            eval_extra = max(eval_extra, extra("eval_entropy", params_bytes))
+        per["eval_peak"] = resident + eval_extra
+        notes.append(f"eval (val.*): {eval_prompts} problems x {vs['n']} samples x {vs['max_new_tokens']} new "
+                     f"tokens per sampler call{', then their entropy' if cfg.val.entropy else ''}")
     if jax.default_backend() == "cpu":
         notes.append("XLA:CPU analysis of the partitioned programs on simulated devices; accelerator compilers "
                      "differ, hence the headroom")
@@ -449,12 +482,18 @@ def _lora_note(cfg: C.RunConfig, spec, optimizer, params, sizes: dict, mesh) -> 
             f"{' / '.join(size(full[k]) for k in full)}")
 
 
-def _eval_sampling(cfg: C.RunConfig, mcfg: ModelConfig):
-    e = cfg.eval
+def _token_ids(mcfg: ModelConfig) -> dict:
+    """A sampler's stop, filler and banned ids from the model config (the plan reads no tokenizer), as
+    `SamplingConfig.for_tokenizer` sets them from the tokenizer."""
     eos = mcfg.eos_token_ids or (0,)
-    pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else eos[0]
+    return special_token_ids(eos, mcfg.pad_token_id if mcfg.pad_token_id is not None else eos[0], mcfg.bos_token_id)
+
+
+def _eval_sampling(cfg: C.RunConfig, mcfg: ModelConfig):
+    """`entrl eval`'s sampler settings (`eval.*`)."""
+    e = cfg.eval
     return SamplingConfig(n=e.n, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, max_new_tokens=e.max_new_tokens,
-                          eos_ids=tuple(eos), pad_id=pad, cache_dtype=cache_dtype(cfg, e.cache_dtype))
+                          cache_dtype=cache_dtype(cfg, e.cache_dtype), **_token_ids(mcfg))
 
 
 def plan_eval(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source: str = "",
@@ -475,8 +514,8 @@ def plan_eval(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_sourc
     if batch * e.n % shards:
         raise C.ConfigError(f"{batch} problems x eval.n={e.n} rows do not split over the {shards} data shards")
     plen = max(cfg.rollout.prompt_buckets)
-    prompts = jax.ShapeDtypeStruct((batch, plen), jnp.int32, sharding=batch_sharding(mesh, 2)
-                                   if batch % shards == 0 else NamedSharding(mesh, PartitionSpec()))
+    _, sharding = sampler_prompts(batch, e.n, mesh)  # the rows split: no padding, as `entrl eval` samples it
+    prompts = jax.ShapeDtypeStruct((batch, plen), jnp.int32, sharding=sharding)
     program = _analyse("eval", lambda: Sampler(_eval_sampling(cfg, mcfg), mesh=mesh).lower(graphdef, params, prompts, prompts))
     params_bytes = _per_device_bytes(params)
     rows = batch * e.n
@@ -508,12 +547,6 @@ def auto_eval_batch(cfg: C.RunConfig, budget_bytes: int, headroom: float = DEFAU
                                          headroom=headroom).fits:
         batch = max(step, batch * 3 // 4 // step * step)
     return batch
-
-
-def _eval_call_prompts(cfg: C.RunConfig, shards: int) -> int:
-    """Problems per evaluation sampler call: `eval.batch_problems`, rounded up to a multiple of the shards."""
-    want = cfg.eval.batch_problems or 64
-    return -(-want // shards) * shards
 
 
 def device_budget() -> tuple[int | None, str]:

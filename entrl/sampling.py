@@ -246,17 +246,43 @@ def cache_dtype(cfg: C.RunConfig, setting: str) -> str:
     return cfg.model.dtype if setting == "auto" else setting
 
 
-def build_sampler(cfg: C.RunConfig, tokenizer, mesh, *, n: int | None = None, max_new_tokens: int | None = None,
-                  temperature: float | None = None, top_p: float | None = None, slots: int = 0) -> Sampler:
-    """A sampler with a run's rollout settings and the tokenizer's token ids (`SamplingConfig.for_tokenizer`).
+def rollout_settings(cfg: C.RunConfig) -> dict:
+    """The training rollout's `SamplingConfig` settings (`rollout.*`), token ids aside."""
+    r = cfg.rollout
+    return dict(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                cache_dtype=cache_dtype(cfg, r.cache_dtype))
+
+
+def val_settings(cfg: C.RunConfig) -> dict:
+    """The periodic evaluation's (`train.eval_every`) sampler settings: `val.*`, the response budget
+    `rollout.max_new_tokens` unless `val.max_new_tokens` is set, the rollout's KV-cache dtype. One place
+    for the trainer and `entrl plan`."""
+    v = cfg.val
+    return {**rollout_settings(cfg), "n": v.n, "temperature": v.temperature, "top_p": v.top_p, "top_k": v.top_k,
+            **({"max_new_tokens": v.max_new_tokens} if v.max_new_tokens else {})}
+
+
+def val_batch_prompts(cfg: C.RunConfig) -> int:
+    """Problems per sampler call of the periodic evaluation: as many rows as one rollout call decodes
+    (`rollout.slots`, else the step's rows), in whole problems of `val.n` samples."""
+    rows = cfg.rollout.slots or cfg.train.prompts_per_step * cfg.rollout.n
+    return max(1, rows // cfg.val.n)
+
+
+def annotation_batch_prompts(cfg: C.RunConfig) -> int:
+    """Prompts per sampler call of the semantic-entropy annotation inside `entrl train`: a rollout call's
+    (`rollout.slots` rows of `rollout.n` samples, else the step's prompts)."""
+    r = cfg.rollout
+    return r.slots // r.n if r.slots else cfg.train.prompts_per_step
+
+
+def build_sampler(cfg: C.RunConfig, tokenizer, mesh, *, slots: int = 0, **settings) -> Sampler:
+    """A sampler with a run's rollout settings (`rollout_settings`), any of them replaced by `settings`
+    (e.g. `n`, or all of `val_settings`), and the tokenizer's token ids (`SamplingConfig.for_tokenizer`).
 
     `slots`: continuous batching; the training rollout passes `rollout.slots`, the evaluation and
     annotation samplers (other batch shapes) decode every row at once."""
-    r = cfg.rollout
-    sc = SamplingConfig.for_tokenizer(
-        tokenizer, n=n or r.n, temperature=r.temperature if temperature is None else temperature,
-        top_p=top_p or r.top_p, top_k=r.top_k, max_new_tokens=max_new_tokens or r.max_new_tokens,
-        cache_dtype=cache_dtype(cfg, r.cache_dtype), slots=slots)
+    sc = SamplingConfig.for_tokenizer(tokenizer, **{**rollout_settings(cfg), **settings}, slots=slots)
     return Sampler(sc, mesh=mesh)
 
 

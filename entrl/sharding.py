@@ -146,6 +146,17 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def sampler_prompts(problems: int, n: int, mesh: Mesh) -> tuple[int, NamedSharding]:
+    """(prompts, their sharding) of a sampler call on `problems` prompts with `n` samples each: the fewest
+    prompts >= problems whose rows (prompts x n) split over the data shards (the caller pads with
+    copies), split over the shards themselves when they divide, else replicated (the sampler splits
+    the rows it makes from them). Rows that did not split would be decoded whole by every device."""
+    shards = data_shards(mesh)
+    step = shards // math.gcd(shards, n)
+    prompts = -(-problems // step) * step
+    return prompts, batch_sharding(mesh, 2) if prompts % shards == 0 else NamedSharding(mesh, PartitionSpec())
+
+
 def shard_batch(batch, mesh: Mesh):
     """Global arrays from this process's rows of a batch (a pytree of host arrays).
 

@@ -200,6 +200,19 @@ def test_val_and_warmstart_sections():
         C.load_config(None, ["val.n=4", "val.k=[1, 8]"])
     with pytest.raises(C.ConfigError, match="val.top_p"):
         C.load_config(None, ["val.top_p=0"])
+    with pytest.raises(C.ConfigError, match="val.top_k"):
+        C.load_config(None, ["val.top_k=-1"])
+    # the periodic evaluation samples with val.*'s own settings (as verl's val_kwargs), not the rollout's top-k
+    from entrl.sampling import val_batch_prompts, val_settings
+    cfg = C.load_config(None, ["rollout.top_k=50", "rollout.top_p=0.9", "rollout.max_new_tokens=100",
+                               "rollout.cache_dtype=bfloat16", "val.n=3", "val.top_p=0.6", "val.temperature=0"])
+    assert val_settings(cfg) == {"n": 3, "temperature": 0.0, "top_p": 0.6, "top_k": 0, "max_new_tokens": 100,
+                                 "cache_dtype": "bfloat16"}
+    own = val_settings(C.replace(cfg, **{"val.top_k": 20, "val.max_new_tokens": 40}))
+    assert (own["top_k"], own["max_new_tokens"]) == (20, 40)
+    # a call decodes as many rows as a rollout call: the step's (or rollout.slots), in whole problems
+    assert cfg.train.prompts_per_step * cfg.rollout.n // 3 == val_batch_prompts(cfg)
+    assert val_batch_prompts(C.replace(cfg, **{"rollout.slots": 7})) == 2
     cfg = C.load_config(None, ["data.val_files=bench/aime24.jsonl", "trainer.val_before_train=false",
                                "actor_rollout_ref.rollout.val_kwargs.n=4"])  # verl's names
     assert (cfg.val.data, cfg.val.before_training, cfg.val.n) == ("bench/aime24.jsonl", False, 4)

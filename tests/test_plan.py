@@ -48,13 +48,19 @@ def small_plan():
 def test_plan_accounts_state_and_phases(small_plan):
     cfg, plan = small_plan
     per = plan.per_device_bytes
-    assert set(per) == {"params", "optimizer", "reference", "update_peak", "logprob_peak", "rollout_peak"}
+    # the SE annotation of 8 samples per prompt (curriculum.samples) is not the rollout's 4: a phase of its own
+    assert set(per) == {"params", "optimizer", "reference", "update_peak", "logprob_peak", "rollout_peak",
+                        "annotate_peak"}
+    assert per["annotate_peak"] > per["params"] + per["reference"]  # before the optimizer state exists
+    assert "annotate (when the training data lacks se): 8 prompts x 8 samples per sampler call" in plan.notes
     # float32 params split over the mesh; AdamW holds two moments of the same layout (+ two counters)
     mcfg = P.model_config(cfg)
     assert per["params"] >= mcfg.num_params() * 4 / 8 and per["params"] <= mcfg.num_params() * 4
     assert 2 * per["params"] <= per["optimizer"] <= 2 * per["params"] + 64
     assert per["reference"] == per["params"]  # float32 compute: a float32 copy
     resident = per["params"] + per["optimizer"] + per["reference"]
+    same = P.plan_run(C.replace(cfg, **{"curriculum.samples": 4}), compile=False)
+    assert "annotate" not in same.programs  # the rollout's own program: planned as the rollout
     for phase in ("update_peak", "logprob_peak", "rollout_peak"):
         assert per[phase] > resident, phase
     assert plan.fits and plan.peak_bytes == max(per[k] for k in per if k.endswith("_peak"))
@@ -78,6 +84,26 @@ def test_a_recorded_analysis_gives_the_compiled_plan_without_compiling(small_pla
     assert recorded.per_device_bytes == compiled.per_device_bytes and recorded.fits
     other = P.plan_run(C.replace(cfg, **{"rollout.max_new_tokens": 32}), compile=False, only=("rollout",))
     assert not other.programs["rollout"]["known"]  # another program text: no recorded analysis applies
+
+
+def test_the_periodic_evaluation_is_planned_from_val(small_plan):
+    """train.eval_every's sampler is the trainer's: val.n samples, val.max_new_tokens (else the rollout's
+    budget), a rollout call's rows; entrl eval's settings (eval.*) do not enter it."""
+    cfg, plan = small_plan
+    on = C.replace(cfg, **{"train.eval_every": 2, "val.n": 2})
+    key = lambda c: P.plan_run(c, compile=False, only=("eval",)).programs["eval"]["key"]  # noqa: E731
+    assert key(C.replace(on, **{"eval.n": 8, "eval.max_new_tokens": 999})) == key(on)
+    assert key(C.replace(on, **{"val.max_new_tokens": 32})) != key(on)
+    evaluated = P.plan_run(on, budget_bytes=P.GIB, only=("eval",))
+    assert "eval (val.*): 16 problems x 2 samples x 64 new tokens per sampler call" in evaluated.notes
+    resident = sum(plan.per_device_bytes[k] for k in ("params", "optimizer", "reference"))
+    assert evaluated.per_device_bytes["eval_peak"] > resident
+    # val.entropy: one more forward over a call's rows, in the training log-prob phase's micro-batches
+    assert "eval_entropy" in P.plan_run(C.replace(on, **{"val.entropy": True}), compile=False,
+                                        only=("eval",)).programs
+    from entrl.evaluation import entropy_micro_batches
+
+    assert [entropy_micro_batches(64, 4, p) for p in (0, 16, 99, 5, 4, 1)] == [1, 1, 1, 4, 4, 16]
 
 
 def test_bf16_compute_halves_the_reference_and_remat_shrinks_the_update(small_plan):

@@ -272,7 +272,10 @@ def test_resume_equals_straight_run(resume_runs, tmp_path):
     run = tmp_path / "resumed"
     shutil.copytree(half, run)
     cfg = make_cfg(run, *extra)
-    resumed = run_trainer(cfg)
+    starting = []  # the weights the resumed run was built with: freed when the checkpoint's replace them
+    resumed = run_trainer(cfg, wrap_update=lambda trainer, update: starting.extend(jax.tree.leaves(trainer.params))
+                          or update)
+    assert starting and all(x.is_deleted() for x in starting)  # not a second copy held through the run
     assert [h["step"] for h in resumed.history] == ([4] if kind == "restart" else [3, 4])  # where it stopped
     assert_same_metrics(straight, run, tol=1e-6)
     assert_same_params(straight_params, resumed.params)

@@ -60,7 +60,7 @@ from entrl.models import ModelConfig, create_model, load_pretrained, lora, save_
 from entrl.rewards import MATH_REWARD, Verifier, WorkerImportError, reward_fns
 from entrl.rl.summary import log_startup_summary
 from entrl.rl.trainer import Components, Trainer, reference_params, step_settings
-from entrl.sampling import build_sampler
+from entrl.sampling import annotation_batch_prompts, build_sampler
 from entrl.sft import train_sft
 from entrl.sharding import data_shards, make_mesh
 from entrl.tokenizer import Tokenizer
@@ -240,7 +240,7 @@ def build_curriculum(cfg: C.RunConfig, records, se_values=None):
     cur = cfg.curriculum
     if not cur.enabled:
         return Curriculum.uniform(len(records), cur.epochs_per_stage, cur.seed)
-    if se_values is None and not needs_semantic_entropy(cfg):  # order=random: stages ignore SE
+    if se_values is None and not C.needs_semantic_entropy(cfg):  # order=random: stages ignore SE
         se_values = np.zeros(len(records))
     if se_values is None:
         col = cur.se_column
@@ -306,12 +306,6 @@ def check_stage_sizes(cfg: C.RunConfig, prompts: int, curriculum: Curriculum | N
                             f"train.prompts_per_step or {more}")
     raise C.ConfigError(f"curriculum stage {s} holds {n} of the {sum(sizes)} {kind}, fewer than one step of "
                         f"train.prompts_per_step={per_step}: lower train.prompts_per_step, {fewer}, or {more}")
-
-
-def needs_semantic_entropy(cfg: C.RunConfig) -> bool:
-    """Whether the curriculum reads per-prompt SE (or the annotation's pass rates, for drop_trivial)."""
-    cur = cfg.curriculum
-    return cur.enabled and (cur.order != "random" or cur.drop_trivial)
 
 
 def build_val_set(cfg: C.RunConfig, tokenizer, heldout_records=None, *, instruction: str | None = None):
@@ -428,7 +422,7 @@ def _components(cfg: C.RunConfig, inputs: RunInputs, se_values) -> Components:
     graphdef, params = build_policy(cfg, mesh, tokenizer)
     ref_params = reference_params(cfg, params)
     sampler = build_sampler(cfg, tokenizer, mesh, slots=cfg.rollout.slots)
-    if needs_semantic_entropy(cfg) and se_values is None and any(cfg.curriculum.se_column not in r.extra
+    if C.needs_semantic_entropy(cfg) and se_values is None and any(cfg.curriculum.se_column not in r.extra
                                                                   for r in records):
         if not cfg.curriculum.annotate:
             build_curriculum(cfg, records)  # raises the missing-column error
@@ -441,11 +435,11 @@ def _components(cfg: C.RunConfig, inputs: RunInputs, se_values) -> Components:
         log_startup_summary(log, cfg, verifier=verifier, params=params, mesh=mesh, pipeline=None,
                             out_dir=cfg.train.out_dir, settings=step_settings(cfg, data_shards(mesh)),
                             prompts=len(records))
-        # Batches of a rollout call's prompts: with curriculum.samples == rollout.n (the paper's 8 and 8) the
-        # annotation runs the rollout's own sampler program (one compile, and the memory the plan checked).
-        per_call = cfg.rollout.slots // cfg.rollout.n if cfg.rollout.slots else cfg.train.prompts_per_step
+        # Batches of a rollout call's prompts: with curriculum.samples == rollout.n (the paper's 8 and 8) and
+        # no rollout.slots the annotation runs the rollout's own sampler program (one compile); else
+        # `entrl plan` plans its program as the annotate phase.
         stats = annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, verifier=verifier,
-                                 out_path=out_path, mesh=mesh, batch_prompts=per_call)
+                                 out_path=out_path, mesh=mesh, batch_prompts=annotation_batch_prompts(cfg))
         se_values = [s["se"] for s in stats]
         records = [dataclasses.replace(r, extra={**r.extra, **s}) for r, s in zip(records, stats)]
     curriculum = build_curriculum(cfg, records, se_values)

@@ -84,7 +84,7 @@ from entrl.rl.advantages import grpo_advantages
 from entrl.rl.step import StepSettings, balanced_shard_order, length_order, make_optimizer, make_update_fn
 from entrl.rl.summary import log_startup_summary, planned_steps
 from entrl.rundir import RunDir
-from entrl.sampling import FINISH_LENGTH, build_sampler
+from entrl.sampling import FINISH_LENGTH, build_sampler, val_batch_prompts, val_settings
 from entrl.seams import Reward, RolloutBackend
 from entrl.semantic_entropy import batch_prompt_stats
 from entrl.sharding import batch_sharding, data_shards, shard_batch
@@ -253,19 +253,30 @@ class Trainer:
         return jax.jit(self.optimizer.init, out_shardings=opt_state_shardings(self.optimizer, params, self.comps.mesh))(params)
 
     def restore(self) -> bool:
-        """Resume from the latest good checkpoint, if any. Returns True when resumed."""
+        """Resume from the latest good checkpoint, if any. Returns True when resumed.
+
+        Memory: the fresh optimizer state (zeros) is dropped before the checkpoint's arrives, and the
+        starting weights are freed once the checkpoint's replace them, so a resumed run holds one copy of
+        its state, as a fresh one does (the weights are held twice only while the checkpoint is read)."""
         abstract = lambda tree: jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
         trained, frozen = lora.split(self.params)  # checkpoints hold the trained part (the adapters under LoRA)
+        opt_target = abstract(self.opt_state)
+        if self.ckpt.latest_step() is not None:  # the listing every process sees: all drop it, or none
+            self.opt_state = None
         try:
-            restored = self.ckpt.restore_latest(params_target=abstract(trained),
-                                                opt_state_target=abstract(self.opt_state))
+            restored = self.ckpt.restore_latest(params_target=abstract(trained), opt_state_target=opt_target)
         except ValueError as e:  # checkpoints of another model, optimizer or process count than this run's
             raise C.ConfigError(f"{e}; resume with the settings the run started with (model.*, model.lora_* "
                                 "included, and the process count)") from None
         if restored is None:
+            if self.opt_state is None:  # no checkpoint could be read after all: a fresh start
+                self.opt_state = self._init_opt(self.params)
             return False
+        for x in jax.tree.leaves(trained):  # the starting weights (also comps.params): not needed any more
+            x.delete()
         self.params, self.opt_state = lora.join(restored.params, frozen), restored.opt_state
+        self.comps.params = self.params
         self.step = int(restored.meta["step"])
         self.stage = int(restored.meta.get("stage", 0))
         if self._restarts_reference() and self.stage > 0:
@@ -578,14 +589,13 @@ class Trainer:
         """pass@k and avg@k of the `val` set (`val.n` samples per problem), as `eval/...` metrics."""
         cfg, v = self.cfg, self.cfg.val
         if self._eval_sampler is None:  # the rollout sampler draws rollout.n per prompt; this one val.n
-            self._eval_sampler = build_sampler(cfg, self.comps.tokenizer, self.comps.mesh, n=v.n, temperature=v.temperature,
-                                               top_p=v.top_p, max_new_tokens=v.max_new_tokens or None)
+            self._eval_sampler = build_sampler(cfg, self.comps.tokenizer, self.comps.mesh, **val_settings(cfg))
         prompts, records = self.comps.heldout
-        rows = cfg.rollout.slots or cfg.train.prompts_per_step * cfg.rollout.n  # the rollout's rows per call
         res = evaluate_prompts(self._eval_sampler, self.comps.graphdef, self.params, self.comps.tokenizer, prompts,
                                [r.answer for r in records], verifier=self.comps.verifier, n=v.n, ks=tuple(v.k),
-                               seed=cfg.train.seed + 10_000, batch_prompts=max(1, rows // v.n),
+                               seed=cfg.train.seed + 10_000, batch_prompts=val_batch_prompts(cfg),
                                buckets=tuple(cfg.rollout.prompt_buckets), with_entropy=v.entropy,
+                               entropy_micro_per_shard=C.microbatch_per_shard(cfg, self.settings.shards),
                                progress=cfg.train.progress)
         out = {"eval/entropy": res["entropy"]} if v.entropy else {}
         for k in v.k:
@@ -604,9 +614,11 @@ class Trainer:
         boundary = self.cfg.train.stage_boundary
         log.info("entering curriculum stage %d at step %d (stage_boundary=%s)", stage, self.step, boundary)
         self.stage = stage
-        if boundary in ("reset_optimizer", "restart"):
+        if boundary in ("reset_optimizer", "restart"):  # the old state goes before the new one is made
+            self.opt_state = None
             self.opt_state = self._init_opt(self.params)
         if self._restarts_reference():
+            self.comps.ref_params = None
             self.comps.ref_params = reference_params(self.cfg, self.params)
             save_tree(self._reference_dir(stage), lora.trainable(self.comps.ref_params))  # the base is not stored
 
