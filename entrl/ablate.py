@@ -64,10 +64,14 @@ def check_methods(methods, overrides) -> None:
         raise C.ConfigError(f"unknown methods {unknown}; valid: {', '.join(METHODS)}")
     if len(set(methods)) != len(methods):
         raise C.ConfigError(f"methods {list(methods)} name one method twice")
-    clash = sorted({o.split("=", 1)[0].strip() for o in overrides} & set(_METHOD_KEYS))
+    keys = {o.split("=", 1)[0].strip() for o in C.expand_aliases(list(overrides))[0]}  # TRL / verl names too
+    clash = sorted(keys & set(_METHOD_KEYS))
     if clash:
         raise C.ConfigError(f"{', '.join(clash)}: each method sets these (grpo: no curriculum, sent: curriculum low "
                             "to high, ...); choose methods instead (see `entrl ablate --help`)")
+    for key, flag in (("train.seed", "--seeds"), ("train.out_dir", "--out")):
+        if key in keys:  # each run's own: the override would be dropped
+            raise C.ConfigError(f"{key}: entrl ablate sets it for every run; use {flag}")
 
 
 def resolve(config, method: str, overrides=(), *, seed: int = 0, out_dir: str | Path = "ablate_out") -> C.RunConfig:

@@ -15,6 +15,7 @@ Design decisions:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -92,8 +93,9 @@ def check_batch_layout(cfg: C.RunConfig, shards: int, processes: int = 1) -> Non
 # ---------------------------------------------------------------------------
 
 
-def resolve_model_dir(path: str) -> Path:
-    """A local HF checkpoint dir, an entrl run dir's `policy/`, or a hub id (downloaded).
+def resolve_model_dir(path: str, *, weights: bool = True) -> Path:
+    """A local HF checkpoint dir, an entrl run dir's `policy/`, or a hub id (downloaded). With `weights`
+    (to load the model, not only its config or tokenizer), a directory without its weight files is an error.
 
     A run directory without `policy/` has no HF checkpoint: `build_model` restores its latest
     checkpoint instead (`run_checkpoint_source`); here it is an error saying how to export one.
@@ -102,18 +104,49 @@ def resolve_model_dir(path: str) -> Path:
     if p.is_dir():
         if R.is_run_dir(p):  # before config.json: an old run dir's config.json is the run's, not a model's
             if (p / "policy" / "config.json").exists():
-                return p / "policy"
+                return _with_weights(path, p / "policy", weights)
             raise C.ConfigError(f"model.path={path!r} is an entrl run directory without policy/ (the run did not "
                                 f"finish); write one with `entrl export {path} --out DIR` and use DIR")
         if (p / "config.json").exists():
-            return p
+            return _with_weights(path, p, weights)
         raise C.ConfigError(f"model.path={path!r} is a directory without config.json (not an HF checkpoint "
                             "nor an entrl run directory)")
     if p.exists():
         raise C.ConfigError(f"model.path={path!r} is a file; give a model directory (HF checkpoint or entrl run "
                             "dir), a hub id like Qwen/Qwen3-14B, or 'demo'")
-    return _from_hub("model.path", path, ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
-                     instead="give an HF checkpoint dir, an entrl run dir, a hub id like Qwen/Qwen3-14B, or 'demo'")
+    return _with_weights(path, _from_hub(
+        "model.path", path, ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+        instead="give an HF checkpoint dir, an entrl run dir, a hub id like Qwen/Qwen3-14B, or 'demo'"), weights)
+
+
+def check_tokenizer_fits(cfg: C.RunConfig, tokenizer, vocab_size: int) -> None:
+    """ConfigError when the tokenizer has ids the model's embedding table has no row for (another model
+    family's tokenizer: its ids would index past the table, which XLA clamps silently)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise C.ConfigError(f"the tokenizer ({cfg.model.tokenizer or cfg.model.path!r}) has {tokenizer.vocab_size} "
+                            f"tokens, the model {cfg.model.path!r} embeds {vocab_size}: they are not a pair; set "
+                            "model.tokenizer to the model's own tokenizer (or leave it empty)")
+
+
+def _with_weights(given: str, d: Path, weights: bool = True) -> Path:
+    """`d`, a model directory, unless `weights` and its weight files are missing (found before the
+    tokenizer, the data and any compile; `load_pretrained` checks each tensor as it reads)."""
+    if not weights:
+        return d
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise C.ConfigError(f"model.path={given!r}: {index.name} is not a safetensors index") from None
+        missing = sorted(f for f in shards if not (d / f).is_file())
+        if missing:
+            raise C.ConfigError(f"model.path={given!r}: {len(missing)} weight shard(s) listed in {index.name} are "
+                                f"missing, e.g. {missing[0]}")
+    elif not (d / "model.safetensors").is_file():
+        raise C.ConfigError(f"model.path={given!r} has config.json but no weights (model.safetensors or "
+                            "model.safetensors.index.json)")
+    return d
 
 
 def _from_hub(key: str, name: str, patterns: list[str], *, instead: str) -> Path:
@@ -230,7 +263,7 @@ def build_tokenizer(cfg: C.RunConfig):
     if m.tokenizer == "char" or (not m.tokenizer and m.path == "demo"):
         return CharTokenizer()
     key, value = ("model.tokenizer", m.tokenizer) if m.tokenizer else ("model.path", m.path)
-    directory = resolve_tokenizer_dir(m.tokenizer) if m.tokenizer else resolve_model_dir(m.path)
+    directory = resolve_tokenizer_dir(m.tokenizer) if m.tokenizer else resolve_model_dir(m.path, weights=False)
     try:
         return load_tokenizer(directory)
     except (OSError, ValueError, KeyError, TypeError) as e:  # files transformers cannot read as a tokenizer

@@ -121,6 +121,11 @@ class _Parser(argparse.ArgumentParser):
         finally:
             self._intermixed = False
 
+    def error(self, message):
+        """A command-line mistake in one line (the usage block is `entrl <command> --help`), exit 2."""
+        self.exit(EXIT_CONFIG, f"entrl: config error: {self.prog}: {' '.join(message.split())} (see {self.prog} "
+                               "--help)\n")
+
 
 def _overrides(args) -> list[str]:
     """The command's dotted overrides with TRL / verl names rewritten (one note per alias on stderr)."""
@@ -234,6 +239,11 @@ def cmd_semantic_entropy(args) -> int:
     if cfg.data.task != "math":  # the arithmetic task generates its own prompts and would ignore the file
         raise C.ConfigError(f"--data {args.data}: the config has data.task={cfg.data.task}, which generates its "
                             "prompts; add data.task=math to annotate the file's problems")
+    from entrl.rundir import as_path, inside
+
+    if inside(as_path(args.out, "--out"), as_path(args.data, "--data")):  # prompts it drops would be lost
+        raise C.ConfigError(f"--out {args.out!r} would overwrite the input --data {args.data!r}: write the "
+                            "annotated copy elsewhere")
     written = annotate_dataset(cfg, data=args.data, out=args.out, n=args.n, resume=not args.no_resume)
     print(f"wrote {written} annotated prompts to {args.out}")
     return 0
@@ -436,7 +446,7 @@ BENCHMARKS = "aime24,aime25,amc23,math500,minerva,olympiadbench"
 def build_parser() -> argparse.ArgumentParser:
     from entrl import __version__
 
-    p = argparse.ArgumentParser(prog="entrl", description="RL for LLM reasoning with semantic and token entropy (SENT).")
+    p = _Parser(prog="entrl", description="RL for LLM reasoning with semantic and token entropy (SENT).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"entrl {__version__}", help="print the version and exit")
     p.add_argument("--portable-cpu", action="store_true",

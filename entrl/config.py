@@ -184,6 +184,8 @@ class CurriculumSection:
         _seed("curriculum.seed", self.seed)
         if list(self.thresholds) != sorted(self.thresholds):
             raise ConfigError(f"curriculum.thresholds={self.thresholds}: must be ascending")
+        if any(t < 0 for t in self.thresholds):  # semantic entropy is >= 0: such a stage would stay empty
+            raise ConfigError(f"curriculum.thresholds={self.thresholds}: semantic entropy is never negative")
         if self.refresh and (self.thresholds or self.order == "random" or not self.enabled):
             raise ConfigError("curriculum.refresh re-ranks prompts by SE into stages of fixed sizes: it needs "
                               "curriculum.enabled, an SE order (not order=random) and curriculum.stages (not thresholds)")
@@ -758,6 +760,21 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last silently: a
+    second `rollout:` section would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     """Read a YAML preset, resolving `base:` chains (paths relative to the file)."""
     given = str(path)
@@ -775,9 +792,11 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     if path.resolve() in _seen:
         raise ConfigError(f"config file {path}: circular `base:` chain")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path}: invalid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     base = data.pop("base", None)
@@ -926,7 +945,12 @@ def expand_aliases(overrides: list[str]) -> tuple[list[str], list[str]]:
     """TRL / verl option names in `overrides` rewritten to entrl keys (see `ALIASES`); returns the
     overrides and one note per alias used."""
     keyed = [(text.split("=", 1)[0].strip(), text) for text in overrides]
-    explicit = {ALIASES[k][0][0] if k in ALIASES else k for k, _ in keyed}
+    primary = [ALIASES[k][0][0] if k in ALIASES else k for k, _ in keyed]
+    for (key, _), target in zip(keyed, primary):
+        others = [k for (k, _), p in zip(keyed, primary) if p == target and k != key]
+        if key in ALIASES and others:  # which one wins would be a matter of order: refuse
+            raise ConfigError(f"{key} is {ALIASES[key][1]}'s name for {target}, also given as {others[0]}: give one")
+    explicit = set(primary)
     out, notes = [], []
     for key, text in keyed:
         if key not in ALIASES or "=" not in text:

@@ -55,13 +55,13 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from entrl import hub, plan
-from entrl.build import build_tokenizer, maybe_initialize_distributed, resolve_model_dir
+from entrl.build import build_tokenizer, check_tokenizer_fits, maybe_initialize_distributed, resolve_model_dir
 from entrl.checkpoint import weights_digest
 from entrl.config import ConfigError
 from entrl.data.sources import Record, load_records, names_hub_dataset, number_text
 from entrl.data.tasks import tokenize_prompts
 from entrl.evaluation import _check_k, sample_and_grade, summarize
-from entrl.models import ModelConfig, load_pretrained
+from entrl.models import CheckpointFilesError, ModelConfig, load_pretrained
 from entrl.progress import progress_bar
 from entrl.rewards import Verifier, _parse, is_pathological
 from entrl.rundir import READ_SCHEMES, append_text, as_path, is_model_dir, is_remote, is_run_dir
@@ -458,6 +458,7 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
     prompts = {s.key: _prompt_tokens(s, tok, buckets, suffix=suffix, chat_template=cfg.data.chat_template)
                for s in suites}
     _check_context(model_dir, prompts, buckets, e.max_new_tokens)
+    check_tokenizer_fits(cfg, tok, ModelConfig.from_pretrained(model_dir).vocab_size)
     try:
         mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     except ValueError as err:
@@ -477,7 +478,10 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
     have_samples = samples_file.exists() and samples_file.stat().length > 0
     _check_run_settings(out, settings, have_samples, write=False)  # before any weight is read
     # Loaded even when every sample is on disk: the weights behind a path change when its run trains on.
-    net = load_pretrained(model_dir, dtype=m.dtype, param_dtype=m.dtype, mesh=mesh)
+    try:
+        net = load_pretrained(model_dir, dtype=m.dtype, param_dtype=m.dtype, mesh=mesh)
+    except CheckpointFilesError as e:
+        raise ConfigError(f"--model {m.path!r}: {e}") from None
     graphdef, params = nnx.split(net)
     settings["weights"] = weights_digest(params)
     # Settings first: reading with another n would take every problem on disk for a partial one.

@@ -406,10 +406,11 @@ def _record(line: str) -> dict | None:
 
 
 def _parse_lines(path: R.Path) -> Iterable[tuple[str, dict]]:
-    """(line, record) for every well-formed line; a torn last line (a crash mid-write) is skipped."""
-    with path.open("r") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\n")
+    """(line, record) for every well-formed line; a torn last line (a crash mid-write) or a damaged one (not
+    JSON, not UTF-8) is skipped with a warning."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
             if not line.strip():
                 continue
             record = _record(line)

@@ -167,7 +167,7 @@ def model_config(cfg: C.RunConfig) -> ModelConfig:
     if path in HUB_PRESETS:
         return PRESETS[HUB_PRESETS[path]]
     if Path(path).is_dir():
-        return ModelConfig.from_pretrained(B.resolve_model_dir(path))
+        return ModelConfig.from_pretrained(B.resolve_model_dir(path, weights=False))  # the plan reads no weights
     try:
         from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415 (hub cache lookups only)
 

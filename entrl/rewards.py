@@ -74,6 +74,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
 import numbers
@@ -409,10 +410,10 @@ def _absolute_spec(spec: str) -> str:
     return f"{os.path.abspath(os.path.expanduser(module))}:{attr}" if module.endswith(".py") else spec
 
 
-def resolve_reward_fn(spec: str) -> RewardCallable:
+def resolve_reward_fn(spec: str, *, args: tuple[str, ...] = ("response", "reference", "record")) -> RewardCallable:
     """The callable named `package.module:function` or `path/to/file.py:function` (imported now).
-    ValueError in one line when it is not of that form, does not import, has no such attribute or is not
-    callable."""
+    ValueError in one line when it is not of that form, does not import, has no such attribute, is not
+    callable, or cannot be called with the positional `args` (a reward's; an equivalence takes (pred, gold))."""
     if not isinstance(spec, str) or not _SPEC_RE.fullmatch(spec):
         raise ValueError(f"{spec!r} is not of the form package.module:function or path/to/file.py:function")
     module_name, attr = spec.rsplit(":", 1)
@@ -426,6 +427,14 @@ def resolve_reward_fn(spec: str) -> RewardCallable:
         obj = getattr(obj, part)
     if not callable(obj):
         raise ValueError(f"{spec!r} is a {type(obj).__name__}, not a function")
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):  # some builtins have none: called as they are
+        return obj
+    try:
+        signature.bind(*args)
+    except TypeError:
+        raise ValueError(f"{spec!r} takes {signature}; it is called as fn({', '.join(args)})") from None
     return obj
 
 
@@ -544,7 +553,7 @@ def _worker_main() -> None:
     equivalent, specs = init
     try:
         if isinstance(equivalent, str):  # reward.equivalent, named like a reward function
-            equivalent = resolve_reward_fn(equivalent)
+            equivalent = resolve_reward_fn(equivalent, args=("pred", "gold"))
         fns = [resolve_reward_fn(spec) for spec in specs]  # imported once per worker
     except ValueError as e:  # imports in the parent, not here (e.g. defined in a notebook cell or __main__)
         _write_frame(out_fd, ("init_error", str(e)))
@@ -679,7 +688,7 @@ class Verifier:
         self.incorrect_reward = float(incorrect)
         if isinstance(equivalent, str):  # by name: resolved here (errors now), re-imported by the workers
             self._worker_equivalent: Equivalent | str = _absolute_spec(equivalent)
-            equivalent = resolve_reward_fn(equivalent)
+            equivalent = resolve_reward_fn(equivalent, args=("pred", "gold"))
         else:
             self._worker_equivalent = equivalent or math_verify_equivalent
         self._custom = equivalent

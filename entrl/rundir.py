@@ -126,6 +126,15 @@ def absolute(path: epath.Path) -> epath.Path:
     return path if is_remote(path) else epath.Path(os.path.abspath(path))
 
 
+def inside(path: Any, directory: Any) -> bool:
+    """Whether `path` is `directory` or below it (local paths resolved, remote ones compared as text)."""
+    if is_remote(path) or is_remote(directory):
+        a, b = os.fspath(path).rstrip("/"), os.fspath(directory).rstrip("/")
+    else:
+        a, b = os.path.realpath(os.fspath(path)), os.path.realpath(os.fspath(directory))
+    return a == b or a.startswith(b.rstrip("/") + "/")
+
+
 def probe(directory: epath.Path, what: str) -> None:
     """Create `directory` and write, read back and delete a small object in it; ConfigError if any fails."""
     marker = directory / f".entrl-probe-{socket.gethostname()}-{os.getpid()}"

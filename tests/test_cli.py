@@ -31,6 +31,18 @@ def test_version(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"entrl {__version__}"
 
 
+def test_command_line_mistakes_are_one_line(capsys):
+    """argparse's own errors (a bad flag value, clashing flags, no command) read like every other
+    user mistake: one `entrl: config error:` line naming the command, exit 2, no usage block."""
+    for argv, needle in ((["eval", "--n", "abc"], "entrl eval: argument --n: invalid int value: 'abc'"),
+                         (["plan", "x.yaml", "--eval", "--no-eval"], "entrl plan: argument --no-eval"),
+                         ([], "entrl: the following arguments are required: cmd")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("entrl: config error: ") and needle in err, err
+
+
 def test_every_flag_has_help():
     missing = [f"{name}: {a.option_strings or a.dest}" for name, parser in _subparsers(build_parser())
                if name.split(" ")[0] not in NOT_OURS for a in parser._actions

@@ -112,7 +112,15 @@ def test_bad_settings_are_one_line_config_errors(tmp_path):
     unsupported = tmp_path / "gelu_model"
     unsupported.mkdir()
     (unsupported / "config.json").write_text('{"model_type": "qwen2", "hidden_act": "gelu"}')
+    (unsupported / "model.safetensors").write_bytes(b"")  # never read: the config is refused first
     se_curriculum = ["curriculum.enabled=true", "curriculum.samples=4"]  # annotates first: errors must come before
+    se_null = _jsonl(tmp_path / "se_null.jsonl", [{"id": f"r{i}", "problem": f"{i}+1", "answer": str(i + 1),
+                                                   "se": None if i == 3 else 0.1 * i} for i in range(16)])
+    weightless = tmp_path / "weightless_model"  # a model directory whose weights never arrived
+    weightless.mkdir()
+    (weightless / "config.json").write_text('{"model_type": "qwen2"}')
+    one_arg = tmp_path / "one_arg_reward.py"
+    one_arg.write_text("def score(response):\n    return 1.0\n")
     cases = {  # name: (overrides, words the line must contain)
         "lr nan": (["optim.lr=nan"], ["optim.lr=nan", "finite"]),
         "lr inf": (["optim.lr=.inf"], ["optim.lr=inf", "finite"]),
@@ -167,12 +175,37 @@ def test_bad_settings_are_one_line_config_errors(tmp_path):
                                 "curriculum.stages"]),
         "equivalent missing": ([*se_curriculum, "reward.equivalent=no_such_file.py:same"],
                                ["reward.equivalent", "no_such_file.py"]),
+        "SE column not a number": ([*math_data, f"data.train={se_null}", "curriculum.enabled=true"],
+                                   ["record 'r3'", "null, not a number"]),
+        "model without weights": ([f"model.path={weightless}"], ["model.path=", "no weights"]),
+        "val budget past the context": (["train.eval_every=1", "val.max_new_tokens=100000"],
+                                        ["val.max_new_tokens=100000", "512"]),
+        "alias beside its key": (["num_generations=2"], ["num_generations", "rollout.n", "give one"]),
+        "negative SE threshold": (["curriculum.thresholds=[-5]"], ["curriculum.thresholds", "never negative"]),
+        "reward signature": ([f"reward.fn={one_arg}:score"], ["reward.fn", "fn(response, reference, record)"]),
     }
     argvs = [["train", DEMO, *TINY, f"train.out_dir={tmp_path / name.replace(' ', '_')}", *over]
              for name, (over, _) in cases.items()]
+    (tmp_path / "not_utf8.yaml").write_bytes(b"model:\n  tokenizer: \xff\xfe char\n")
+    (tmp_path / "twice.yaml").write_text("rollout:\n  n: 4\ntrain:\n  steps: 1\nrollout:\n  temperature: 0.5\n")
+    others = {  # other commands: (argv, words the line must contain)
+        "yaml not utf-8": (["config", str(tmp_path / "not_utf8.yaml")], ["not UTF-8"]),
+        "yaml key twice": (["config", str(tmp_path / "twice.yaml")], ["'rollout' appears twice"]),
+        "ablate seed": (["ablate", DEMO, "--methods", "grpo", "--out", str(tmp_path / "ab"),
+                         *[o for o in TINY if not o.startswith("curriculum.")], "train.seed=7"],
+                        ["train.seed", "--seeds"]),
+        "annotate over its input": (["semantic-entropy", DEMO, *TINY, *math_data, "--data", se_null, "--out", se_null],
+                                    ["would overwrite the input"]),
+        "prepare over its source": (["data", "prepare", se_null, "--out", se_null, "--benchmarks", ""],
+                                    ["would overwrite the source"]),
+    }
+    argvs += [argv for argv, _ in others.values()]
     argvs.append(["config", DEMO, "optim.lr=nan"])
     argvs.append(["eval", "--model", str(tmp_path / "no-model"), "--temperature", "nan", "--out", str(tmp_path / "ev")])
     results = _run_cases(argvs)
+    for (_, needles), result in zip(others.values(), results[len(cases):]):
+        _assert_one_line(result, 2, "entrl: config error:", *needles)
+    assert len(Path(se_null).read_text().splitlines()) == 16  # the inputs are left alone
     for (name, (_, needles)), result in zip(cases.items(), results):
         # INFO lines of setup steps that ran before the check are progress, not noise
         _assert_one_line(result, 2, "entrl: config error:", *needles, progress_logs=True)
@@ -181,6 +214,20 @@ def test_bad_settings_are_one_line_config_errors(tmp_path):
         assert not (tmp_path / name.replace(" ", "_")).exists(), f"{name}: the failed start left its run directory"
     _assert_one_line(results[-2], 2, "entrl: config error:", "optim.lr")
     _assert_one_line(results[-1], 2, "entrl: config error:", "eval.temperature")
+
+
+def test_a_tokenizer_the_model_cannot_embed_is_refused():
+    """Another model family's tokenizer: ids past the embedding table (XLA clamps them silently)."""
+    from types import SimpleNamespace
+
+    from entrl import config as C
+    from entrl.build import check_tokenizer_fits
+
+    cfg = C.load_config(None, ["model.path=/models/small", "model.tokenizer=/models/big-tokenizer"])
+    check_tokenizer_fits(cfg, SimpleNamespace(vocab_size=57), 57)
+    check_tokenizer_fits(cfg, SimpleNamespace(vocab_size=151_665), 152_064)  # Qwen: the table has spare rows
+    with pytest.raises(C.ConfigError, match="tokenizer .*big-tokenizer.* has 96 tokens, the model .*embeds 57"):
+        check_tokenizer_fits(cfg, SimpleNamespace(vocab_size=96), 57)
 
 
 _DISK_RUN = ["train", DEMO, *TINY, "train.steps=2", "train.checkpoint_every=1", "train.tensorboard=true"]

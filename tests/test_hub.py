@@ -76,6 +76,7 @@ def test_offline_model_comes_from_the_hub_cache(offline):
     snap = repo / "snapshots" / commit
     snap.mkdir(parents=True)
     (snap / "config.json").write_text("{}")
+    (snap / "model.safetensors").write_bytes(b"")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     assert resolve_model_dir("someone/cached-model") == snap

@@ -72,6 +72,15 @@ def test_truncate_on_resume(tmp_path, caplog):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 7
 
 
+def test_damaged_lines_are_skipped_with_a_warning(tmp_path, caplog):
+    """Bytes that are not UTF-8 (a disk or copy error) cost their line, not the whole file (entrl plot)."""
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1, "reward": 0.5}\n\xff\xfe\n{"step": 2, "reward": 0.7}\n')
+    with caplog.at_level(logging.WARNING):
+        recs = read_metrics(tmp_path)
+    assert [r["reward"] for r in recs] == [0.5, 0.7]
+    assert any("metrics.jsonl:2 is not a metrics record" in r.getMessage() for r in caplog.records)
+
+
 def test_tensorboard_events(tmp_path, caplog):
     config = {"loss": {"name": "sent"}}
     with caplog.at_level(logging.INFO), _logger(tmp_path, tensorboard=True, config=config) as logger:

@@ -708,6 +708,23 @@ def test_export_steps_dtypes_buckets_and_read_only(cli_run, tmp_path, capsys, fa
     assert cli.main(["export", str(run), "--out", str(tmp_path / "x"), "--step", "7"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "no checkpoint of step 7" in err and "kept steps: 2" in err, err
+    # A directory no export wrote (here a model: the user's base, another run's policy/) is never written
+    # over, nor anything inside the run (its policy/ is the end of the run's); an earlier export is replaced
+    # whole: no weight file of it lingers beside the new ones.
+    foreign = tmp_path / "base_model"
+    shutil.copytree(tmp_path / "f32", foreign)
+    (foreign / "entrl_export.json").unlink()
+    (foreign / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
+    before = {p.name: p.read_bytes() for p in foreign.iterdir()}
+    for out, needle in ((foreign, "no `entrl export` wrote"), (run / "policy", "inside the run")):
+        assert cli.main(["export", str(run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and needle in err, err
+    assert {p.name: p.read_bytes() for p in foreign.iterdir()} == before
+    (tmp_path / "bf16" / "model-00001-of-00002.safetensors").write_bytes(b"stale shard of an earlier export")
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert sorted(p.name for p in (tmp_path / "bf16").glob("*.safetensors")) == ["model.safetensors"]
+    assert json.loads((tmp_path / "bf16" / "entrl_export.json").read_text())["dtype"] == "bfloat16"
     # gs:// output (in-memory fake of GCS): the same bytes as the local export.
     assert cli.main(["export", str(run), "--out", "gs://bucket/hf"]) == 0
     for name in ("model.safetensors", "config.json", "char_tokenizer.json"):
@@ -743,7 +760,8 @@ def test_model_path_accepts_a_run_directory(cli_run, tmp_path):
 
     finished = tmp_path / "finished"  # a run with policy/ (also one written before entrl_run.json existed)
     shutil.copytree(run, finished)
-    assert cli.main(["export", str(finished), "--out", str(finished / "policy")]) == 0
+    assert cli.main(["export", str(finished), "--out", str(tmp_path / "hf")]) == 0
+    shutil.copytree(tmp_path / "hf", finished / "policy")  # what the end of the run writes there
     assert resolve_model_dir(str(finished)) == finished / "policy"
     (finished / "entrl_run.json").rename(finished / "config.json")
     assert resolve_model_dir(str(finished)) == finished / "policy"

@@ -73,6 +73,7 @@ from entrl.config import ConfigError
 from entrl.data.sources import Record, load_records, source_columns, write_records
 from entrl.eval_suites import BENCHMARKS, load_benchmark
 from entrl.rl.setup import annotate_dataset
+from entrl.rundir import inside
 
 BENCHMARK_NAMES = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
 
@@ -304,6 +305,8 @@ def prepare(source: str, out: str | Path, *, split: str = "train", problem_key: 
     out = Path(out)
     if out.suffix not in (".jsonl", ".parquet"):
         raise ConfigError(f"--out {str(out)!r}: must end in .jsonl or .parquet")
+    if Path(source).exists() and inside(out, source):
+        raise ConfigError(f"--out {str(out)!r} would overwrite the source {source!r}: write the prepared set elsewhere")
     preset = PRESETS.get(source) or next((p for p in PRESETS.values() if p.hub_id == source), None)
     where = preset.hub_id if preset else source
     try:

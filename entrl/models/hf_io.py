@@ -144,6 +144,10 @@ def _flat_params(state) -> list[tuple[str, tuple, nnx.Variable]]:
 # ---------------------------------------------------------------------------
 
 
+class CheckpointFilesError(ValueError):
+    """A model directory's weight files are missing, or disagree with its config.json (the user's input)."""
+
+
 class _Checkpoint:
     """The tensors of a HF checkpoint dir (single file or sharded index), opened lazily."""
 
@@ -155,7 +159,7 @@ class _Checkpoint:
             with safe_open(single, framework="numpy") as f:
                 self.files = {k: single for k in f.keys()}
         else:
-            raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+            raise CheckpointFilesError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
         self._open: dict[Path, object] = {}
         self._stack = stack
 
@@ -163,7 +167,7 @@ class _Checkpoint:
         f = self.files[name]
         if f not in self._open:
             if not f.is_file():
-                raise ValueError(f"tensor {name!r}: shard file {f.name} listed in the index is missing")
+                raise CheckpointFilesError(f"tensor {name!r}: shard file {f.name} listed in the index is missing")
             self._open[f] = self._stack.enter_context(safe_open(f, framework="numpy"))
         return self._open[f].get_slice(name)
 
@@ -195,11 +199,11 @@ def load_pretrained(path, *, dtype="float32", param_dtype="float32", mesh=None, 
             tensors = []
             for hf_name in hf_names:
                 if hf_name not in ckpt.files:
-                    raise ValueError(f"checkpoint {path} is missing tensor {hf_name!r} (needed for param {name})")
+                    raise CheckpointFilesError(f"checkpoint {path} is missing tensor {hf_name!r} (needed for param {name})")
                 tensor = ckpt.get_slice(hf_name)
                 got = tuple(tensor.get_shape())
                 if got != layout.hf_shape:
-                    raise ValueError(
+                    raise CheckpointFilesError(
                         f"tensor {hf_name!r} has shape {got} but config.json implies {layout.hf_shape}; "
                         "the checkpoint and its config.json disagree"
                     )

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from entrl.build import (
     base_param_dtype,
     build_mesh,
     build_tokenizer,
+    check_tokenizer_fits,
     demo_model_config,
     lora_spec,
     maybe_initialize_distributed,
@@ -56,7 +58,7 @@ from entrl.data.pipeline import PromptPipeline
 from entrl.data.sources import load_records, write_records
 from entrl.data.tasks import ArithmeticTask, build_prompt, tokenize_prompts
 from entrl.eval_suites import load_benchmark
-from entrl.models import ModelConfig, create_model, load_pretrained, lora, save_pretrained
+from entrl.models import CheckpointFilesError, ModelConfig, create_model, load_pretrained, lora, save_pretrained
 from entrl.rewards import MATH_REWARD, Verifier, WorkerImportError, reward_fns
 from entrl.rl.summary import log_startup_summary
 from entrl.rl.trainer import Components, Trainer, reference_params, step_settings
@@ -101,12 +103,16 @@ def check_context_length(cfg: C.RunConfig, max_position_embeddings: int) -> None
     allocated for it); checked from the model's config.json, before weights are read or anything
     is compiled (a 100,000-token setting otherwise compiles for minutes and then asks for ~1 TB).
     """
-    bucket, new = max(cfg.rollout.prompt_buckets), cfg.rollout.max_new_tokens
-    if bucket + new > max_position_embeddings:
-        raise C.ConfigError(
-            f"rollout.max_new_tokens={new} + the largest rollout.prompt_buckets entry {bucket} = {bucket + new} "
-            f"tokens exceeds the model's context of {max_position_embeddings} tokens (max_position_embeddings of "
-            f"{cfg.model.path!r}); lower rollout.max_new_tokens or rollout.prompt_buckets")
+    bucket = max(cfg.rollout.prompt_buckets)
+    budgets = [("rollout.max_new_tokens", cfg.rollout.max_new_tokens)]
+    if cfg.train.eval_every and cfg.val.max_new_tokens:  # the periodic evaluation's own budget
+        budgets.append(("val.max_new_tokens", cfg.val.max_new_tokens))
+    for key, new in budgets:
+        if bucket + new > max_position_embeddings:
+            raise C.ConfigError(
+                f"{key}={new} + the largest rollout.prompt_buckets entry {bucket} = {bucket + new} tokens exceeds "
+                f"the model's context of {max_position_embeddings} tokens (max_position_embeddings of "
+                f"{cfg.model.path!r}); lower {key} or rollout.prompt_buckets")
 
 
 def check_model(cfg: C.RunConfig, tokenizer) -> None:
@@ -125,6 +131,7 @@ def check_model(cfg: C.RunConfig, tokenizer) -> None:
         except (KeyError, TypeError, ValueError) as e:  # ValueError: an unsupported model, or config.json not JSON
             raise C.ConfigError(f"model.path={cfg.model.path!r}: {e}") from None
     check_context_length(cfg, mcfg.max_position_embeddings)
+    check_tokenizer_fits(cfg, tokenizer, mcfg.vocab_size)
 
 
 def build_model(cfg: C.RunConfig, mesh, tokenizer):
@@ -149,8 +156,10 @@ def build_model(cfg: C.RunConfig, mesh, tokenizer):
     else:
         model_dir = resolve_model_dir(m.path)
         check_context_length(cfg, ModelConfig.from_pretrained(model_dir).max_position_embeddings)
-        model = load_pretrained(model_dir, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh,
-                                remat=m.remat)
+        try:
+            model = load_pretrained(model_dir, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat)
+        except CheckpointFilesError as e:
+            raise C.ConfigError(f"model.path={m.path!r}: {e}") from None
     graphdef, params = nnx.split(model)
     return graphdef, params
 
@@ -232,8 +241,24 @@ def tokenize(cfg: C.RunConfig, records, tokenizer, *, instruction: str | None = 
     if dropped:
         log.warning("dropped %d prompts longer than %d tokens", dropped, max_len)
     if not kept:
-        raise C.ConfigError("no training prompt is left after dropping long prompts; raise data.max_prompt_len")
+        limit = ("data.max_prompt_len" if d.max_prompt_len <= max(cfg.rollout.prompt_buckets)
+                 else "the largest rollout.prompt_buckets entry")
+        raise C.ConfigError(f"no training prompt is left after dropping those longer than {max_len} tokens; raise "
+                            f"{limit}")
     return tokens, kept
+
+
+def _column_numbers(records, col: str, what: str) -> list[float]:
+    """The records' `col` values as floats; ConfigError naming the first record whose value is not a number
+    (null, text, a list, true/false)."""
+    out = []
+    for r in records:
+        v = r.extra[col]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise C.ConfigError(f"record {r.id!r}: {what} holds {json.dumps(v)[:40]}, not a number; fix the data or "
+                                "drop the column to annotate again (curriculum.annotate=true)")
+        out.append(float(v))
+    return out
 
 
 def build_curriculum(cfg: C.RunConfig, records, se_values=None):
@@ -248,14 +273,14 @@ def build_curriculum(cfg: C.RunConfig, records, se_values=None):
         if missing:
             raise C.ConfigError(f"curriculum.enabled but {len(missing)} records lack the {col!r} column "
                                 f"(e.g. {missing[0]!r}); run `entrl semantic-entropy` or set curriculum.annotate=true")
-        se_values = [float(r.extra[col]) for r in records]
+        se_values = _column_numbers(records, col, f"the curriculum's SE column (curriculum.se_column={col!r})")
     pass_rate = None
     if cur.drop_trivial:
         missing = [r.id for r in records if "pass_rate" not in r.extra]
         if missing:  # 0.5 would keep them silently: say which data lacks it and how to get it
             raise C.ConfigError(f"curriculum.drop_trivial needs each prompt's pass_rate (written with the SE by "
                                 f"`entrl semantic-entropy`); {len(missing)} records lack it (e.g. {missing[0]!r})")
-        pass_rate = np.array([float(r.extra["pass_rate"]) for r in records])
+        pass_rate = np.array(_column_numbers(records, "pass_rate", "curriculum.drop_trivial's pass_rate column"))
     try:
         return Curriculum(np.asarray(se_values, np.float64), stages=cur.stages, thresholds=tuple(cur.thresholds),
                           epochs_per_stage=cur.epochs_per_stage, mode=cur.mode, order=cur.order, seed=cur.seed,
@@ -317,6 +342,9 @@ def build_val_set(cfg: C.RunConfig, tokenizer, heldout_records=None, *, instruct
     """
     v = cfg.val
     if not cfg.train.eval_every:
+        if v.data:
+            log.warning("val.data=%r is set but train.eval_every=0: nothing evaluates it (set train.eval_every=N)",
+                        v.data)
         return None
     if v.data:
         try:
@@ -392,6 +420,10 @@ def prepare_inputs(cfg: C.RunConfig, *, verifier=None, task=None) -> RunInputs:
     prompt_tokens, records = tokenize(cfg, records, tokenizer, instruction=task.instruction)
     check_model(cfg, tokenizer)
     check_stage_sizes(cfg, len(records))
+    col = cfg.curriculum.se_column
+    if C.needs_semantic_entropy(cfg) and all(col in r.extra for r in records):  # SE read from the data, not
+        # annotated: a value that is not a number fails here, before the model is built
+        _column_numbers(records, col, f"the curriculum's SE column (curriculum.se_column={col!r})")
     held = build_val_set(cfg, tokenizer, heldout, instruction=task.instruction)
     verifier = verifier or task.reward()  # imports the reward functions: before anything compiles
     return RunInputs(mesh=mesh, task=task, verifier=verifier, tokenizer=tokenizer, records=records,
@@ -484,7 +516,7 @@ def source_dtype(cfg: C.RunConfig) -> str:
         return source_dtype(run.cfg)
     if cfg.model.path == "demo":
         return "float32"
-    hf = json.loads((resolve_model_dir(cfg.model.path) / "config.json").read_text())
+    hf = json.loads((resolve_model_dir(cfg.model.path, weights=False) / "config.json").read_text())
     dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
     return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
 
@@ -614,8 +646,13 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: st
     if stored is None:
         raise C.ConfigError(f"{run_dir!r} is not an entrl run directory (no {R.RUN_CONFIG})")
     out = R.as_path(out_dir, "--out")
-    if out.exists() and any(True for _ in out.iterdir()) and not R.is_model_dir(out):
-        raise C.ConfigError(f"--out {out_dir!r} is a non-empty directory that is not a model directory")
+    if R.inside(out, run):
+        raise C.ConfigError(f"--out {out_dir!r} is inside the run {run_dir!r}: export writes outside the run "
+                            "(its policy/ is the end of run's)")
+    previous = out / EXPORT_RECORD
+    if out.exists() and any(True for _ in out.iterdir()) and not previous.exists():
+        raise C.ConfigError(f"--out {out_dir!r} is a non-empty directory that no `entrl export` wrote; give a new or "
+                            "empty directory (a model there is never overwritten)")
     source = RunSource(run, C.from_dict(stored))
     cfg = run_model_config(source.cfg, source)
     tokenizer = build_tokenizer(cfg)
@@ -625,10 +662,19 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: st
     graphdef, params = build_policy(cfg, mesh, tokenizer)  # under LoRA: the base, and the run's adapters restored
     restored = restore_run_params(source, (graphdef, params), step=step)
     dtype = dtype or source_dtype(cfg)
+    if jax.process_index() == 0 and previous.exists():  # an earlier export: none of its weight files may linger
+        for f in out.iterdir():
+            if f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json":
+                f.unlink()
     save_policy(graphdef, restored.params, tokenizer, out, dtype=dtype)
     if jax.process_index() == 0:
+        previous.write_text(json.dumps({"run": os.fspath(run), "step": restored.step, "dtype": dtype}) + "\n")
         log.info("exported step %d of %s to %s (%s)", restored.step, run_dir, out, dtype)
     return R.native(out)
+
+
+EXPORT_RECORD = "entrl_export.json"  # what `entrl export` wrote into its --out (run, step, dtype)
+
 
 
 def annotate_dataset(cfg, *, data: str, out: str, n: int | None = None, resume: bool = True) -> int:
