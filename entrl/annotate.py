@@ -142,7 +142,7 @@ def append_progress(path, rows: list[dict]) -> None:
 
 def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *, verifier, out_path,
                      n: int | None = None, batch_prompts: int = 64, mesh=None, seed: int | None = None,
-                     resume: bool = True, sampler=None) -> list[dict]:
+                     resume: bool = True, sampler=None, same_shape: bool = False) -> list[dict]:
     """SE statistics of every prompt from `n` samples of the policy (docs/method.md, "Semantic entropy").
 
     Samples with the rollout settings of `cfg` (`curriculum.samples` responses per prompt, T and top-p
@@ -154,12 +154,14 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
     prompts; values computed with other settings are never reused (`open_progress`), nor any with
     `resume=False`. Shows a progress bar (`train.progress`, `entrl.progress`), or else logs prompts
     done, rate and ETA once per batch. `sampler`: the rollout backend
-    (`entrl.seams.RolloutBackend` drawing n samples per prompt; default: `build_sampler` of `cfg`).
+    (`entrl.seams.RolloutBackend` drawing n samples per prompt; default: `build_sampler` of `cfg`, with
+    `rollout.slots`). `same_shape`: every call on `batch_prompts` prompts, the last batch padded even when
+    it is the only one (one program for the whole annotation).
     """
     n = n or cfg.curriculum.samples
     seed = cfg.train.seed if seed is None else seed
     weighting = cfg.curriculum.se_weighting
-    sampler = sampler or build_sampler(cfg, tokenizer, mesh, n=n)
+    sampler = sampler or build_sampler(cfg, tokenizer, mesh, n=n, slots=cfg.rollout.slots)
     if sampler.config.n != n:
         raise ValueError(f"the sampler draws {sampler.config.n} samples per prompt, the annotation needs n={n}")
     out_path = as_path(out_path, "progress file")  # local or gs://
@@ -184,7 +186,7 @@ def annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, *
             g = sample_and_grade(sampler, graphdef, params, tokenizer, [prompt_tokens[i] for i in idx],
                                  [records[i].answer for i in idx], verifier=verifier,
                                  rng=jax.random.fold_in(key, idx[0]), buckets=cfg.rollout.prompt_buckets,
-                                 pad_to=batch_prompts if len(todo) > batch_prompts else 0,  # the last one padded
+                                 pad_to=batch_prompts if same_shape or len(todo) > batch_prompts else 0,
                                  seq_logprobs=weighting != "count")
             stats = batch_prompt_stats(_per_prompt(g.answers, n, real), [list(c) for c in g.correct_PxN[:real]],
                                        pairs_equivalent=verifier.equivalent_pairs, no_answer=cfg.curriculum.se_no_answer,

@@ -8,7 +8,7 @@ simulated CPU devices, and reads XLA's memory analysis of each:
     log-probs   `entrl.token_stats.compute_logprobs` (old and reference log-probs of the step's rows)
     rollout     the rollout `Sampler` (one call on the step's prompts; at most `rollout.slots` rows decoding)
     annotate    the semantic-entropy annotation inside `entrl train`, when it is not the rollout's program
-                (`curriculum.samples` != `rollout.n`, or `rollout.slots`: it decodes every row at once)
+                (`curriculum.samples` != `rollout.n`)
     eval        the periodic-evaluation sampler of `train.eval_every` (`val.*`: `val.n` samples, its budget),
                 and with `val.entropy` the forward that measures the samples' entropy
 
@@ -409,12 +409,12 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
     per["rollout_peak"] = resident + extra("rollout", params_bytes)
     notes = [_lora_note(cfg, spec, optimizer, params, sizes, mesh)] if spec is not None else []
     se = cfg.curriculum
-    if C.needs_semantic_entropy(cfg) and se.annotate and (se.samples != r.n or r.slots) and want("annotate"):
-        # The SE annotation inside `entrl train` (before the optimizer state exists), when it is not the
-        # rollout's own program: curriculum.samples per prompt, every row decoding at once.
-        aprompts, ash = sampler_prompts(annotation_batch_prompts(cfg), se.samples, mesh)
-        ap = jax.ShapeDtypeStruct((aprompts, plen), jnp.int32, sharding=ash)
-        asc = SamplingConfig(**{**rollout_settings(cfg), "n": se.samples, "max_new_tokens": L}, **ids)
+    if C.needs_semantic_entropy(cfg) and se.annotate and se.samples != r.n and want("annotate"):
+        # The SE annotation inside `entrl train` (before the optimizer state exists) when it is not the
+        # rollout's own program: a rollout call's prompts, curriculum.samples each, in the rollout's slots.
+        aprompts = annotation_batch_prompts(cfg)
+        ap = rows_of(aprompts, plen)
+        asc = SamplingConfig(**{**rollout_settings(cfg), "n": se.samples, "max_new_tokens": L}, **ids, slots=r.slots)
         programs["annotate"] = analyse("annotate", lambda: Sampler(asc, mesh=mesh).lower(graphdef, params, ap, ap))
         per["annotate_peak"] = params_bytes + sizes["reference"] + extra("annotate", params_bytes)
         notes.append(f"annotate (when the training data lacks {se.se_column}): {aprompts} prompts x {se.samples} "

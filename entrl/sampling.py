@@ -271,9 +271,9 @@ def val_batch_prompts(cfg: C.RunConfig) -> int:
 
 def annotation_batch_prompts(cfg: C.RunConfig) -> int:
     """Prompts per sampler call of the semantic-entropy annotation inside `entrl train`: a rollout call's
-    (`rollout.slots` rows of `rollout.n` samples, else the step's prompts)."""
-    r = cfg.rollout
-    return r.slots // r.n if r.slots else cfg.train.prompts_per_step
+    (the step's prompts, decoded in `rollout.slots` when set). With curriculum.samples == rollout.n the
+    annotation then runs the rollout's own program: one compile, and the memory the plan checked."""
+    return cfg.train.prompts_per_step
 
 
 def build_sampler(cfg: C.RunConfig, tokenizer, mesh, *, slots: int = 0, **settings) -> Sampler:

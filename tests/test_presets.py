@@ -5,9 +5,9 @@ loads every preset with each suggestion of that size (`entrl.plan.plan_suggested
 validate on the mesh (batch layout, slots, micro-batches) and its programs must trace and lower with
 their shardings (`compile=False`: minutes of XLA compile per program are what `entrl plan` spends; the
 memory figures of the presets are in the README, from `entrl plan --suggested`). Lowered per pair: the
-loss-independent programs (rollout, log-probs) once per distinct setting, the update of `sent` and
-`sent_released` (the two selection scopes) on every mesh, and every other preset's update on its model's
-first suggested mesh.
+loss-independent programs (rollout, log-probs, and the SE annotation where it is a program of its own)
+once per distinct setting, the update of `sent` and `sent_released` (the two selection scopes) on every
+mesh, and every other preset's update on its model's first suggested mesh.
 
 Fit without compiling: tests/data/preset_plans.json records XLA:CPU's memory analysis of every one of
 those programs, per device count, keyed by the SHA-256 of its lowered text, from one compiling run of this test
@@ -56,9 +56,10 @@ def only(path, overrides, cfg):
     keep = []
     shared = json.dumps([str(path.parent), overrides, C.to_dict(cfg)["rollout"], cfg.train.microbatch_per_shard,
                          cfg.train.length_buckets, cfg.loss.scope], sort_keys=True)
-    for name in ("rollout", "logprob"):
-        if (name, shared) not in done:
-            done.add((name, shared))
+    for name in ("rollout", "logprob", "annotate"):
+        key = (name, shared + str(C.needs_semantic_entropy(cfg)) if name == "annotate" else shared)
+        if key not in done:
+            done.add(key)
             keep.append(name)
     if path.stem in ("sent", "sent_released") or overrides == first_mesh[path.parent]:
         key = ("update", json.dumps([str(path.parent), overrides, C.to_dict(cfg)["loss"], cfg.train.microbatch_per_shard]))
@@ -131,8 +132,6 @@ def test_every_preset_validates_and_lowers_on_its_suggested_meshes(devices):
     assert len(rows) == expected > 0
     errors = [f"{Path(r['config']).relative_to(REPO)} on {r['target']}: {r['error']}" for r in rows if r["error"]]
     assert not errors, "\n".join(errors)
-    lowered = {name for r in rows for name in r["compile_s"]}
-    assert lowered == {"update", "logprob", "rollout"}
     if RECORDING:  # this device count's analyses replace its old ones (programs no longer lowered drop out)
         analyses = json.loads([x for x in out.stdout.splitlines() if x.startswith("ANALYSES ")][0][len("ANALYSES "):])
         if not same:
@@ -140,7 +139,10 @@ def test_every_preset_validates_and_lowers_on_its_suggested_meshes(devices):
         record["analyses"][str(devices)] = analyses
         RECORD.parent.mkdir(exist_ok=True)
         RECORD.write_text(json.dumps(record, indent=0, sort_keys=True) + "\n")
-    elif not same:
+    lowered = {name for r in rows for name in r["compile_s"]}
+    # the SE annotation is a program of its own where a slice's rollout uses rollout.slots
+    assert {"update", "logprob", "rollout"} <= lowered <= {"update", "logprob", "rollout", "annotate"}, lowered
+    if not RECORDING and not same:
         pytest.skip(f"fit not checked: {RECORD.name} was recorded with {record['versions']}, this is {VERSIONS}; "
                     "refresh it with ENTRL_RECORD_PRESET_PLANS=1 pytest tests/test_presets.py")
     # every lowered program's memory is known from the record, and the pair's plan fits its slice

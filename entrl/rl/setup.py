@@ -467,11 +467,12 @@ def _components(cfg: C.RunConfig, inputs: RunInputs, se_values) -> Components:
         log_startup_summary(log, cfg, verifier=verifier, params=params, mesh=mesh, pipeline=None,
                             out_dir=cfg.train.out_dir, settings=step_settings(cfg, data_shards(mesh)),
                             prompts=len(records))
-        # Batches of a rollout call's prompts: with curriculum.samples == rollout.n (the paper's 8 and 8) and
-        # no rollout.slots the annotation runs the rollout's own sampler program (one compile); else
-        # `entrl plan` plans its program as the annotate phase.
+        # Batches of a rollout call's prompts, all of that shape: with curriculum.samples == rollout.n (the
+        # paper's 8 and 8) the annotation runs the rollout's own sampler program (one compile, and the memory
+        # the plan checked); else `entrl plan` plans its program as the annotate phase.
         stats = annotate_prompts(cfg, graphdef, params, tokenizer, prompt_tokens, records, verifier=verifier,
-                                 out_path=out_path, mesh=mesh, batch_prompts=annotation_batch_prompts(cfg))
+                                 out_path=out_path, mesh=mesh, batch_prompts=annotation_batch_prompts(cfg),
+                                 same_shape=True)
         se_values = [s["se"] for s in stats]
         records = [dataclasses.replace(r, extra={**r.extra, **s}) for r, s in zip(records, stats)]
     curriculum = build_curriculum(cfg, records, se_values)
