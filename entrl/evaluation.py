@@ -186,8 +186,7 @@ def sample_and_grade(sampler, graphdef, params, tokenizer, prompt_tokens: Sequen
     chunk += [chunk[0]] * max(pad_to - real, 0)
     sharding = None
     if sampler.mesh is not None:  # rows that split over the shards: no device decodes all of them
-        slots = getattr(sampler.config, "slots", 0)  # slots refill per shard from the shard's own prompts
-        prompts, sharding = sampler_prompts(len(chunk), 1 if slots else n, sampler.mesh)
+        prompts, sharding = sampler_prompts(len(chunk), n, sampler.mesh, slots=getattr(sampler.config, "slots", 0))
         chunk += [chunk[0]] * (prompts - len(chunk))
     ids, mask = pad_prompts(chunk, pad_id=sampler.config.pad_id, buckets=tuple(buckets or DEFAULT_BUCKETS))
     if sharding is not None:  # the same host rows on every process: one global array

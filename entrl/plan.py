@@ -423,8 +423,8 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
         vs = val_settings(cfg)
         eval_prompts, esh = sampler_prompts(val_batch_prompts(cfg), vs["n"], mesh)
         ep = jax.ShapeDtypeStruct((eval_prompts, plen), jnp.int32, sharding=esh)
-        programs["eval"] = analyse("eval", lambda: Sampler(SamplingConfig(**vs, **ids), mesh=mesh).lower(
-            graphdef, params, ep, ep))
+        esc = SamplingConfig(**vs, **ids)
+        programs["eval"] = analyse("eval", lambda: Sampler(esc, mesh=mesh).lower(graphdef, params, ep, ep))
         eval_extra = extra("eval", params_bytes)
         if cfg.val.entropy:  # one more forward over a call's rows (val.entropy)
             erows = eval_prompts * vs["n"]
@@ -432,7 +432,7 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
                       "resp_ids": rows_of(erows, vs["max_new_tokens"])}
             num_micro = EV.entropy_micro_batches(erows, shards, C.microbatch_per_shard(cfg, shards))
             programs["eval_entropy"] = analyse("eval_entropy", lambda: TS.compute_logprobs.lower(
-                graphdef, params, ebatch, temperature=vs["temperature"] or 1.0, num_micro=num_micro,
+                graphdef, params, ebatch, temperature=esc.logprob_temperature, num_micro=num_micro,
                 chunk_size=EV.ENTROPY_CHUNK, shards=shards))
             eval_extra = max(eval_extra, extra("eval_entropy", params_bytes))
         per["eval_peak"] = resident + eval_extra

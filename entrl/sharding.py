@@ -146,13 +146,15 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
-def sampler_prompts(problems: int, n: int, mesh: Mesh) -> tuple[int, NamedSharding]:
+def sampler_prompts(problems: int, n: int, mesh: Mesh, *, slots: int = 0) -> tuple[int, NamedSharding]:
     """(prompts, their sharding) of a sampler call on `problems` prompts with `n` samples each: the fewest
     prompts >= problems whose rows (prompts x n) split over the data shards (the caller pads with
     copies), split over the shards themselves when they divide, else replicated (the sampler splits
-    the rows it makes from them). Rows that did not split would be decoded whole by every device."""
+    the rows it makes from them). Rows that did not split would be decoded whole by every device.
+    With `slots` (continuous batching) each shard refills its slots from its own prompts: the prompts
+    themselves split."""
     shards = data_shards(mesh)
-    step = shards // math.gcd(shards, n)
+    step = shards if slots else shards // math.gcd(shards, n)
     prompts = -(-problems // step) * step
     return prompts, batch_sharding(mesh, 2) if prompts % shards == 0 else NamedSharding(mesh, PartitionSpec())
 

@@ -211,7 +211,7 @@ def test_val_and_warmstart_sections():
     own = val_settings(C.replace(cfg, **{"val.top_k": 20, "val.max_new_tokens": 40}))
     assert (own["top_k"], own["max_new_tokens"]) == (20, 40)
     # a call decodes as many rows as a rollout call: the step's (or rollout.slots), in whole problems
-    assert cfg.train.prompts_per_step * cfg.rollout.n // 3 == val_batch_prompts(cfg)
+    assert val_batch_prompts(cfg) == 256 * 8 // 3 == 682  # train.prompts_per_step x rollout.n rows, 3 per problem
     assert val_batch_prompts(C.replace(cfg, **{"rollout.slots": 7})) == 2
     cfg = C.load_config(None, ["data.val_files=bench/aime24.jsonl", "trainer.val_before_train=false",
                                "actor_rollout_ref.rollout.val_kwargs.n=4"])  # verl's names

@@ -143,3 +143,18 @@ def test_shard_batch_and_batch_sharding(mesh):
     np.testing.assert_array_equal(np.asarray(y), x)
     with pytest.raises(ValueError, match="not divisible by data\\*fsdp=4"):
         shard_batch(np.zeros((6, 2)), mesh)
+
+
+def test_sampler_prompts_pad_until_the_rows_split():
+    """A sampler call's prompts: padded until prompts x n rows split over the 8 data shards (split prompts
+    when they divide, else replicated ones the sampler repeats into split rows); with slots, until the
+    prompts themselves split (each shard refills its slots from its own prompts)."""
+    from entrl.sharding import sampler_prompts
+
+    mesh = make_mesh(data=-1)
+    split, replicated = P(("data", "fsdp"), None), P()
+    for problems, n, slots, want, spec in ((3, 2, 0, 4, replicated), (3, 8, 0, 3, replicated), (6, 4, 0, 6, replicated),
+                                           (5, 1, 0, 8, split), (16, 2, 0, 16, split), (3, 8, 16, 8, split)):
+        prompts, sharding = sampler_prompts(problems, n, mesh, slots=slots)
+        assert (prompts, sharding.spec) == (want, spec), (problems, n, slots)
+        assert prompts * n % 8 == 0
