@@ -284,7 +284,7 @@ class RewardSection:
     correct: float = 1.0  # math_reward's value for a verified answer
     incorrect: float = 0.0  # math_reward's value for a wrong, missing or unverifiable answer
     timeout_s: float = 5.0  # per-response time limit of the math verifier and of each reward.fn call (past it: 0 and counted)
-    workers: int = 0  # verification processes, which also run the reward.fn terms (0 = number of CPUs, capped at 8)
+    workers: int = 0  # verification processes, which also run the reward.fn terms (0 = number of CPUs, capped at 8; at most 256)
     fn: list[str] | str = field(default_factory=lambda: [MATH_REWARD])  # reward terms: package.module:function or path/to/file.py:function, each called as fn(response, reference answer, record) -> float in the verification processes with reward.timeout_s (README: Custom rewards); entrl.rewards:math_reward is the math verifier
     weights: list[float] = field(default_factory=list)  # weight of each reward.fn term (empty = 1.0 each); the reward is their weighted sum
     equivalent: str = ""  # the answer equivalence (pred, gold) -> bool as package.module:function or path/to/file.py:function, run in the verification processes; it grades accuracy, math_reward, evaluation and SE clustering ("" = math-verify)
@@ -294,6 +294,9 @@ class RewardSection:
         if self.timeout_s <= 0:
             raise ConfigError(f"reward.timeout_s={self.timeout_s}: must be > 0")
         _non_negative("reward.workers", self.workers)
+        if self.workers > MAX_REWARD_WORKERS:  # each is a Python process with math-verify loaded (~75 MB)
+            raise ConfigError(f"reward.workers={self.workers}: at most {MAX_REWARD_WORKERS} verification processes "
+                              "per host (0 = one per CPU, capped at 8)")
         if isinstance(self.fn, str):  # one term may be given as a plain string
             object.__setattr__(self, "fn", [self.fn])
         if not self.fn:
@@ -616,6 +619,8 @@ def _non_negative(name: str, value: int | float) -> None:
     if value < 0:
         raise ConfigError(f"{name}={value}: must be >= 0")
 
+
+MAX_REWARD_WORKERS = 256  # more than the vCPUs of any TPU or GPU host; a typo like 10000 would start that many processes
 
 SEED_LIMIT = 2**32  # seeds are 32-bit: numpy and JAX take them, and derived seeds (seed + offset) stay in range
 

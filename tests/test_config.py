@@ -125,6 +125,8 @@ def test_loss_params_read_numbers_as_float_fields_do(value, message):
     ("data.arithmetic_train_size", -5, "must be >= 0"),
     ("data.arithmetic_heldout_size", -1, "must be >= 0"),
     ("rollout.prompt_buckets", "[-8, 16]", "rollout.prompt_buckets[0]=-8: must be > 0"),
+    ("reward.workers", -1, "must be >= 0"),
+    ("reward.workers", 10_000, "at most 256 verification processes"),
 ])
 def test_seeds_and_counts_out_of_range(key, value, needle):
     with pytest.raises(C.ConfigError, match=re.escape(needle)):
