@@ -772,8 +772,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                twice = key in seen
+            except TypeError:  # an unhashable key: PyYAML's own error (a ConstructorError) says so below
+                break
+            if twice:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
                                                         key_node.start_mark)
             seen.add(key)
@@ -798,8 +804,10 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
         raise ConfigError(f"config file {path}: circular `base:` chain")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: invalid YAML: {e}") from e
+    except yaml.YAMLError as e:  # the problem and where, not PyYAML's multi-line excerpt of the file
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {path}: invalid YAML: {getattr(e, 'problem', None) or e}{where}") from e
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start})") from None
     if not isinstance(data, dict):

@@ -59,6 +59,19 @@ def test_yaml_base_chain(tmp_path):
         C.load_config(tmp_path / "typo.yaml")
 
 
+def test_yaml_keys_twice_merge_keys_and_unhashable_keys(tmp_path):
+    """A key given twice in one mapping is refused; YAML merge keys (`<<: *anchor`, overridden beside) still
+    work; an unhashable key is a config error, not a TypeError."""
+    (tmp_path / "twice.yaml").write_text("rollout:\n  n: 4\nrollout:\n  temperature: 0.5\n")
+    with pytest.raises(C.ConfigError, match=r"invalid YAML: key 'rollout' appears twice in one mapping \(line 3, column 1\)$"):
+        C.read_yaml(tmp_path / "twice.yaml")
+    (tmp_path / "merge.yaml").write_text("x-shared: &shared {n: 4, temperature: 0.5}\nrollout: {<<: *shared, n: 8}\n")
+    assert C.read_yaml(tmp_path / "merge.yaml")["rollout"] == {"n": 8, "temperature": 0.5}
+    (tmp_path / "unhashable.yaml").write_text("rollout:\n  ? [1, 2]\n  : 3\n")
+    with pytest.raises(C.ConfigError, match=r"unhashable.yaml: invalid YAML: found unhashable key \(line 2, column 5\)$"):
+        C.read_yaml(tmp_path / "unhashable.yaml")
+
+
 def test_docs_table_covers_every_field():
     table = C.docs_table()
     assert "`optim.lr`" in table and "peak learning rate" in table
