@@ -70,7 +70,8 @@ def check_batch_layout(cfg: C.RunConfig, shards: int, processes: int = 1) -> Non
     if t.prompts_per_step % shards:  # the sampler splits the step's prompts over the data shards
         raise C.ConfigError(f"train.prompts_per_step={t.prompts_per_step} must be divisible by the {shards} data "
                             "shards (mesh.data * mesh.fsdp); change it or the mesh (e.g. more mesh.tensor)")
-    if 0 < cfg.rollout.slots < t.prompts_per_step * n and cfg.rollout.slots % shards:
+    # also when they hold a whole step: the annotation's and the evaluation's calls may have more rows
+    if cfg.rollout.slots > 0 and cfg.rollout.slots % shards:
         raise C.ConfigError(f"rollout.slots={cfg.rollout.slots} must be a multiple of the {shards} data shards "
                             "(mesh.data * mesh.fsdp): each shard decodes its own prompts in its own slots")
     rows = t.minibatch_prompts * n

@@ -802,6 +802,8 @@ def _bad_jsonl(tmp_path):
                                     "train.minibatch_prompts=8", "train.microbatch_per_shard=8"],
      "train.microbatch_per_shard"),
     ("sampler slots vs data shards", ["rollout.slots=6"], "rollout.slots"),
+    # more slots than a step's rows: the annotation's and evaluation's calls can still have more rows than that
+    ("whole-step slots vs data shards", ["rollout.slots=1002"], "rollout.slots=1002 must be a multiple"),
     ("renamed key", ["train.microbatch_seqs=4"], "train.microbatch_per_shard"),
 ])
 def test_bad_input_fails_before_any_compile(tmp_path, capsys, case, overrides, needle):
