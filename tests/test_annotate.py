@@ -144,3 +144,18 @@ def test_stale_progress_is_never_reused(small_dataset, tmp_path, monkeypatch, ca
     calls.clear()
     annotate_dataset(cfg, data=str(path), out=str(out), **{k: v for k, v in kwargs.items() if k != "resume"})
     assert calls == []
+
+
+def test_a_tokenizer_past_the_models_embedding_is_refused_before_sampling(small_dataset, tmp_path):
+    """`entrl semantic-entropy` checks the tokenizer against the model as `entrl train` does: the char
+    tokenizer's ids past a 10-token embedding table would be clamped by XLA, silently."""
+    from entrl.models import ModelConfig, create_model, save_pretrained
+
+    small = ModelConfig(arch="qwen2", vocab_size=10, hidden_size=16, intermediate_size=32, num_layers=1,
+                        num_heads=2, num_kv_heads=1, head_dim=8, qkv_bias=True, max_position_embeddings=64)
+    save_pretrained(create_model(small, seed=0), tmp_path / "small_model")
+    path, _ = small_dataset
+    cfg = C.replace(_cfg(), **{"model.path": str(tmp_path / "small_model")})
+    with pytest.raises(C.ConfigError, match="tokenizer.*char.*tokens, the model.*embeds 10"):
+        annotate_dataset(cfg, data=str(path), out=str(tmp_path / "out.jsonl"))
+    assert not (tmp_path / "out.jsonl.progress.jsonl").exists()

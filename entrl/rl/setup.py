@@ -695,6 +695,7 @@ def annotate_dataset(cfg, *, data: str, out: str, n: int | None = None, resume: 
         raise C.ConfigError(f"--out {out!r}: must end in .jsonl or .parquet")
     mesh = build_mesh(cfg)
     tokenizer = build_tokenizer(cfg)
+    check_model(C.replace(cfg, **{"train.eval_every": 0}), tokenizer)  # what sampling needs: no training run's evaluation
     records, _ = build_records(cfg)
     prompt_tokens, records = tokenize(cfg, records, tokenizer)
     graphdef, params = build_model(cfg, mesh, tokenizer)
