@@ -336,8 +336,11 @@ def _steps_per_stage(cfg: C.RunConfig) -> tuple[list[int] | None, str]:
 
 def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source: str = "",
              headroom: float = DEFAULT_HEADROOM, with_eval: bool = True, compile: bool = True,
-             only: tuple[str, ...] | None = None) -> MemoryPlan:
+             only: tuple[str, ...] | None = None, annotates: bool = True) -> MemoryPlan:
     """Plan `cfg` on the current devices (see the module docstring). ConfigError on a config problem.
+
+    annotates: whether the run's curriculum will annotate its prompts (False when the data has the SE
+    column already: `entrl train` knows; `entrl plan` does not read the data and assumes it will).
 
     compile=False only traces and lowers the programs (their sharded shapes must agree; seconds instead
     of minutes): the memory figures of the programs are then 0, unless `RECORDED` holds the analysis
@@ -409,7 +412,7 @@ def plan_run(cfg: C.RunConfig, *, budget_bytes: int | None = None, budget_source
     per["rollout_peak"] = resident + extra("rollout", params_bytes)
     notes = [_lora_note(cfg, spec, optimizer, params, sizes, mesh)] if spec is not None else []
     se = cfg.curriculum
-    if C.needs_semantic_entropy(cfg) and se.annotate and se.samples != r.n and want("annotate"):
+    if annotates and C.needs_semantic_entropy(cfg) and se.annotate and se.samples != r.n and want("annotate"):
         # The SE annotation inside `entrl train` (before the optimizer state exists) when it is not the
         # rollout's own program: a rollout call's prompts, curriculum.samples each, in the rollout's slots.
         aprompts = annotation_batch_prompts(cfg)

@@ -5,6 +5,7 @@ meshes are planned in tests/test_presets.py.
 """
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -167,8 +168,28 @@ def test_train_refuses_a_run_that_cannot_fit(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("entrl: config error: the run needs") and "\n" not in err, err
     assert not (tmp_path / "run" / "checkpoints").exists()
-    from entrl.rl.setup import check_memory
+    from entrl.rl.setup import _MEMORY_KNOBS, check_memory
+
+    worst = re.search(r"per device \((\w+_peak)\)", err).group(1)
+    assert _MEMORY_KNOBS[worst] in err  # what lowers that phase's peak, not every knob there is
 
     check_memory(C.load_config(DEMO, [*SMALL, "train.memory_check=false"]))  # opted out: no plan, no refusal
     monkeypatch.setattr(entrl.plan, "device_budget", lambda: (None, "cpu"))
     check_memory(C.load_config(DEMO, SMALL))  # no budget known (CPU): nothing to check against
+
+
+def test_the_annotation_is_planned_only_when_the_run_annotates():
+    """`entrl plan` does not read the data: it plans the SE annotation (curriculum.samples != rollout.n);
+    `entrl train` knows whether the data has the SE column and plans it only when it will run."""
+    from entrl.data.sources import Record
+    from entrl.rl.setup import will_annotate
+
+    cfg = C.load_config(DEMO, [*SMALL, "curriculum.samples=8"])
+    assert "annotate_peak" in P.plan_run(cfg, compile=False, only=("annotate",)).per_device_bytes
+    skipped = P.plan_run(cfg, compile=False, only=("annotate",), annotates=False)
+    assert "annotate_peak" not in skipped.per_device_bytes and "annotate" not in skipped.programs
+    with_se = [Record(id="a", problem="1+1", answer="2", extra={"se": 0.3})]
+    assert not will_annotate(cfg, with_se)
+    assert will_annotate(cfg, [*with_se, Record(id="b", problem="1+2", answer="3")])
+    assert not will_annotate(C.replace(cfg, **{"curriculum.enabled": False}), [Record(id="b", problem="1", answer="1")])
+

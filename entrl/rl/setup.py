@@ -454,8 +454,7 @@ def _components(cfg: C.RunConfig, inputs: RunInputs, se_values) -> Components:
     graphdef, params = build_policy(cfg, mesh, tokenizer)
     ref_params = reference_params(cfg, params)
     sampler = build_sampler(cfg, tokenizer, mesh, slots=cfg.rollout.slots)
-    if C.needs_semantic_entropy(cfg) and se_values is None and any(cfg.curriculum.se_column not in r.extra
-                                                                  for r in records):
+    if se_values is None and will_annotate(cfg, records):
         if not cfg.curriculum.annotate:
             build_curriculum(cfg, records)  # raises the missing-column error
         out_path = R.as_path(cfg.train.out_dir, "train.out_dir") / "semantic_entropy.jsonl"
@@ -577,23 +576,39 @@ class DoesNotFit(C.ConfigError):
     """The run's memory plan exceeds the devices' memory."""
 
 
-def check_memory(cfg: C.RunConfig) -> None:
+# What lowers each phase's peak (besides more devices), for the refusal of a run that cannot fit.
+_MEMORY_KNOBS = {
+    "update_peak": "model.remat=full, a smaller train.microbatch_per_shard",
+    "logprob_peak": "a smaller train.microbatch_per_shard",
+    "rollout_peak": "rollout.slots (fewer rows decoding at once), rollout.cache_dtype=bfloat16",
+    "annotate_peak": "rollout.slots, curriculum.samples",
+    "eval_peak": "val.n, val.max_new_tokens, rollout.slots (and with val.entropy, train.microbatch_per_shard)",
+}
+
+
+def will_annotate(cfg: C.RunConfig, records) -> bool:
+    """Whether `setup` annotates the prompts' semantic entropy (the curriculum needs it and the data lacks it)."""
+    return C.needs_semantic_entropy(cfg) and any(cfg.curriculum.se_column not in r.extra for r in records)
+
+
+def check_memory(cfg: C.RunConfig, *, annotates: bool = True) -> None:
     """With `train.memory_check` on an accelerator that reports its memory, plan the run (`entrl.plan`,
-    no weights read) and raise `DoesNotFit` (after logging the plan's table) when it cannot fit."""
+    no weights read) and raise `DoesNotFit` (after logging the plan's table) when it cannot fit.
+    annotates: whether the run will annotate its prompts (`will_annotate`)."""
     if not cfg.train.memory_check:
         return
     budget, source = plan.device_budget()
     if budget is None:  # CPU, or a backend without memory stats: nothing to check against
         log.info("memory check skipped (%s)", source)
         return
-    run_plan = plan.plan_run(cfg, budget_bytes=budget, budget_source=source)
+    run_plan = plan.plan_run(cfg, budget_bytes=budget, budget_source=source, annotates=annotates)
     log.info("memory plan:\n%s", run_plan.table())
     if not run_plan.fits:
         worst = max((k for k in run_plan.per_device_bytes if k.endswith("_peak")), key=run_plan.per_device_bytes.get)
         raise DoesNotFit(f"the run needs {run_plan.peak_bytes / 2**30:.1f} GiB per device ({worst}) of "
                          f"{budget / 2**30:.1f} GiB ({run_plan.headroom:.0%} kept free); see the plan above "
-                         "(`entrl plan`): model.remat=full, a smaller train.microbatch_per_shard, rollout.slots or "
-                         "eval.batch_problems, or more devices (train.memory_check=false skips this check)")
+                         f"(`entrl plan`): {_MEMORY_KNOBS.get(worst, 'see the plan')}, or more devices "
+                         "(train.memory_check=false skips this check)")
 
 
 def train_from_config(cfg: C.RunConfig, *, resume: bool = True, overwrite: bool = False,
@@ -613,7 +628,7 @@ def train_from_config(cfg: C.RunConfig, *, resume: bool = True, overwrite: bool 
     try:
         run_dir = R.RunDir.open(cfg.train.out_dir, resume=resume, overwrite=overwrite, config=C.to_dict(cfg))
         try:
-            check_memory(cfg)
+            check_memory(cfg, annotates=will_annotate(cfg, inputs.records))
             if cfg.warmstart.enabled:  # the demo model's noisy-teacher SFT, once per run directory
                 cfg = warm_started(cfg, run_dir.path / "warmstart")
             comps = setup(cfg, inputs=inputs)
