@@ -722,8 +722,10 @@ def test_export_steps_dtypes_buckets_and_read_only(cli_run, tmp_path, capsys, fa
         assert "\n" not in err and needle in err, err
     assert {p.name: p.read_bytes() for p in foreign.iterdir()} == before
     (tmp_path / "bf16" / "model-00001-of-00002.safetensors").write_bytes(b"stale shard of an earlier export")
+    (tmp_path / "bf16" / "chat_template.jinja").write_text("{{ stale }}")  # another tokenizer's file
+    written = sorted(p.name for p in (tmp_path / "f32").iterdir())
     assert cli.main(["export", str(run), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
-    assert sorted(p.name for p in (tmp_path / "bf16").glob("*.safetensors")) == ["model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "bf16").iterdir()) == written
     assert json.loads((tmp_path / "bf16" / "entrl_export.json").read_text())["dtype"] == "bfloat16"
     # gs:// output (in-memory fake of GCS): the same bytes as the local export.
     assert cli.main(["export", str(run), "--out", "gs://bucket/hf"]) == 0

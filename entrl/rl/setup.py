@@ -678,10 +678,9 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: st
     graphdef, params = build_policy(cfg, mesh, tokenizer)  # under LoRA: the base, and the run's adapters restored
     restored = restore_run_params(source, (graphdef, params), step=step)
     dtype = dtype or source_dtype(cfg)
-    if jax.process_index() == 0 and previous.exists():  # an earlier export: none of its weight files may linger
-        for f in out.iterdir():
-            if f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json":
-                f.unlink()
+    if jax.process_index() == 0 and previous.exists():  # an earlier export, replaced whole: none of its weight
+        for f in out.iterdir():  # shards or tokenizer files (a chat template transformers would load) may linger
+            f.rmtree() if f.is_dir() else f.unlink()
     save_policy(graphdef, restored.params, tokenizer, out, dtype=dtype)
     if jax.process_index() == 0:
         previous.write_text(json.dumps({"run": os.fspath(run), "step": restored.step, "dtype": dtype}) + "\n")
@@ -690,7 +689,6 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: st
 
 
 EXPORT_RECORD = "entrl_export.json"  # what `entrl export` wrote into its --out (run, step, dtype)
-
 
 
 def annotate_dataset(cfg, *, data: str, out: str, n: int | None = None, resume: bool = True) -> int:
