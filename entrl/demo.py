@@ -109,6 +109,13 @@ class DemoContext:
         self.verifier.close()
 
 
+def _eval_sampler(cfg: C.RunConfig, tokenizer):
+    """The before/after evaluation's sampler: `eval.n` samples at `eval.temperature` / `top_p` / `top_k`, with the
+    rollout's response budget (`eval.max_new_tokens` is the paper benchmarks' 8,000, past the demo model's context)."""
+    e = cfg.eval
+    return build_sampler(cfg, tokenizer, None, n=e.n, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k)
+
+
 def prepare(out: Path, *, seed: int = 0, quick: bool = False, overrides=(), base: str | Path = DEMO_YAML) -> DemoContext:
     """Steps 1-3: task, warm start (saved to `out/warmstart`), evaluation before RL."""
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +132,7 @@ def prepare(out: Path, *, seed: int = 0, quick: bool = False, overrides=(), base
     warm_dir = save_policy(graphdef, params, tokenizer, out / "warmstart")
     ctx = DemoContext(cfg=cfg, tokenizer=tokenizer, graphdef=graphdef, warm_params=params, warm_dir=warm_dir,
                       held_tokens=held_tokens, held_answers=[r.answer for r in held_records],
-                      verifier=build_verifier(cfg), eval_sampler=build_sampler(cfg, tokenizer, None, n=cfg.eval.n),
+                      verifier=build_verifier(cfg), eval_sampler=_eval_sampler(cfg, tokenizer),
                       before={}, sft_losses=sft_losses)
     ctx.before = ctx.evaluate(params, "before RL")
     return ctx

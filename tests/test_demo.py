@@ -79,3 +79,16 @@ def test_portable_cpu_caps_the_isa_and_pins_one_core():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     cores, flags, total = out.stdout.split()
     assert cores == "1" and flags == "--xla_cpu_max_isa=AVX2" and total == "6.0"
+
+
+def test_the_demo_evaluates_with_the_eval_sampling_settings():
+    """The before/after evaluation samples as `eval.*` says (n, temperature, top_p, top_k), within the rollout's
+    response budget (eval.max_new_tokens is the benchmarks' 8,000, past the demo model's context)."""
+    from entrl import config as C
+    from entrl.demo import _eval_sampler
+    from entrl.tokenizer import CharTokenizer
+
+    cfg = C.load_config("demo", ["eval.n=3", "eval.k=[1, 3]", "eval.temperature=0.5", "eval.top_p=0.9", "eval.top_k=5"])
+    sc = _eval_sampler(cfg, CharTokenizer()).config
+    assert (sc.n, sc.temperature, sc.top_p, sc.top_k) == (3, 0.5, 0.9, 5)
+    assert sc.max_new_tokens == cfg.rollout.max_new_tokens
