@@ -38,6 +38,7 @@ Left out on purpose: tolerance grading of rounded physics answers and LLM judges
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -62,6 +63,7 @@ from entrl.data.sources import Record, load_records, names_hub_dataset, number_t
 from entrl.data.tasks import tokenize_prompts
 from entrl.evaluation import _check_k, sample_and_grade, summarize
 from entrl.models import CheckpointFilesError, ModelConfig, load_pretrained
+from entrl.multihost import gather_json
 from entrl.progress import progress_bar
 from entrl.rewards import Verifier, _parse, is_pathological
 from entrl.rundir import READ_SCHEMES, append_text, as_path, is_model_dir, is_remote, is_run_dir
@@ -73,9 +75,17 @@ log = logging.getLogger(__name__)
 
 # Settings that must not change when an evaluation directory is resumed (see run.json).
 RESUME_KEYS = ("model", "weights", "tokenizer", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
-               "dtype", "cache_dtype", "chat_template", "prompt_suffix")
+               "dtype", "cache_dtype", "chat_template", "prompt_suffix", "equivalent", "timeout_s")
 # What a run.json of an entrl that did not record a setting used (its samples stay resumable).
-_UNRECORDED = {"top_k": 0}
+_UNRECORDED = {"top_k": 0, "equivalent": "", "timeout_s": 5.0}
+# The keys every row of samples.jsonl has (what the tables are computed from).
+_ROW_KEYS = ("benchmark", "id", "sample", "reference", "answer", "correct", "status", "finish_reason", "length")
+
+
+def problem_digest(rec: Record) -> str:
+    """A short digest of a problem's prompt and reference answer, kept in each of its sample rows: a resumed
+    evaluation never grades samples of another problem that has the same id (an edited or reordered file)."""
+    return hashlib.sha256(json.dumps([rec.prompt, rec.answer], ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +258,8 @@ def _read_samples(path, n: int) -> dict[tuple[str, str], list[dict]]:
     """Complete problems of samples.jsonl: (benchmark, id) -> its n sample rows in sample order.
 
     A torn last line (no newline: the run died mid-write) and problems with fewer than n samples are
-    removed from the file (atomically) so that they can be appended again without duplicates.
+    removed from the file (atomically, by process 0; every process reads the same complete problems) so
+    that they can be appended again without duplicates. A line that is not a sample row is a ConfigError.
     """
     if not path.exists():
         return {}
@@ -261,13 +272,17 @@ def _read_samples(path, n: int) -> dict[tuple[str, str], list[dict]]:
             continue
         try:
             row = json.loads(line)
+            missing = [k for k in _ROW_KEYS if k not in row]
+            if missing:
+                raise KeyError(f"no {', '.join(missing)}")
             key, j = (str(row["benchmark"]), str(row["id"])), int(row["sample"])
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} line {lineno}: not a sample row ({e}); fix or delete the line") from None
+            raise ConfigError(f"{path} line {lineno}: not a sample row of entrl eval ({e}); fix or delete the "
+                              "line, or use another --out") from None
         groups.setdefault(key, {})[j] = row
     complete = {k: [g[j] for j in range(n)] for k, g in groups.items() if set(g) == set(range(n))}
     partial = len(groups) - len(complete)
-    if torn or partial:
+    if (torn or partial) and jax.process_index() == 0:
         logging.getLogger(__name__).warning("%s: dropping %d problems with fewer than %d samples%s; they are "
                                             "sampled again", path, partial, n, " and a torn last line" if torn else "")
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for rows in complete.values() for r in rows)
@@ -278,6 +293,22 @@ def _read_samples(path, n: int) -> dict[tuple[str, str], list[dict]]:
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, path)
     return complete
+
+
+def _check_same_problems(suites: Sequence[Benchmark], done: dict, out) -> None:
+    """ConfigError when samples on disk were drawn for another problem or graded against another reference
+    than the benchmark's problem of that id now (the file was edited, reordered, or is another file of the
+    same name). Rows of an entrl that kept no digest are matched by their reference answer."""
+    for s in suites:
+        for r in s.records:
+            rows = done.get((s.key, r.id))
+            if rows is None:
+                continue
+            stored = rows[0].get("problem_digest")
+            if rows[0]["reference"] != r.answer or (stored is not None and stored != problem_digest(r)):
+                raise ConfigError(f"{out}: the samples of benchmark {s.key!r} problem {r.id!r} were drawn for another "
+                                  f"problem or reference answer than its file has now ({rows[0]['reference']!r} on "
+                                  f"disk vs {r.answer!r} now); use another --out or delete samples.jsonl")
 
 
 def _settings_diff(key: str, old: Any, new: Any) -> str:
@@ -292,8 +323,16 @@ def _check_run_settings(out, settings: dict, have_samples: bool, *, write: bool 
     """Write run.json (`write`), or compare the `RESUME_KEYS` in `settings` with the one there; a mismatch
     with samples on disk is an error."""
     path = out / "run.json"
+    if have_samples and not path.exists():
+        raise ConfigError(f"{out} holds samples.jsonl but no run.json (what they were drawn with), so they cannot "
+                          "be matched to this model and settings; use another --out or delete samples.jsonl")
     if path.exists() and have_samples:
-        old = json.loads(path.read_text()).get("settings", {})
+        try:
+            old = json.loads(path.read_text()).get("settings", {})
+            if not isinstance(old, dict):
+                raise ValueError("its settings are not a mapping")
+        except (ValueError, AttributeError) as e:
+            raise ConfigError(f"{path}: not a run.json of entrl eval ({e}); use another --out") from None
         old = {**_UNRECORDED, **old}
         diff = {k: (old.get(k), settings[k]) for k in RESUME_KEYS if k in settings and old.get(k) != settings[k]}
         if diff:
@@ -399,6 +438,7 @@ def _sample_benchmark(bench: Benchmark, prompts: list[list[int]], todo: list[int
         for b0 in range(0, len(todo), batch_size):
             idx = todo[b0:b0 + batch_size]
             recs = [bench.records[i] for i in idx]
+            digests = [problem_digest(r) for r in recs]
             g = sample_and_grade(sampler, graphdef, params, tokenizer, [prompts[i] for i in idx],
                                  [r.answer for r in recs], verifier=verifier, rng=jax.random.fold_in(bkey, idx[0]),
                                  pad_to=pad_to, buckets=buckets)
@@ -408,11 +448,22 @@ def _sample_benchmark(bench: Benchmark, prompts: list[list[int]], todo: list[int
                     s = r_i * n + j
                     lines.append(json.dumps({
                         "benchmark": bench.key, "id": rec.id, "sample": j, "reference": rec.answer,
+                        "problem_digest": digests[r_i],
                         "answer": g.answers[s], "correct": bool(g.correct_PxN[r_i, j]), "status": g.status[s],
                         "finish_reason": FINISH_REASONS[int(g.finish_code[s])], "length": int(g.lengths[s]),
                         "response": g.responses[s]}, ensure_ascii=False) + "\n")
+            failed = None
             if jax.process_index() == 0:  # every process holds every graded row (sample_and_grade gathers them)
-                append_text(samples_file, "".join(lines), fsync=True)
+                try:
+                    append_text(samples_file, "".join(lines), fsync=True)
+                except OSError as err:
+                    failed = err
+            # every process stops when process 0 could not write (else the others wait in the next collective)
+            why = gather_json(None if failed is None else str(failed))[0] if jax.process_count() > 1 else None
+            if failed is not None:
+                raise failed
+            if why is not None:
+                raise OSError(f"process 0 could not append to {samples_file}: {why}")
             bar.update(len(idx))
             if bar.disable:  # no bar drawn: one log line per batch instead
                 log.info("%s: %d/%d problems sampled (%.0f s)", bench.key, min(b0 + batch_size, len(todo)),
@@ -473,7 +524,9 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
     settings = {"model": str(model_dir.resolve()) if model_dir.exists() else str(model_dir), "tokenizer": tok_name,
                 "n": e.n, "temperature": float(e.temperature), "top_p": float(e.top_p), "top_k": e.top_k,
                 "max_new_tokens": e.max_new_tokens, "seed": e.seed, "dtype": m.dtype, "cache_dtype": kv_dtype,
-                "chat_template": cfg.data.chat_template, "prompt_suffix": suffix}
+                "chat_template": cfg.data.chat_template, "prompt_suffix": suffix,
+                # the grades on disk are the grader's: another equivalence or time limit would mix two
+                "equivalent": cfg.reward.equivalent, "timeout_s": float(cfg.reward.timeout_s)}
     samples_file = out / "samples.jsonl"
     have_samples = samples_file.exists() and samples_file.stat().length > 0
     _check_run_settings(out, settings, have_samples, write=False)  # before any weight is read
@@ -487,6 +540,7 @@ def run_eval(cfg, *, out_dir: str | None = None, verifier=None) -> dict:
     # Settings first: reading with another n would take every problem on disk for a partial one.
     _check_run_settings(out, settings, have_samples)
     done = _read_samples(samples_file, e.n)
+    _check_same_problems(suites, done, out)
     todo = {s.key: [i for i, r in enumerate(s.records) if (s.key, r.id) not in done] for s in suites}
 
     own_verifier = verifier is None

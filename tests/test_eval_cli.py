@@ -399,3 +399,37 @@ def test_top_k_reaches_the_sampler_and_is_a_resume_setting(first_run, model_dir,
     (old / "run.json").write_text(json.dumps(run))
     (old / "samples.jsonl").write_text(text0)
     assert _run(model_dir, old, data_dir=str(shared_data))["benchmarks"] == res0["benchmarks"]
+
+
+def test_resume_refuses_samples_of_other_problems_and_unreadable_files(first_run, model_dir, shared_data, tmp_path):
+    """Samples on disk belong to the problem they were drawn for: an edited benchmark file (another reference or
+    problem under the same id) is refused, and so are samples without the run.json that says how they were drawn,
+    a line that is not a sample row and a run.json that is not one: one-line config errors, nothing sampled."""
+    import shutil
+
+    out0, res0, text0 = first_run
+    assert all(len(r["problem_digest"]) == 16 for r in _rows(out0 / "samples.jsonl"))
+    edited = tmp_path / "data"
+    edited.mkdir()
+    for name in BENCHES:
+        rows = _rows(shared_data / f"{name}.jsonl")
+        if name == BENCHES[0]:
+            rows[0]["answer"] = "a corrected answer"
+        (edited / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval"
+    shutil.copytree(out0, out)
+    with pytest.raises(ConfigError, match=f"benchmark '{BENCHES[0]}' problem .* drawn for another problem or "
+                                          "reference answer"):
+        _run(model_dir, out, data_dir=str(edited))
+    run_json = (out / "run.json").read_text()
+    (out / "run.json").unlink()
+    with pytest.raises(ConfigError, match="holds samples.jsonl but no run.json"):
+        _run(model_dir, out, data_dir=str(shared_data))
+    (out / "run.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a run.json of entrl eval"):
+        _run(model_dir, out, data_dir=str(shared_data))
+    (out / "run.json").write_text(run_json)
+    (out / "samples.jsonl").write_text(text0 + '{"benchmark": "minerva", "id": "x", "sample": 0}\n')
+    with pytest.raises(ConfigError, match=r"line \d+: not a sample row of entrl eval \(.*no reference"):
+        _run(model_dir, out, data_dir=str(shared_data))
+    assert (out / "samples.jsonl").read_text().startswith(text0)  # nothing rewritten
