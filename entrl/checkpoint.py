@@ -317,30 +317,14 @@ class CheckpointManager:
         return None
 
     def _try_restore(self, step: int, params_target: Any, opt_state_target: Any) -> tuple[str | None, Any]:
-        """(None, restored items) or (why this step is unusable, None)."""
-        if not self._committed(step):
-            return f"no {COMMIT_MARKER}: the save never finished", None
-        targets = {"params": _to_pure(params_target)}
-        if opt_state_target is not None:
-            targets["opt_state"] = _to_pure(opt_state_target)
-        try:
-            metadata = self._manager.item_metadata(step)
-            if any(metadata[name] is None for name in targets):
-                raise FileNotFoundError("no array metadata")
-            stored = {name: _leaves_by_path(metadata[name]) for name in targets}
-            verified = self._has_integrity_record(step)
-        except Exception as e:  # noqa: BLE001 - orbax/tensorstore/json raise many types
-            return f"unreadable metadata: {_one_line(e)}", None
-        for name, target in targets.items():
-            _check_same_layout(name, step, {p: s for p, (s, _) in stored[name].items()}, _shapes_by_path(target))
-        # Restore each leaf in its stored dtype, so the fingerprint sees the bytes that were written.
-        as_stored = {name: _with_dtypes(target, stored[name]) for name, target in targets.items()}
-        args = {name: ocp.args.StandardRestore(target) for name, target in as_stored.items()}
-        args.update({name: ocp.args.JsonRestore() for name in (*_JSON_ITEMS, *([INTEGRITY_ITEM] * verified))})
-        try:
-            out = self._manager.restore(step, args=ocp.args.Composite(**args))
-        except Exception as e:  # noqa: BLE001 - see above
-            return _one_line(e), None
+        """(None, restored items) or (why this step is unusable, None).
+
+        Reading can fail on one process only (a file only it reads); the checks after it are collectives
+        when the arrays span processes, so the processes first agree that every one of them read the step."""
+        problem, out, targets, verified = self._read_step(step, params_target, opt_state_target)
+        problem = _agree(problem)
+        if problem is not None:
+            return problem, None
         if verified:
             problem = _integrity_problem(out[INTEGRITY_ITEM], {name: out[name] for name in targets},
                                          {name: out[name] for name in _JSON_ITEMS})
@@ -354,6 +338,34 @@ class CheckpointManager:
             return f"non-finite values in {', '.join(bad[:3])}", None
         restored = {name: _cast_like(out[name], target) for name, target in targets.items()}
         return None, {**{k: out[k] for k in _JSON_ITEMS}, **restored}
+
+    def _read_step(self, step: int, params_target: Any, opt_state_target: Any):
+        """(problem or None, the items as stored, the array targets by name, whether it has an integrity record):
+        this process's reading of the step, no collective."""
+        if not self._committed(step):
+            return f"no {COMMIT_MARKER}: the save never finished", None, None, False
+        targets = {"params": _to_pure(params_target)}
+        if opt_state_target is not None:
+            targets["opt_state"] = _to_pure(opt_state_target)
+        try:
+            metadata = self._manager.item_metadata(step)
+            if any(metadata[name] is None for name in targets):
+                raise FileNotFoundError("no array metadata")
+            stored = {name: _leaves_by_path(metadata[name]) for name in targets}
+            verified = self._has_integrity_record(step)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore/json raise many types
+            return f"unreadable metadata: {_one_line(e)}", None, None, False
+        for name, target in targets.items():
+            _check_same_layout(name, step, {p: s for p, (s, _) in stored[name].items()}, _shapes_by_path(target))
+        # Restore each leaf in its stored dtype, so the fingerprint sees the bytes that were written.
+        as_stored = {name: _with_dtypes(target, stored[name]) for name, target in targets.items()}
+        args = {name: ocp.args.StandardRestore(target) for name, target in as_stored.items()}
+        args.update({name: ocp.args.JsonRestore() for name in (*_JSON_ITEMS, *([INTEGRITY_ITEM] * verified))})
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # noqa: BLE001 - see above
+            return _one_line(e), None, None, False
+        return None, out, targets, verified
 
     def _has_integrity_record(self, step: int) -> bool:
         """Whether the step was saved with `integrity/` (orbax lists every saved item in its metadata).
@@ -399,7 +411,8 @@ class CheckpointManager:
                     while dst.exists():  # the same step went bad twice within a second
                         dst, n = src.with_name(f"{src.name}.corrupt-{stamp}-{n}"), n + 1
                     src.rename(dst)
-                    log.warning("moved unusable checkpoint %s aside to %s", src, dst.name)
+                    # INFO: the "cannot be restored ... falling back" warning already said it, in one line
+                    log.info("moved unusable checkpoint %s aside to %s", src, dst.name)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("entrl_checkpoint_quarantine")
         self._manager.reload()

@@ -297,6 +297,19 @@ def test_resume_equals_straight_run(resume_runs, tmp_path):
         assert all("eval/pass@1" in records[i] for i in (0, 2, 4)) and "eval/pass@1" not in records[1]
 
 
+@pytest.mark.parametrize("resume_runs", ["curriculum"], indirect=True)
+def test_a_fresh_start_over_metrics_of_a_run_that_never_checkpointed(resume_runs, tmp_path):
+    """Killed before its first checkpoint, a run starts afresh in the same directory: every metric line of the
+    dead run goes, its step-0 evaluation (val.before_training) included, so no step is logged twice."""
+    extra, straight, _, half, *_ = resume_runs
+    run = tmp_path / "restarted"
+    shutil.copytree(half, run, ignore=lambda d, names: [n for n in names if n == "checkpoints"])
+    step0 = lambda d: [json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()].count(0)  # noqa: E731
+    assert step0(run) == step0(straight) == 1
+    run_trainer(make_cfg(run, *extra), max_steps=1)
+    assert step0(run) == 1 and [r["step"] for r in read_metrics(run)] == [0, 1]
+
+
 @pytest.mark.parametrize("resume_runs", ["curriculum", "restart"], indirect=True)  # the runs with stage boundaries
 def test_restart_boundary_swaps_the_reference(resume_runs):
     """stage_boundary=restart: in the first step of stage 2 the reference log-probs ARE the stage-1 policy's
@@ -594,6 +607,16 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, caplog):
     assert_same_params(saved[3], saved[4], tol=0)
     assert max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(saved[2]),
                                                                 jax.tree.leaves(saved[3]))) > 0
+    # Step 4's checkpoint keeps the streak (1 skipped step): resumed there, the run stops at step 5 as it did.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "checkpoints", resumed / "checkpoints",
+                    ignore=lambda d, names: [n for n in names if n == "5"])
+    shutil.copy(tmp_path / "entrl_run.json", resumed / "entrl_run.json")
+    with pytest.raises(NonFiniteError, match=r"2 consecutive steps \(up to step 5\)"):
+        run_trainer(make_cfg(resumed, "train.steps=6", "train.checkpoint_every=1", "train.keep_checkpoints=6",
+                             "train.max_nonfinite_steps=2", "train.only_mixed_groups=false"),
+                    wrap_update=_poison_steps({5}))
 
 
 # ---------------------------------------------------------------------------

@@ -39,9 +39,10 @@ Design decisions:
   (`entrl.token_stats.micro_rows`), rollouts of several sampler calls are joined
   shard-wise: rows never move between devices inside a step.
 - Non-finite steps are skipped inside the jitted update; the host counts them
-  and stops the run after `train.max_nonfinite_steps` in a row. A checkpoint is
-  never written from a step that was skipped (the state is the previous one,
-  which was finite) and the checkpoint writer re-checks finiteness.
+  and stops the run after `train.max_nonfinite_steps` in a row. A checkpoint
+  written at a skipped step holds the previous step's state (finite: the
+  checkpoint writer re-checks) and the streak of skipped steps, so a resumed
+  run stops where the straight run would.
 - SIGTERM (preemption) sets a flag; the loop finishes the current step, writes
   a checkpoint and returns with `preempted` set. The run did not finish, so
   `train_from_config` writes no `policy/` and raises `Preempted` (the CLI
@@ -279,6 +280,7 @@ class Trainer:
         self.comps.params = self.params
         self.step = int(restored.meta["step"])
         self.stage = int(restored.meta.get("stage", 0))
+        self.consecutive_nonfinite = int(restored.meta.get("nonfinite_streak", 0))
         if self._restarts_reference() and self.stage > 0:
             self.comps.ref_params = self._restore_reference(self.stage)
         self.comps.pipeline.set_state(restored.data_state)
@@ -287,7 +289,8 @@ class Trainer:
         return True
 
     def save(self, force: bool = False):
-        meta = {"step": self.step, "stage": self.stage, "config": C.to_dict(self.cfg)}
+        meta = {"step": self.step, "stage": self.stage, "nonfinite_streak": self.consecutive_nonfinite,
+                "config": C.to_dict(self.cfg)}
         self.ckpt.save(self.step, params=lora.trainable(self.params), opt_state=self.opt_state, meta=meta,
                        data_state=self.comps.pipeline.get_state(), force=force)
 
@@ -501,7 +504,7 @@ class Trainer:
             if old is not None:
                 raise C.ConfigError(f"{self.ckpt.directory} already holds checkpoints up to step {old}: a fresh "
                                     "run cannot save over them; resume, or start over with --overwrite")
-            self.logger.truncate_after(self.step)  # metric lines of a run that never checkpointed
+            self.logger.truncate_after(-1)  # every metric line of a run that never checkpointed (its step 0 too)
         self._log_summary()
         if not resumed and self._evaluates() and cfg.val.before_training:  # the initial policy's point
             metrics = self.evaluate()
