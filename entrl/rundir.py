@@ -8,7 +8,7 @@ A run directory (`train.out_dir`) holds
   rollouts.jsonl          sample completions every `train.log_samples_every` steps (`entrl.metrics`)
   checkpoints/<step>/     orbax checkpoints (`entrl.checkpoint`)
   semantic_entropy.jsonl  SE annotation progress when `entrl train` annotates
-  policy/                 the final HF policy, written only when the run finished
+  policy/                 the final HF policy, written only when the run finished (staged, then renamed)
   wandb_run_id            when W&B is on
 
 Design decisions:
@@ -58,6 +58,7 @@ import os
 import pathlib
 import re
 import secrets
+import shutil
 import socket
 import tempfile
 import threading
@@ -213,6 +214,42 @@ def local_copy_for_upload(dest: epath.Path) -> Iterator[epath.Path]:
             for name in files:
                 target = dest / name if rel == "." else dest / rel / name
                 epath.Path(root, name).copy(target, overwrite=True)
+
+
+@contextlib.contextmanager
+def staged_dir(dest: epath.Path) -> Iterator[epath.Path]:
+    """A local directory to write all of `dest`'s files into; `dest` shows them only once they are complete.
+
+    Local: a hidden sibling renamed to `dest` on success (an earlier `dest` replaced whole, removed on
+    failure), so a process killed while writing (a SIGKILL at the end of a preemption's grace period)
+    never leaves a `dest` that looks finished. Remote: uploaded file by file, `config.json` (what makes a
+    directory a model) last. A stale sibling of a killed writer is removed first.
+    """
+    if is_remote(dest):
+        with tempfile.TemporaryDirectory(prefix="entrl-upload-") as tmp:
+            yield epath.Path(tmp)
+            dest.mkdir(parents=True, exist_ok=True)
+            files = [pathlib.Path(root, name) for root, _, names in os.walk(tmp) for name in names]
+            for f in sorted(files, key=lambda f: (f.name == "config.json", str(f))):
+                rel = f.relative_to(tmp).as_posix()
+                epath.Path(f).copy(dest / rel, overwrite=True)
+        return
+    dest = pathlib.Path(os.fspath(dest))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".{dest.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield epath.Path(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = dest.with_name(f".{dest.name}.partial-{os.getpid()}-old")
+    if dest.exists():
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------

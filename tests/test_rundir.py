@@ -376,3 +376,31 @@ def test_records_from_a_bucket(fake_gcs, tmp_path):
         assert [(r.id, r.problem, r.answer) for r in got] == [(r["id"], r["problem"], r["answer"]) for r in rows]
     with pytest.raises(ValueError, match="file not found"):
         load_records("gs://bucket/data/missing.jsonl")
+
+
+def test_a_staged_directory_appears_only_complete(tmp_path, fake_gcs):
+    """`policy/` and exports: written into a hidden sibling, renamed over the destination when complete (an
+    earlier one replaced whole); a failed or killed writer leaves the destination as it was. On a bucket the
+    files are uploaded with config.json (what makes a directory a model) last."""
+    dest = tmp_path / "policy"
+    with R.staged_dir(dest) as d:
+        (Path(d) / "config.json").write_text("{}")
+        (Path(d) / "model.safetensors").write_bytes(b"v1")
+        assert not dest.exists()  # nothing to see until it is complete
+    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors"]
+    (tmp_path / ".policy.partial-999999").mkdir()  # a killed writer's leftovers
+    with pytest.raises(RuntimeError, match="killed"):
+        with R.staged_dir(dest) as d:
+            (Path(d) / "model.safetensors").write_bytes(b"half")
+            raise RuntimeError("killed mid-write")
+    assert (dest / "model.safetensors").read_bytes() == b"v1"
+    with R.staged_dir(dest) as d:
+        (Path(d) / "model-00001-of-00001.safetensors").write_bytes(b"v2")
+    assert [p.name for p in dest.iterdir()] == ["model-00001-of-00001.safetensors"]  # replaced whole
+    assert [p.name for p in tmp_path.iterdir()] == ["policy"]  # no staging directory left behind
+
+    with R.staged_dir(R.as_path("gs://bucket/run/policy")) as d:
+        for name in ("config.json", "a_tokenizer.json", "model.safetensors"):
+            (Path(d) / name).write_text(name)
+    uploaded = [k.rsplit("/", 1)[-1] for k in fake_gcs if "/run/policy/" in k]
+    assert sorted(uploaded) == ["a_tokenizer.json", "config.json", "model.safetensors"] and uploaded[-1] == "config.json"

@@ -500,7 +500,7 @@ def save_policy(graphdef, params, tokenizer, out_dir, *, dtype: str | None = Non
         params = jax.tree.map(lambda x: x.astype(want) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
         model = nnx.merge(graphdef, params)
     primary = jax.process_index() == 0
-    with R.local_copy_for_upload(out) if primary else contextlib.nullcontext(out) as local:
+    with R.staged_dir(out) if primary else contextlib.nullcontext(out) as local:  # never a half-written model
         save_pretrained(model, Path(os.fspath(local)))  # every process: its gather is a collective
         if primary:
             tokenizer.save(Path(os.fspath(local)))
