@@ -274,7 +274,7 @@ class CheckpointManager:
                 errno = int(m.group(1))
             if errno:
                 raise CheckpointWriteError(errno, os.strerror(errno), str(self.directory)) from e
-            raise CheckpointWriteError(f"cannot write checkpoints to {self.directory}: {_one_line(e)}") from e
+            raise CheckpointWriteError(f"cannot write checkpoints to {self.directory}: {one_line_error(e)}") from e
 
     # -- restore -----------------------------------------------------------
 
@@ -354,7 +354,7 @@ class CheckpointManager:
             stored = {name: _leaves_by_path(metadata[name]) for name in targets}
             verified = self._has_integrity_record(step)
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore/json raise many types
-            return f"unreadable metadata: {_one_line(e)}", None, None, False
+            return f"unreadable metadata: {one_line_error(e)}", None, None, False
         for name, target in targets.items():
             _check_same_layout(name, step, {p: s for p, (s, _) in stored[name].items()}, _shapes_by_path(target))
         # Restore each leaf in its stored dtype, so the fingerprint sees the bytes that were written.
@@ -364,7 +364,7 @@ class CheckpointManager:
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # noqa: BLE001 - see above
-            return _one_line(e), None, None, False
+            return one_line_error(e), None, None, False
         return None, out, targets, verified
 
     def _has_integrity_record(self, step: int) -> bool:
@@ -423,23 +423,41 @@ class CheckpointManager:
 # ---------------------------------------------------------------------------
 
 
-def save_tree(directory: str | Path, tree: Any) -> None:
-    """Write one array tree to `directory` (replacing what is there) and wait until it is on disk.
+class TreeIntegrityError(ValueError):
+    """A tree `save_tree` wrote whose values changed on disk since (its fingerprints differ)."""
 
-    Every process calls it (orbax writes each shard from where it lives). Non-finite values are refused.
+
+def _tree_record(path: R.Path) -> R.Path:
+    return path.with_name(path.name + ".integrity.json")  # beside orbax's directory, not inside it
+
+
+def save_tree(directory: str | Path, tree: Any) -> None:
+    """Write one array tree to `directory` (replacing what is there) and wait until it is on disk, with
+    the fingerprint of every leaf in `<directory>.integrity.json` (checked by `restore_tree`).
+
+    Every process calls it (orbax writes each shard from where it lives; the fingerprints are a collective).
+    Non-finite values are refused.
     """
     tree = _to_pure(tree)
     bad = nonfinite_leaves(tree)
     if bad:
         raise ValueError(f"refusing to save {directory}: non-finite values in {', '.join(bad[:5])}")
     path = R.absolute(R.as_path(directory, "directory"))
+    record = fingerprint_leaves(tree)
     with ocp.AsyncCheckpointer(_standard_handler()) as ckptr:  # StandardCheckpointer with our array handler
         ckptr.save(path, args=ocp.args.StandardSave(tree), force=True)
         ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        _tree_record(path).write_text(json.dumps(record, sort_keys=True) + "\n")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("entrl_save_tree")
 
 
 def restore_tree(directory: str | Path, target: Any) -> Any:
-    """The tree `save_tree` wrote to `directory`, on the shardings of the abstract `target`."""
+    """The tree `save_tree` wrote to `directory`, on the shardings of the abstract `target`.
+
+    ValueError when it does not fit `target`; `TreeIntegrityError` when a leaf's values changed on disk since
+    the save (a tree saved before the fingerprints were written is restored unchecked)."""
     path = R.absolute(R.as_path(directory, "directory"))
     pure = _to_pure(target)
     with ocp.StandardCheckpointer() as ckptr:
@@ -447,6 +465,14 @@ def restore_tree(directory: str | Path, target: Any) -> Any:
         stored = _shapes_by_path(getattr(meta, "item_metadata", meta))  # newer orbax wraps it in a StepMetadata
         _check_same_layout(f"reference {path}", 0, stored, _shapes_by_path(pure))
         out = ckptr.restore(path, pure)
+    record = _tree_record(path)
+    if record.exists():
+        saved, now = json.loads(record.read_text()), fingerprint_leaves(out)
+        changed = sorted(p for p in saved.keys() | now.keys() if saved.get(p) != now.get(p))
+        if changed:
+            more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
+            raise TreeIntegrityError(f"integrity check failed: {', '.join(changed[:3])}{more} changed on disk "
+                                     "since the save")
     return _from_pure(target, out)
 
 
@@ -679,7 +705,7 @@ _OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
 _SPEC_DUMP = re.compile(r"\s*\[tensorstore_spec=.*$", re.DOTALL)
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
+def one_line_error(e: BaseException, limit: int = 300) -> str:
     """`Type: message` on one line: TensorStore's spec dump dropped, whitespace collapsed, cut at `limit`."""
     text = " ".join(_SPEC_DUMP.sub("", str(e)).split())
     text = f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -12,7 +12,15 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from entrl.checkpoint import COMMIT_MARKER, REPLICA_SLICE_MIN_BYTES, CheckpointManager, nonfinite_leaves
+from entrl.checkpoint import (
+    COMMIT_MARKER,
+    REPLICA_SLICE_MIN_BYTES,
+    CheckpointManager,
+    TreeIntegrityError,
+    nonfinite_leaves,
+    restore_tree,
+    save_tree,
+)
 
 
 def _model_and_opt(seed=0):
@@ -424,3 +432,21 @@ def test_reading_a_run_logs_no_warning(tmp_path, caplog):
         assert reader.restore_latest(params_target=_targets(params, opt_state)[0]).step == 1
         reader.close()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_a_saved_tree_is_checked_on_restore(tmp_path):
+    """The reference policy of a restarted curriculum stage (`save_tree`): fingerprints beside it, so 4 flipped
+    bytes inside its data are a TreeIntegrityError on restore, not a silently different KL target."""
+    params, opt_state = _wide_model_and_opt()
+    tree = {"params": params, "mu": opt_state[0].mu}  # random moments: incompressible chunks
+    save_tree(tmp_path / "ref", tree)
+    assert (tmp_path / "ref.integrity.json").exists()
+    _assert_trees_equal(restore_tree(tmp_path / "ref", tree), tree)
+    target = max((f for f in (tmp_path / "ref").rglob("*") if f.is_file() and f.parent.name == "d"
+                  and "ocdbt.process_" in str(f)), key=lambda f: f.stat().st_size)
+    raw = bytearray(target.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 4] = bytes(b ^ 0xFF for b in raw[mid:mid + 4])
+    target.write_bytes(bytes(raw))
+    with pytest.raises(TreeIntegrityError, match="integrity check failed: .* changed on disk"):
+        restore_tree(tmp_path / "ref", tree)

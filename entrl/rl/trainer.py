@@ -72,7 +72,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from entrl import config as C
-from entrl.checkpoint import CheckpointManager, restore_tree, save_tree
+from entrl.checkpoint import CheckpointManager, TreeIntegrityError, one_line_error, restore_tree, save_tree
 from entrl.data.curriculum import Curriculum
 from entrl.data.pipeline import PromptPipeline
 from entrl.data.sources import Record
@@ -642,9 +642,15 @@ class Trainer:
                             stored)
         try:
             return lora.join(restore_tree(path, like), frozen)
+        except TreeIntegrityError as e:  # no fallback: it is the policy at the stage's start, kept nowhere else
+            raise C.ConfigError(f"the reference policy of stage {stage} in {path} is corrupt ({e}); restore it "
+                                "from a backup, or start the run over (--overwrite)") from None
         except ValueError as e:
             raise C.ConfigError(f"the reference policy of stage {stage} in {path} does not fit this run's model "
                                 f"({e})") from None
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for unreadable files
+            raise C.ConfigError(f"the reference policy of stage {stage} in {path} cannot be read "
+                                f"({one_line_error(e)})") from None
 
     def _on_sigterm(self, signum, frame):
         log.warning("SIGTERM: finishing the current step, writing a checkpoint and stopping")
