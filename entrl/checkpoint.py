@@ -319,9 +319,28 @@ class CheckpointManager:
     def _try_restore(self, step: int, params_target: Any, opt_state_target: Any) -> tuple[str | None, Any]:
         """(None, restored items) or (why this step is unusable, None).
 
-        Reading can fail on one process only (a file only it reads); the checks after it are collectives
-        when the arrays span processes, so the processes first agree that every one of them read the step."""
-        problem, out, targets, verified = self._read_step(step, params_target, opt_state_target)
+        Reading can fail on one process only (a file only it reads), and what follows each read is a
+        collective when the arrays span processes (orbax's restore ends in a barrier; the integrity and
+        finiteness checks are jitted over the arrays), so the processes agree after each read that every one
+        of them made it. Left: a read that fails inside orbax's restore on one process only leaves the
+        others in orbax's barrier (orbax offers no restore without it)."""
+        targets = {"params": _to_pure(params_target)}
+        if opt_state_target is not None:
+            targets["opt_state"] = _to_pure(opt_state_target)
+        problem, stored, verified = self._read_metadata(step, targets)
+        problem = _agree(problem)
+        if problem is not None:
+            return problem, None
+        for name, target in targets.items():  # the same metadata on every process: all raise, or none
+            _check_same_layout(name, step, {p: s for p, (s, _) in stored[name].items()}, _shapes_by_path(target))
+        # Restore each leaf in its stored dtype, so the fingerprint sees the bytes that were written.
+        as_stored = {name: _with_dtypes(target, stored[name]) for name, target in targets.items()}
+        args = {name: ocp.args.StandardRestore(target) for name, target in as_stored.items()}
+        args.update({name: ocp.args.JsonRestore() for name in (*_JSON_ITEMS, *([INTEGRITY_ITEM] * verified))})
+        try:
+            out, problem = self._manager.restore(step, args=ocp.args.Composite(**args)), None
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types
+            out, problem = None, one_line_error(e)
         problem = _agree(problem)
         if problem is not None:
             return problem, None
@@ -339,33 +358,19 @@ class CheckpointManager:
         restored = {name: _cast_like(out[name], target) for name, target in targets.items()}
         return None, {**{k: out[k] for k in _JSON_ITEMS}, **restored}
 
-    def _read_step(self, step: int, params_target: Any, opt_state_target: Any):
-        """(problem or None, the items as stored, the array targets by name, whether it has an integrity record):
-        this process's reading of the step, no collective."""
+    def _read_metadata(self, step: int, targets: dict):
+        """(problem or None, stored leaves by item, whether the step has an integrity record): this process's
+        reading of the step's commit marker and metadata, no collective."""
         if not self._committed(step):
-            return f"no {COMMIT_MARKER}: the save never finished", None, None, False
-        targets = {"params": _to_pure(params_target)}
-        if opt_state_target is not None:
-            targets["opt_state"] = _to_pure(opt_state_target)
+            return f"no {COMMIT_MARKER}: the save never finished", None, False
         try:
             metadata = self._manager.item_metadata(step)
             if any(metadata[name] is None for name in targets):
                 raise FileNotFoundError("no array metadata")
             stored = {name: _leaves_by_path(metadata[name]) for name in targets}
-            verified = self._has_integrity_record(step)
+            return None, stored, self._has_integrity_record(step)
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore/json raise many types
-            return f"unreadable metadata: {one_line_error(e)}", None, None, False
-        for name, target in targets.items():
-            _check_same_layout(name, step, {p: s for p, (s, _) in stored[name].items()}, _shapes_by_path(target))
-        # Restore each leaf in its stored dtype, so the fingerprint sees the bytes that were written.
-        as_stored = {name: _with_dtypes(target, stored[name]) for name, target in targets.items()}
-        args = {name: ocp.args.StandardRestore(target) for name, target in as_stored.items()}
-        args.update({name: ocp.args.JsonRestore() for name in (*_JSON_ITEMS, *([INTEGRITY_ITEM] * verified))})
-        try:
-            out = self._manager.restore(step, args=ocp.args.Composite(**args))
-        except Exception as e:  # noqa: BLE001 - see above
-            return one_line_error(e), None, None, False
-        return None, out, targets, verified
+            return f"unreadable metadata: {one_line_error(e)}", None, False
 
     def _has_integrity_record(self, step: int) -> bool:
         """Whether the step was saved with `integrity/` (orbax lists every saved item in its metadata).
@@ -443,12 +448,16 @@ def save_tree(directory: str | Path, tree: Any) -> None:
     if bad:
         raise ValueError(f"refusing to save {directory}: non-finite values in {', '.join(bad[:5])}")
     path = R.absolute(R.as_path(directory, "directory"))
-    record = fingerprint_leaves(tree)
+    record, record_path = fingerprint_leaves(tree), _tree_record(path)
+    if jax.process_index() == 0 and record_path.exists():  # an earlier save's: never beside this one's arrays
+        record_path.unlink()
     with ocp.AsyncCheckpointer(_standard_handler()) as ckptr:  # StandardCheckpointer with our array handler
         ckptr.save(path, args=ocp.args.StandardSave(tree), force=True)
         ckptr.wait_until_finished()
-    if jax.process_index() == 0:
-        _tree_record(path).write_text(json.dumps(record, sort_keys=True) + "\n")
+    if jax.process_index() == 0:  # whole or not at all
+        staged = record_path.with_name(record_path.name + ".tmp")
+        staged.write_text(json.dumps(record, sort_keys=True) + "\n")
+        staged.rename(record_path)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("entrl_save_tree")
 
@@ -467,7 +476,11 @@ def restore_tree(directory: str | Path, target: Any) -> Any:
         out = ckptr.restore(path, pure)
     record = _tree_record(path)
     if record.exists():
-        saved, now = json.loads(record.read_text()), fingerprint_leaves(out)
+        try:
+            saved = json.loads(record.read_text())
+        except ValueError as e:
+            raise TreeIntegrityError(f"its integrity record {record.name} is unreadable ({e})") from None
+        now = fingerprint_leaves(out)
         changed = sorted(p for p in saved.keys() | now.keys() if saved.get(p) != now.get(p))
         if changed:
             more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""

@@ -767,23 +767,27 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last silently: a
-    second `rollout:` section would drop the first)."""
+    second `rollout:` section would drop the first). Checked once per mapping node, before PyYAML's merge
+    keys (`<<: *anchor`) rewrite it in place with the merged keys, which the mapping may then override."""
 
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                twice = key in seen
-            except TypeError:  # an unhashable key: PyYAML's own error (a ConstructorError) says so below
-                break
-            if twice:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+    def flatten_mapping(self, node):
+        checked = self.__dict__.setdefault("_entrl_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    twice = key in seen
+                except TypeError:  # an unhashable key: PyYAML's own error (a ConstructorError) says so later
+                    break
+                if twice:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                            key_node.start_mark)
+                seen.add(key)
+        super().flatten_mapping(node)
 
 
 def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:

@@ -456,7 +456,7 @@ def _sample_benchmark(bench: Benchmark, prompts: list[list[int]], todo: list[int
             if jax.process_index() == 0:  # every process holds every graded row (sample_and_grade gathers them)
                 try:
                     append_text(samples_file, "".join(lines), fsync=True)
-                except OSError as err:
+                except Exception as err:  # noqa: BLE001 - OSError, or a bucket client's own HTTP errors
                     failed = err
             # every process stops when process 0 could not write (else the others wait in the next collective)
             why = gather_json(None if failed is None else str(failed))[0] if jax.process_count() > 1 else None

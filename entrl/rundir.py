@@ -220,36 +220,59 @@ def local_copy_for_upload(dest: epath.Path) -> Iterator[epath.Path]:
 def staged_dir(dest: epath.Path) -> Iterator[epath.Path]:
     """A local directory to write all of `dest`'s files into; `dest` shows them only once they are complete.
 
-    Local: a hidden sibling renamed to `dest` on success (an earlier `dest` replaced whole, removed on
-    failure), so a process killed while writing (a SIGKILL at the end of a preemption's grace period)
-    never leaves a `dest` that looks finished. Remote: uploaded file by file, `config.json` (what makes a
-    directory a model) last. A stale sibling of a killed writer is removed first.
+    Local: a hidden sibling renamed to `dest` on success (an earlier `dest` replaced whole; the sibling
+    removed on failure), so a process killed while writing (a SIGKILL at the end of a preemption's grace
+    period) never leaves a `dest` that looks finished. Where a sibling cannot replace `dest` (a mount point,
+    a parent this process may not write), the files are staged inside `dest` and moved in with
+    `config.json` (what makes a directory a model) last. Remote: uploaded file by file, `config.json`
+    last. A stale staging directory of a killed writer is removed first.
     """
     if is_remote(dest):
         with tempfile.TemporaryDirectory(prefix="entrl-upload-") as tmp:
             yield epath.Path(tmp)
             dest.mkdir(parents=True, exist_ok=True)
-            files = [pathlib.Path(root, name) for root, _, names in os.walk(tmp) for name in names]
-            for f in sorted(files, key=lambda f: (f.name == "config.json", str(f))):
-                rel = f.relative_to(tmp).as_posix()
-                epath.Path(f).copy(dest / rel, overwrite=True)
+            for f in _config_json_last(pathlib.Path(tmp)):
+                epath.Path(f).copy(dest / f.relative_to(tmp).as_posix(), overwrite=True)
         return
-    dest = pathlib.Path(os.fspath(dest))
+    dest = pathlib.Path(os.path.realpath(os.fspath(dest)))  # a symlink: its target is what gets replaced
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dest.parent.glob(f".{dest.name}.partial-*"):
+    beside = not os.path.ismount(dest) and os.access(dest.parent, os.W_OK)
+    home = dest.parent if beside else dest
+    prefix = f".{dest.name}.partial-" if beside else ".partial-"
+    if not beside:
+        dest.mkdir(exist_ok=True)
+    for stale in home.glob(prefix + "*"):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    tmp = home / f"{prefix}{os.getpid()}"
     tmp.mkdir()
     try:
         yield epath.Path(tmp)
-    except BaseException:
+        if beside:
+            old = home / f"{prefix}{os.getpid()}-old"
+            if dest.exists():
+                os.rename(dest, old)
+            try:
+                os.rename(tmp, dest)
+            except BaseException:
+                if old.exists():  # put the earlier dest back
+                    os.rename(old, dest)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            for entry in dest.iterdir():  # an earlier dest, replaced whole
+                if entry != tmp:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            for f in _config_json_last(tmp):
+                target = dest / f.relative_to(tmp)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, target)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = dest.with_name(f".{dest.name}.partial-{os.getpid()}-old")
-    if dest.exists():
-        os.rename(dest, old)
-    os.rename(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+
+
+def _config_json_last(root: pathlib.Path) -> list[pathlib.Path]:
+    files = [pathlib.Path(d, name) for d, _, names in os.walk(root) for name in names]
+    return sorted(files, key=lambda f: (f.name == "config.json", str(f)))
 
 
 # ---------------------------------------------------------------------------

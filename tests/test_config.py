@@ -67,6 +67,10 @@ def test_yaml_keys_twice_merge_keys_and_unhashable_keys(tmp_path):
         C.read_yaml(tmp_path / "twice.yaml")
     (tmp_path / "merge.yaml").write_text("x-shared: &shared {n: 4, temperature: 0.5}\nrollout: {<<: *shared, n: 8}\n")
     assert C.read_yaml(tmp_path / "merge.yaml")["rollout"] == {"n": 8, "temperature": 0.5}
+    # an anchor that merges another and is merged itself (PyYAML rewrites merged nodes in place)
+    (tmp_path / "nested.yaml").write_text("defaults:\n  base: &b {temperature: 1.0}\n  s: &s {<<: *b, temperature: 0.6}\n"
+                                          "rollout: {<<: *s, n: 2}\n")
+    assert C.read_yaml(tmp_path / "nested.yaml")["rollout"] == {"temperature": 0.6, "n": 2}
     (tmp_path / "unhashable.yaml").write_text("rollout:\n  ? [1, 2]\n  : 3\n")
     with pytest.raises(C.ConfigError, match=r"unhashable.yaml: invalid YAML: found unhashable key \(line 2, column 5\)$"):
         C.read_yaml(tmp_path / "unhashable.yaml")

@@ -378,7 +378,7 @@ def test_records_from_a_bucket(fake_gcs, tmp_path):
         load_records("gs://bucket/data/missing.jsonl")
 
 
-def test_a_staged_directory_appears_only_complete(tmp_path, fake_gcs):
+def test_a_staged_directory_appears_only_complete(tmp_path, fake_gcs, monkeypatch):
     """`policy/` and exports: written into a hidden sibling, renamed over the destination when complete (an
     earlier one replaced whole); a failed or killed writer leaves the destination as it was. On a bucket the
     files are uploaded with config.json (what makes a directory a model) last."""
@@ -398,6 +398,25 @@ def test_a_staged_directory_appears_only_complete(tmp_path, fake_gcs):
         (Path(d) / "model-00001-of-00001.safetensors").write_bytes(b"v2")
     assert [p.name for p in dest.iterdir()] == ["model-00001-of-00001.safetensors"]  # replaced whole
     assert [p.name for p in tmp_path.iterdir()] == ["policy"]  # no staging directory left behind
+
+    # A mount point (or a parent this process may not write): staged inside, moved in with config.json last
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == os.fspath(dest))
+    moved = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: moved.append(Path(b).name) or real_replace(a, b))
+    with R.staged_dir(dest) as d:
+        assert Path(d).parent == dest
+        (Path(d) / "config.json").write_text("{}")
+        (Path(d) / "model.safetensors").write_bytes(b"v3")
+    assert moved == ["model.safetensors", "config.json"]
+    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors"]
+    # a symlinked destination: its target is replaced, the link stays
+    link = tmp_path / "link"
+    link.symlink_to(dest)
+    with R.staged_dir(link) as d:
+        (Path(d) / "config.json").write_text("{}")
+    assert link.is_symlink() and [p.name for p in link.iterdir()] == ["config.json"]
+    monkeypatch.undo()
 
     with R.staged_dir(R.as_path("gs://bucket/run/policy")) as d:
         for name in ("config.json", "a_tokenizer.json", "model.safetensors"):

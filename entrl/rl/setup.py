@@ -485,12 +485,14 @@ def _components(cfg: C.RunConfig, inputs: RunInputs, se_values) -> Components:
                       pipeline=pipeline, sampler=sampler, verifier=verifier, heldout=inputs.heldout)
 
 
-def save_policy(graphdef, params, tokenizer, out_dir, *, dtype: str | None = None) -> Path:
-    """Write the policy as an HF checkpoint (plus its tokenizer) to `out_dir` (local or gs://).
+def save_policy(graphdef, params, tokenizer, out_dir, *, dtype: str | None = None,
+                extra_files: dict[str, str] | None = None) -> Path:
+    """Write the policy as an HF checkpoint (plus its tokenizer) to `out_dir` (local or gs://), staged
+    (`entrl.rundir.staged_dir`: an earlier `out_dir` is replaced whole, and only once this one is complete).
 
     Every process must call this: gathering sharded params to the host is a collective.
     Process 0 writes. LoRA adapters are merged into their kernels first (a plain checkpoint);
-    `dtype` then casts the floating params (None keeps theirs).
+    `dtype` then casts the floating params (None keeps theirs). `extra_files`: name -> text, written with it.
     """
     out = R.as_path(out_dir, "policy directory")
     model = lora.merge_adapters(nnx.merge(graphdef, params))
@@ -504,6 +506,8 @@ def save_policy(graphdef, params, tokenizer, out_dir, *, dtype: str | None = Non
         save_pretrained(model, Path(os.fspath(local)))  # every process: its gather is a collective
         if primary:
             tokenizer.save(Path(os.fspath(local)))
+            for name, text in (extra_files or {}).items():
+                (Path(os.fspath(local)) / name).write_text(text)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("entrl_save_policy")
     return R.native(out)
@@ -678,12 +682,15 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: st
     graphdef, params = build_policy(cfg, mesh, tokenizer)  # under LoRA: the base, and the run's adapters restored
     restored = restore_run_params(source, (graphdef, params), step=step)
     dtype = dtype or source_dtype(cfg)
-    if jax.process_index() == 0 and previous.exists():  # an earlier export, replaced whole: none of its weight
-        for f in out.iterdir():  # shards or tokenizer files (a chat template transformers would load) may linger
+    # An earlier export is replaced whole: none of its weight shards or tokenizer files (a chat template
+    # transformers would load) may linger. Locally the staged write replaces the directory; a bucket's
+    # objects are deleted first.
+    if jax.process_index() == 0 and previous.exists() and R.is_remote(out):
+        for f in out.iterdir():
             f.rmtree() if f.is_dir() else f.unlink()
-    save_policy(graphdef, restored.params, tokenizer, out, dtype=dtype)
+    record = json.dumps({"run": os.fspath(run), "step": restored.step, "dtype": dtype}) + "\n"
+    save_policy(graphdef, restored.params, tokenizer, out, dtype=dtype, extra_files={EXPORT_RECORD: record})
     if jax.process_index() == 0:
-        previous.write_text(json.dumps({"run": os.fspath(run), "step": restored.step, "dtype": dtype}) + "\n")
         log.info("exported step %d of %s to %s (%s)", restored.step, run_dir, out, dtype)
     return R.native(out)
 
