@@ -311,7 +311,9 @@ def _check_same_problems(suites: Sequence[Benchmark], done: dict, out) -> None:
                                   f"disk vs {r.answer!r} now); use another --out or delete samples.jsonl")
 
 
-def _settings_diff(key: str, old: Any, new: Any) -> str:
+def _settings_diff(key: str, old: Any, new: Any, recorded: bool = True) -> str:
+    if not recorded:  # run.json of an entrl that did not record it: the value it used then
+        return f"{key}: not recorded on disk (an older entrl, which used {old!r}) vs {new!r} now"
     if key != "weights":
         return f"{key}: {old!r} on disk vs {new!r} now"
     if old is None:  # run.json of an entrl that did not record the weights: they cannot be matched
@@ -333,15 +335,23 @@ def _check_run_settings(out, settings: dict, have_samples: bool, *, write: bool 
                 raise ValueError("its settings are not a mapping")
         except (ValueError, AttributeError) as e:
             raise ConfigError(f"{path}: not a run.json of entrl eval ({e}); use another --out") from None
+        recorded = set(old)
         old = {**_UNRECORDED, **old}
         diff = {k: (old.get(k), settings[k]) for k in RESUME_KEYS if k in settings and old.get(k) != settings[k]}
         if diff:
-            lines = ", ".join(_settings_diff(k, a, b) for k, (a, b) in diff.items())
+            lines = ", ".join(_settings_diff(k, a, b, k in recorded or k not in _UNRECORDED)
+                              for k, (a, b) in diff.items())
             raise ConfigError(f"{out} holds samples drawn with other settings ({lines}); use another --out "
                              "or delete its samples.jsonl")
         return
-    if write and jax.process_index() == 0:
-        path.write_text(json.dumps({"settings": settings}, indent=2) + "\n")
+    if write and jax.process_index() == 0:  # whole or not at all: other processes may read it at once
+        text = json.dumps({"settings": settings}, indent=2) + "\n"
+        if is_remote(path):  # an object store replaces whole objects
+            path.write_text(text)
+        else:
+            staged = path.with_name(path.name + ".tmp")
+            staged.write_text(text)
+            os.replace(staged, path)
 
 
 def _prompt_tokens(bench: Benchmark, tokenizer, buckets: Sequence[int], *, suffix: str,

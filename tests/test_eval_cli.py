@@ -64,7 +64,7 @@ class StubVerifier:
 _KEYS = {"benchmarks": "eval.benchmarks", "n": "eval.n", "ks": "eval.k", "data_dir": "eval.data_dir",
          "max_new_tokens": "eval.max_new_tokens", "max_problems": "eval.max_problems",
          "batch_size": "eval.batch_problems", "seed": "eval.seed", "temperature": "eval.temperature",
-         "top_k": "eval.top_k",
+         "top_k": "eval.top_k", "timeout_s": "reward.timeout_s",
          "buckets": "rollout.prompt_buckets", "dtype": "model.dtype", "mesh_data": "mesh.data",
          "mesh_fsdp": "mesh.fsdp"}
 
@@ -399,6 +399,10 @@ def test_top_k_reaches_the_sampler_and_is_a_resume_setting(first_run, model_dir,
     (old / "run.json").write_text(json.dumps(run))
     (old / "samples.jsonl").write_text(text0)
     assert _run(model_dir, old, data_dir=str(shared_data))["benchmarks"] == res0["benchmarks"]
+    del run["settings"]["timeout_s"]  # nor the grader's time limit: the 5 s of then, not this run's 10 s
+    (old / "run.json").write_text(json.dumps(run))
+    with pytest.raises(ConfigError, match=r"timeout_s: not recorded on disk \(an older entrl, which used 5.0\) vs 10.0"):
+        _run(model_dir, old, data_dir=str(shared_data), timeout_s=10.0)
 
 
 def test_resume_refuses_samples_of_other_problems_and_unreadable_files(first_run, model_dir, shared_data, tmp_path):
