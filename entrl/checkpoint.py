@@ -454,10 +454,8 @@ def save_tree(directory: str | Path, tree: Any) -> None:
     with ocp.AsyncCheckpointer(_standard_handler()) as ckptr:  # StandardCheckpointer with our array handler
         ckptr.save(path, args=ocp.args.StandardSave(tree), force=True)
         ckptr.wait_until_finished()
-    if jax.process_index() == 0:  # whole or not at all
-        staged = record_path.with_name(record_path.name + ".tmp")
-        staged.write_text(json.dumps(record, sort_keys=True) + "\n")
-        staged.rename(record_path)
+    if jax.process_index() == 0:
+        R.write_text_whole(record_path, json.dumps(record, sort_keys=True) + "\n")
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("entrl_save_tree")
 

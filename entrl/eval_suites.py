@@ -41,7 +41,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -66,7 +65,7 @@ from entrl.models import CheckpointFilesError, ModelConfig, load_pretrained
 from entrl.multihost import gather_json
 from entrl.progress import progress_bar
 from entrl.rewards import Verifier, _parse, is_pathological
-from entrl.rundir import READ_SCHEMES, append_text, as_path, is_model_dir, is_remote, is_run_dir
+from entrl.rundir import READ_SCHEMES, append_text, as_path, is_model_dir, is_run_dir, write_text_whole
 from entrl.sampling import FINISH_REASONS, Sampler, SamplingConfig, cache_dtype
 from entrl.semantic_entropy import PairsEquivalent
 from entrl.sharding import data_shards, make_mesh
@@ -285,13 +284,8 @@ def _read_samples(path, n: int) -> dict[tuple[str, str], list[dict]]:
     if (torn or partial) and jax.process_index() == 0:
         logging.getLogger(__name__).warning("%s: dropping %d problems with fewer than %d samples%s; they are "
                                             "sampled again", path, partial, n, " and a torn last line" if torn else "")
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for rows in complete.values() for r in rows)
-        if is_remote(path):  # an object store replaces whole objects atomically anyway
-            path.write_text(text)
-        else:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
+        write_text_whole(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for rows in complete.values()
+                                       for r in rows))
     return complete
 
 
@@ -344,14 +338,8 @@ def _check_run_settings(out, settings: dict, have_samples: bool, *, write: bool 
             raise ConfigError(f"{out} holds samples drawn with other settings ({lines}); use another --out "
                              "or delete its samples.jsonl")
         return
-    if write and jax.process_index() == 0:  # whole or not at all: other processes may read it at once
-        text = json.dumps({"settings": settings}, indent=2) + "\n"
-        if is_remote(path):  # an object store replaces whole objects
-            path.write_text(text)
-        else:
-            staged = path.with_name(path.name + ".tmp")
-            staged.write_text(text)
-            os.replace(staged, path)
+    if write and jax.process_index() == 0:  # whole: other processes may read it at once
+        write_text_whole(path, json.dumps({"settings": settings}, indent=2) + "\n")
 
 
 def _prompt_tokens(bench: Benchmark, tokenizer, buckets: Sequence[int], *, suffix: str,

@@ -170,6 +170,18 @@ def append_text(path: epath.Path, text: str, *, fsync: bool = False) -> None:
             os.fsync(f.fileno())
 
 
+def write_text_whole(path: epath.Path, text: str) -> None:
+    """Replace the file at `path` with `text`, whole or not at all: a reader (another process, a rerun after a
+    kill) sees the old or the new file, never half of one. Local: a sibling renamed over it; remote: object
+    stores replace whole objects anyway."""
+    if is_remote(path):
+        path.write_text(text)
+        return
+    staged = pathlib.Path(os.fspath(path) + ".tmp")
+    staged.write_text(text, encoding="utf-8")
+    os.replace(staged, os.fspath(path))
+
+
 def truncate_lines(path: epath.Path, keep: Callable[[str], bool]) -> int:
     """Keep only the lines of `path` for which `keep(line)` holds, rewriting the same file in place.
 
@@ -202,18 +214,16 @@ def truncate_lines(path: epath.Path, keep: Callable[[str], bool]) -> int:
 
 @contextlib.contextmanager
 def local_copy_for_upload(dest: epath.Path) -> Iterator[epath.Path]:
-    """A local directory to write into; for a remote `dest`, uploaded file by file on exit."""
+    """A local directory to write into; for a remote `dest`, uploaded file by file on exit, `config.json`
+    (what makes a directory a model) last."""
     if not is_remote(dest):
         yield dest
         return
     with tempfile.TemporaryDirectory(prefix="entrl-upload-") as tmp:
         yield epath.Path(tmp)
         dest.mkdir(parents=True, exist_ok=True)
-        for root, _, files in os.walk(tmp):
-            rel = os.path.relpath(root, tmp)
-            for name in files:
-                target = dest / name if rel == "." else dest / rel / name
-                epath.Path(root, name).copy(target, overwrite=True)
+        for f in _config_json_last(pathlib.Path(tmp)):
+            epath.Path(f).copy(dest / f.relative_to(tmp).as_posix(), overwrite=True)
 
 
 @contextlib.contextmanager
@@ -228,11 +238,8 @@ def staged_dir(dest: epath.Path) -> Iterator[epath.Path]:
     last. A stale staging directory of a killed writer is removed first.
     """
     if is_remote(dest):
-        with tempfile.TemporaryDirectory(prefix="entrl-upload-") as tmp:
-            yield epath.Path(tmp)
-            dest.mkdir(parents=True, exist_ok=True)
-            for f in _config_json_last(pathlib.Path(tmp)):
-                epath.Path(f).copy(dest / f.relative_to(tmp).as_posix(), overwrite=True)
+        with local_copy_for_upload(dest) as local:
+            yield local
         return
     dest = pathlib.Path(os.path.realpath(os.fspath(dest)))  # a symlink: its target is what gets replaced
     dest.parent.mkdir(parents=True, exist_ok=True)
